@@ -1,0 +1,17 @@
+"""resnas-kernels: fused ragged kernels for multi-stage Vision Transformers and their weight-sharing supernets.
+
+    import resnas_kernels as rk
+    groups = rk.Ragged(sizes=(64, 64), widths=(176, 256))      # two sub-networks, each on its slice of the batch
+    y = rk.ragged_layer_norm(x, weight, bias, groups)           # (B, N, C_max), zeros beyond each group's width
+
+Backends are chosen per call (see `resnas_kernels.backend`): `rk.set_backend("reference")` or RESNAS_BACKEND=...
+"""
+from . import reference
+from .backend import BACKENDS, BackendUnavailableError, get_backend, resolve_backend, set_backend, use_backend
+from .ops import ragged_layer_norm
+from .ragged import Ragged
+
+__version__ = "0.1.0"
+
+__all__ = ["Ragged", "ragged_layer_norm", "reference", "set_backend", "get_backend", "use_backend",
+           "resolve_backend", "BACKENDS", "BackendUnavailableError", "__version__"]

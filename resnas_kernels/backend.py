@@ -1,0 +1,146 @@
+"""Which implementation runs an op: `set_backend(...)` / `RESNAS_BACKEND` = auto | reference | triton | cuda | cpu.
+
+- reference: the plain PyTorch oracle in `resnas_kernels.reference` (any device, any dtype).
+- triton:    Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests only: it is slow).
+- cuda:      the CUDA C++ kernels of `resnas_kernels._C`, CUDA tensors.
+- cpu:       the C++ CPU kernels of `resnas_kernels._C`, CPU tensors.
+- auto:      CUDA tensors use the op's preferred GPU backend (the one its benchmarks measured faster) and fall back to
+             the other, then to the reference; CPU tensors use the C++ kernels, or the reference without them.
+
+Forcing a backend that cannot run the call raises `BackendUnavailableError` saying why; auto never raises.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Iterator, Optional, Tuple
+
+import torch
+
+from . import _ext
+
+BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
+
+__all__ = ["BACKENDS", "BackendUnavailableError", "set_backend", "get_backend", "use_backend", "resolve_backend",
+           "registered_ops"]
+
+
+class BackendUnavailableError(RuntimeError):
+    """A forced backend cannot run this call (not built, wrong device, op not implemented there)."""
+
+
+@dataclass(frozen=True)
+class OpInfo:
+    name: str
+    backends: Tuple[str, ...]            # implemented backends besides "reference" ("triton", "cpu", "cuda")
+    auto_cuda: Tuple[str, ...] = ("triton", "cuda")  # preference order on CUDA tensors, fastest first
+    ext_ops: Tuple[str, ...] = ()        # names in torch.ops.resnas the C++ backends need
+    notes: Dict[str, str] = field(default_factory=dict)
+
+
+_OPS: Dict[str, OpInfo] = {}
+_forced: Optional[str] = None
+
+
+def register_op(info: OpInfo) -> OpInfo:
+    _OPS[info.name] = info
+    return info
+
+
+def registered_ops() -> Dict[str, OpInfo]:
+    _import_all_ops()
+    return dict(_OPS)
+
+
+def _import_all_ops() -> None:
+    from . import ops  # noqa: F401  (importing the package registers every op)
+
+
+def _check_name(name: str) -> str:
+    if not isinstance(name, str) or name.lower() not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+    return name.lower()
+
+
+def set_backend(name: Optional[str]) -> None:
+    """Force a backend for every op (`None` returns to RESNAS_BACKEND, or auto when that is unset)."""
+    global _forced
+    _forced = None if name is None else _check_name(name)
+
+
+def get_backend() -> str:
+    """The requested backend: set_backend(...) if called, else RESNAS_BACKEND, else 'auto'."""
+    if _forced is not None:
+        return _forced
+    env = os.environ.get("RESNAS_BACKEND")
+    if env:
+        try:
+            return _check_name(env)
+        except ValueError:
+            raise ValueError(f"RESNAS_BACKEND must be one of {BACKENDS}, got {env!r}") from None
+    return "auto"
+
+
+@contextlib.contextmanager
+def use_backend(name: Optional[str]) -> Iterator[None]:
+    """Temporarily force a backend: `with use_backend("reference"): ...`."""
+    global _forced
+    previous = _forced
+    set_backend(name)
+    try:
+        yield
+    finally:
+        _forced = previous
+
+
+def why_unavailable(op: OpInfo, backend: str, device: torch.device) -> Optional[str]:
+    """None when `backend` can run `op` on `device`, else the reason."""
+    if backend == "reference":
+        return None
+    if backend not in op.backends:
+        return f"{op.name} has no {backend} implementation (it has: reference, {', '.join(op.backends)})"
+    if backend == "triton":
+        triton, why = _ext.load_triton()
+        if triton is None:
+            return why
+        if device.type != "cuda" and not _ext.triton_interpreting():
+            return (f"Triton needs CUDA tensors (got {device.type}); on CPU it runs only under TRITON_INTERPRET=1, "
+                    f"set before triton is imported")
+        return None
+    if backend in ("cpu", "cuda"):
+        if device.type != backend:
+            return f"the {backend} backend needs {backend} tensors, got {device.type} tensors"
+        module, why = _ext.load_extension()
+        if module is None:
+            return why
+        if backend == "cuda" and not _ext.extension_has_cuda():
+            return "resnas_kernels._C was built without its CUDA sources (no nvcc or RESNAS_BUILD_CUDA=0 at build time)"
+        missing = [n for n in op.ext_ops if not hasattr(torch.ops.resnas, n)]
+        if missing:
+            return f"resnas_kernels._C lacks {missing}; rebuild it (`pip install --no-build-isolation -e .`)"
+        return None
+    return f"unknown backend {backend!r}"
+
+
+def resolve_backend(op_name: str, device: torch.device) -> str:
+    """The backend that will run `op_name` on `device` now, or BackendUnavailableError for a forced one."""
+    op = _OPS[op_name]
+    device = torch.device(device)
+    requested = get_backend()
+    if requested != "auto":
+        why = why_unavailable(op, requested, device)
+        if why is not None:
+            raise BackendUnavailableError(f"backend {requested!r} was requested for {op_name} on {device.type} "
+                                          f"tensors but cannot run it: {why}")
+        return requested
+    order: Tuple[str, ...] = op.auto_cuda if device.type == "cuda" else ("cpu",)
+    for candidate in order:
+        if why_unavailable(op, candidate, device) is None:
+            return candidate
+    return "reference"
+
+
+def dispatch(op_name: str, device: torch.device, impls: Dict[str, Callable]) -> Callable:
+    """The implementation of `op_name` for `device` under the current backend setting."""
+    return impls[resolve_backend(op_name, device)]

@@ -1,0 +1,337 @@
+"""Ragged LayerNorm, optionally fused with a residual add: y = LN_g(x [+ r]) over each group's first c_g channels.
+
+Spec: `resnas_kernels.reference.ragged_layer_norm` (the oracle). This file holds the whole op: Triton kernels and
+launchers, the bridge to the C++ CPU / CUDA kernels in `csrc/`, the `torch.library` custom ops with their fake
+implementations and autograd, and the public function.
+
+Backends: reference | triton | cpu (csrc/cpu/ragged_layer_norm.cpp) | cuda (csrc/cuda/ragged_layer_norm.cu).
+
+Caveats:
+- x and residual must be contiguous with the ragged channels last; rows are flattened to (B * prod(middle), C_max).
+- Statistics (and the saved mean/rstd) are fp32, fp64 for fp64 inputs; y is cast back to x's dtype. weight/bias may
+  be x's dtype or fp32.
+- mean/rstd of width-0 rows are stored as 0; those rows are all zeros in y, z and dx.
+- dweight/dbias are deterministic: each program (Triton) or fixed chunk of rows (C++) writes its own partial row,
+  and the partials are summed in a fixed order, so two runs give bitwise-equal gradients on the same device.
+- The fused sum output z is defined as zero beyond c_g (not x + r there), so no gradient flows through those columns.
+- Double backward is not supported.
+"""
+from typing import List, Optional, Tuple
+
+import torch
+
+from .. import _ext
+from .._triton import tl, triton
+from ..aot import register_aot
+from ..backend import OpInfo, register_op, resolve_backend
+from ..ragged import Ragged, as_ragged
+from ..reference.layer_norm import compute_dtype
+from ._checks import check_float_tensor, check_same_device, check_vector
+
+OP = register_op(OpInfo(
+    name="ragged_layer_norm",
+    backends=("triton", "cpu", "cuda"),
+    auto_cuda=("triton", "cuda"),  # bench/results: Triton is at least as fast at ViT widths (see BENCHMARKS.md)
+    ext_ops=("ext_ragged_layer_norm_fwd", "ext_ragged_layer_norm_bwd"),
+))
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _group_width(TABLE, num_groups, row):
+    """Active width of `row`: TABLE is int32 (G, 3) [row_start, row_end, width]; rows outside every group get 0."""
+    width = row * 0
+    for g in range(num_groups):
+        start = tl.load(TABLE + 3 * g)
+        end = tl.load(TABLE + 3 * g + 1)
+        w = tl.load(TABLE + 3 * g + 2)
+        width = tl.where((row >= start) & (row < end), w, width)
+    return width
+
+
+@triton.jit
+def _ragged_layer_norm_fwd_kernel(X, R, Y, Z, W, B, MEAN, RSTD, TABLE, num_groups, C_max, eps,
+                                  HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0)
+    width = _group_width(TABLE, num_groups, row)
+    cols = tl.arange(0, BLOCK_C)
+    active = cols < width
+    inside = cols < C_max
+    offs = row.to(tl.int64) * C_max + cols  # int64: B * N * C can pass 2^31
+    x = tl.load(X + offs, mask=active, other=0.0).to(tl.float32)
+    if HAS_RESIDUAL:
+        x += tl.load(R + offs, mask=active, other=0.0).to(tl.float32)
+        tl.store(Z + offs, x.to(Z.dtype.element_ty), mask=inside)  # masked loads made it 0 beyond the width
+    count = tl.maximum(width, 1).to(tl.float32)
+    mean = tl.sum(x, axis=0) / count
+    diff = tl.where(active, x - mean, 0.0)
+    var = tl.sum(diff * diff, axis=0) / count
+    rstd = tl.where(width > 0, 1.0 / tl.sqrt(var + eps), 0.0)
+    w = tl.load(W + cols, mask=active, other=0.0).to(tl.float32)
+    b = tl.load(B + cols, mask=active, other=0.0).to(tl.float32)
+    y = tl.where(active, diff * rstd * w + b, 0.0)
+    tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=inside)
+    tl.store(MEAN + row, mean)
+    tl.store(RSTD + row, rstd)
+
+
+@triton.jit
+def _ragged_layer_norm_bwd_kernel(DY, DZ, Z, W, MEAN, RSTD, DX, DW_PART, DB_PART, TABLE, num_groups, num_rows, C_max,
+                                  HAS_DZ: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_C: tl.constexpr):
+    pid = tl.program_id(0)
+    cols = tl.arange(0, BLOCK_C)
+    inside = cols < C_max
+    w = tl.load(W + cols, mask=inside, other=0.0).to(tl.float32)
+    dw_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for i in range(ROWS_PER_PROGRAM):
+        row = pid * ROWS_PER_PROGRAM + i
+        width = _group_width(TABLE, num_groups, row)  # 0 for row >= num_rows: nothing is read, only zeros stored
+        active = cols < width
+        offs = row.to(tl.int64) * C_max + cols
+        z = tl.load(Z + offs, mask=active, other=0.0).to(tl.float32)
+        dy = tl.load(DY + offs, mask=active, other=0.0).to(tl.float32)
+        in_range = row < num_rows
+        mean = tl.load(MEAN + row, mask=in_range, other=0.0)
+        rstd = tl.load(RSTD + row, mask=in_range, other=0.0)
+        count = tl.maximum(width, 1).to(tl.float32)
+        xhat = tl.where(active, (z - mean) * rstd, 0.0)
+        wdy = w * dy
+        c1 = tl.sum(xhat * wdy, axis=0) / count
+        c2 = tl.sum(wdy, axis=0) / count
+        dx = tl.where(active, (wdy - (xhat * c1 + c2)) * rstd, 0.0)
+        if HAS_DZ:
+            dx += tl.load(DZ + offs, mask=active, other=0.0).to(tl.float32)
+        tl.store(DX + offs, dx.to(DX.dtype.element_ty), mask=inside & in_range)
+        dw_acc += dy * xhat
+        db_acc += dy
+    tl.store(DW_PART + pid * C_max + cols, dw_acc, mask=inside)
+    tl.store(DB_PART + pid * C_max + cols, db_acc, mask=inside)
+
+
+def _block_c(c_max: int) -> int:
+    return max(16, triton.next_power_of_2(c_max))
+
+
+def _num_warps(block_c: int) -> int:
+    return 1 if block_c <= 256 else (4 if block_c <= 2048 else 8)
+
+
+def _rows_per_program(num_rows: int) -> int:
+    # Fixed by the row count alone (never by the device) so the dweight summation order is reproducible.
+    return 4 if _ext.triton_interpreting() else (16 if num_rows <= 8192 else 64)
+
+
+def _triton_fwd(x2, r2, weight, bias, groups: Ragged, rows_per_sample: int, eps: float):
+    rows, c_max = x2.shape
+    y = torch.empty_like(x2)
+    z = torch.empty_like(x2) if r2 is not None else x2.new_empty((0,))
+    mean = x2.new_empty((rows,), dtype=compute_dtype(x2.dtype))
+    rstd = x2.new_empty((rows,), dtype=compute_dtype(x2.dtype))
+    if rows == 0:
+        return y, z, mean, rstd
+    table = groups.row_table(rows_per_sample, x2.device)
+    block_c = _block_c(c_max)
+    _ragged_layer_norm_fwd_kernel[(rows,)](
+        x2, r2 if r2 is not None else x2, y, z if r2 is not None else y, weight, bias, mean, rstd, table,
+        groups.num_groups, c_max, eps, HAS_RESIDUAL=r2 is not None, BLOCK_C=block_c, num_warps=_num_warps(block_c))
+    return y, z, mean, rstd
+
+
+def _triton_bwd(dy2, dz2, z2, weight, mean, rstd, groups: Ragged, rows_per_sample: int):
+    rows, c_max = z2.shape
+    dx = torch.empty_like(z2)
+    per_program = _rows_per_program(rows)
+    programs = triton.cdiv(rows, per_program) if rows else 0
+    dw_part = z2.new_empty((programs, c_max), dtype=torch.float32)
+    db_part = z2.new_empty((programs, c_max), dtype=torch.float32)
+    if programs:
+        table = groups.row_table(rows_per_sample, z2.device)
+        block_c = _block_c(c_max)
+        _ragged_layer_norm_bwd_kernel[(programs,)](
+            dy2, dz2 if dz2 is not None else dy2, z2, weight, mean, rstd, dx, dw_part, db_part, table,
+            groups.num_groups, rows, c_max, HAS_DZ=dz2 is not None, ROWS_PER_PROGRAM=per_program, BLOCK_C=block_c,
+            num_warps=_num_warps(block_c))
+    return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
+
+
+def _aot_signature(dtype: str, weight_dtype: str):
+    fwd = {"X": f"*{dtype}", "R": f"*{dtype}", "Y": f"*{dtype}", "Z": f"*{dtype}", "W": f"*{weight_dtype}",
+           "B": f"*{weight_dtype}", "MEAN": "*fp32", "RSTD": "*fp32", "TABLE": "*i32", "num_groups": "i32",
+           "C_max": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_C": "constexpr"}
+    bwd = {"DY": f"*{dtype}", "DZ": f"*{dtype}", "Z": f"*{dtype}", "W": f"*{weight_dtype}", "MEAN": "*fp32",
+           "RSTD": "*fp32", "DX": f"*{dtype}", "DW_PART": "*fp32", "DB_PART": "*fp32", "TABLE": "*i32",
+           "num_groups": "i32", "num_rows": "i32", "C_max": "i32", "HAS_DZ": "constexpr",
+           "ROWS_PER_PROGRAM": "constexpr", "BLOCK_C": "constexpr"}
+    return fwd, bwd
+
+
+for _dt, _wdt in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
+    _fwd_sig, _bwd_sig = _aot_signature(_dt, _wdt)
+    for _block in (256, 1024, 2048):
+        register_aot(_ragged_layer_norm_fwd_kernel, _fwd_sig, {"HAS_RESIDUAL": True, "BLOCK_C": _block},
+                     num_warps=_num_warps(_block))
+        register_aot(_ragged_layer_norm_fwd_kernel, _fwd_sig, {"HAS_RESIDUAL": False, "BLOCK_C": _block},
+                     num_warps=_num_warps(_block))
+        register_aot(_ragged_layer_norm_bwd_kernel, _bwd_sig,
+                     {"HAS_DZ": True, "ROWS_PER_PROGRAM": 16, "BLOCK_C": _block}, num_warps=_num_warps(_block))
+        register_aot(_ragged_layer_norm_bwd_kernel, _bwd_sig,
+                     {"HAS_DZ": False, "ROWS_PER_PROGRAM": 64, "BLOCK_C": _block}, num_warps=_num_warps(_block))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference backend of the op (explicit statistics and backward formula, plain PyTorch)
+# ---------------------------------------------------------------------------------------------------------------------
+def _row_widths(groups: Ragged, rows_per_sample: int, device) -> torch.Tensor:
+    counts = torch.tensor(groups.row_counts(rows_per_sample), device=device)
+    return torch.repeat_interleave(torch.tensor(groups.widths, device=device), counts)
+
+
+def _reference_fwd(x2, r2, weight, bias, groups: Ragged, rows_per_sample: int, eps: float):
+    acc = compute_dtype(x2.dtype)
+    active = torch.arange(x2.shape[1], device=x2.device)[None, :] < _row_widths(groups, rows_per_sample, x2.device)[:, None]
+    z = (x2.to(acc) + (r2.to(acc) if r2 is not None else 0)) * active
+    count = active.sum(1, keepdim=True).clamp_min(1).to(acc)
+    mean = z.sum(1, keepdim=True) / count
+    diff = (z - mean) * active
+    var = (diff * diff).sum(1, keepdim=True) / count
+    rstd = torch.where(active.any(1, keepdim=True), torch.rsqrt(var + eps), torch.zeros_like(var))
+    y = (diff * rstd * weight.to(acc) + bias.to(acc)) * active
+    z_out = z.to(x2.dtype) if r2 is not None else x2.new_empty((0,))
+    return y.to(x2.dtype), z_out, mean.squeeze(1), rstd.squeeze(1)
+
+
+def _reference_bwd(dy2, dz2, z2, weight, mean, rstd, groups: Ragged, rows_per_sample: int):
+    acc = compute_dtype(z2.dtype)
+    active = torch.arange(z2.shape[1], device=z2.device)[None, :] < _row_widths(groups, rows_per_sample, z2.device)[:, None]
+    count = active.sum(1, keepdim=True).clamp_min(1).to(acc)
+    xhat = (z2.to(acc) - mean.to(acc)[:, None]) * rstd.to(acc)[:, None] * active
+    dy = dy2.to(acc) * active
+    wdy = dy * weight.to(acc)
+    c1 = (xhat * wdy).sum(1, keepdim=True) / count
+    c2 = wdy.sum(1, keepdim=True) / count
+    dx = (wdy - (xhat * c1 + c2)) * rstd.to(acc)[:, None] * active
+    if dz2 is not None:
+        dx = dx + dz2.to(acc) * active
+    return dx.to(z2.dtype), (dy * xhat).sum(0).to(weight.dtype), dy.sum(0).to(weight.dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# C++ backends (csrc/cpu, csrc/cuda): same contract on 2-D rows with per-group row counts
+# ---------------------------------------------------------------------------------------------------------------------
+def _ext_fwd(x2, r2, weight, bias, groups: Ragged, rows_per_sample: int, eps: float):
+    return torch.ops.resnas.ext_ragged_layer_norm_fwd(x2, r2, weight, bias, list(groups.row_counts(rows_per_sample)),
+                                                      list(groups.widths), eps)
+
+
+def _ext_bwd(dy2, dz2, z2, weight, mean, rstd, groups: Ragged, rows_per_sample: int):
+    return torch.ops.resnas.ext_ragged_layer_norm_bwd(dy2, dz2, z2, weight, mean, rstd,
+                                                      list(groups.row_counts(rows_per_sample)), list(groups.widths))
+
+
+_FWD = {"reference": _reference_fwd, "triton": _triton_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd}
+_BWD = {"reference": _reference_bwd, "triton": _triton_bwd, "cpu": _ext_bwd, "cuda": _ext_bwd}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.library custom ops (opaque to torch.compile, with fake implementations and autograd)
+# ---------------------------------------------------------------------------------------------------------------------
+def _rows(x: torch.Tensor, batch: int) -> int:
+    return x.numel() // (batch * x.shape[-1]) if batch and x.shape[-1] else 0
+
+
+@torch.library.custom_op("resnas::ragged_layer_norm_fwd", mutates_args=())
+def ragged_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                          sizes: List[int], widths: List[int], eps: float
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (y, z, mean, rstd); z = x + residual (empty without a residual); mean/rstd per row, fp32 (fp64 for
+    fp64 inputs)."""
+    groups = Ragged(tuple(sizes), tuple(widths))
+    c_max = x.shape[-1]
+    x2 = x.reshape(-1, c_max)
+    r2 = residual.reshape(-1, c_max) if residual is not None else None
+    impl = _FWD[resolve_backend(OP.name, x.device)]
+    y, z, mean, rstd = impl(x2, r2, weight, bias, groups, _rows(x, groups.batch), eps)
+    return y.view(x.shape), (z.view(x.shape) if residual is not None else z), mean, rstd
+
+
+@ragged_layer_norm_fwd.register_fake
+def _(x, residual, weight, bias, sizes, widths, eps):
+    rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+    z = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
+    stats = compute_dtype(x.dtype)
+    return x.new_empty(x.shape), z, x.new_empty((rows,), dtype=stats), x.new_empty((rows,), dtype=stats)
+
+
+@torch.library.custom_op("resnas::ragged_layer_norm_bwd", mutates_args=())
+def ragged_layer_norm_bwd(dy: torch.Tensor, dz: Optional[torch.Tensor], z: torch.Tensor, weight: torch.Tensor,
+                          mean: torch.Tensor, rstd: torch.Tensor, sizes: List[int], widths: List[int]
+                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dx, dweight, dbias). `z` is the normalised input (x + residual when fused); `dz`, the gradient of the
+    fused sum output, is added to dx in the same pass."""
+    groups = Ragged(tuple(sizes), tuple(widths))
+    c_max = z.shape[-1]
+    impl = _BWD[resolve_backend(OP.name, z.device)]
+    dx, dw, db = impl(dy.reshape(-1, c_max).contiguous(), dz.reshape(-1, c_max).contiguous() if dz is not None else None,
+                      z.reshape(-1, c_max), weight, mean, rstd, groups, _rows(z, groups.batch))
+    return dx.view(z.shape), dw, db
+
+
+@ragged_layer_norm_bwd.register_fake
+def _(dy, dz, z, weight, mean, rstd, sizes, widths):
+    return z.new_empty(z.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+def _setup_context(ctx, inputs, output):
+    x, residual, weight, bias, sizes, widths, eps = inputs
+    _, z, mean, rstd = output
+    ctx.save_for_backward(z if residual is not None else x, weight, mean, rstd)
+    ctx.has_residual = residual is not None
+    ctx.sizes, ctx.widths = sizes, widths
+
+
+def _backward(ctx, dy, dz, _dmean, _drstd):
+    z, weight, mean, rstd = ctx.saved_tensors
+    dz = dz if ctx.has_residual else None
+    dx, dw, db = ragged_layer_norm_bwd(dy, dz, z, weight, mean, rstd, ctx.sizes, ctx.widths)
+    return dx, (dx if ctx.has_residual else None), dw, db, None, None, None
+
+
+ragged_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------------------------------
+def ragged_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: Optional[Ragged] = None,
+                      eps: float = 1e-6, residual: Optional[torch.Tensor] = None):
+    """LayerNorm over each group's first c_g channels, zeros beyond; see `resnas_kernels.reference.ragged_layer_norm`.
+
+    Args:
+        x: (B, ..., C_max) contiguous, zero beyond each group's width (the ragged contract).
+        weight, bias: (C_max,) shared affine parameters; group g uses their first c_g entries.
+        groups: `Ragged(sizes, widths)` over dim 0 of x; None means one group at full width.
+        eps: added to the variance.
+        residual: optional tensor like x; when given, the op normalises x + residual and returns (y, x + residual).
+    """
+    check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=2)
+    c_max = x.shape[-1]
+    groups = as_ragged(groups, x.shape[0], c_max)
+    groups.check(x.shape[0], c_max, arg="x", what="groups.widths")
+    if residual is not None:
+        check_float_tensor(residual, "residual", _FLOAT_DTYPES, min_dim=2)
+        check_same_device(x, residual, "x", "residual")
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual must match x in shape and dtype: x is {tuple(x.shape)} {x.dtype}, residual is "
+                             f"{tuple(residual.shape)} {residual.dtype}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        check_vector(p, name, c_max, (x.dtype, torch.float32))
+        check_same_device(x, p, "x", name)
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    y, z, _, _ = ragged_layer_norm_fwd(x, residual, weight, bias, list(groups.sizes), list(groups.widths), float(eps))
+    return y if residual is None else (y, z)

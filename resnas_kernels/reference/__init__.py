@@ -1,0 +1,8 @@
+"""Plain, readable PyTorch reference of every op: the test oracle, the fallback path and the FLOP-counting path.
+
+Each function's docstring is the op's exact spec. `masked_*` functions are the original ViT-ResNAS code's full-width
+masked formulation of the same op (the parity oracle for the supernet and a benchmark peer).
+"""
+from .layer_norm import masked_layer_norm, ragged_layer_norm
+
+__all__ = ["ragged_layer_norm", "masked_layer_norm"]

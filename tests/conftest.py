@@ -1,0 +1,32 @@
+"""Test tiers: the default run is CPU-only (reference, C++ CPU, Triton under the interpreter at small shapes);
+`gpu` tests run only with CUDA; `bench` is excluded unless asked for (`-m bench`)."""
+import os
+
+# Must precede any `import triton` (including torch's lazy ones): kernels are turned into interpreter objects at
+# decoration time. On a CUDA machine the GPU tiers need real kernels, so interpretation stays off there.
+if os.environ.get("RESNAS_TEST_GPU", "0") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    why = ("no CUDA device" if not torch.cuda.is_available()
+           else "TRITON_INTERPRET=1 is set; run GPU tests with RESNAS_TEST_GPU=1")
+    skip_gpu = pytest.mark.skip(reason=f"gpu test: {why}")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_backend():
+    """Every test starts from the default backend setting and a fixed seed (each test draws fresh inputs)."""
+    import resnas_kernels
+
+    resnas_kernels.set_backend(None)
+    yield
+    resnas_kernels.set_backend(None)
