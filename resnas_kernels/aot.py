@@ -129,4 +129,8 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # Under `python -m`, this file runs as __main__, a second copy of the module whose registry is empty: the kernel
+    # modules register into the importable `resnas_kernels.aot`, so run that copy's main. (`resnas aot` avoids this.)
+    from resnas_kernels.aot import main as _main
+
+    sys.exit(_main())

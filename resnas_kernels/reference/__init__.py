@@ -4,5 +4,7 @@ Each function's docstring is the op's exact spec. `masked_*` functions are the o
 masked formulation of the same op (the parity oracle for the supernet and a benchmark peer).
 """
 from .layer_norm import masked_layer_norm, ragged_layer_norm
+from .rsr import masked_residual_spatial_reduction, residual_spatial_reduction, rsr_output_grid
 
-__all__ = ["ragged_layer_norm", "masked_layer_norm"]
+__all__ = ["ragged_layer_norm", "masked_layer_norm", "residual_spatial_reduction", "masked_residual_spatial_reduction",
+           "rsr_output_grid"]

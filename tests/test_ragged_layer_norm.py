@@ -1,0 +1,288 @@
+"""Ragged LayerNorm through every backend against the reference oracle, forward and backward.
+
+Backends: reference, triton (interpreter on CPU; real kernels on GPU), cpu (C++), cuda (CUDA C++, GPU only).
+The C++ backends must be present unless the environment says the extension was deliberately not built
+(RESNAS_EXPECT_EXT=0): a missing extension is a failure, not a skip.
+"""
+import os
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import resnas_kernels as rk
+from resnas_kernels import Ragged, _ext
+from resnas_kernels import reference as ref
+from resnas_kernels.ops.ragged_layer_norm import ragged_layer_norm_bwd, ragged_layer_norm_fwd
+
+from _oracle import assert_close_to_oracle
+
+CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+EXPECT_EXT = os.environ.get("RESNAS_EXPECT_EXT", "1") != "0"
+
+
+def _require(backend: str, device: str):
+    if backend in ("cpu", "cuda") and not _ext.extension_available():
+        if EXPECT_EXT:
+            pytest.fail(f"C++ extension missing: {_ext.load_extension()[1]} (set RESNAS_EXPECT_EXT=0 if you built "
+                        f"with RESNAS_BUILD_EXT=0)")
+        pytest.skip("extension deliberately not built (RESNAS_EXPECT_EXT=0)")
+
+
+CPU_BACKENDS = [("reference", "cpu"), ("triton", "cpu"), ("cpu", "cpu")]
+GPU_BACKENDS = [pytest.param(b, "cuda", marks=pytest.mark.gpu) for b in ("reference", "triton", "cuda")]
+ALL_BACKENDS = CPU_BACKENDS + GPU_BACKENDS
+
+# (sizes, widths, tokens per sample, C_max). Awkward on purpose: empty groups, one-sample groups, width 0, widths
+# that are not powers of two, C_max not a multiple of 16, token counts 1/5/7/17.
+CASES = [
+    ((2, 0, 3, 1), (40, 0, 17, 0), 7, 40),
+    ((1,), (176,), 17, 176),
+    ((3, 2), (220, 176), 5, 220),
+    ((1, 1, 1, 1), (1, 2, 3, 33), 1, 33),
+    ((2, 2), (256, 160), 3, 256),
+]
+
+
+def _inputs(sizes, widths, n, c, dtype, device, residual):
+    g = Ragged(sizes, widths)
+    mask = g.mask(c, device=device)[:, None, :].to(dtype)
+    b = g.batch
+    x = (torch.randn(b, n, c, device=device, dtype=dtype) * 2 + 0.5) * mask  # the contract: zeros beyond widths
+    r = torch.randn(b, n, c, device=device, dtype=dtype) * mask if residual else None
+    w = torch.randn(c, device=device, dtype=dtype) * 0.5 + 1
+    bias = torch.randn(c, device=device, dtype=dtype) * 0.1
+    return g, x, r, w, bias
+
+
+def _run(fn, g, x, r, w, b, dy, dz, eps=1e-6):
+    leaves = [t.detach().clone().requires_grad_() for t in ((x, w, b) if r is None else (x, r, w, b))]
+    if r is None:
+        xx, ww, bb = leaves
+        y = fn(xx, ww, bb, g, eps)
+        loss = (y.double() * dy).sum()
+        outs = (y,)
+    else:
+        xx, rr, ww, bb = leaves
+        y, z = fn(xx, ww, bb, g, eps, residual=rr)
+        loss = (y.double() * dy).sum() + (z.double() * dz).sum()
+        outs = (y, z)
+    # allow_unused: with every width 0 the reference never touches weight/bias, whose gradient is then zero.
+    grads = torch.autograd.grad(loss, leaves, allow_unused=True)
+    return outs, tuple(torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{len(c[0])}-N{c[2]}-C{c[3]}")
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_matches_reference_fp32(backend, device, case, residual):
+    _require(backend, device)
+    sizes, widths, n, c = case
+    g, x, r, w, b = _inputs(sizes, widths, n, c, torch.float32, device, residual)
+    dy = torch.randn(x.shape, dtype=torch.float64, device=device)
+    dz = torch.randn(x.shape, dtype=torch.float64, device=device)
+    with rk.use_backend(backend):
+        outs, grads = _run(rk.ragged_layer_norm, g, x, r, w, b, dy, dz)
+    # Oracle: the reference in fp64. Same-dtype reference: the reference in fp32 (plain PyTorch F.layer_norm).
+    oracle_outs, oracle_grads = _run(ref.ragged_layer_norm, g, *(t.double() if t is not None else None
+                                                                 for t in (x, r, w, b)), dy, dz)
+    same_outs, same_grads = _run(ref.ragged_layer_norm, g, x, r, w, b, dy, dz)
+    for name, a, o, s in zip(("y", "z"), outs, oracle_outs, same_outs):
+        assert_close_to_oracle(a, o, s, f"{backend}:{name}")
+    names = ("dx", "dweight", "dbias") if r is None else ("dx", "dresidual", "dweight", "dbias")
+    for name, a, o, s in zip(names, grads, oracle_grads, same_grads):
+        assert_close_to_oracle(a, o, s, f"{backend}:{name}", factor=3.0)
+    # The contract: exactly zero beyond each group's width, in every output and in dx.
+    outside = ~g.mask(c, device=device)[:, None, :].expand_as(x)
+    for name, t in zip(("y", "z", "dx"), (*outs, grads[0])):
+        assert (t[outside] == 0).all(), f"{backend}: {name} is not exactly zero beyond the widths"
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu"), ("cpu", "cpu"),
+                                            pytest.param("triton", "cuda", marks=pytest.mark.gpu),
+                                            pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision(backend, device, dtype):
+    _require(backend, device)
+    g, x, r, w, b = _inputs((3, 1, 2), (176, 0, 220), 17, 220, dtype, device, residual=True)
+    dy = torch.randn(x.shape, dtype=torch.float64, device=device)
+    dz = torch.randn(x.shape, dtype=torch.float64, device=device)
+    with rk.use_backend(backend):
+        outs, grads = _run(rk.ragged_layer_norm, g, x, r, w, b, dy, dz)
+    oracle_outs, oracle_grads = _run(ref.ragged_layer_norm, g, x.double(), r.double(), w.double(), b.double(), dy, dz)
+    same_outs, same_grads = _run(ref.ragged_layer_norm, g, x, r, w, b, dy, dz)
+    for name, a, o, s in zip(("y", "z"), outs, oracle_outs, same_outs):
+        assert a.dtype == dtype
+        assert_close_to_oracle(a, o, s, f"{backend}:{name}")
+    for name, a, o, s in zip(("dx", "dresidual", "dweight", "dbias"), grads, oracle_grads, same_grads):
+        assert_close_to_oracle(a, o, s, f"{backend}:{name}", factor=3.0)
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu"), ("cpu", "cpu"),
+                                            pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+def test_fp32_weights_with_half_activations(backend, device):
+    """Mixed precision as under autocast: bf16 activations, fp32 affine parameters; gradients keep their dtypes."""
+    _require(backend, device)
+    g, x, r, w, b = _inputs((2, 2), (64, 48), 5, 64, torch.bfloat16, device, residual=False)
+    w, b = w.float(), b.float()
+    with rk.use_backend(backend):
+        xx, ww, bb = (t.clone().requires_grad_() for t in (x, w, b))
+        y = rk.ragged_layer_norm(xx, ww, bb, g)
+        y.float().sum().backward()
+    assert y.dtype == torch.bfloat16 and ww.grad.dtype == torch.float32 and xx.grad.dtype == torch.bfloat16
+    oracle = ref.ragged_layer_norm(x.double(), w.double(), b.double(), g)
+    same = ref.ragged_layer_norm(x, w, b, g)
+    assert_close_to_oracle(y, oracle, same, "y")
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu"), ("cpu", "cpu")])
+def test_fp64_gradcheck(backend, device):
+    _require(backend, device)
+    g, x, r, w, b = _inputs((2, 0, 1), (5, 0, 3), 3, 6, torch.float64, device, residual=True)
+    mask = g.mask(6, dtype=torch.float64)[:, None, :]
+
+    def fn(x, r, w, b):
+        # Inputs must stay within the contract (zero beyond widths) when gradcheck perturbs them.
+        return rk.ragged_layer_norm(x * mask, w, b, g, residual=r * mask)
+
+    with rk.use_backend(backend):
+        assert torch.autograd.gradcheck(fn, tuple(t.clone().requires_grad_() for t in (x, r, w, b)))
+
+
+@pytest.mark.parametrize("backend,device", [("reference", "cpu"), ("triton", "cpu"), ("cpu", "cpu"),
+                                            pytest.param("triton", "cuda", marks=pytest.mark.gpu),
+                                            pytest.param("cuda", "cuda", marks=pytest.mark.gpu)])
+def test_weight_gradients_are_deterministic(backend, device):
+    _require(backend, device)
+    g, x, r, w, b = _inputs((5, 3), (64, 40), 9, 64, torch.float32, device, residual=False)
+    dy = torch.randn_like(x)
+    results = []
+    with rk.use_backend(backend):
+        for threads in (1, 2) if device == "cpu" else (None, None):
+            if threads:
+                torch.set_num_threads(threads)
+            _, _, mean, rstd = ragged_layer_norm_fwd(x, None, w, b, list(g.sizes), list(g.widths), 1e-6)
+            results.append(ragged_layer_norm_bwd(dy, None, x, w, mean, rstd, list(g.sizes), list(g.widths)))
+    torch.set_num_threads(max(1, os.cpu_count() or 1))
+    for a, b_ in zip(*results):
+        assert torch.equal(a, b_), "gradients differ bitwise between two runs (or thread counts)"
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_opcheck(backend):
+    _require(backend, "cpu")
+    g, x, r, w, b = _inputs((2, 1), (12, 7), 3, 12, torch.float32, "cpu", residual=True)
+    with rk.use_backend(backend):
+        for residual in (None, r):
+            args = (x.requires_grad_(), residual, w.requires_grad_(), b.requires_grad_(), list(g.sizes),
+                    list(g.widths), 1e-6)
+            torch.library.opcheck(ragged_layer_norm_fwd, args)
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    g, x, r, w, b = _inputs((2, 1), (12, 7), 3, 12, torch.float32, "cpu", residual=True)
+
+    def block(x, r, w, b):
+        y, z = rk.ragged_layer_norm(x, w, b, g, residual=r)
+        return y * 2 + z
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
+    leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+    out = compiled(*leaves)
+    out.sum().backward()
+    expected = block(*(t.detach() for t in leaves))
+    torch.testing.assert_close(out, expected)
+    assert all(t.grad is not None for t in leaves)
+
+
+@settings(max_examples=25, deadline=None)
+@given(data=st.data())
+def test_property_random_groups_match_reference(data):
+    """Random partitions (incl. empty groups), widths and shapes through the default backend vs the fp64 oracle."""
+    num_groups = data.draw(st.integers(1, 6))
+    c = data.draw(st.integers(1, 96))
+    sizes = tuple(data.draw(st.lists(st.integers(0, 3), min_size=num_groups, max_size=num_groups)))
+    if sum(sizes) == 0:
+        sizes = sizes[:-1] + (1,)
+    widths = tuple(data.draw(st.lists(st.integers(0, c), min_size=num_groups, max_size=num_groups)))
+    n = data.draw(st.integers(1, 9))
+    residual = data.draw(st.booleans())
+    g, x, r, w, b = _inputs(sizes, widths, n, c, torch.float32, "cpu", residual)
+    dy = torch.randn(x.shape, dtype=torch.float64)
+    dz = torch.randn(x.shape, dtype=torch.float64)
+    outs, grads = _run(rk.ragged_layer_norm, g, x, r, w, b, dy, dz)
+    oracle_outs, oracle_grads = _run(ref.ragged_layer_norm, g, *(t.double() if t is not None else None
+                                                                 for t in (x, r, w, b)), dy, dz)
+    same_outs, same_grads = _run(ref.ragged_layer_norm, g, x, r, w, b, dy, dz)
+    for a, o, s in zip(outs + grads, oracle_outs + oracle_grads, same_outs + same_grads):
+        assert_close_to_oracle(a, o, s, "property", factor=3.0)
+
+
+def test_masked_layer_norm_equals_the_ragged_reference():
+    """The original code's full-width MaskedLayerNorm and the sliced formulation agree (the supernet's parity)."""
+    g, x, _, w, b = _inputs((2, 3, 1), (40, 17, 0), 7, 40, torch.float64, "cpu", residual=False)
+    masked = ref.masked_layer_norm(x, w, b, g.mask(40, dtype=torch.float64)[:, None, :])
+    torch.testing.assert_close(masked, ref.ragged_layer_norm(x, w, b, g), rtol=1e-10, atol=1e-10)
+
+
+def test_reference_equals_stock_layer_norm_per_group():
+    g, x, _, w, b = _inputs((2, 3), (40, 17), 7, 40, torch.float64, "cpu", residual=False)
+    y = ref.ragged_layer_norm(x, w, b, g, eps=1e-5)
+    for (start, end), c in zip(zip(g.offsets, g.offsets[1:]), g.widths):
+        ln = torch.nn.LayerNorm(c, eps=1e-5, dtype=torch.float64)
+        with torch.no_grad():
+            ln.weight.copy_(w[:c])
+            ln.bias.copy_(b[:c])
+        torch.testing.assert_close(y[start:end, :, :c], ln(x[start:end, :, :c]), rtol=0, atol=1e-12)
+        assert (y[start:end, :, c:] == 0).all()
+
+
+class TestBadInput:
+    def setup_method(self):
+        self.x = torch.randn(4, 3, 8)
+        self.w = torch.ones(8)
+        self.b = torch.zeros(8)
+        self.g = Ragged((2, 2), (8, 5))
+
+    def test_dtype(self):
+        with pytest.raises(TypeError, match="x must have dtype in"):
+            rk.ragged_layer_norm(self.x.int(), self.w, self.b, self.g)
+
+    def test_rank(self):
+        with pytest.raises(ValueError, match="x must have at least 2 dims"):
+            rk.ragged_layer_norm(torch.randn(8), self.w, self.b, Ragged((8,), (8,)))
+
+    def test_non_contiguous(self):
+        with pytest.raises(ValueError, match="x must be contiguous"):
+            rk.ragged_layer_norm(torch.randn(4, 8, 3).transpose(1, 2), self.w, self.b, self.g)
+
+    def test_width_beyond_channels(self):
+        with pytest.raises(ValueError, match=r"groups.widths\[0\]=9 exceeds the maximum width 8 of x"):
+            rk.ragged_layer_norm(self.x, self.w, self.b, Ragged((2, 2), (9, 5)))
+
+    def test_group_sizes_must_cover_the_batch(self):
+        with pytest.raises(ValueError, match="must equal the batch size of x"):
+            rk.ragged_layer_norm(self.x, self.w, self.b, Ragged((2, 1), (8, 5)))
+
+    def test_weight_shape_and_dtype(self):
+        with pytest.raises(ValueError, match=r"weight must have shape \(8,\)"):
+            rk.ragged_layer_norm(self.x, torch.ones(7), self.b, self.g)
+        with pytest.raises(TypeError, match="bias must have dtype in"):
+            rk.ragged_layer_norm(self.x.half(), self.w.half(), self.b.double(), self.g)
+
+    def test_residual_mismatch(self):
+        with pytest.raises(ValueError, match="residual must match x in shape and dtype"):
+            rk.ragged_layer_norm(self.x, self.w, self.b, self.g, residual=torch.zeros(4, 2, 8))
+
+    def test_device_mismatch(self):
+        with pytest.raises(ValueError, match="weight must be on the same device as x"):
+            rk.ragged_layer_norm(self.x, self.w.to("meta"), self.b, self.g)
+
+    def test_eps(self):
+        with pytest.raises(ValueError, match="eps must be a positive float"):
+            rk.ragged_layer_norm(self.x, self.w, self.b, self.g, eps=0.0)
+
+    def test_groups_type(self):
+        with pytest.raises(TypeError, match="groups must be a resnas_kernels.Ragged"):
+            rk.ragged_layer_norm(self.x, self.w, self.b, [(2, 2), (8, 5)])
