@@ -8,10 +8,10 @@ Backends are chosen per call (see `resnas_kernels.backend`): `rk.set_backend("re
 """
 from . import reference
 from .backend import BACKENDS, BackendUnavailableError, get_backend, resolve_backend, set_backend, use_backend
-from .ops import ragged_layer_norm
+from .ops import ragged_layer_norm, residual_spatial_reduction
 from .ragged import Ragged
 
 __version__ = "0.1.0"
 
-__all__ = ["Ragged", "ragged_layer_norm", "reference", "set_backend", "get_backend", "use_backend",
+__all__ = ["Ragged", "ragged_layer_norm", "residual_spatial_reduction", "reference", "set_backend", "get_backend", "use_backend",
            "resolve_backend", "BACKENDS", "BackendUnavailableError", "__version__"]
