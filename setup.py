@@ -59,7 +59,9 @@ def _extensions():
     debug = _flag("RESNAS_DEBUG")
     native = os.environ.get("RESNAS_CPU_NATIVE", "1").strip() != "0"
     cxx = ["-O0", "-g"] if debug else ["-O3"]
-    cxx += ["-std=c++17", "-fopenmp"] + (["-march=native"] if native else [])
+    # No -std flag: torch.utils.cpp_extension adds the standard its headers need (C++17 for older torch, C++20 for
+    # newer torch, whose headers #error under C++17), and nvcc rejects a second -std.
+    cxx += ["-fopenmp"] + (["-march=native"] if native else [])
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cuda_sources = sorted(glob.glob("csrc/cuda/*.cu") + glob.glob("csrc/cuda/*.cpp"))
 
@@ -72,7 +74,7 @@ def _extensions():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         kwargs["define_macros"].append(("RESNAS_WITH_CUDA", "1"))
         nvcc = ["-O0", "-g", "-lineinfo"] if debug else ["-O3", "-lineinfo"]
-        nvcc += ["-std=c++17", "--expt-relaxed-constexpr"]
+        nvcc += ["--expt-relaxed-constexpr"]
         kwargs["extra_compile_args"] = {"cxx": cxx, "nvcc": nvcc}
         ext = cpp_extension.CUDAExtension("resnas_kernels._C", sources + cuda_sources, **kwargs)
     else:

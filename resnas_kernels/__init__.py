@@ -10,8 +10,12 @@ from . import reference
 from .backend import BACKENDS, BackendUnavailableError, get_backend, resolve_backend, set_backend, use_backend
 from .ops import ragged_layer_norm, residual_spatial_reduction
 from .ragged import Ragged
+from .ops import ragged_linear
+from .ops import levit_bias_index, ragged_attention
 
 __version__ = "0.1.0"
 
 __all__ = ["Ragged", "ragged_layer_norm", "residual_spatial_reduction", "reference", "set_backend", "get_backend", "use_backend",
            "resolve_backend", "BACKENDS", "BackendUnavailableError", "__version__"]
+__all__ += ["ragged_linear"]
+__all__ += ["ragged_attention", "levit_bias_index"]

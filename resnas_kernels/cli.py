@@ -9,6 +9,9 @@ SUBCOMMANDS = {
     "info": ("resnas_kernels.info", "versions, devices, extension status and the backend each op will use"),
     "bench": ("resnas_kernels.bench.runner", "run kernel/model benchmarks against peers, write CSV and plots"),
     "aot": ("resnas_kernels.aot", "compile every Triton kernel ahead of time for sm_80 and sm_90 (no GPU needed)"),
+    "train-supernet": ("resnas_kernels.search.train", "train a ViT-ResNAS supernet with multi-architectural sampling"),
+    "search": ("resnas_kernels.search.evolution", "evolutionary search over a trained supernet, many candidates per forward"),
+    "export": ("resnas_kernels.search.export", "write a searched sub-network as a standalone timm-loadable checkpoint"),
 }
 
 

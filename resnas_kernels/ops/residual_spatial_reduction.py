@@ -1,19 +1,60 @@
-"""Residual spatial reduction (RSR): the ragged block between ViT-ResNAS stages.
+"""Residual spatial reduction (RSR): the ragged block between ViT-ResNAS stages, fused on the token layout.
 
-Spec: `resnas_kernels.reference.residual_spatial_reduction` (the oracle; vit_resnas.md section 2).
+Spec: `resnas_kernels.reference.residual_spatial_reduction` (the oracle; vit_resnas.md section 2, 4.5, 9.2(g)).
 
-Status: this file fixes the public API and argument checks; the computation currently runs through the reference
-(stock functional ops per group). The fused path (token-layout im2col with the LayerNorm applied, the conv as a
-ragged GEMM with K = 9 * c_in,g, and a fused pooling/pos-embed/cls epilogue) is issue #6.
+The fused path is four registered custom ops chained by autograd, with no (B, C, H, W) layout anywhere:
+
+    u    = ragged_layer_norm(x)                                   LN over each group's first ci channels, all tokens
+    cols = rsr_im2col(u)                  (B, Ho*Wo, Ci_max*k*k)  token-layout im2col, channel-major / tap-minor
+    conv = ragged_linear(cols, conv_weight.view(Co_max, -1))     the conv as ONE ragged GEMM: group g uses the
+                                                                  top-left block [:co, :ci*k*k] = W[:co, :ci] flattened
+    cls  = ragged_linear(u[:, :1], cls_weight)                    the cls token's GEMV (has_cls only)
+    out  = rsr_epilogue(conv, x, pos_embed, conv_bias, cls, cls_bias)
+                                                                  one pass: + bias + pos_embed + zero-padded
+                                                                  AvgPool(x) (+ cls_bias + x_cls), zeros beyond co
+
+Backends (`resnas_kernels.set_backend`): "reference" runs the oracle (stock functional ops per group); "cpu" and
+"triton" run the fused chain, every piece on that backend (LN, im2col, GEMM, epilogue); "auto" runs the fused chain
+with each piece on its own preferred backend (on CUDA: Triton LN / im2col / GEMM and the CUDA C++ epilogue; on CPU:
+the C++ kernels, each falling back to its reference when the extension lacks it). There is no "cuda"-only RSR:
+ragged_linear has no CUDA C++ kernel by design; the CUDA C++ epilogue and im2col are reachable through "auto" and as
+ops of their own (`rsr_epilogue`, `rsr_im2col`).
+
+Caveats:
+- x must be contiguous and zero beyond each group's input width (the ragged contract); the output is exactly zero
+  beyond c_out,g. A group with c_in,g = c_out,g = 0 gets all-zero rows and costs no GEMM work.
+- The GEMMs run in x's dtype: parameters given in fp32 with half-precision x are cast to x's dtype for the GEMMs (as
+  autocast does for F.conv2d / F.linear); LN, the epilogue's sums and the parameter gradients of pos_embed and the
+  biases are fp32. The reference instead computes everything in fp32 and rounds once, so half-precision outputs
+  differ from it by the rounding of u and of the GEMM inputs.
+- The im2col buffer is k*k/stride^2 = 2.25x the size of x (3x3, stride 2): memory traded for one plain GEMM.
+- Gradients of conv_weight / cls_weight (ragged_linear's tile-owner dW), pos_embed and the biases (fixed-order batch
+  sums) are deterministic.
+- Under torch.compile the fused chain is traced whatever the backend setting; with "reference" forced, its pieces
+  run their plain-PyTorch reference implementations (same spec) instead of the stock-module oracle.
+- Double backward is not supported.
 """
 from typing import Optional, Sequence, Tuple
 
 import torch
 
+from ..backend import OpInfo, register_op, resolve_backend
 from ..ragged import Ragged, as_ragged
 from ..reference.rsr import residual_spatial_reduction as _reference_rsr
 from ..reference.rsr import rsr_output_grid
 from ._checks import check_float_tensor, check_same_device, check_tensor
+from .ragged_layer_norm import ragged_layer_norm
+from .ragged_linear import ragged_linear
+from .rsr_epilogue import rsr_epilogue
+from .rsr_im2col import rsr_im2col
+
+OP = register_op(OpInfo(
+    name="residual_spatial_reduction",
+    backends=("triton", "cpu"),
+    auto_cuda=("triton",),
+    ext_ops=("ext_rsr_im2col_fwd", "ext_rsr_im2col_bwd", "ext_rsr_epilogue_fwd", "ext_rsr_epilogue_bwd"),
+    notes={"composition": "ragged_layer_norm -> rsr_im2col -> ragged_linear (+ cls ragged_linear) -> rsr_epilogue"},
+))
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -25,6 +66,39 @@ def _check_param(t, name: str, shape: Tuple[int, ...], x: torch.Tensor) -> None:
     if t.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
     check_same_device(x, t, "x", name)
+
+
+def _check_widths(in_groups: Ragged, out_widths: Sequence[int]) -> Tuple[int, ...]:
+    out = in_groups.with_widths(out_widths).widths
+    for g, (ci, co) in enumerate(zip(in_groups.widths, out)):
+        if co < ci:
+            raise ValueError(f"out_widths[{g}]={co} must be >= in_groups.widths[{g}]={ci}: the shortcut carries all "
+                             f"input channels")
+        if ci == 0 and co > 0:
+            raise ValueError(f"in_groups.widths[{g}] is 0 but out_widths[{g}]={co}: a group with no input channels "
+                             f"has nothing to reduce; give it output width 0")
+    return out
+
+
+def _as_gemm_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The weight in the GEMM's dtype, contiguous (ragged_linear reads it in place; a cast is differentiable)."""
+    return w.to(dtype).contiguous()
+
+
+def _fused(x, in_groups: Ragged, out_widths: Tuple[int, ...], ln_weight, ln_bias, conv_weight, conv_bias, pos_embed,
+           cls_weight, cls_bias, grid, has_cls, eps, kernel_size, stride, padding):
+    co_max = conv_weight.shape[0]
+    kk = kernel_size * kernel_size
+    u = ragged_layer_norm(x, ln_weight, ln_bias, in_groups, eps)
+    cols = rsr_im2col(u, in_groups, grid, has_cls, kernel_size, stride, padding)
+    # (Co_max, Ci_max, k, k) -> (Co_max, Ci_max*k*k): group g's W[:co, :ci] is the top-left block [:co, :ci*k*k].
+    w2d = _as_gemm_weight(conv_weight, x.dtype).view(co_max, -1)
+    conv = ragged_linear(cols, w2d, None, in_groups.with_widths([ci * kk for ci in in_groups.widths]), out_widths)
+    cls = None
+    if has_cls:
+        cls = ragged_linear(u[:, :1].contiguous(), _as_gemm_weight(cls_weight, x.dtype), None, in_groups, out_widths)
+    return rsr_epilogue(conv, x, pos_embed, conv_bias, cls, cls_bias if has_cls else None, in_groups, out_widths,
+                        grid, stride)
 
 
 def residual_spatial_reduction(x: torch.Tensor, in_groups: Optional[Ragged], out_widths: Sequence[int],
@@ -50,6 +124,11 @@ def residual_spatial_reduction(x: torch.Tensor, in_groups: Optional[Ragged], out
         raise ValueError(f"x must have shape (B, tokens, C), got {tuple(x.shape)}")
     if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)):
         raise ValueError(f"grid must be a pair of positive ints (H, W), got {grid!r}")
+    for name, v, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    if not isinstance(eps, (int, float)) or not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
     ci_max = x.shape[-1]
     in_groups = as_ragged(in_groups, x.shape[0], ci_max)
     if isinstance(out_widths, Ragged):
@@ -66,6 +145,10 @@ def residual_spatial_reduction(x: torch.Tensor, in_groups: Optional[Ragged], out
         raise ValueError(f"conv_weight has {co_max} output channels, fewer than x's {ci_max}: the shortcut needs "
                          f"Co_max >= Ci_max")
     out_grid = rsr_output_grid(tuple(grid), kernel_size, stride, padding)
+    n_tokens = int(bool(has_cls)) + grid[0] * grid[1]
+    if x.shape[1] != n_tokens:
+        raise ValueError(f"x has {x.shape[1]} tokens but grid={tuple(grid)} with has_cls={bool(has_cls)} needs "
+                         f"{n_tokens}")
     _check_param(conv_weight, "conv_weight", tuple(conv_weight.shape), x)
     _check_param(ln_weight, "ln_weight", (ci_max,), x)
     _check_param(ln_bias, "ln_bias", (ci_max,), x)
@@ -76,6 +159,15 @@ def residual_spatial_reduction(x: torch.Tensor, in_groups: Optional[Ragged], out
             raise ValueError("cls_weight and cls_bias are required when has_cls=True")
         _check_param(cls_weight, "cls_weight", (co_max, ci_max), x)
         _check_param(cls_bias, "cls_bias", (co_max,), x)
-    return _reference_rsr(x, in_groups, out_widths, ln_weight, ln_bias, conv_weight, conv_bias, pos_embed, cls_weight,
-                          cls_bias, grid=tuple(grid), has_cls=has_cls, eps=eps, kernel_size=kernel_size,
-                          stride=stride, padding=padding)
+    in_groups.check(x.shape[0], ci_max, arg="x", what="in_groups.widths")
+    out_widths = _check_widths(in_groups, out_widths)
+    in_groups.with_widths(out_widths).check(x.shape[0], co_max, arg="conv_weight (out channels)", what="out_widths")
+    kwargs = dict(grid=tuple(grid), has_cls=bool(has_cls), eps=float(eps), kernel_size=kernel_size, stride=stride,
+                  padding=padding)
+    # Under torch.compile the fused chain is always traced (its pieces are opaque custom ops that pick their backends
+    # when they run, "reference" included); resolving here would make dynamo trace the extension loader.
+    if not torch.compiler.is_compiling() and resolve_backend(OP.name, x.device) == "reference":
+        return _reference_rsr(x, in_groups, out_widths, ln_weight, ln_bias, conv_weight, conv_bias, pos_embed,
+                              cls_weight, cls_bias, **kwargs)
+    return _fused(x, in_groups, out_widths, ln_weight, ln_bias, conv_weight, conv_bias, pos_embed, cls_weight,
+                  cls_bias, **kwargs)

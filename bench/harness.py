@@ -1,0 +1,255 @@
+"""The benchmark contract and the timers: what a case file builds and how the runner measures it.
+
+A case file (`bench/cases/<name>.py`) exposes `cases(ctx) -> list[Case]`. Each `Case` names one workload (op, mode,
+shape, dtype), says how much useful work it is (`flops`, `bytes`), and maps provider names ("ours", "masked",
+"loop", "sdpa", ...) to zero-argument callables that do one full run. The harness does everything else: warm-up,
+repeats, synchronisation, thread pinning, ceilings, CSV rows.
+
+Timing:
+- CPU: `time_cpu`: warm-up, then timed samples with `time.perf_counter` until a time budget is spent (at least
+  `min_samples`); very fast calls are batched several per sample so the timer's resolution does not dominate. The
+  garbage collector is off while timing. Reported: p20 / p50 / p80 of ms per call. CPU inputs are not rotated:
+  CPU numbers are warm-cache numbers (stated in BENCHMARKS.md).
+- CUDA: `time_cuda`: `triton.testing.do_bench` (CUDA events, L2 flushed between repeats), and for small launches
+  (fwd / infer cases whose median is under `SMALL_LAUNCH_MS`) also `do_bench_cudagraph`, which replays the calls in
+  a CUDA graph and so removes launch overhead. Both are recorded; the CSV's `timer` column says which is which.
+- Input rotation is the case's job: build several input sets with `rotation_copies` and cycle through them with
+  `rotating`, so a small shape is not served from L2 on every repeat. Under CUDA-graph replay the rotation still
+  works, because do_bench_cudagraph captures many successive calls of the callable in one graph.
+
+FLOPs and bytes are those of OUR (ragged) work; every provider's time is divided by the same numbers, so GFLOP/s and
+GB/s are "useful work per second" and a peer that computes padded columns gets no credit for them.
+"""
+from __future__ import annotations
+
+import gc
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["Case", "Context", "Timing", "Ceilings", "MODES", "QUANTILES", "time_cpu", "time_cuda", "timer_for",
+           "measure_ceilings", "rotating", "rotation_copies", "synchronize"]
+
+MODES = ("fwd", "fwd+bwd", "infer", "train")
+QUANTILES = (0.5, 0.2, 0.8)  # the order triton.testing returns them in
+SMALL_LAUNCH_MS = 0.1        # under this median a CUDA call is launch-bound: also time it under CUDA-graph replay
+
+
+@dataclass
+class Context:
+    """What a case file may look at when it builds its cases."""
+
+    device: torch.device
+    quick: bool = False   # quick shapes (the `resnas bench --quick` profile, under ~2 minutes on 2 CPU cores)
+    threads: int = 1      # CPU threads the run is pinned to (torch.set_num_threads)
+    smoke: bool = False   # optional: the smoke test only checks the harness runs; one small shape is enough
+
+
+@dataclass
+class Case:
+    """One workload and the providers that compute it.
+
+    Required: name ("<op>.<mode>", mode in MODES), shape (free text), dtype, flops (useful FLOPs of our ragged work),
+    bytes (minimum bytes our op must move), providers (name -> zero-argument callable doing one full run).
+    Optional:
+        baseline: the provider ratios are taken against: time(peer) / time(baseline).
+        op: registered op name of "ours", so the CSV records which backend actually ran (resolve_backend).
+        items: samples processed per call (model throughput cases); adds an items_per_s metric.
+        cuda_graph: None = also replay under a CUDA graph when the call is small and the mode is fwd / infer;
+            True = always try it; False = never (e.g. the callable syncs with the host).
+        backends: backend label per peer for the CSV (e.g. {"sdpa": "math"}); peers default to "torch".
+        notes: free text kept in the CSV.
+    """
+
+    name: str
+    shape: str
+    dtype: str
+    flops: int
+    bytes: int
+    providers: Dict[str, Callable[[], Any]]
+    baseline: str = "ours"
+    op: Optional[str] = None
+    items: int = 0
+    cuda_graph: Optional[bool] = None
+    backends: Dict[str, str] = field(default_factory=dict)
+    notes: str = ""
+
+    @property
+    def mode(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    def validate(self) -> None:
+        """Raise a ValueError naming the offending field."""
+        if not isinstance(self.name, str) or "." not in self.name:
+            raise ValueError(f"Case.name must look like '<op>.<mode>', got {self.name!r}")
+        if self.mode not in MODES:
+            raise ValueError(f"Case.name {self.name!r}: mode {self.mode!r} must be one of {MODES}")
+        for attr in ("flops", "bytes", "items"):
+            value = getattr(self, attr)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+                raise ValueError(f"Case {self.name}: {attr} must be an int >= 0, got {value!r}")
+        if not self.providers:
+            raise ValueError(f"Case {self.name}: providers is empty")
+        for provider, fn in self.providers.items():
+            if not callable(fn):
+                raise ValueError(f"Case {self.name}: provider {provider!r} is not callable")
+        if self.baseline not in self.providers:
+            raise ValueError(f"Case {self.name}: baseline {self.baseline!r} is not one of the providers "
+                             f"{sorted(self.providers)}")
+
+
+@dataclass
+class Timing:
+    """Milliseconds per call: p20 <= p50 <= p80 over `samples` timed samples (0 when the timer does not say)."""
+
+    p20: float
+    p50: float
+    p80: float
+    samples: int
+    timer: str  # perf_counter | do_bench | do_bench_cudagraph
+
+
+def synchronize(device: torch.device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CPU timer
+# ---------------------------------------------------------------------------------------------------------------------
+def time_cpu(fn: Callable[[], Any], budget_s: float = 1.0, warmup_s: float = 0.2, min_samples: int = 5,
+             max_samples: int = 10_000, min_sample_s: float = 1e-3) -> Timing:
+    """Time `fn` on the CPU: warm-up, then samples until `budget_s` is spent and `min_samples` are taken."""
+    # Warm-up: the first calls allocate, fill caches and (for the C++ kernels) spin up the OpenMP pool.
+    fn()
+    start = time.perf_counter()
+    calls = 0
+    while True:
+        fn()
+        calls += 1
+        if time.perf_counter() - start >= warmup_s:
+            break
+    per_call = (time.perf_counter() - start) / calls
+    # A sample of at least min_sample_s: below ~1 ms, perf_counter's call overhead and scheduler jitter would dominate.
+    inner = max(1, min(1000, math.ceil(min_sample_s / max(per_call, 1e-9))))
+    samples: List[float] = []
+    gc.collect()
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # a collection in the middle of a sample is noise, not the op's cost
+    try:
+        begin = time.perf_counter()
+        while len(samples) < max_samples:
+            t0 = time.perf_counter()
+            for _ in range(inner):
+                fn()
+            samples.append((time.perf_counter() - t0) / inner)
+            if len(samples) >= min_samples and time.perf_counter() - begin >= budget_s:
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    p20, p50, p80 = np.percentile(np.asarray(samples) * 1e3, [20, 50, 80])
+    return Timing(float(p20), float(p50), float(p80), len(samples), "perf_counter")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# CUDA timer (not exercised on the CPU-only development machine; kept small on purpose)
+# ---------------------------------------------------------------------------------------------------------------------
+def time_cuda(fn: Callable[[], Any], budget_s: float = 1.0, graph: bool = False) -> Timing:
+    """Time `fn` on the current CUDA device with triton.testing (median and p20/p80 of CUDA-event timings).
+
+    graph=False: `do_bench`, which flushes L2 between repeats and includes launch overhead (what eager code sees).
+    graph=True: `do_bench_cudagraph`, the calls replayed from one CUDA graph (the kernels' own time).
+    """
+    from triton.testing import do_bench, do_bench_cudagraph
+
+    rep_ms = max(1, int(budget_s * 1e3))
+    if graph:
+        p50, p20, p80 = do_bench_cudagraph(fn, rep=rep_ms, quantiles=list(QUANTILES))
+        return Timing(float(p20), float(p50), float(p80), 0, "do_bench_cudagraph")
+    p50, p20, p80 = do_bench(fn, warmup=max(1, rep_ms // 4), rep=rep_ms, quantiles=list(QUANTILES))
+    return Timing(float(p20), float(p50), float(p80), 0, "do_bench")
+
+
+def timer_for(device: torch.device, budget_s: float, warmup_s: float, min_samples: int = 5
+              ) -> Callable[[Callable[[], Any]], Timing]:
+    """The eager timer for `device`, with the run's budgets bound in."""
+    if torch.device(device).type == "cuda":
+        return lambda fn: time_cuda(fn, budget_s=budget_s)
+    return lambda fn: time_cpu(fn, budget_s=budget_s, warmup_s=warmup_s, min_samples=min_samples)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Input rotation
+# ---------------------------------------------------------------------------------------------------------------------
+def rotation_copies(bytes_per_set: int, device: torch.device, max_copies: int = 32) -> int:
+    """How many input sets a case should build so that cycling through them does not stay in cache.
+
+    CUDA: enough sets to cover three times the L2 (capped at `max_copies`). CPU: 1 (CPU timings are warm-cache).
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or bytes_per_set <= 0:
+        return 1
+    l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 50 * 2**20)
+    return int(max(1, min(max_copies, math.ceil(3 * l2 / bytes_per_set))))
+
+
+def rotating(fn: Callable[..., Any], input_sets: Sequence[Sequence[Any]]) -> Callable[[], Any]:
+    """A zero-argument callable that calls fn(*input_sets[i]) with i cycling through the sets, one per call."""
+    if len(input_sets) == 0:
+        raise ValueError("rotating needs at least one input set, got none")
+    sets = [tuple(s) for s in input_sets]
+    state = {"i": 0}
+
+    def call():
+        args = sets[state["i"]]
+        state["i"] = (state["i"] + 1) % len(sets)
+        return fn(*args)
+
+    return call
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Device ceilings: a large GEMM and a large copy timed in the same run, same timer, same threads
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass
+class Ceilings:
+    gflops: float        # GEMM GFLOP/s at its median time
+    gbps: float          # copy GB/s (bytes read + bytes written) at its median time
+    gemm: str            # what was timed, e.g. "sgemm float32 2048^3"
+    copy: str            # e.g. "copy 128 MiB float32"
+    gemm_timing: Timing
+    copy_timing: Timing
+    gemm_flops: int
+    copy_bytes: int
+
+
+def measure_ceilings(device: torch.device, timer: Callable[[Callable[[], Any]], Timing], size: str = "full"
+                     ) -> Ceilings:
+    """Time a large GEMM (fp32 on CPU, bf16 on CUDA) and a large copy; size is full | quick | smoke."""
+    device = torch.device(device)
+    cuda = device.type == "cuda"
+    n = {"full": 8192 if cuda else 2048, "quick": 4096 if cuda else 1024, "smoke": 256}[size]
+    copy_mib = {"full": 1024 if cuda else 256, "quick": 1024 if cuda else 128, "smoke": 8}[size]
+    dtype = torch.bfloat16 if cuda else torch.float32
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    a = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    b = torch.randn(n, n, generator=gen).to(device=device, dtype=dtype)
+    c = torch.empty(n, n, device=device, dtype=dtype)
+    gemm_timing = timer(lambda: torch.mm(a, b, out=c))
+    del a, b, c
+    numel = copy_mib * 2**20 // 4
+    src = torch.ones(numel, device=device, dtype=torch.float32)
+    dst = torch.empty_like(src)
+    copy_timing = timer(lambda: dst.copy_(src))
+    del src, dst
+    gemm_flops = 2 * n ** 3
+    copy_bytes = 2 * numel * 4
+    name = "sgemm" if dtype == torch.float32 else "gemm"
+    return Ceilings(gflops=gemm_flops / (gemm_timing.p50 * 1e-3) / 1e9, gbps=copy_bytes / (copy_timing.p50 * 1e-3) / 1e9,
+                    gemm=f"{name} {str(dtype).replace('torch.', '')} {n}^3", copy=f"copy {copy_mib} MiB float32",
+                    gemm_timing=gemm_timing, copy_timing=copy_timing, gemm_flops=gemm_flops, copy_bytes=copy_bytes)

@@ -1,0 +1,113 @@
+"""PNG plots from the results CSVs (latest run per case and device; see records.latest).
+
+Per results file `<kind>.csv`:
+    <kind>_speedup.png     time(peer) / time(ours) per case and shape, whiskers from the p20/p80 spread
+    <kind>_bandwidth.png   achieved GB/s of every provider, with the copy ceiling measured in the same run
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, List, Tuple
+
+from . import records
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display: files only
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _label(key: Tuple[str, str, str], providers: Dict[str, Dict[str, str]]) -> str:
+    case, shape, dtype = key
+    ours = providers.get("ours", {}).get("backend", "")
+    return f"{case} [{dtype}]\n{shape}" + (f"  (ours: {ours})" if ours else "")
+
+
+def _title(rows: List[Dict[str, str]], what: str) -> str:
+    names = sorted({r["device_name"] for r in rows})
+    threads = sorted({r["threads"] for r in rows})
+    dates = sorted({r["date"][:10] for r in rows})
+    dev = ", ".join(names) + (f", {'/'.join(threads)} CPU thread(s)" if rows and rows[0]["device"] == "cpu" else "")
+    return f"{what}\n{dev}; {dates[0]}{' .. ' + dates[-1] if len(dates) > 1 else ''}" if dates else what
+
+
+def _grouped_barh(ax, groups, series, value_fmt):
+    """Horizontal grouped bars: one group per (case, shape, dtype), one bar per series, p20/p80 whiskers."""
+    height = 0.8 / max(1, len(series))
+    colors = {}
+    for gi, (key, providers) in enumerate(groups):
+        for si, name in enumerate(series):
+            row = providers.get(name)
+            if row is None:
+                continue
+            p20, p50, p80 = float(row["p20"]), float(row["p50"]), float(row["p80"])
+            y = gi + (si - (len(series) - 1) / 2) * height
+            bar = ax.barh(y, p50, height=height * 0.9, xerr=[[p50 - p20], [p80 - p50]], capsize=2,
+                          label=name if name not in colors else None, color=colors.get(name))
+            colors.setdefault(name, bar.patches[0].get_facecolor())
+            ax.text(p80, y, " " + value_fmt(p50), va="center", fontsize=7)
+    ax.set_yticks(range(len(groups)))
+    ax.set_yticklabels([_label(k, p) for k, p in groups], fontsize=7)
+    ax.invert_yaxis()
+    ax.legend(fontsize=8, loc="lower right")
+
+
+def plot_speedup(rows: List[Dict[str, str]], path: Path) -> bool:
+    """Bar chart of time(peer)/time(ours); False (and no file) when the rows hold no ratios."""
+    grouped = list(records.group_rows(rows, "ratio").items())
+    if not grouped:
+        return False
+    times = records.group_rows(rows, "time_ms")
+    groups = [(k, {**times.get(k, {}), **p}) for k, p in grouped]  # ours' row (for its backend) + peers' ratios
+    peers = sorted({name for _, p in grouped for name in p})
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 1.0 + 0.45 * len(groups) * max(1, len(peers)) ** 0.5 + 0.3))
+    _grouped_barh(ax, groups, peers, lambda v: f"{v:.2f}x")
+    ax.axvline(1.0, color="black", linewidth=0.8)
+    ax.set_xlabel("time(peer) / time(ours)   (> 1: ours is faster)")
+    ax.set_title(_title(rows, "ragged kernels vs peers: speed-up of ours"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def plot_bandwidth(rows: List[Dict[str, str]], path: Path) -> bool:
+    """Achieved GB/s per provider with the run's copy ceiling as a vertical line."""
+    groups = list(records.group_rows(rows, "gbps").items())
+    if not groups:
+        return False
+    providers = []
+    for _, p in groups:
+        providers += [name for name in p if name not in providers]
+    providers.sort(key=lambda n: (n != "ours", n))
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(10, 1.0 + 0.45 * len(groups) * max(1, len(providers)) ** 0.5 + 0.3))
+    _grouped_barh(ax, groups, providers, lambda v: f"{v:.3g}")
+    ceilings = [float(r["p50"]) for r in rows if r["case"] == "ceiling.copy" and r["metric"] == "gbps"]
+    if ceilings:
+        ax.axvline(max(ceilings), color="red", linestyle="--", linewidth=1,
+                   label=f"copy ceiling {max(ceilings):.3g} GB/s")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlabel("achieved GB/s (minimum bytes of our op / time of each provider)")
+    ax.set_title(_title(rows, "achieved bandwidth"), fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return True
+
+
+def make_plots(results_dir: Path) -> List[Path]:
+    """(Re)draw the plots of every results CSV in `results_dir`; returns the files written."""
+    written = []
+    for csv_path in records.result_files(results_dir):
+        rows = records.latest(records.read_rows(csv_path))
+        for suffix, draw in (("speedup", plot_speedup), ("bandwidth", plot_bandwidth)):
+            png = csv_path.with_name(f"{csv_path.stem}_{suffix}.png")
+            if draw(rows, png):
+                written.append(png)
+    return written

@@ -1,0 +1,586 @@
+// Ragged multi-head attention on CPU: resnas::ext_ragged_attention_fwd / _bwd (schema and semantics in
+// ../ragged_attention.h). This is LeViT's CPU inference path, so the forward is the part tuned for speed.
+//
+// Design and caveats:
+// - Work items are (sample, head) pairs of ACTIVE heads only; inactive heads are zero-filled with one ATen call per
+//   group. The forward runs the pairs in parallel (at::parallel_for, grain 1 pair). Each pair packs its K as K^T
+//   (d_qk x Nk, padded to a multiple of the vector width) and its V (Nk x d_v, padded) into per-thread fp32 (fp64 for
+//   fp64) buffers, converting from fp16/bf16 on the way, so every inner loop is unit-stride and in cache; then blocks
+//   of kRows query rows go through: scores = Q K^T (register-blocked kRows x 16 accumulators), + bias, row max,
+//   exp, row sum, then O = P V (register-blocked again). The whole score row stays in a kRows x Nk buffer (L1).
+// - exp: a range-reduced degree-6 polynomial (Cephes expf coefficients, ~2 ulp in fp32) written so the compiler
+//   vectorises it (`exp_nonpos`); libm's expf does not vectorise without -ffast-math and was the bottleneck. fp64
+//   inputs use std::exp (the fp64 path is for checking, not speed).
+// - Backward, per pair: recompute S and P = exp(S - lse), dP = dO V^T, dS = P (dP - rowsum(dO * O)), then
+//   dQ = scale dS K, dK += scale dS^T Q, dV += P^T dO with the same register-blocked micro-kernels.
+// - Deterministic bias gradients: backward tasks are (chunk of `chunk` samples, head); a task walks its samples in
+//   order and adds dS into its own partial (the table (T) or the shared (Nq, Nk) bias); partials are then summed over
+//   chunks in increasing chunk order, per column. The bits depend on the shape and `chunk` only, not on threads.
+//   The table scatter (part[index[i, j]] += dS[i, j]) is a scalar loop; it is O(Nq Nk) per pair, like the rest.
+// - A table/dense bias of another dtype than the accumulation dtype is converted once per call (the table is tiny;
+//   a large dense bias costs one copy).
+// - Everything accumulates in fp32 (fp64 for fp64). Results differ from the reference by rounding only.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "../ragged_attention.h"
+
+namespace resnas {
+namespace {
+
+constexpr const char* kFwdName = "ext_ragged_attention_fwd";
+constexpr const char* kBwdName = "ext_ragged_attention_bwd";
+constexpr int64_t kRows = 4;  // query rows per block: 4 rows x 16 lanes of accumulators fit the register file
+
+// Lanes of one 512-bit vector. The inner loops have exactly this trip count, so they compile to single vector
+// instructions under -march=native (and to two 256-bit halves on AVX2 machines).
+template <typename acc_t>
+constexpr int64_t kLanes = 64 / static_cast<int64_t>(sizeof(acc_t));
+
+inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
+
+// exp(x) for x <= ~0 (scores minus their row max or log-sum-exp). Cody-Waite range reduction x = n ln2 + r,
+// |r| <= ln2 / 2, then e^r by the Cephes expf polynomial and 2^n by building the float's exponent bits. Inputs below
+// -87 are clamped (e^-87 ~ 1.6e-38 contributes nothing next to the row max's e^0 = 1). Plain arithmetic only, so the
+// compiler vectorises it inside `omp simd` loops; rounding to nearest uses the 1.5 * 2^23 trick (no -ffast-math here,
+// so the compiler keeps (t + c) - c).
+inline float exp_nonpos(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float t = x * 1.44269504088896341f;
+  const float n = (t + 12582912.0f) - 12582912.0f;
+  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  const float y = p * r * r + r + 1.0f;
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float two_n;
+  std::memcpy(&two_n, &bits, sizeof(two_n));
+  return y * two_n;
+}
+
+inline double exp_nonpos(double x) { return std::exp(x); }
+
+// C[r][j] = sum_c A[r][c] * Bt[c][j] for r < kRows, j < ncols (a multiple of the lane count).
+// A: kRows x K with row stride lda; Bt: K x ncols (row stride ncols); C: kRows x ncols.
+template <typename acc_t>
+inline void rows_times_bt(const acc_t* __restrict A, int64_t lda, int64_t K, const acc_t* __restrict Bt,
+                          int64_t ncols, acc_t* __restrict C) {
+  constexpr int64_t W = kLanes<acc_t>;
+  for (int64_t j0 = 0; j0 < ncols; j0 += W) {
+    acc_t acc[kRows][W];
+    for (int64_t r = 0; r < kRows; ++r)
+#pragma omp simd
+      for (int64_t l = 0; l < W; ++l) acc[r][l] = 0;
+    for (int64_t c = 0; c < K; ++c) {
+      const acc_t* b = Bt + c * ncols + j0;
+      for (int64_t r = 0; r < kRows; ++r) {
+        const acc_t a = A[r * lda + c];
+#pragma omp simd
+        for (int64_t l = 0; l < W; ++l) acc[r][l] += a * b[l];
+      }
+    }
+    for (int64_t r = 0; r < kRows; ++r)
+#pragma omp simd
+      for (int64_t l = 0; l < W; ++l) C[r * ncols + j0 + l] = acc[r][l];
+  }
+}
+
+// O[r][c] = sum_{j < n} P[r][j] * M[j][c] for r < kRows, c < mcols (a multiple of the lane count).
+// P: kRows x n with row stride ldp; M: n x mcols (row stride mcols); O: kRows x mcols.
+template <typename acc_t>
+inline void rows_times_m(const acc_t* __restrict P, int64_t ldp, int64_t n, const acc_t* __restrict M, int64_t mcols,
+                         acc_t* __restrict O) {
+  constexpr int64_t W = kLanes<acc_t>;
+  for (int64_t c0 = 0; c0 < mcols; c0 += W) {
+    acc_t acc[kRows][W];
+    for (int64_t r = 0; r < kRows; ++r)
+#pragma omp simd
+      for (int64_t l = 0; l < W; ++l) acc[r][l] = 0;
+    for (int64_t j = 0; j < n; ++j) {
+      const acc_t* m = M + j * mcols + c0;
+      for (int64_t r = 0; r < kRows; ++r) {
+        const acc_t p = P[r * ldp + j];
+#pragma omp simd
+        for (int64_t l = 0; l < W; ++l) acc[r][l] += p * m[l];
+      }
+    }
+    for (int64_t r = 0; r < kRows; ++r)
+#pragma omp simd
+      for (int64_t l = 0; l < W; ++l) O[r * mcols + c0 + l] = acc[r][l];
+  }
+}
+
+// M[j][c] += sum_{r < kRows} P[r][j] * X[r][c] for j < n, c < mcols (a multiple of the lane count).
+// P: kRows x n with row stride ldp; X: kRows x mcols; M: n x mcols.
+template <typename acc_t>
+inline void add_pt_times_x(acc_t* __restrict M, int64_t mcols, int64_t n, const acc_t* __restrict P, int64_t ldp,
+                           const acc_t* __restrict X) {
+  constexpr int64_t W = kLanes<acc_t>;
+  for (int64_t j = 0; j < n; ++j) {
+    acc_t* m = M + j * mcols;
+    for (int64_t c0 = 0; c0 < mcols; c0 += W) {
+      acc_t acc[W];
+#pragma omp simd
+      for (int64_t l = 0; l < W; ++l) acc[l] = m[c0 + l];
+      for (int64_t r = 0; r < kRows; ++r) {
+        const acc_t p = P[r * ldp + j];
+#pragma omp simd
+        for (int64_t l = 0; l < W; ++l) acc[l] += p * X[r * mcols + c0 + l];
+      }
+#pragma omp simd
+      for (int64_t l = 0; l < W; ++l) m[c0 + l] = acc[l];
+    }
+  }
+}
+
+// Everything a pair needs to find its data. Element strides; q/k/v have unit stride on the head dim.
+template <typename scalar_t, typename acc_t>
+struct Problem {
+  int64_t B, Nq, Nk, H, Dqk, Dv;
+  const scalar_t *q, *k, *v;
+  int64_t qsb, qsn, qsh, ksb, ksn, ksh, vsb, vsn, vsh;
+  acc_t scale;
+  const acc_t* table = nullptr;   // (H, T) in acc_t
+  int64_t T = 0;
+  const int32_t* index = nullptr;  // (Nq, Nk), with the table
+  const acc_t* dense = nullptr;    // (1|H|B*H, Nq, Nk) in acc_t
+  int64_t dense_lead = 0;          // 1, H or -1 (per sample)
+  const int64_t* heads = nullptr;  // active heads per sample
+
+  // s[j] += bias(b, h, i, j) for j < Nk, and returns max_j s[j].
+  acc_t add_bias_and_max(acc_t* __restrict s, int64_t b, int64_t h, int64_t i) const {
+    acc_t m = -std::numeric_limits<acc_t>::infinity();
+    if (table != nullptr) {
+      const acc_t* __restrict th = table + h * T;
+      const int32_t* __restrict ir = index + i * Nk;
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < Nk; ++j) {
+        const acc_t x = s[j] + th[ir[j]];
+        s[j] = x;
+        m = x > m ? x : m;
+      }
+    } else if (dense != nullptr) {
+      const acc_t* __restrict dr = dense_row(b, h, i);
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < Nk; ++j) {
+        const acc_t x = s[j] + dr[j];
+        s[j] = x;
+        m = x > m ? x : m;
+      }
+    } else {
+#pragma omp simd reduction(max : m)
+      for (int64_t j = 0; j < Nk; ++j) m = s[j] > m ? s[j] : m;
+    }
+    return m;
+  }
+
+  const acc_t* dense_row(int64_t b, int64_t h, int64_t i) const {
+    const int64_t plane = dense_lead == 1 ? 0 : (dense_lead == -1 ? b * H + h : h);
+    return dense + (plane * Nq + i) * Nk;
+  }
+};
+
+// Per-thread scratch, zero-initialised once, so the padding lanes of the packed K^T / V stay zero.
+template <typename acc_t>
+struct FwdScratch {
+  int64_t nkp, dvp;
+  std::vector<acc_t> kt, vm, qb, s, ob;
+  FwdScratch(int64_t Nk, int64_t Dqk, int64_t Dv)
+      : nkp(round_up(Nk, kLanes<acc_t>)), dvp(round_up(Dv, kLanes<acc_t>)),
+        kt(Dqk * nkp), vm(Nk * dvp), qb(kRows * Dqk), s(kRows * nkp), ob(kRows * dvp) {}
+};
+
+template <typename scalar_t, typename acc_t>
+void fwd_pair(const Problem<scalar_t, acc_t>& p, int64_t b, int64_t h, FwdScratch<acc_t>& w, scalar_t* out,
+              acc_t* lse) {
+  const int64_t Nq = p.Nq, Nk = p.Nk, D = p.Dqk, Dv = p.Dv, nkp = w.nkp, dvp = w.dvp;
+  acc_t* __restrict kt = w.kt.data();
+  acc_t* __restrict vm = w.vm.data();
+  for (int64_t j = 0; j < Nk; ++j) {
+    const scalar_t* kr = p.k + b * p.ksb + j * p.ksn + h * p.ksh;
+    const scalar_t* vr = p.v + b * p.vsb + j * p.vsn + h * p.vsh;
+    for (int64_t c = 0; c < D; ++c) kt[c * nkp + j] = static_cast<acc_t>(kr[c]);
+    for (int64_t c = 0; c < Dv; ++c) vm[j * dvp + c] = static_cast<acc_t>(vr[c]);
+  }
+  acc_t* __restrict qb = w.qb.data();
+  acc_t* __restrict s = w.s.data();
+  acc_t* __restrict ob = w.ob.data();
+  acc_t inv_sum[kRows];
+  for (int64_t i0 = 0; i0 < Nq; i0 += kRows) {
+    const int64_t rb = std::min(kRows, Nq - i0);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const scalar_t* qr = p.q + b * p.qsb + (i0 + r) * p.qsn + h * p.qsh;
+      for (int64_t c = 0; c < D; ++c) qb[r * D + c] = r < rb ? static_cast<acc_t>(qr[c]) * p.scale : acc_t(0);
+    }
+    rows_times_bt(qb, D, D, kt, nkp, s);  // rows >= rb are zero: they give zero scores and are never used
+    for (int64_t r = 0; r < rb; ++r) {
+      acc_t* sr = s + r * nkp;
+      const acc_t m = p.add_bias_and_max(sr, b, h, i0 + r);
+      acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < Nk; ++j) {
+        const acc_t e = exp_nonpos(sr[j] - m);
+        sr[j] = e;
+        sum += e;
+      }
+      inv_sum[r] = acc_t(1) / sum;
+      lse[(b * p.H + h) * Nq + i0 + r] = m + std::log(sum);
+    }
+    rows_times_m(s, nkp, Nk, vm, dvp, ob);
+    for (int64_t r = 0; r < rb; ++r) {
+      scalar_t* orow = out + ((b * Nq + i0 + r) * p.H + h) * Dv;
+      for (int64_t c = 0; c < Dv; ++c) orow[c] = static_cast<scalar_t>(ob[r * dvp + c] * inv_sum[r]);
+    }
+  }
+}
+
+template <typename acc_t>
+struct BwdScratch {
+  int64_t nkp, dp, dvp;
+  std::vector<acc_t> kt, km, vt, dk, dv, qs, qp, dob, s, dpm, dq;
+  BwdScratch(int64_t Nk, int64_t Dqk, int64_t Dv)
+      : nkp(round_up(Nk, kLanes<acc_t>)), dp(round_up(Dqk, kLanes<acc_t>)), dvp(round_up(Dv, kLanes<acc_t>)),
+        kt(Dqk * nkp), km(Nk * dp), vt(Dv * nkp), dk(Nk * dp), dv(Nk * dvp), qs(kRows * Dqk), qp(kRows * dp),
+        dob(kRows * dvp), s(kRows * nkp), dpm(kRows * nkp), dq(kRows * dp) {}
+};
+
+// Bias-gradient sink of one task: where dS goes.
+template <typename acc_t>
+struct BiasGradSink {
+  acc_t* table_part = nullptr;   // (T,) partial of this (chunk, head) task
+  acc_t* shared_part = nullptr;  // (Nq, Nk) partial of this (chunk, head) task
+  acc_t* per_sample = nullptr;   // (B, H, Nq, Nk) gradient, written directly
+};
+
+template <typename scalar_t, typename acc_t>
+void bwd_pair(const Problem<scalar_t, acc_t>& p, int64_t b, int64_t h, BwdScratch<acc_t>& w, const scalar_t* dout,
+              const scalar_t* out, const acc_t* lse, scalar_t* dq, scalar_t* dk, scalar_t* dv,
+              const BiasGradSink<acc_t>& sink) {
+  const int64_t Nq = p.Nq, Nk = p.Nk, D = p.Dqk, Dv = p.Dv, H = p.H;
+  const int64_t nkp = w.nkp, dp = w.dp, dvp = w.dvp;
+  acc_t *__restrict kt = w.kt.data(), *__restrict km = w.km.data(), *__restrict vt = w.vt.data();
+  for (int64_t j = 0; j < Nk; ++j) {
+    const scalar_t* kr = p.k + b * p.ksb + j * p.ksn + h * p.ksh;
+    const scalar_t* vr = p.v + b * p.vsb + j * p.vsn + h * p.vsh;
+    for (int64_t c = 0; c < D; ++c) {
+      const acc_t x = static_cast<acc_t>(kr[c]);
+      kt[c * nkp + j] = x;
+      km[j * dp + c] = x;
+    }
+    for (int64_t c = 0; c < Dv; ++c) vt[c * nkp + j] = static_cast<acc_t>(vr[c]);
+  }
+  acc_t *__restrict dka = w.dk.data(), *__restrict dva = w.dv.data();
+  std::fill(w.dk.begin(), w.dk.end(), acc_t(0));
+  std::fill(w.dv.begin(), w.dv.end(), acc_t(0));
+  acc_t *__restrict qs = w.qs.data(), *__restrict qp = w.qp.data(), *__restrict dob = w.dob.data();
+  acc_t *__restrict s = w.s.data(), *__restrict dpm = w.dpm.data(), *__restrict dqb = w.dq.data();
+  acc_t delta[kRows];
+  for (int64_t i0 = 0; i0 < Nq; i0 += kRows) {
+    const int64_t rb = std::min(kRows, Nq - i0);
+    for (int64_t r = 0; r < kRows; ++r) {
+      const bool live = r < rb;
+      const scalar_t* qr = p.q + b * p.qsb + (i0 + r) * p.qsn + h * p.qsh;
+      for (int64_t c = 0; c < D; ++c) {
+        const acc_t x = live ? static_cast<acc_t>(qr[c]) : acc_t(0);
+        qs[r * D + c] = x * p.scale;
+        qp[r * dp + c] = x;
+      }
+      const int64_t row = ((b * Nq + i0 + r) * H + h) * Dv;
+      acc_t d = 0;
+      for (int64_t c = 0; c < Dv; ++c) {
+        const acc_t g = live ? static_cast<acc_t>(dout[row + c]) : acc_t(0);
+        dob[r * dvp + c] = g;
+        d += live ? g * static_cast<acc_t>(out[row + c]) : acc_t(0);
+      }
+      delta[r] = d;  // D_i = dO_i . O_i
+    }
+    rows_times_bt(qs, D, D, kt, nkp, s);       // scores
+    rows_times_bt(dob, dvp, Dv, vt, nkp, dpm);  // dP = dO V^T
+    for (int64_t r = 0; r < kRows; ++r) {
+      acc_t* __restrict sr = s + r * nkp;
+      acc_t* __restrict dr = dpm + r * nkp;
+      if (r >= rb) {  // padding rows must add nothing to dK, dV
+        std::fill(sr, sr + Nk, acc_t(0));
+        std::fill(dr, dr + Nk, acc_t(0));
+        continue;
+      }
+      const int64_t i = i0 + r;
+      p.add_bias_and_max(sr, b, h, i);
+      const acc_t row_lse = lse[(b * H + h) * Nq + i];
+      const acc_t dl = delta[r];
+#pragma omp simd
+      for (int64_t j = 0; j < Nk; ++j) {
+        const acc_t pj = exp_nonpos(sr[j] - row_lse);
+        sr[j] = pj;                  // P
+        dr[j] = pj * (dr[j] - dl);   // dS
+      }
+      if (sink.table_part != nullptr) {
+        const int32_t* ir = p.index + i * Nk;
+        for (int64_t j = 0; j < Nk; ++j) sink.table_part[ir[j]] += dr[j];
+      } else if (sink.shared_part != nullptr) {
+        acc_t* __restrict part = sink.shared_part + i * Nk;
+#pragma omp simd
+        for (int64_t j = 0; j < Nk; ++j) part[j] += dr[j];
+      } else if (sink.per_sample != nullptr) {
+        std::copy(dr, dr + Nk, sink.per_sample + ((b * H + h) * Nq + i) * Nk);
+      }
+    }
+    rows_times_m(dpm, nkp, Nk, km, dp, dqb);  // dQ / scale = dS K
+    for (int64_t r = 0; r < rb; ++r) {
+      scalar_t* dqr = dq + ((b * Nq + i0 + r) * H + h) * D;
+      for (int64_t c = 0; c < D; ++c) dqr[c] = static_cast<scalar_t>(dqb[r * dp + c] * p.scale);
+    }
+    add_pt_times_x(dva, dvp, Nk, s, nkp, dob);  // dV += P^T dO
+    add_pt_times_x(dka, dp, Nk, dpm, nkp, qp);  // dK / scale += dS^T Q
+  }
+  for (int64_t j = 0; j < Nk; ++j) {
+    scalar_t* dkr = dk + ((b * Nk + j) * H + h) * D;
+    scalar_t* dvr = dv + ((b * Nk + j) * H + h) * Dv;
+    for (int64_t c = 0; c < D; ++c) dkr[c] = static_cast<scalar_t>(dka[j * dp + c] * p.scale);
+    for (int64_t c = 0; c < Dv; ++c) dvr[c] = static_cast<scalar_t>(dva[j * dvp + c]);
+  }
+}
+
+// out[c] = sum over chunks k, in increasing k, of part[k][c]; the split of the columns over threads changes no bit.
+template <typename acc_t>
+void sum_partials(const acc_t* part, int64_t chunks, int64_t cols, acc_t* out) {
+  at::parallel_for(0, cols, 4096, [&](int64_t c0, int64_t c1) {
+    std::fill(out + c0, out + c1, acc_t(0));
+    for (int64_t k = 0; k < chunks; ++k) {
+      const acc_t* pk = part + k * cols;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) out[c] += pk[c];
+    }
+  });
+}
+
+// Zeroes heads [w_g, H) of every group along `head_dim` of t (dim 0 = samples).
+void zero_inactive_heads(at::Tensor& t, int64_t head_dim, int64_t per_head, c10::IntArrayRef sizes,
+                         c10::IntArrayRef widths, int64_t H) {
+  int64_t start = 0;
+  for (size_t g = 0; g < sizes.size(); ++g) {
+    if (sizes[g] > 0 && widths[g] < H)
+      t.narrow(0, start, sizes[g]).narrow(head_dim, widths[g] * per_head, (H - widths[g]) * per_head).zero_();
+    start += sizes[g];
+  }
+}
+
+// (Nq, Nk) int32 index: the given one, checked against [0, T), or the LeViT grid's.
+at::Tensor make_index(const AttentionShape& shape, const std::optional<at::Tensor>& index, const char* op) {
+  if (shape.grid_r > 0) {
+    at::Tensor idx = at::empty({shape.Nq, shape.Nk}, at::TensorOptions().dtype(at::kInt));
+    int32_t* d = idx.mutable_data_ptr<int32_t>();
+    const int64_t R = shape.grid_r, S = shape.grid_s, Rq = (R - 1) / S + 1;
+    for (int64_t i = 0; i < shape.Nq; ++i) {
+      const int64_t qy = (i / Rq) * S, qx = (i % Rq) * S;
+      for (int64_t j = 0; j < shape.Nk; ++j)
+        d[i * shape.Nk + j] = static_cast<int32_t>(std::abs(qy - j / R) * R + std::abs(qx - j % R));
+    }
+    return idx;
+  }
+  at::Tensor idx = index->to(at::kInt).contiguous();
+  const int32_t* d = idx.const_data_ptr<int32_t>();
+  for (int64_t n = 0; n < idx.numel(); ++n)
+    TORCH_CHECK(d[n] >= 0 && d[n] < shape.T, op, ": bias_index values must lie in [0, T) = [0, ", shape.T,
+                "), got ", d[n], " at flat position ", n);
+  // int64 values that wrapped in the int32 conversion would pass the range check: compare with the original.
+  if (index->scalar_type() == at::kLong)
+    TORCH_CHECK(at::equal(idx.to(at::kLong), index->contiguous()), op, ": bias_index values must lie in [0, T) = [0, ",
+                shape.T, ")");
+  return idx;
+}
+
+template <typename scalar_t, typename acc_t>
+Problem<scalar_t, acc_t> make_problem(const AttentionShape& shape, const at::Tensor& q, const at::Tensor& k,
+                                      const at::Tensor& v, double scale) {
+  Problem<scalar_t, acc_t> p;
+  p.B = shape.B; p.Nq = shape.Nq; p.Nk = shape.Nk; p.H = shape.H; p.Dqk = shape.Dqk; p.Dv = shape.Dv;
+  p.q = q.const_data_ptr<scalar_t>(); p.k = k.const_data_ptr<scalar_t>(); p.v = v.const_data_ptr<scalar_t>();
+  p.qsb = q.stride(0); p.qsn = q.stride(1); p.qsh = q.stride(2);
+  p.ksb = k.stride(0); p.ksn = k.stride(1); p.ksh = k.stride(2);
+  p.vsb = v.stride(0); p.vsn = v.stride(1); p.vsh = v.stride(2);
+  p.scale = static_cast<acc_t>(scale);
+  p.heads = shape.sample_heads.data();
+  return p;
+}
+
+}  // namespace
+
+AttentionFwdOut ragged_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const std::optional<at::Tensor>& bias_table,
+                                         const std::optional<at::Tensor>& bias_index,
+                                         const std::optional<at::Tensor>& dense_bias, c10::IntArrayRef sizes,
+                                         c10::IntArrayRef widths, double scale, c10::IntArrayRef grid) {
+  const AttentionShape shape = attention_detail::check_args(q, k, v, bias_table, bias_index, dense_bias, sizes,
+                                                            widths, scale, grid, at::kCPU, kFwdName);
+  const auto acc = attention_detail::acc_dtype(q.scalar_type());
+  at::Tensor out = at::empty({shape.B, shape.Nq, shape.H * shape.Dv}, q.options());
+  at::Tensor lse = at::empty({shape.B, shape.H, shape.Nq}, q.options().dtype(acc));
+  zero_inactive_heads(out, 2, shape.Dv, sizes, widths, shape.H);
+  zero_inactive_heads(lse, 1, 1, sizes, widths, shape.H);
+  const bool has_table = shape.T > 0;
+  const at::Tensor table = has_table ? bias_table->to(acc).contiguous() : at::Tensor();
+  const at::Tensor index = has_table ? make_index(shape, bias_index, kFwdName) : at::Tensor();
+  const at::Tensor dense = shape.dense_lead != 0 ? dense_bias->to(acc).contiguous() : at::Tensor();
+  std::vector<std::pair<int64_t, int64_t>> pairs;  // active (sample, head) pairs: the only work there is
+  for (int64_t b = 0; b < shape.B; ++b)
+    for (int64_t h = 0; h < shape.sample_heads[b]; ++h) pairs.emplace_back(b, h);
+  if (pairs.empty()) return {out, lse};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), kFwdName, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto p = make_problem<scalar_t, acc_t>(shape, q, k, v, scale);
+    if (has_table) {
+      p.table = table.const_data_ptr<acc_t>();
+      p.T = shape.T;
+      p.index = index.const_data_ptr<int32_t>();
+    } else if (shape.dense_lead != 0) {
+      p.dense = dense.const_data_ptr<acc_t>();
+      p.dense_lead = shape.dense_lead;
+    }
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
+    acc_t* lse_ptr = lse.mutable_data_ptr<acc_t>();
+    at::parallel_for(0, static_cast<int64_t>(pairs.size()), 1, [&](int64_t begin, int64_t end) {
+      FwdScratch<acc_t> scratch(shape.Nk, shape.Dqk, shape.Dv);
+      for (int64_t n = begin; n < end; ++n) fwd_pair(p, pairs[n].first, pairs[n].second, scratch, out_ptr, lse_ptr);
+    });
+  });
+  return {out, lse};
+}
+
+AttentionBwdOut ragged_attention_bwd_cpu(const at::Tensor& dout_in, const at::Tensor& q, const at::Tensor& k,
+                                         const at::Tensor& v, const at::Tensor& out_in, const at::Tensor& lse_in,
+                                         const std::optional<at::Tensor>& bias_table,
+                                         const std::optional<at::Tensor>& bias_index,
+                                         const std::optional<at::Tensor>& dense_bias, c10::IntArrayRef sizes,
+                                         c10::IntArrayRef widths, double scale, c10::IntArrayRef grid,
+                                         bool need_table_grad, bool need_dense_grad, int64_t chunk) {
+  const AttentionShape shape = attention_detail::check_args(q, k, v, bias_table, bias_index, dense_bias, sizes,
+                                                            widths, scale, grid, at::kCPU, kBwdName);
+  const auto acc = attention_detail::acc_dtype(q.scalar_type());
+  const int64_t B = shape.B, H = shape.H, Nq = shape.Nq, Nk = shape.Nk;
+  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{dout_in, "dout"}, {out_in, "out"}}) {
+    TORCH_CHECK(t.defined() && t.dim() == 3 && t.size(0) == B && t.size(1) == Nq && t.size(2) == H * shape.Dv,
+                kBwdName, ": ", name, " must have shape (B, Nq, H*Dv) = (", B, ", ", Nq, ", ", H * shape.Dv,
+                "), got ", t.defined() ? t.sizes() : c10::IntArrayRef{});
+    TORCH_CHECK(t.scalar_type() == q.scalar_type() && t.device() == q.device(), kBwdName, ": ", name,
+                " must have q's dtype and device");
+  }
+  TORCH_CHECK(lse_in.defined() && lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H &&
+                  lse_in.size(2) == Nq && lse_in.scalar_type() == acc,
+              kBwdName, ": lse must be (B, H, Nq) = (", B, ", ", H, ", ", Nq, ") of dtype ", acc);
+  TORCH_CHECK(chunk >= 1, kBwdName, ": chunk must be >= 1, got ", chunk);
+  const bool table_grad = need_table_grad && shape.T > 0;
+  const bool dense_grad = need_dense_grad && shape.dense_lead != 0;
+  const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
+  at::Tensor dq = at::empty({B, Nq, H, shape.Dqk}, q.options());
+  at::Tensor dk = at::empty({B, Nk, H, shape.Dqk}, q.options());
+  at::Tensor dv = at::empty({B, Nk, H, shape.Dv}, q.options());
+  zero_inactive_heads(dq, 2, 1, sizes, widths, H);
+  zero_inactive_heads(dk, 2, 1, sizes, widths, H);
+  zero_inactive_heads(dv, 2, 1, sizes, widths, H);
+  const bool has_table = shape.T > 0;
+  const at::Tensor table = has_table ? bias_table->to(acc).contiguous() : at::Tensor();
+  const at::Tensor index = has_table ? make_index(shape, bias_index, kBwdName) : at::Tensor();
+  const at::Tensor dense = shape.dense_lead != 0 ? dense_bias->to(acc).contiguous() : at::Tensor();
+
+  const bool per_sample_dense = dense_grad && shape.dense_lead == -1;
+  const bool shared_dense = dense_grad && shape.dense_lead != -1;
+  const int64_t part_cols = table_grad ? shape.T : (shared_dense ? Nq * Nk : 0);
+  if (part_cols == 0) chunk = 1;  // no partials: one task per (sample, head), the most parallelism
+  const int64_t chunks = B == 0 ? 0 : (B + chunk - 1) / chunk;
+  at::Tensor part = at::zeros({part_cols > 0 ? chunks : 0, H, part_cols}, q.options().dtype(acc));
+  at::Tensor ddense_acc = per_sample_dense ? at::zeros({B, H, Nq, Nk}, q.options().dtype(acc)) : at::Tensor();
+
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), kBwdName, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    auto p = make_problem<scalar_t, acc_t>(shape, q, k, v, scale);
+    if (has_table) {
+      p.table = table.const_data_ptr<acc_t>();
+      p.T = shape.T;
+      p.index = index.const_data_ptr<int32_t>();
+    } else if (shape.dense_lead != 0) {
+      p.dense = dense.const_data_ptr<acc_t>();
+      p.dense_lead = shape.dense_lead;
+    }
+    const scalar_t* dout_ptr = dout.const_data_ptr<scalar_t>();
+    const scalar_t* out_ptr = out.const_data_ptr<scalar_t>();
+    const acc_t* lse_ptr = lse.const_data_ptr<acc_t>();
+    scalar_t *dq_ptr = dq.mutable_data_ptr<scalar_t>(), *dk_ptr = dk.mutable_data_ptr<scalar_t>(),
+             *dv_ptr = dv.mutable_data_ptr<scalar_t>();
+    acc_t* part_ptr = part_cols > 0 ? part.mutable_data_ptr<acc_t>() : nullptr;
+    acc_t* ddense_ptr = per_sample_dense ? ddense_acc.mutable_data_ptr<acc_t>() : nullptr;
+    // Tasks (chunk c, head h): samples [c*chunk, (c+1)*chunk) in order, each with head h if it is active.
+    at::parallel_for(0, chunks * H, 1, [&](int64_t begin, int64_t end) {
+      std::optional<BwdScratch<acc_t>> scratch;  // built on the first active pair of this thread
+      for (int64_t task = begin; task < end; ++task) {
+        const int64_t c = task / H, h = task % H;
+        BiasGradSink<acc_t> sink;
+        if (part_ptr != nullptr) {
+          acc_t* mine = part_ptr + (c * H + h) * part_cols;
+          (table_grad ? sink.table_part : sink.shared_part) = mine;
+        }
+        sink.per_sample = ddense_ptr;
+        for (int64_t b = c * chunk; b < std::min(B, (c + 1) * chunk); ++b) {
+          if (h >= shape.sample_heads[b]) continue;
+          if (!scratch) scratch.emplace(Nk, shape.Dqk, shape.Dv);
+          bwd_pair(p, b, h, *scratch, dout_ptr, out_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, sink);
+        }
+      }
+    });
+  });
+
+  at::Tensor dtable = at::empty({0}, q.options());
+  at::Tensor ddense = at::empty({0}, q.options());
+  if (part_cols > 0) {
+    at::Tensor summed = at::empty({H, part_cols}, q.options().dtype(acc));
+    AT_DISPATCH_FLOATING_TYPES(acc, kBwdName, [&] {
+      sum_partials<scalar_t>(part.const_data_ptr<scalar_t>(), chunks, H * part_cols, summed.mutable_data_ptr<scalar_t>());
+    });
+    if (table_grad) {
+      dtable = summed.to(bias_table->scalar_type());
+    } else {
+      at::Tensor planes = summed.view({H, Nq, Nk});
+      if (shape.dense_lead == 1) {  // shared over heads: add the heads in increasing order
+        at::Tensor one = planes.select(0, 0).clone();
+        for (int64_t h = 1; h < H; ++h) one.add_(planes.select(0, h));
+        planes = one.unsqueeze(0);
+      }
+      ddense = planes.to(dense_bias->scalar_type());
+    }
+  } else if (per_sample_dense) {
+    ddense = ddense_acc.to(dense_bias->scalar_type());
+  }
+  return {dq, dk, dv, dtable, ddense};
+}
+
+}  // namespace resnas
+
+TORCH_LIBRARY_FRAGMENT(resnas, m) {
+  m.def(
+      "ext_ragged_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias_table, Tensor? bias_index, "
+      "Tensor? dense_bias, int[] sizes, int[] widths, float scale, int[] grid) -> (Tensor, Tensor)");
+  m.def(
+      "ext_ragged_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
+      "Tensor? bias_table, Tensor? bias_index, Tensor? dense_bias, int[] sizes, int[] widths, float scale, "
+      "int[] grid, bool need_table_grad, bool need_dense_grad, int chunk) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(resnas, CPU, m) {
+  m.impl("ext_ragged_attention_fwd", &resnas::ragged_attention_fwd_cpu);
+  m.impl("ext_ragged_attention_bwd", &resnas::ragged_attention_bwd_cpu);
+}

@@ -1,0 +1,267 @@
+// Ragged LayerNorm on CPU: resnas::ext_ragged_layer_norm_fwd / _bwd (schema and semantics in ../ragged_layer_norm.h).
+//
+// Design and caveats:
+// - Forward: rows are independent, so they are split over threads by at::parallel_for; each row loads its active
+//   columns once into an fp32 (fp64 for fp64) buffer, then does mean, centred sum of squares (two-pass variance, as the
+//   reference) and the affine write. Width-0 rows only write zeros. Inner loops are plain `#pragma omp simd` loops that
+//   the compiler vectorises under -O3 -march=native (at::vec::Vectorized would fall back to its generic scalar
+//   implementation here, as an extension is not compiled per CPU capability).
+// - Backward: dweight/dbias must be bitwise reproducible whatever the thread count, so the rows are cut into fixed
+//   chunks of kLayerNormBwdChunkRows rows; each chunk accumulates its own partial row (sequentially over its rows) and
+//   the partials are summed in chunk order. Only the first max(widths) columns of the partials are materialised.
+// - The simd reductions reassociate sums within a row (lane-wise partial sums), so results can differ from the
+//   reference in the last bits; they do not depend on threads, as a row is always reduced by one thread.
+// - weight/bias are converted once to the accumulation dtype (C_max elements, negligible next to the rows).
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "../ragged_layer_norm.h"
+
+namespace resnas {
+namespace {
+
+constexpr const char* kFwdName = "ext_ragged_layer_norm_fwd";
+constexpr const char* kBwdName = "ext_ragged_layer_norm_bwd";
+
+// Group owning `row` (0 <= row < total rows): the last g with row_start[g] <= row, which skips empty groups.
+inline int64_t group_of(const GroupTable& table, int64_t row) {
+  auto it = std::upper_bound(table.row_start.begin(), table.row_start.end(), row);
+  return static_cast<int64_t>(it - table.row_start.begin()) - 1;
+}
+
+template <typename scalar_t>
+inline void fill_zero(scalar_t* dst, int64_t begin, int64_t end) {
+  if (end > begin) std::fill(dst + begin, dst + end, static_cast<scalar_t>(0));
+}
+
+template <typename scalar_t, typename acc_t>
+void fwd_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* y, scalar_t* z, const acc_t* weight,
+                const acc_t* bias, acc_t* mean_out, acc_t* rstd_out, int64_t C, const GroupTable& table, acc_t eps) {
+  const int64_t rows = table.row_start.back();
+  // Enough rows per task that thread start-up is amortised on small widths.
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<acc_t> buf(static_cast<size_t>(C));
+    acc_t* v = buf.data();
+    int64_t g = group_of(table, begin);
+    for (int64_t row = begin; row < end; ++row) {
+      while (row >= table.row_start[g + 1]) ++g;
+      const int64_t width = table.widths[g];
+      const int64_t off = row * C;
+      scalar_t* y_row = y + off;
+      scalar_t* z_row = z != nullptr ? z + off : nullptr;
+      if (width == 0) {
+        fill_zero(y_row, 0, C);
+        if (z_row != nullptr) fill_zero(z_row, 0, C);
+        mean_out[row] = 0;
+        rstd_out[row] = 0;
+        continue;
+      }
+      const scalar_t* x_row = x + off;
+      if (residual != nullptr) {
+        const scalar_t* r_row = residual + off;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) v[j] = static_cast<acc_t>(x_row[j]) + static_cast<acc_t>(r_row[j]);
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) z_row[j] = static_cast<scalar_t>(v[j]);
+        fill_zero(z_row, width, C);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) v[j] = static_cast<acc_t>(x_row[j]);
+      }
+      const acc_t count = static_cast<acc_t>(width);
+      acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+      for (int64_t j = 0; j < width; ++j) sum += v[j];
+      const acc_t mu = sum / count;
+      acc_t sq = 0;
+#pragma omp simd reduction(+ : sq)
+      for (int64_t j = 0; j < width; ++j) {
+        const acc_t d = v[j] - mu;
+        sq += d * d;
+      }
+      const acc_t rs = static_cast<acc_t>(1) / std::sqrt(sq / count + eps);
+#pragma omp simd
+      for (int64_t j = 0; j < width; ++j) y_row[j] = static_cast<scalar_t>((v[j] - mu) * rs * weight[j] + bias[j]);
+      fill_zero(y_row, width, C);
+      mean_out[row] = mu;
+      rstd_out[row] = rs;
+    }
+  });
+}
+
+template <typename scalar_t, typename acc_t>
+void bwd_kernel(const scalar_t* dy, const scalar_t* dz, const scalar_t* z, const acc_t* weight, const acc_t* mean,
+                const acc_t* rstd, scalar_t* dx, acc_t* dw_part, acc_t* db_part, int64_t C, int64_t part_cols,
+                const GroupTable& table) {
+  const int64_t rows = table.row_start.back();
+  const int64_t chunks = (rows + kLayerNormBwdChunkRows - 1) / kLayerNormBwdChunkRows;
+  at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
+    std::vector<acc_t> buf(3 * static_cast<size_t>(C));
+    acc_t* xhat = buf.data();
+    acc_t* dyv = xhat + C;
+    acc_t* wdy = dyv + C;
+    for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
+      acc_t* dwp = dw_part + chunk * part_cols;
+      acc_t* dbp = db_part + chunk * part_cols;
+      std::fill(dwp, dwp + part_cols, static_cast<acc_t>(0));
+      std::fill(dbp, dbp + part_cols, static_cast<acc_t>(0));
+      const int64_t row_begin = chunk * kLayerNormBwdChunkRows;
+      const int64_t row_end = std::min(rows, row_begin + kLayerNormBwdChunkRows);
+      int64_t g = group_of(table, row_begin);
+      for (int64_t row = row_begin; row < row_end; ++row) {
+        while (row >= table.row_start[g + 1]) ++g;
+        const int64_t width = table.widths[g];
+        const int64_t off = row * C;
+        scalar_t* dx_row = dx + off;
+        if (width == 0) {  // the row did not take part: no gradient, nothing to the partials
+          fill_zero(dx_row, 0, C);
+          continue;
+        }
+        const scalar_t* z_row = z + off;
+        const scalar_t* dy_row = dy + off;
+        const acc_t mu = mean[row];
+        const acc_t rs = rstd[row];
+        // w * dy is rounded once into a buffer and both summed and reused from there: were the sum contracted into
+        // an FMA but the dx term not (or vice versa), c2 would not cancel w * dy exactly where it should (width 1,
+        // constant rows), and the large rstd of such rows would blow the rounding difference up.
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          xhat[j] = (static_cast<acc_t>(z_row[j]) - mu) * rs;
+          dyv[j] = static_cast<acc_t>(dy_row[j]);
+          wdy[j] = weight[j] * dyv[j];
+        }
+        acc_t s_xw = 0, s_w = 0;  // sum(xhat * w * dy), sum(w * dy) over the active columns
+#pragma omp simd reduction(+ : s_xw, s_w)
+        for (int64_t j = 0; j < width; ++j) {
+          s_xw += xhat[j] * wdy[j];
+          s_w += wdy[j];
+        }
+        const acc_t count = static_cast<acc_t>(width);
+        const acc_t c1 = s_xw / count;
+        const acc_t c2 = s_w / count;
+        if (dz != nullptr) {
+          const scalar_t* dz_row = dz + off;
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j)
+            dx_row[j] = static_cast<scalar_t>((wdy[j] - (xhat[j] * c1 + c2)) * rs +
+                                              static_cast<acc_t>(dz_row[j]));
+        } else {
+#pragma omp simd
+          for (int64_t j = 0; j < width; ++j)
+            dx_row[j] = static_cast<scalar_t>((wdy[j] - (xhat[j] * c1 + c2)) * rs);
+        }
+        fill_zero(dx_row, width, C);
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) {
+          dwp[j] += dyv[j] * xhat[j];
+          dbp[j] += dyv[j];
+        }
+      }
+    }
+  });
+}
+
+// out[c] = sum over chunks k, in increasing k, of part[k][c]: the order is fixed per column, so the split of the
+// columns over threads does not change a bit.
+template <typename acc_t>
+void sum_partials(const acc_t* part, int64_t chunks, int64_t cols, acc_t* out) {
+  at::parallel_for(0, cols, 256, [&](int64_t c0, int64_t c1) {
+    std::fill(out + c0, out + c1, static_cast<acc_t>(0));
+    for (int64_t k = 0; k < chunks; ++k) {
+      const acc_t* p = part + k * cols;
+#pragma omp simd
+      for (int64_t c = c0; c < c1; ++c) out[c] += p[c];
+    }
+  });
+}
+
+}  // namespace
+
+LayerNormFwdOut ragged_layer_norm_fwd_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
+                                          const at::Tensor& weight, const at::Tensor& bias,
+                                          c10::IntArrayRef row_counts, c10::IntArrayRef widths, double eps) {
+  const GroupTable table = detail::check_fwd_args(x_in, residual_in, weight, bias, row_counts, widths, eps,
+                                                  at::kCPU, kFwdName);
+  const bool has_residual = residual_in.has_value() && residual_in->defined();
+  const at::Tensor x = x_in.contiguous();
+  const at::Tensor residual = has_residual ? residual_in->contiguous() : at::Tensor();
+  const int64_t rows = x.size(0), C = x.size(1);
+  const auto stats = detail::stats_dtype(x.scalar_type());
+  at::Tensor y = at::empty({rows, C}, x.options());
+  at::Tensor z = has_residual ? at::empty({rows, C}, x.options()) : at::empty({0}, x.options());
+  at::Tensor mean = at::empty({rows}, x.options().dtype(stats));
+  at::Tensor rstd = at::empty({rows}, x.options().dtype(stats));
+  if (rows == 0) return {y, z, mean, rstd};
+  const at::Tensor w = weight.to(stats).contiguous();
+  const at::Tensor b = bias.to(stats).contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kFwdName, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    fwd_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(),
+                                has_residual ? residual.const_data_ptr<scalar_t>() : nullptr,
+                                y.mutable_data_ptr<scalar_t>(), has_residual ? z.mutable_data_ptr<scalar_t>() : nullptr,
+                                w.const_data_ptr<acc_t>(), b.const_data_ptr<acc_t>(), mean.mutable_data_ptr<acc_t>(),
+                                rstd.mutable_data_ptr<acc_t>(), C, table, static_cast<acc_t>(eps));
+  });
+  return {y, z, mean, rstd};
+}
+
+LayerNormBwdOut ragged_layer_norm_bwd_cpu(const at::Tensor& dy_in, const std::optional<at::Tensor>& dz_in,
+                                          const at::Tensor& z_in, const at::Tensor& weight, const at::Tensor& mean_in,
+                                          const at::Tensor& rstd_in, c10::IntArrayRef row_counts,
+                                          c10::IntArrayRef widths) {
+  const GroupTable table = detail::check_bwd_args(dy_in, dz_in, z_in, weight, mean_in, rstd_in, row_counts, widths,
+                                                  at::kCPU, kBwdName);
+  const bool has_dz = dz_in.has_value() && dz_in->defined();
+  const at::Tensor z = z_in.contiguous(), dy = dy_in.contiguous();
+  const at::Tensor dz = has_dz ? dz_in->contiguous() : at::Tensor();
+  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const int64_t rows = z.size(0), C = z.size(1);
+  const auto stats = detail::stats_dtype(z.scalar_type());
+  at::Tensor dx = at::empty({rows, C}, z.options());
+  at::Tensor dw = at::zeros({C}, z.options().dtype(stats));
+  at::Tensor db = at::zeros({C}, z.options().dtype(stats));
+  const int64_t part_cols = table.max_width;  // columns beyond every width get no gradient
+  const int64_t chunks = (rows + kLayerNormBwdChunkRows - 1) / kLayerNormBwdChunkRows;
+  if (rows > 0) {
+    const at::Tensor w = weight.to(stats).contiguous();
+    at::Tensor dw_part = at::empty({chunks, part_cols}, z.options().dtype(stats));
+    at::Tensor db_part = at::empty({chunks, part_cols}, z.options().dtype(stats));
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), kBwdName, [&] {
+      using acc_t = at::opmath_type<scalar_t>;
+      bwd_kernel<scalar_t, acc_t>(dy.const_data_ptr<scalar_t>(), has_dz ? dz.const_data_ptr<scalar_t>() : nullptr,
+                                  z.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
+                                  rstd.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(),
+                                  dw_part.mutable_data_ptr<acc_t>(), db_part.mutable_data_ptr<acc_t>(), C, part_cols,
+                                  table);
+      if (part_cols > 0) {
+        sum_partials<acc_t>(dw_part.const_data_ptr<acc_t>(), chunks, part_cols, dw.mutable_data_ptr<acc_t>());
+        sum_partials<acc_t>(db_part.const_data_ptr<acc_t>(), chunks, part_cols, db.mutable_data_ptr<acc_t>());
+      }
+    });
+  }
+  return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type())};
+}
+
+}  // namespace resnas
+
+TORCH_LIBRARY_FRAGMENT(resnas, m) {
+  m.def(
+      "ext_ragged_layer_norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor bias, int[] row_counts, "
+      "int[] widths, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ext_ragged_layer_norm_bwd(Tensor dy, Tensor? dz, Tensor z, Tensor weight, Tensor mean, Tensor rstd, "
+      "int[] row_counts, int[] widths) -> (Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(resnas, CPU, m) {
+  m.impl("ext_ragged_layer_norm_fwd", &resnas::ragged_layer_norm_fwd_cpu);
+  m.impl("ext_ragged_layer_norm_bwd", &resnas::ragged_layer_norm_bwd_cpu);
+}

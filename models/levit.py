@@ -1,0 +1,971 @@
+"""LeViT (Graham et al., ICCV 2021) on resnas-kernels' fused attention, weight-compatible with timm's `levit_*`.
+
+Spec: `shared/reference/levit.md`. Architecture (timm's `levit_*` = facebookresearch/LeViT `LeViT_*`): a stride-16
+conv stem (4 x Conv3x3-s2 + BN, Hardswish between), three stages of residual [attention + MLP(ratio 2)] blocks at
+14x14 / 7x7 / 4x4 tokens, a shrink attention (queries on the stride-2 grid, V dim 4D, no residual) + MLP between
+stages, every projection a bias-free Linear followed by BatchNorm, Hardswish everywhere, mean pool and two BN+Linear
+heads (class and distillation) averaged at inference. Each attention adds a learned per-head bias B[h, |dy|*R + |dx|]
+from an (H, R*R) table to the scaled scores.
+
+Registered with timm on import (our own names, never timm's):
+    levit_128s_fused, levit_128_fused, levit_192_fused, levit_256_fused, levit_384_fused
+
+    import resnas_kernels.models, timm
+    model = timm.create_model("levit_128s_fused")
+    model.load_state_dict(timm.create_model("levit_128s").state_dict())   # timm's names and shapes, 1:1
+    model.load_state_dict(checkpoint_filter_fn(torch.load("LeViT-128S.pth", weights_only=True), model))  # original repo
+
+Modes:
+- Training (`train()`): BatchNorm with batch statistics, as timm; the bias table gets its gradient through the fused
+  kernel (`bias_grid`: the kernel computes |dy|*R + |dx| itself, no (Nq, Nk) index or bias tensor is built).
+- Inference (`eval()`, or `fuse()`, which is `eval()` plus building the caches now): every Conv/Linear + BatchNorm
+  pair runs as ONE conv/linear with folded weights, W' = s*W and b' = beta - mean*s with s = gamma/sqrt(var + eps)
+  (BN before Linear in the heads: W' = W*s, b' = W(beta - mean*s) + b; the two heads are averaged into one). The
+  folded weights are cached on the layer (non-persistent buffers: they follow `.to()`, are never saved, and
+  `train()` drops them). A cache is rebuilt automatically when a source tensor changed in place (`load_state_dict`,
+  an EMA update, an optimizer step), detected from the tensors' version counters, and after `.to()` / `.half()`.
+  On CPU fp32 the folded layers run through oneDNN with Hardswish or the residual add fused into the GEMM.
+- Eval mode with gradients (grad enabled and parameters requiring grad, e.g. the official repo's fine-tuning, which
+  trains with `model.train(False)`): the fold is computed on the fly, differentiably, instead of read from the cache.
+- `torch.compile`: works in both modes; the attention is an opaque custom op. A compiled graph reads the caches as
+  they were built by `eval()`/`fuse()`; after changing weights in place under a compiled model, call `fuse()` again
+  (the version check runs only in eager mode).
+
+Input size is fixed (224x224 for the registered models): the bias tables are tied to the token grid, and any other
+size raises a ValueError naming the expected size.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import re
+from collections import OrderedDict
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from timm.layers import DropPath, to_2tuple, trunc_normal_
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+from timm.models._features import feature_take_indices
+from timm.models._manipulate import checkpoint, checkpoint_seq
+
+__all__ = ["LevitFused", "checkpoint_filter_fn", "levit_flops", "MODEL_CFGS", "levit_128s_fused", "levit_128_fused",
+           "levit_192_fused", "levit_256_fused", "levit_384_fused"]
+
+# Same architecture table as timm's `model_cfgs` and the official `specification` (levit.md section 3).
+MODEL_CFGS: Dict[str, dict] = {
+    "levit_128s": dict(embed_dim=(128, 256, 384), key_dim=16, num_heads=(4, 6, 8), depth=(2, 3, 4)),
+    "levit_128": dict(embed_dim=(128, 256, 384), key_dim=16, num_heads=(4, 8, 12), depth=(4, 4, 4)),
+    "levit_192": dict(embed_dim=(192, 288, 384), key_dim=32, num_heads=(3, 5, 6), depth=(4, 4, 4)),
+    "levit_256": dict(embed_dim=(256, 384, 512), key_dim=32, num_heads=(4, 6, 8), depth=(4, 4, 4)),
+    "levit_384": dict(embed_dim=(384, 512, 768), key_dim=32, num_heads=(6, 9, 12), depth=(4, 4, 4)),
+}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Kernels used by the layers
+# ---------------------------------------------------------------------------------------------------------------------
+def _attention_op():
+    """`resnas_kernels.ragged_attention`, or None while the fused attention is not available in this build."""
+    op = _ATTENTION_OP.get("op")
+    if op is None:
+        import resnas_kernels
+
+        op = getattr(resnas_kernels, "ragged_attention", None)
+        if op is not None:
+            _ATTENTION_OP["op"] = op
+    return op
+
+
+_ATTENTION_OP: Dict[str, object] = {}
+
+
+def fused_attention_available() -> bool:
+    return _attention_op() is not None
+
+
+def _onednn_ok() -> bool:
+    return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+                and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
+
+
+_ONEDNN = _onednn_ok()
+
+
+def _use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """oneDNN's fused-epilogue linear/conv (the ops Inductor emits) only for eager CPU fp32 work that needs no
+    autograd: they have no backward; under CPU autocast the plain ops pick the autocast dtype; and under
+    torch.compile the plain ops let Inductor choose (its lowering of these ops wants frozen weights)."""
+    return (_ONEDNN and x.device.type == "cpu" and not torch.compiler.is_compiling() and x.dtype == torch.float32 and w.dtype == torch.float32
+            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
+            and not torch.is_autocast_enabled("cpu"))
+
+
+def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, hardswish: bool = False,
+            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[residual +] [hardswish](x @ w.T + b), one fused GEMM where possible."""
+    if _use_onednn(x, w):
+        if residual is not None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, w, b, "hardswish" if hardswish else "none", [], "")
+    y = F.linear(x, w, b)
+    if hardswish:
+        y = F.hardswish(y)
+    return y if residual is None else residual + y
+
+
+def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride, padding, hardswish: bool) -> torch.Tensor:
+    if _use_onednn(x, w):
+        return torch.ops.mkldnn._convolution_pointwise(x, w, b, list(padding), list(stride), [1, 1], 1,
+                                                       "hardswish" if hardswish else "none", [], "")
+    y = F.conv2d(x, w, b, stride, padding)
+    return F.hardswish(y) if hardswish else y
+
+
+def _needs_autograd(*tensors: torch.Tensor) -> bool:
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
+def _hardswish(x: torch.Tensor) -> torch.Tensor:
+    # In place when nothing will differentiate through x (it is a fresh kernel output either way).
+    return F.hardswish(x, inplace=not _needs_autograd(x))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# BatchNorm folding with a self-invalidating inference cache
+# ---------------------------------------------------------------------------------------------------------------------
+class _FoldedCache(nn.Module):
+    """Base of the layers whose inference form is a cached function of their parameters (folded BN, gathered bias).
+
+    Subclasses implement `_cache_sources()` (the tensors the cache is computed from) and `_compute_cache()` (a
+    differentiable function of them returning a tuple of tensors). `_inference_tensors()` returns the cached tuple,
+    rebuilding it when any source changed in place (version counters) or was replaced (`.to()`, `.data = ...`), or
+    computes it on the fly when autograd needs to flow into the sources.
+    """
+
+    def __init__(self):
+        super().__init__()
+        self._cache: Optional[Tuple[torch.Tensor, ...]] = None
+        self._cache_key: Optional[tuple] = None
+
+    # -- to implement --------------------------------------------------------------------------------------------
+    def _cache_sources(self) -> Tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    def _compute_cache(self) -> Tuple[torch.Tensor, ...]:
+        raise NotImplementedError
+
+    # -- cache logic ---------------------------------------------------------------------------------------------
+    def _source_key(self) -> tuple:
+        # (object id, storage, in-place version) of every source: any change to a source changes the key.
+        return tuple((id(t), t.data_ptr(), t._version) for t in self._cache_sources())
+
+    def clear_cache(self) -> None:
+        self._cache = None
+        self._cache_key = None
+
+    @torch.no_grad()
+    def build_cache(self) -> None:
+        self._cache = tuple(t.detach().contiguous() for t in self._compute_cache())
+        self._cache_key = self._source_key()
+
+    def _inference_tensors(self) -> Tuple[torch.Tensor, ...]:
+        if _needs_autograd(*self._cache_sources()):
+            return self._compute_cache()  # differentiable fold (eval-mode fine-tuning)
+        if torch.compiler.is_compiling():
+            # Traced graphs read the cache as built by eval()/fuse(); without one, the fold is traced into the graph.
+            return self._cache if self._cache is not None else self._compute_cache()
+        if self._cache is None or self._cache_key != self._source_key():
+            self.build_cache()
+        return self._cache
+
+    def _apply(self, fn, recurse=True):
+        self.clear_cache()  # converted/moved sources: rebuilt on the next inference call (or by LevitFused._apply)
+        return super()._apply(fn, recurse)
+
+
+def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Eval-mode BatchNorm as y = x * scale + shift, computed in fp32 (at least) for accuracy."""
+    dtype = torch.promote_types(bn.running_var.dtype, torch.float32)
+    scale = bn.weight.to(dtype) * torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
+    shift = bn.bias.to(dtype) - bn.running_mean.to(dtype) * scale
+    return scale, shift
+
+
+class ConvNorm(_FoldedCache):
+    """Conv2d (no bias) + BatchNorm2d; timm's `ConvNorm` names (`linear`, `bn`). Inference: one conv, folded BN."""
+
+    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, padding: int = 0,
+                 bn_weight_init: float = 1.0, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.linear = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, bias=False, **dd)
+        self.bn = nn.BatchNorm2d(out_chs, **dd)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+
+    def _cache_sources(self):
+        bn = self.bn
+        return self.linear.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+    def _compute_cache(self):
+        scale, shift = _bn_scale_shift(self.bn)
+        w = self.linear.weight
+        return (w * scale.to(w.dtype)[:, None, None, None]).to(w.dtype), shift.to(w.dtype)
+
+    def forward(self, x: torch.Tensor, hardswish: bool = False) -> torch.Tensor:
+        if self.bn.training:
+            y = self.bn(self.linear(x))
+            return F.hardswish(y) if hardswish else y
+        w, b = self._inference_tensors()
+        return _conv(x, w, b, self.linear.stride, self.linear.padding, hardswish)
+
+
+class LinearNorm(_FoldedCache):
+    """Linear (no bias) + BatchNorm1d over the flattened tokens; timm's `LinearNorm` names. Inference: one linear."""
+
+    def __init__(self, in_features: int, out_features: int, bn_weight_init: float = 1.0, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.linear = nn.Linear(in_features, out_features, bias=False, **dd)
+        self.bn = nn.BatchNorm1d(out_features, **dd)
+        nn.init.constant_(self.bn.weight, bn_weight_init)
+
+    def _cache_sources(self):
+        bn = self.bn
+        return self.linear.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
+
+    def _compute_cache(self):
+        scale, shift = _bn_scale_shift(self.bn)
+        w = self.linear.weight
+        return (w * scale.to(w.dtype)[:, None]).to(w.dtype), shift.to(w.dtype)
+
+    def forward(self, x: torch.Tensor, hardswish: bool = False, residual: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """[residual +] [hardswish](BN(x @ W.T))."""
+        if self.bn.training:
+            y = self.linear(x)
+            y = self.bn(y.flatten(0, -2)).view_as(y)
+            if hardswish:
+                y = F.hardswish(y)
+            return y if residual is None else residual + y
+        w, b = self._inference_tensors()
+        return _linear(x, w, b, hardswish, residual)
+
+
+class NormLinear(_FoldedCache):
+    """BatchNorm1d -> Dropout -> Linear (the classifier head); timm's `NormLinear` names."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, std: float = 0.02, drop: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.bn = nn.BatchNorm1d(in_features, **dd)
+        self.drop = nn.Dropout(drop)
+        self.linear = nn.Linear(in_features, out_features, bias=bias, **dd)
+        trunc_normal_(self.linear.weight, std=std)
+        if self.linear.bias is not None:
+            nn.init.zeros_(self.linear.bias)
+
+    def _cache_sources(self):
+        bn, lin = self.bn, self.linear
+        out = (lin.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+        return out + ((lin.bias,) if lin.bias is not None else ())
+
+    def _compute_cache(self):
+        scale, shift = _bn_scale_shift(self.bn)
+        w = self.linear.weight
+        b = w.to(shift.dtype) @ shift
+        if self.linear.bias is not None:
+            b = b + self.linear.bias.to(b.dtype)
+        return (w * scale.to(w.dtype)[None, :]).to(w.dtype), b.to(w.dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bn.training or (self.drop.training and self.drop.p > 0):
+            return self.linear(self.drop(self.bn(x)))
+        w, b = self._inference_tensors()
+        return F.linear(x, w, b)
+
+
+class _AveragedHeads(_FoldedCache):
+    """Inference form of the distilled pair: (head(x) + head_dist(x)) / 2 == one linear with averaged folded
+    weights. Holds no parameters of its own (it reads the two heads, which it does not register as children)."""
+
+    def __init__(self, owner: "LevitFused"):
+        super().__init__()
+        self._owner = [owner]  # a list, so the owner is not registered as a submodule (no cycle in the module tree)
+
+    def _cache_sources(self):
+        owner = self._owner[0]
+        return owner.head._cache_sources() + owner.head_dist._cache_sources()
+
+    def _compute_cache(self):
+        owner = self._owner[0]
+        w1, b1 = owner.head._compute_cache()
+        w2, b2 = owner.head_dist._compute_cache()
+        return (w1 + w2) * 0.5, (b1 + b2) * 0.5
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w, b = self._inference_tensors()
+        return F.linear(x, w, b)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention
+# ---------------------------------------------------------------------------------------------------------------------
+def levit_bias_index(resolution: Tuple[int, int], stride: int = 1, device=None) -> torch.Tensor:
+    """(Nq, Nk) long: |s*yq - yk| * R_w + |s*xq - xk|, queries on the stride-s grid (timm's and the official index).
+
+    Written out here (not taken from the attention op) so that this model also runs, and is tested, on the unfused
+    path and for non-square grids."""
+    rh, rw = resolution
+    ky, kx = torch.meshgrid(torch.arange(rh, device=device), torch.arange(rw, device=device), indexing="ij")
+    qy, qx = torch.meshgrid(torch.arange(0, rh, stride, device=device), torch.arange(0, rw, stride, device=device),
+                            indexing="ij")
+    dy = (qy.reshape(-1, 1) - ky.reshape(1, -1)).abs()
+    dx = (qx.reshape(-1, 1) - kx.reshape(1, -1)).abs()
+    return dy * rw + dx
+
+
+def _unfused_attention(q, k, v, scale: float, bias: torch.Tensor) -> torch.Tensor:
+    """Plain PyTorch attention with the same operand layout as the fused op: q (B, Nq, H, D), k (B, Nk, H, D),
+    v (B, Nk, H, Dv), bias (H, Nq, Nk) -> (B, Nq, H*Dv). The 'unfused' path tests compare the kernel against."""
+    B, Nq, H, _ = q.shape
+    attn = (q.transpose(1, 2) @ k.permute(0, 2, 3, 1)) * scale + bias
+    attn = attn.softmax(dim=-1)
+    return (attn @ v.transpose(1, 2)).transpose(1, 2).reshape(B, Nq, H * v.shape[-1])
+
+
+class _BiasedAttentionBase(_FoldedCache):
+    """What the two attention layers share: the bias table, its index, and the call into the attention kernel.
+
+    The inference cache is the gathered dense bias (H, Nq, Nk); it is used only on the unfused path (and on the fused
+    path for non-square grids). The fused path on a square grid passes the table itself with `bias_grid=(R, stride)`:
+    the kernel computes the index from the query/key positions, and the table's gradient is reduced in the kernel.
+    """
+
+    fused_attn: bool  # set by LevitFused.set_fused_attn; True -> resnas_kernels.ragged_attention
+
+    def _init_bias(self, num_heads: int, resolution: Tuple[int, int], stride: int, device, dtype):
+        self.resolution = resolution
+        self.stride = stride
+        self.resolution_q = tuple((r - 1) // stride + 1 for r in resolution)
+        self.num_keys = resolution[0] * resolution[1]
+        self.num_queries = self.resolution_q[0] * self.resolution_q[1]
+        self.attention_biases = nn.Parameter(torch.zeros(num_heads, self.num_keys, device=device, dtype=dtype))
+        self.register_buffer("attention_bias_idxs", levit_bias_index(resolution, stride, device=device),
+                             persistent=False)
+        self.fused_attn = True
+
+    def _cache_sources(self):
+        return (self.attention_biases,)
+
+    def _compute_cache(self):
+        return (self.attention_biases[:, self.attention_bias_idxs],)
+
+    def init_non_persistent_buffers(self) -> None:
+        """timm's hook for models built on the meta device: recompute the index buffer."""
+        self.attention_bias_idxs = levit_bias_index(self.resolution, self.stride, self.attention_bias_idxs.device)
+
+    def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        op = _attention_op() if self.fused_attn else None
+        if op is not None and self.resolution[0] == self.resolution[1]:
+            return op(q, k, v, scale=self.scale, bias_table=self.attention_biases,
+                      bias_grid=(self.resolution[0], self.stride))
+        if self.training:
+            bias = self.attention_biases[:, self.attention_bias_idxs]  # gathered per call while training, as timm
+        else:
+            (bias,) = self._inference_tensors()
+        if op is not None:  # non-square grid: the kernel takes the gathered bias
+            return op(q, k, v, scale=self.scale, dense_bias=bias)
+        return _unfused_attention(q, k, v, self.scale, bias)
+
+    def _check_tokens(self, n: int, expected: int) -> None:
+        if n != expected:
+            raise ValueError(f"{type(self).__name__}: x has {n} tokens but this layer's attention-bias table is tied to "
+                             f"the {self.resolution[0]}x{self.resolution[1]} token grid ({expected} tokens)")
+
+
+class Attention(_BiasedAttentionBase):
+    """In-stage attention: qkv = LinearNorm(C -> H*(2D + Dv)) with per-head interleaved [q | k | v] channels,
+    Hardswish, LinearNorm(H*Dv -> C) (gamma initialised to 0: it ends a residual branch)."""
+
+    def __init__(self, dim: int, key_dim: int, num_heads: int = 8, attn_ratio: float = 4.0,
+                 resolution: Union[int, Tuple[int, int]] = 14, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.num_heads = num_heads
+        self.scale = key_dim ** -0.5
+        self.key_dim = key_dim
+        self.val_dim = int(attn_ratio * key_dim)
+        self.key_attn_dim = key_dim * num_heads
+        self.val_attn_dim = self.val_dim * num_heads
+        self.qkv = LinearNorm(dim, self.val_attn_dim + 2 * self.key_attn_dim, **dd)
+        self.proj = nn.Sequential(OrderedDict([
+            ("act", nn.Hardswish()),  # applied by forward (in place at inference); kept for timm's module layout
+            ("ln", LinearNorm(self.val_attn_dim, dim, bn_weight_init=0, **dd)),
+        ]))
+        self._init_bias(num_heads, to_2tuple(resolution), 1, device, dtype)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """[residual +] proj(hardswish(attention(x))), x (B, N, C)."""
+        B, N, _ = x.shape
+        self._check_tokens(N, self.num_keys)
+        qkv = self.qkv(x).view(B, N, self.num_heads, 2 * self.key_dim + self.val_dim)
+        q, k, v = qkv.split([self.key_dim, self.key_dim, self.val_dim], dim=3)  # strided views, no copies
+        o = self._attend(q, k, v)
+        return self.proj.ln(_hardswish(o), residual=residual)
+
+
+class Subsample(nn.Module):
+    """Tokens of the stride-s grid: (B, R*R, C) -> (B, R'*R', C)."""
+
+    def __init__(self, stride: int, resolution: Tuple[int, int]):
+        super().__init__()
+        self.stride = stride
+        self.resolution = resolution
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, _, C = x.shape
+        return x.view(B, self.resolution[0], self.resolution[1], C)[:, ::self.stride, ::self.stride].reshape(B, -1, C)
+
+
+class AttentionDownsample(_BiasedAttentionBase):
+    """Shrink attention between stages: keys/values on all R x R tokens (kv = LinearNorm(C_in -> H*(D + 4D)), per-head
+    [k | v]), queries from the stride-2 tokens (q = LinearNorm(C_in -> H*D)), output LinearNorm(H*4D -> C_out), no
+    residual. timm's `AttentionDownsample` names (`kv`, `q.ln`, `proj.ln`)."""
+
+    def __init__(self, in_dim: int, out_dim: int, key_dim: int, num_heads: int = 8, attn_ratio: float = 2.0,
+                 stride: int = 2, resolution: Union[int, Tuple[int, int]] = 14, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        resolution = to_2tuple(resolution)
+        self.num_heads = num_heads
+        self.scale = key_dim ** -0.5
+        self.key_dim = key_dim
+        self.val_dim = int(attn_ratio * key_dim)
+        self.key_attn_dim = key_dim * num_heads
+        self.val_attn_dim = self.val_dim * num_heads
+        self.kv = LinearNorm(in_dim, self.val_attn_dim + self.key_attn_dim, **dd)
+        self.q = nn.Sequential(OrderedDict([
+            ("down", Subsample(stride, resolution)),
+            ("ln", LinearNorm(in_dim, self.key_attn_dim, **dd)),
+        ]))
+        self.proj = nn.Sequential(OrderedDict([
+            ("act", nn.Hardswish()),
+            ("ln", LinearNorm(self.val_attn_dim, out_dim, **dd)),
+        ]))
+        self._init_bias(num_heads, resolution, stride, device, dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, N, _ = x.shape
+        self._check_tokens(N, self.num_keys)
+        k, v = self.kv(x).view(B, N, self.num_heads, self.key_dim + self.val_dim).split(
+            [self.key_dim, self.val_dim], dim=3)
+        q = self.q.ln(self.q.down(x)).view(B, self.num_queries, self.num_heads, self.key_dim)
+        o = self._attend(q, k, v)
+        return self.proj.ln(_hardswish(o))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Blocks and stages
+# ---------------------------------------------------------------------------------------------------------------------
+class LevitMlp(nn.Module):
+    """LinearNorm(C -> rC), Hardswish, LinearNorm(rC -> C, gamma init 0)."""
+
+    def __init__(self, in_features: int, hidden_features: int, drop: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.ln1 = LinearNorm(in_features, hidden_features, **dd)
+        self.act = nn.Hardswish()  # fused into ln1 by forward; kept for timm's module layout
+        self.drop = nn.Dropout(drop)
+        self.ln2 = LinearNorm(hidden_features, in_features, bn_weight_init=0, **dd)
+
+    def forward(self, x: torch.Tensor, residual: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return self.ln2(self.drop(self.ln1(x, hardswish=True)), residual=residual)
+
+
+def _residual(branch, x: torch.Tensor, drop_path: nn.Module) -> torch.Tensor:
+    """x + drop_path(branch(x)); the add goes into the branch's last GEMM when drop-path is inactive."""
+    if isinstance(drop_path, DropPath) and drop_path.training and drop_path.drop_prob > 0:
+        return x + drop_path(branch(x))
+    return branch(x, residual=x)
+
+
+class LevitDownsample(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, key_dim: int, num_heads: int, attn_ratio: float = 4.0,
+                 mlp_ratio: float = 2.0, resolution: Tuple[int, int] = (14, 14), drop_path: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.attn_downsample = AttentionDownsample(in_dim, out_dim, key_dim, num_heads, attn_ratio, stride=2,
+                                                   resolution=resolution, **dd)
+        self.mlp = LevitMlp(out_dim, int(out_dim * mlp_ratio), **dd)
+        self.drop_path = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.attn_downsample(x)
+        return _residual(self.mlp, x, self.drop_path)
+
+
+class LevitBlock(nn.Module):
+    def __init__(self, dim: int, key_dim: int, num_heads: int, attn_ratio: float = 2.0, mlp_ratio: float = 2.0,
+                 resolution: Tuple[int, int] = (14, 14), drop_path: float = 0.0, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.attn = Attention(dim, key_dim, num_heads, attn_ratio, resolution, **dd)
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+        self.mlp = LevitMlp(dim, int(dim * mlp_ratio), **dd)
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0.0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = _residual(self.attn, x, self.drop_path1)
+        return _residual(self.mlp, x, self.drop_path2)
+
+
+class LevitStage(nn.Module):
+    def __init__(self, in_dim: int, out_dim: int, key_dim: int, depth: int, num_heads: int, attn_ratio: float,
+                 mlp_ratio: float, resolution: Tuple[int, int], downsample: bool, drop_path: float = 0.0,
+                 device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        if downsample:
+            # Shrink attention: C_in / D heads, V dim 4D, MLP ratio 2 (levit.md section 2; timm and the official code).
+            self.downsample = LevitDownsample(in_dim, out_dim, key_dim, num_heads=in_dim // key_dim, attn_ratio=4.0,
+                                              mlp_ratio=2.0, resolution=resolution, drop_path=drop_path, **dd)
+            resolution = tuple((r - 1) // 2 + 1 for r in resolution)
+        else:
+            if in_dim != out_dim:
+                raise ValueError(f"a stage without downsampling keeps its width: in_dim={in_dim} != out_dim={out_dim}")
+            self.downsample = nn.Identity()
+        self.resolution = resolution
+        self.blocks = nn.Sequential(*[
+            LevitBlock(out_dim, key_dim, num_heads, attn_ratio, mlp_ratio, resolution, drop_path, **dd)
+            for _ in range(depth)])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks(self.downsample(x))
+
+
+class Stem16(nn.Module):
+    """4 x [Conv3x3 stride 2 + BN], Hardswish after the first three: 224 -> 14. timm's `Stem16` names."""
+
+    def __init__(self, in_chs: int, out_chs: int, device=None, dtype=None):
+        super().__init__()
+        dd = dict(device=device, dtype=dtype)
+        self.stride = 16
+        self.conv1 = ConvNorm(in_chs, out_chs // 8, 3, stride=2, padding=1, **dd)
+        self.act1 = nn.Hardswish()  # the activations are fused into the convs by forward; kept for the layout
+        self.conv2 = ConvNorm(out_chs // 8, out_chs // 4, 3, stride=2, padding=1, **dd)
+        self.act2 = nn.Hardswish()
+        self.conv3 = ConvNorm(out_chs // 4, out_chs // 2, 3, stride=2, padding=1, **dd)
+        self.act3 = nn.Hardswish()
+        self.conv4 = ConvNorm(out_chs // 2, out_chs, 3, stride=2, padding=1, **dd)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv1(x, hardswish=True)
+        x = self.conv2(x, hardswish=True)
+        x = self.conv3(x, hardswish=True)
+        return self.conv4(x)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Model
+# ---------------------------------------------------------------------------------------------------------------------
+class LevitFused(nn.Module):
+    """LeViT with timm's `Levit`/`LevitDistilled` parameter names, API and outputs (see the module docstring).
+
+    Args: as timm's `Levit` for the linear (non-conv) mode with the s16 stem, subsample downsampling and Hardswish
+    (the five published variants), plus:
+        distilled: add the distillation head `head_dist` (timm's `LevitDistilled`; True for the published weights).
+        fused_attn: run the attention through `resnas_kernels.ragged_attention` (default: when it is available);
+            False runs plain PyTorch attention (the timm math), e.g. to compare against the kernel.
+    """
+
+    def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: Tuple[int, ...] = (192,), key_dim: int = 64, depth: Tuple[int, ...] = (12,),
+                 num_heads: Union[int, Tuple[int, ...]] = (3,), attn_ratio: Union[float, Tuple[float, ...]] = 2.0,
+                 mlp_ratio: Union[float, Tuple[float, ...]] = 2.0, global_pool: str = "avg", drop_rate: float = 0.0,
+                 drop_path_rate: float = 0.0, distilled: bool = True, fused_attn: Optional[bool] = None,
+                 device=None, dtype=None, **kwargs):
+        super().__init__()
+        unsupported = {k: v for k, v in kwargs.items()
+                       if not (k == "act_layer" and v in ("hard_swish", "hardswish", nn.Hardswish))
+                       and not (k == "stem_type" and v == "s16") and not (k == "down_op" and v == "subsample")
+                       and not (k == "use_conv" and not v)}
+        if unsupported:
+            raise ValueError(f"LevitFused implements timm's linear-mode LeViT with the s16 stem, subsample "
+                             f"downsampling and Hardswish; unsupported arguments: {unsupported}")
+        if global_pool not in ("", "avg"):
+            raise ValueError(f"global_pool must be 'avg' or '' (LeViT pools by averaging tokens), got {global_pool!r}")
+        dd = dict(device=device, dtype=dtype)
+        num_stages = len(embed_dim)
+        if len(depth) != num_stages:
+            raise ValueError(f"depth must have one entry per stage ({num_stages}), got {depth}")
+        as_tuple = lambda v: tuple(v) if isinstance(v, (tuple, list)) else (v,) * num_stages  # noqa: E731
+        num_heads, attn_ratio, mlp_ratio = as_tuple(num_heads), as_tuple(attn_ratio), as_tuple(mlp_ratio)
+
+        self.img_size = to_2tuple(img_size)
+        self.in_chans = in_chans
+        self.num_classes = num_classes
+        self.global_pool = global_pool
+        self.num_features = self.head_hidden_size = embed_dim[-1]
+        self.embed_dim = tuple(embed_dim)
+        self.drop_rate = drop_rate
+        self.distilled = distilled
+        self.distilled_training = False
+        self.grad_checkpointing = False
+        self.use_conv = False
+        self.feature_info = []
+
+        self.stem = Stem16(in_chans, embed_dim[0], **dd)
+        stride = self.stem.stride
+        resolution = tuple(i // stride for i in self.img_size)
+        if min(resolution) < 1:
+            raise ValueError(f"img_size {self.img_size} is smaller than the stem's stride {stride}")
+        self.patch_grid = resolution
+        stages = []
+        in_dim = embed_dim[0]
+        for i in range(num_stages):
+            stages.append(LevitStage(in_dim, embed_dim[i], key_dim, depth[i], num_heads[i], attn_ratio[i],
+                                     mlp_ratio[i], resolution, downsample=i > 0, drop_path=drop_path_rate, **dd))
+            if i > 0:
+                stride *= 2
+                resolution = tuple((r - 1) // 2 + 1 for r in resolution)
+            self.feature_info.append(dict(num_chs=embed_dim[i], reduction=stride, module=f"stages.{i}"))
+            in_dim = embed_dim[i]
+        self.stages = nn.Sequential(*stages)
+        self.final_grid = resolution
+
+        self.head = self._make_head(num_classes, dd)
+        self.head_dist = self._make_head(num_classes, dd) if distilled else None
+        # Not a registered submodule (it owns no parameters and must not appear in the module tree).
+        object.__setattr__(self, "_avg_heads", _AveragedHeads(self))
+        self.set_fused_attn(fused_attn)
+
+    def _make_head(self, num_classes: int, dd: dict) -> nn.Module:
+        return NormLinear(self.num_features, num_classes, drop=self.drop_rate, **dd) if num_classes > 0 else nn.Identity()
+
+    # -- fused attention switch, inference caches ---------------------------------------------------------------
+    def set_fused_attn(self, enable: Optional[bool] = True) -> "LevitFused":
+        """True: attention through resnas_kernels.ragged_attention (raises if this build lacks it); False: plain
+        PyTorch attention; None: the kernel when available."""
+        available = fused_attention_available()
+        if enable and not available:
+            raise RuntimeError("fused_attn=True but resnas_kernels.ragged_attention is not available in this build")
+        use = available if enable is None else bool(enable)
+        for m in self.modules():
+            if isinstance(m, _BiasedAttentionBase):
+                m.fused_attn = use
+        self.fused_attn = use
+        return self
+
+    def _cached_layers(self):
+        layers = [m for m in self.modules() if isinstance(m, _FoldedCache)]
+        return layers + ([self._avg_heads] if self.distilled and self.num_classes > 0 else [])
+
+    def fuse(self) -> "LevitFused":
+        """Switch to inference and build every cache now (folded BN weights, gathered biases, averaged heads), e.g.
+        before `torch.compile`. `eval()` does the same; `train()` drops the caches."""
+        self.eval()
+        return self
+
+    def train(self, mode: bool = True) -> "LevitFused":
+        super().train(mode)
+        for m in self._cached_layers():
+            if mode:
+                m.clear_cache()
+            elif not (isinstance(m, _BiasedAttentionBase) and m.fused_attn and m.resolution[0] == m.resolution[1]):
+                m.build_cache()  # the fused path reads the table directly: no dense bias to cache
+        return self
+
+    def _apply(self, fn, recurse=True):
+        out = super()._apply(fn, recurse)  # the layers clear their caches as they are converted
+        self._avg_heads.clear_cache()
+        if not self.training:
+            self.train(False)  # rebuild the caches on the new device / dtype
+        return out
+
+    # -- timm API -------------------------------------------------------------------------------------------------
+    @torch.jit.ignore
+    def no_weight_decay(self):
+        return {k for k in self.state_dict().keys() if "attention_biases" in k}
+
+    @torch.jit.ignore
+    def group_matcher(self, coarse: bool = False):
+        return dict(stem=r"^stem", blocks=r"^stages\.(\d+)" if coarse else [
+            (r"^stages\.(\d+)\.downsample", (0,)), (r"^stages\.(\d+)\.blocks\.(\d+)", None)])
+
+    @torch.jit.ignore
+    def set_grad_checkpointing(self, enable: bool = True):
+        self.grad_checkpointing = enable
+
+    @torch.jit.ignore
+    def set_distilled_training(self, enable: bool = True):
+        self.distilled_training = enable
+
+    @torch.jit.ignore
+    def get_classifier(self):
+        return (self.head, self.head_dist) if self.distilled else self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: Optional[str] = None):
+        if global_pool is not None:
+            if global_pool not in ("", "avg"):
+                raise ValueError(f"global_pool must be 'avg' or '', got {global_pool!r}")
+            self.global_pool = global_pool
+        self.num_classes = num_classes
+        ref = self.stem.conv1.linear.weight
+        dd = dict(device=ref.device, dtype=ref.dtype)
+        self.head = self._make_head(num_classes, dd)
+        self.head.train(self.training)
+        if self.distilled:
+            self.head_dist = self._make_head(num_classes, dd)
+            self.head_dist.train(self.training)
+        self._avg_heads.clear_cache()
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or x.shape[1] != self.in_chans or tuple(x.shape[-2:]) != self.img_size:
+            raise ValueError(
+                f"x must be a (B, {self.in_chans}, {self.img_size[0]}, {self.img_size[1]}) image batch, got "
+                f"{tuple(x.shape)}: LeViT's attention-bias tables are tied to the {self.patch_grid[0]}x"
+                f"{self.patch_grid[1]} token grid of {self.img_size[0]}x{self.img_size[1]} inputs (build the model "
+                f"with img_size=... for another size; the pretrained bias tables do not transfer)")
+
+    def _embed(self, x: torch.Tensor) -> torch.Tensor:
+        self._check_input(x)
+        x = self.stem(x)                                  # (B, C, 14, 14)
+        return x.flatten(2).transpose(1, 2).contiguous()  # (B, 196, C) tokens, row-major grid order
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        x = self._embed(x)
+        if self.grad_checkpointing and not torch.jit.is_scripting():
+            return checkpoint_seq(self.stages, x)
+        return self.stages(x)
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False):
+        if self.global_pool == "avg":
+            x = x.mean(dim=1)
+        if pre_logits or self.num_classes == 0:
+            return x
+        if not self.distilled:
+            return self.head(x)
+        if self.distilled_training and self.training and not torch.jit.is_scripting():
+            return self.head(x), self.head_dist(x)
+        if self.head.bn.training or self.head_dist.bn.training or (self.drop_rate > 0 and self.training):
+            return (self.head(x) + self.head_dist(x)) / 2
+        return self._avg_heads(x)  # eval: both heads folded and averaged into one linear
+
+    def forward(self, x: torch.Tensor):
+        return self.forward_head(self.forward_features(x))
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Optional[Union[int, List[int]]] = None,
+                              norm: bool = False, stop_early: bool = False, output_fmt: str = "NCHW",
+                              intermediates_only: bool = False):
+        """timm's contract: the outputs of the selected stages as NCHW maps, and the final features."""
+        if output_fmt != "NCHW":
+            raise ValueError(f"output_fmt must be 'NCHW', got {output_fmt!r}")
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        x = self._embed(x)
+        B = x.shape[0]
+        H, W = self.patch_grid
+        stages = self.stages if (torch.jit.is_scripting() or not stop_early) else self.stages[:max_index + 1]
+        intermediates = []
+        for idx, stage in enumerate(stages):
+            x = checkpoint(stage, x) if self.grad_checkpointing and not torch.jit.is_scripting() else stage(x)
+            if idx > 0:
+                H, W = (H - 1) // 2 + 1, (W - 1) // 2 + 1
+            if idx in take_indices:
+                intermediates.append(x.reshape(B, H, W, -1).permute(0, 3, 1, 2))
+        if intermediates_only:
+            return intermediates
+        return x, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, List[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True):
+        take_indices, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+        return take_indices
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+# facebookresearch/LeViT (levit.py) layout: `patch_embed` = Sequential(Conv2d_BN, act, Conv2d_BN, act, ...) with
+# Conv2d_BN/Linear_BN = Sequential(c, bn); one flat `blocks` Sequential: per stage [Residual(Attention),
+# Residual(MLP)] x depth, then AttentionSubsample + Residual(MLP) before the next stage; Residual wraps its module
+# as `.m`; MLP = Sequential(Linear_BN, act, Linear_BN); attention output `proj` = Sequential(act, Linear_BN);
+# heads BN_Linear = Sequential(bn, l).
+_ORIGINAL_SUBKEYS = (
+    # (pattern in an original block, replacement in ours); applied to the key after the block prefix
+    (r"^m\.qkv\.c\.", "qkv.linear."), (r"^m\.qkv\.bn\.", "qkv.bn."),
+    (r"^m\.proj\.1\.c\.", "proj.ln.linear."), (r"^m\.proj\.1\.bn\.", "proj.ln.bn."),
+    (r"^m\.attention_biases$", "attention_biases"),
+    (r"^m\.0\.c\.", "ln1.linear."), (r"^m\.0\.bn\.", "ln1.bn."), (r"^m\.2\.c\.", "ln2.linear."),
+    (r"^m\.2\.bn\.", "ln2.bn."),
+    (r"^kv\.c\.", "kv.linear."), (r"^kv\.bn\.", "kv.bn."), (r"^q\.1\.c\.", "q.ln.linear."), (r"^q\.1\.bn\.", "q.ln.bn."),
+    (r"^proj\.1\.c\.", "proj.ln.linear."), (r"^proj\.1\.bn\.", "proj.ln.bn."),
+    (r"^attention_biases$", "attention_biases"),
+)
+
+
+def _original_block_targets(model: LevitFused) -> List[str]:
+    """Our module prefix for each index of the original flat `blocks` Sequential."""
+    targets = []
+    for s, stage in enumerate(model.stages):
+        if isinstance(stage.downsample, LevitDownsample):
+            targets += [f"stages.{s}.downsample.attn_downsample", f"stages.{s}.downsample.mlp"]
+        for b in range(len(stage.blocks)):
+            targets += [f"stages.{s}.blocks.{b}.attn", f"stages.{s}.blocks.{b}.mlp"]
+    return targets
+
+
+def _remap_original(state_dict: Dict[str, torch.Tensor], model: LevitFused) -> Dict[str, torch.Tensor]:
+    targets = _original_block_targets(model)
+    stem = {"0": "conv1", "2": "conv2", "4": "conv3", "6": "conv4"}
+    out = {}
+    for key, value in state_dict.items():
+        if key.endswith("attention_bias_idxs"):
+            continue  # the index is recomputed (identical to ours, levit.md section 1)
+        m = re.match(r"^patch_embed\.(\d+)\.(c|bn)\.(.+)$", key)
+        if m:
+            out[f"stem.{stem[m.group(1)]}.{'linear' if m.group(2) == 'c' else 'bn'}.{m.group(3)}"] = value
+            continue
+        m = re.match(r"^(head|head_dist)\.(bn|l)\.(.+)$", key)
+        if m:
+            out[f"{m.group(1)}.{'linear' if m.group(2) == 'l' else 'bn'}.{m.group(3)}"] = value
+            continue
+        m = re.match(r"^blocks\.(\d+)\.(.+)$", key)
+        if not m:
+            raise KeyError(f"unexpected key {key!r} in a facebookresearch/LeViT checkpoint")
+        index, rest = int(m.group(1)), m.group(2)
+        if index >= len(targets):
+            raise KeyError(f"{key!r}: the checkpoint has more blocks than this model ({len(targets)}); "
+                           f"is it another LeViT variant?")
+        for pattern, repl in _ORIGINAL_SUBKEYS:
+            new, n = re.subn(pattern, repl, rest)
+            if n:
+                out[f"{targets[index]}.{new}"] = value
+                break
+        else:
+            raise KeyError(f"unexpected key {key!r} in a facebookresearch/LeViT checkpoint")
+    return out
+
+
+def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: LevitFused) -> Dict[str, torch.Tensor]:
+    """Map a timm `levit_*` or an original facebookresearch/LeViT state dict onto this model's names.
+
+    Unwraps {'model': ...} (the original checkpoints), drops the `attention_bias_idxs` buffers (recomputed), renames
+    the original layout (detected by its `patch_embed.` / `blocks.` keys). timm state dicts load unchanged.
+    """
+    if "model" in state_dict and isinstance(state_dict["model"], dict):
+        state_dict = state_dict["model"]
+    if any(k.startswith(("patch_embed.", "blocks.")) for k in state_dict):
+        return _remap_original(state_dict, model)
+    return {k: v for k, v in state_dict.items() if "attention_bias_idxs" not in k}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# FLOPs
+# ---------------------------------------------------------------------------------------------------------------------
+def levit_flops(model: LevitFused, batch: int = 1) -> int:
+    """FLOPs (2 x multiply-adds) of one inference forward: convolutions, linears, and the two attention matmuls.
+    Softmax, activations, BN (folded) and adds are not counted (the official counter's convention, plus 2x)."""
+    macs = 0
+    h, w = model.img_size
+    for conv in (model.stem.conv1, model.stem.conv2, model.stem.conv3, model.stem.conv4):
+        c = conv.linear
+        h, w = (h + 2 * c.padding[0] - c.kernel_size[0]) // c.stride[0] + 1, \
+               (w + 2 * c.padding[1] - c.kernel_size[1]) // c.stride[1] + 1
+        macs += c.in_channels * c.out_channels * c.kernel_size[0] * c.kernel_size[1] * h * w
+    for m in model.modules():
+        if isinstance(m, LinearNorm):
+            continue
+        if isinstance(m, Attention):
+            n = m.num_keys
+            macs += n * m.qkv.linear.in_features * m.qkv.linear.out_features
+            macs += m.num_heads * n * n * (m.key_dim + m.val_dim)
+            macs += n * m.proj.ln.linear.in_features * m.proj.ln.linear.out_features
+        elif isinstance(m, AttentionDownsample):
+            nk, nq = m.num_keys, m.num_queries
+            macs += nk * m.kv.linear.in_features * m.kv.linear.out_features
+            macs += nq * m.q.ln.linear.in_features * m.q.ln.linear.out_features
+            macs += m.num_heads * nq * nk * (m.key_dim + m.val_dim)
+            macs += nq * m.proj.ln.linear.in_features * m.proj.ln.linear.out_features
+        elif isinstance(m, LevitMlp):
+            n = _tokens_of(model, m)
+            macs += 2 * n * m.ln1.linear.in_features * m.ln1.linear.out_features
+    if model.num_classes > 0:
+        macs += model.num_features * model.num_classes  # the two heads are averaged into one linear at inference
+    return 2 * macs * batch
+
+
+def _tokens_of(model: LevitFused, mlp: LevitMlp) -> int:
+    for stage in model.stages:
+        mlps = [b.mlp for b in stage.blocks]
+        if isinstance(stage.downsample, LevitDownsample):
+            mlps.append(stage.downsample.mlp)
+        if any(m is mlp for m in mlps):
+            return stage.resolution[0] * stage.resolution[1]
+    raise ValueError("MLP not found in the model")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# timm registration
+# ---------------------------------------------------------------------------------------------------------------------
+def _create(variant: str, pretrained: bool = False, distilled: bool = True, **kwargs) -> LevitFused:
+    out_indices = kwargs.pop("out_indices", (0, 1, 2))
+    if kwargs.get("features_only", False):
+        kwargs.setdefault("feature_cls", "getter")
+    arch = variant[: -len("_fused")]
+    return build_model_with_cfg(
+        LevitFused, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+        feature_cfg=dict(flatten_sequential=True, out_indices=out_indices),
+        **dict(MODEL_CFGS[arch], distilled=distilled, **kwargs))
+
+
+def _cfg(timm_weights: str = "", **kwargs) -> dict:
+    return {
+        "url": "", "num_classes": 1000, "input_size": (3, 224, 224), "pool_size": None, "crop_pct": 0.9,
+        "interpolation": "bicubic", "fixed_input_size": True, "mean": IMAGENET_DEFAULT_MEAN,
+        "std": IMAGENET_DEFAULT_STD, "first_conv": "stem.conv1.linear",
+        "classifier": ("head.linear", "head_dist.linear"), "license": "apache-2.0", "paper_ids": "arXiv:2104.01136",
+        # The authors' weights as re-hosted by timm: same names and shapes, loaded unchanged.
+        **({"hf_hub_id": f"timm/{timm_weights}"} if timm_weights else {}),
+        **kwargs,
+    }
+
+
+default_cfgs = generate_default_cfgs({
+    f"{arch}_fused.fb_dist_in1k": _cfg(f"{arch}.fb_dist_in1k") for arch in MODEL_CFGS
+})
+
+
+@register_model
+def levit_128s_fused(pretrained: bool = False, **kwargs) -> LevitFused:
+    return _create("levit_128s_fused", pretrained, **kwargs)
+
+
+@register_model
+def levit_128_fused(pretrained: bool = False, **kwargs) -> LevitFused:
+    return _create("levit_128_fused", pretrained, **kwargs)
+
+
+@register_model
+def levit_192_fused(pretrained: bool = False, **kwargs) -> LevitFused:
+    return _create("levit_192_fused", pretrained, **kwargs)
+
+
+@register_model
+def levit_256_fused(pretrained: bool = False, **kwargs) -> LevitFused:
+    return _create("levit_256_fused", pretrained, **kwargs)
+
+
+@register_model
+def levit_384_fused(pretrained: bool = False, **kwargs) -> LevitFused:
+    return _create("levit_384_fused", pretrained, **kwargs)

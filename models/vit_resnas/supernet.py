@@ -1,0 +1,474 @@
+"""The ViT-ResNAS supernet: one forward serves G sub-networks, each on a contiguous group of the batch.
+
+`ViTResNAS(arch)` holds the weights of its (maximum) architecture in the module tree of `ViTResNASNet` (same state-dict
+names). `forward(x, archs, group_sizes)` runs group g through the first-k slice of every weight chosen by archs[g]:
+
+    mode="ragged" (default)  the ragged ops: every op reads only the active slices, so the cost is that of the sampled
+                             sub-networks. A group whose block is removed does no work in that block.
+    mode="masked"            the original code's formulation (vit_resnas.md section 5): everything at full width
+                             for every sample, then masks; MaskedLayerNorm statistics over the active channels.
+                             The parity oracle and the benchmark peer.
+    mode="loop"              one stock sub-network per group in turn (`torch.func.functional_call` on sliced views of
+                             the shared weights, so gradients reach them): the AutoFormer / OFA approach, the other
+                             benchmark peer.
+
+All three give the same outputs and the same gradients of the shared weights (tests/test_vit_resnas_parity.py), except
+that BatchNorm in the stem uses the statistics of whatever batch it sees (the whole batch in ragged / masked mode, as
+the original; one group in loop mode), so compare the loop in eval mode.
+
+Layer code is thin: LayerNorm, linears (qkv as 3 segments, GELU and residual + drop-path epilogues), attention and the
+residual spatial reduction are the library's ragged ops. The stem trunk (three 3x3 convs) does not depend on the
+architecture, so it runs once for the whole batch with stock modules; only the 7x7/s7 projection's output width
+varies, and it runs as a ragged linear over im2col'd patches (kernel = stride, so im2col is a pure reshape-copy of the
+trunk output with K = 24 * 49 = 1176). A conv at maximum width followed by a mask would waste (C_max - c_g) / C_max of
+that GEMM and break "work proportional to the sub-networks"; the im2col copy costs one pass over the trunk output.
+
+Removed blocks: the group's LayerNorm, qkv, attention and fc1 widths are 0 (the ops skip it); proj and fc2 get input
+width 0 and output width c_g with the residual epilogue and a row scale of 0 for the group's samples, so the op
+writes out = residual + 0 * act(bias) = x on exactly the group's c_g columns. (Output width 0 would not do: the
+contract makes columns beyond n_g zero even with a residual, which would erase the group's activations.)
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple, Union
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import resnas_kernels as rk
+from resnas_kernels import Ragged
+from resnas_kernels.reference import (masked_attention, masked_layer_norm, masked_linear,
+                                      masked_residual_spatial_reduction)
+
+from .space import Arch, SearchSpace, get_space
+from .subnet import LN_EPS, ViTResNASNet
+
+__all__ = ["ViTResNAS", "MODES"]
+
+MODES = ("ragged", "masked", "loop")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Per-forward metadata: the widths every op sees, derived once per (architectures, group sizes) and cached
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _BlockPlan:
+    keep: Tuple[bool, ...]     # per group: does the block exist
+    active: Ragged             # c_g, or 0 where removed: LN1/LN2, qkv and fc1 inputs
+    heads: Ragged              # h_g (0 where removed): attention
+    attn: Ragged               # h_g * d: qkv output per segment, proj input
+    hidden: Ragged             # m_g: fc1 output, fc2 input
+    out: Tuple[int, ...]       # c_g for every group: proj / fc2 output (removed groups carry their residual)
+
+
+@dataclass(frozen=True)
+class _StagePlan:
+    embed: Ragged              # c_g of the stage
+    blocks: Tuple[_BlockPlan, ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    sizes: Tuple[int, ...]
+    stages: Tuple[_StagePlan, ...]
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(archs: Tuple[Arch, ...], sizes: Tuple[int, ...]) -> _Plan:
+    stages = []
+    for s in range(archs[0].num_stages):
+        st = [a.stages[s] for a in archs]
+        embed = Ragged(sizes, tuple(x.embed for x in st))
+        blocks = []
+        for i in range(len(st[0].blocks)):
+            b = [x.blocks[i] for x in st]
+            keep = tuple(x is not None for x in b)
+            width = lambda f: Ragged(sizes, tuple(f(x, blk) if blk is not None else 0  # noqa: E731
+                                                  for x, blk in zip(st, b)))
+            blocks.append(_BlockPlan(
+                keep=keep, active=width(lambda x, blk: x.embed), heads=width(lambda x, blk: blk.heads),
+                attn=width(lambda x, blk: blk.heads * x.head_dim), hidden=width(lambda x, blk: blk.mlp),
+                out=embed.widths))
+        stages.append(_StagePlan(embed, tuple(blocks)))
+    return _Plan(sizes, tuple(stages))
+
+
+@functools.lru_cache(maxsize=512)
+def _group_vector(sizes: Tuple[int, ...], values: Tuple[float, ...], device: str, dtype: torch.dtype) -> torch.Tensor:
+    """(B,) tensor with values[g] on group g's samples, cached so steady-state forwards copy nothing to the device."""
+    return torch.tensor([v for s, v in zip(sizes, values) for _ in range(s)], dtype=dtype).to(device)
+
+
+@functools.lru_cache(maxsize=512)
+def _mask(groups: Ragged, width: int, device: str, dtype: torch.dtype) -> torch.Tensor:
+    """(B, 1, width) 0/1 mask of the first w_g columns (the original ChannelDrop mask), cached."""
+    return groups.mask(width, device=device, dtype=dtype)[:, None, :]
+
+
+def _drop_path_scale(batch: int, rate: float, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample stochastic-depth scale (keep mask / keep_prob), drawn exactly as timm's DropPath draws it, so every
+    mode consumes the random stream identically."""
+    keep = 1.0 - rate
+    return like.new_empty((batch,)).bernoulli_(keep).div_(keep)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The supernet
+# ---------------------------------------------------------------------------------------------------------------------
+class ViTResNAS(ViTResNASNet):
+    """ViT-ResNAS supernet (or a single searched network, which is the one-architecture case) on the ragged ops.
+
+    Args:
+        arch: the maximum architecture, whose weights the model holds (every slot present). Default: space.max_arch().
+        space: optional `SearchSpace` (or its name, "tiny" / "small"); when given, `forward` accepts only its archs.
+        Other arguments as `ViTResNASNet`.
+    """
+
+    def __init__(self, arch: Optional[Arch] = None, space: Union[SearchSpace, str, None] = None, **kwargs):
+        if isinstance(space, str):
+            space = get_space(space)
+        if arch is None:
+            if space is None:
+                raise ValueError("give arch (the maximum architecture) or space (a SearchSpace or its name)")
+            arch = space.max_arch()
+        if not isinstance(arch, Arch):
+            raise TypeError(f"arch must be an Arch, got {type(arch).__name__}")
+        if any(b is None for st in arch.stages for b in st.blocks):
+            raise ValueError("the supernet's arch must have every block slot present (it holds the weights of all "
+                             "of them); pass arch.pruned() for a standalone network")
+        if space is not None:
+            why = space.max_arch().fits_in(arch)
+            if why is not None:
+                raise ValueError(f"arch cannot hold every architecture of the {space.name} space: {why}")
+        super().__init__(arch, **kwargs)
+        self.space = space
+        self._loop_nets: Dict[Arch, ViTResNASNet] = {}
+
+    # -- arguments ----------------------------------------------------------------------------------------------------
+    def _resolve(self, x: torch.Tensor, archs, group_sizes) -> Tuple[Tuple[Arch, ...], Tuple[int, ...]]:
+        self.check_input(x)
+        batch = x.shape[0]
+        if batch == 0:
+            raise ValueError("x must hold at least one sample")
+        if archs is None:
+            archs = (self.arch,)
+        elif isinstance(archs, Arch):
+            archs = (archs,)
+        archs = tuple(archs)
+        if not archs:
+            raise ValueError("archs must name at least one architecture")
+        if group_sizes is None:
+            if len(archs) != 1:
+                raise ValueError(f"group_sizes is required with {len(archs)} archs (one contiguous group of the batch "
+                                 f"per arch)")
+            group_sizes = (batch,)
+        sizes = Ragged(tuple(group_sizes), (0,) * len(tuple(group_sizes))).sizes  # validates: ints >= 0
+        if len(sizes) != len(archs):
+            raise ValueError(f"group_sizes has {len(sizes)} entries but archs has {len(archs)}; give one group size "
+                             f"per arch")
+        if sum(sizes) != batch:
+            raise ValueError(f"group_sizes {sizes} sum to {sum(sizes)}, but x holds {batch} samples")
+        for g, arch in enumerate(archs):
+            if not isinstance(arch, Arch):
+                raise TypeError(f"archs[{g}] must be an Arch, got {type(arch).__name__}")
+            if self.space is not None:
+                self.space.check(arch, f"archs[{g}]")
+            why = arch.fits_in(self.arch)
+            if why is not None:
+                raise ValueError(f"archs[{g}] is not a sub-network of this model: {why}")
+        return archs, sizes
+
+    # -- ragged path ---------------------------------------------------------------------------------------------------
+    def _row_scale(self, plan: _BlockPlan, rate: float, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """The per-sample scale of a residual branch: 0 on removed groups' samples, times drop-path in training."""
+        scale = None
+        if not all(plan.keep):
+            scale = _group_vector(plan.active.sizes, tuple(float(k) for k in plan.keep), str(x.device), x.dtype)
+        if self.training and rate > 0:
+            drop = _drop_path_scale(x.shape[0], rate, x)
+            scale = drop if scale is None else scale * drop
+        return scale
+
+    def _ragged_block(self, block: nn.Module, p: _BlockPlan, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        attn, mlp = block.attn, block.mlp
+        u = rk.ragged_layer_norm(x, block.norm1.weight, block.norm1.bias, p.active, LN_EPS)
+        qkv = rk.ragged_linear(u, attn.qkv.weight, attn.qkv.bias, p.active, p.attn, segments=3)
+        q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).unbind(2)  # strided views, no copy
+        a = rk.ragged_attention(q, k, v, p.heads, scale=attn.head_dim ** -0.5)
+        x = rk.ragged_linear(a, attn.proj.weight, attn.proj.bias, p.attn, p.out, residual=x,
+                             row_scale=self._row_scale(p, block.drop_path_rate, x))
+        u = rk.ragged_layer_norm(x, block.norm2.weight, block.norm2.bias, p.active, LN_EPS)
+        h = rk.ragged_linear(u, mlp.fc1.weight, mlp.fc1.bias, p.active, p.hidden.widths, activation="gelu")
+        return rk.ragged_linear(h, mlp.fc2.weight, mlp.fc2.bias, p.hidden, p.out, residual=x,
+                                row_scale=self._row_scale(p, block.drop_path_rate, x))
+
+    def _ragged_tokens(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        embed = plan.stages[0].embed
+        trunk = self.stem.trunk(x)                                            # (B, 24, H/2, W/2), shared
+        b, mid, hh, ww = trunk.shape
+        k = self.stem.proj.kernel_size[0]
+        patches = (trunk.view(b, mid, hh // k, k, ww // k, k).permute(0, 2, 4, 1, 3, 5)
+                   .reshape(b, (hh // k) * (ww // k), mid * k * k))           # im2col; column order = conv weight's
+        proj = self.stem.proj
+        tokens = rk.ragged_linear(patches, proj.weight.view(proj.out_channels, -1), proj.bias,
+                                  embed.with_widths((mid * k * k,) * embed.num_groups), embed.widths)
+        # cls token and pos-embed, masked to each group's width (the ragged contract: zeros beyond c_g).
+        start = torch.cat([self.cls_token + self.pos_embed[:, :1], self.pos_embed[:, 1:]], dim=1)
+        x = F.pad(tokens, (0, 0, 1, 0)) + start * _mask(embed, tokens.shape[-1], str(x.device), x.dtype)
+        for s, stage in enumerate(self.stages):
+            sp = plan.stages[s]
+            if stage.reduce is not None:
+                r = stage.reduce
+                x = rk.residual_spatial_reduction(
+                    x, plan.stages[s - 1].embed, sp.embed.widths, r.norm.weight, r.norm.bias, r.conv.weight,
+                    r.conv.bias, r.pos_embed, r.cls_proj.weight, r.cls_proj.bias,
+                    grid=(self.grids[s - 1], self.grids[s - 1]), eps=LN_EPS)
+            for block, bp in zip(stage.blocks, sp.blocks):
+                x = self._run_block(functools.partial(self._ragged_block, block, bp), x)
+        return x
+
+    def _ragged_head(self, feats: torch.Tensor, plan: _Plan, head: nn.Linear) -> torch.Tensor:
+        groups = plan.stages[-1].embed
+        return rk.ragged_linear(feats, head.weight, head.bias, groups, (head.out_features,) * groups.num_groups)
+
+    # -- masked path (the original code's semantics) ----------------------------------------------------------------
+    def _masked_block(self, block: nn.Module, p: _BlockPlan, em: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        b, n, _ = x.shape
+        attn, mlp = block.attn, block.mlp
+        dev, dt = str(x.device), x.dtype
+        attn_mask = _mask(p.attn, attn.qkv.out_features // 3, dev, dt)
+        head_mask = _mask(p.heads, attn.num_heads, dev, dt)[:, 0]
+        hidden_mask = _mask(p.hidden, mlp.fc1.out_features, dev, dt)
+        # The original zeroes a removed block's branches with its layer mask (AND the embed mask): row scale 0.
+        keep = _group_vector(p.active.sizes, tuple(float(k) for k in p.keep), dev, dt)
+
+        def branch_scale():
+            if self.training and block.drop_path_rate > 0:
+                return keep * _drop_path_scale(b, block.drop_path_rate, x)
+            return keep
+
+        u = masked_layer_norm(x, block.norm1.weight, block.norm1.bias, em, LN_EPS)
+        q, k, v = F.linear(u, attn.qkv.weight, attn.qkv.bias).view(b, n, 3, attn.num_heads, attn.head_dim).unbind(2)
+        a = masked_attention(q, k, v, head_mask, scale=attn.head_dim ** -0.5)
+        x = masked_linear(a, attn.proj.weight, attn.proj.bias, attn_mask, em, residual=x, row_scale=branch_scale())
+        u = masked_layer_norm(x, block.norm2.weight, block.norm2.bias, em, LN_EPS)
+        h = masked_linear(u, mlp.fc1.weight, mlp.fc1.bias, em, hidden_mask, activation="gelu")
+        return masked_linear(h, mlp.fc2.weight, mlp.fc2.bias, hidden_mask, em, residual=x, row_scale=branch_scale())
+
+    def _masked_tokens(self, x: torch.Tensor, plan: _Plan) -> Tuple[torch.Tensor, torch.Tensor]:
+        dev, dt = str(x.device), x.dtype
+        em = _mask(plan.stages[0].embed, self.arch.stages[0].embed, dev, dt)
+        tokens = self.stem(x)                                                  # full-width projection
+        x = (torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos_embed) * em
+        for s, stage in enumerate(self.stages):
+            sp = plan.stages[s]
+            if stage.reduce is not None:
+                r = stage.reduce
+                new_em = _mask(sp.embed, self.arch.stages[s].embed, dev, dt)
+                x = masked_residual_spatial_reduction(
+                    x, em, new_em, r.norm.weight, r.norm.bias, r.conv.weight, r.conv.bias, r.pos_embed,
+                    r.cls_proj.weight, r.cls_proj.bias, grid=(self.grids[s - 1], self.grids[s - 1]), eps=LN_EPS)
+                em = new_em
+            for block, bp in zip(stage.blocks, sp.blocks):
+                x = self._run_block(functools.partial(self._masked_block, block, bp, em), x)
+        return x, em
+
+    # -- loop path (one stock sub-network per group) -----------------------------------------------------------------
+    def _loop_net(self, arch: Arch) -> ViTResNASNet:
+        """A parameter-less skeleton (meta device) of `arch`'s stock network, run with `functional_call`."""
+        net = self._loop_nets.get(arch)
+        if net is None:
+            with torch.device("meta"):
+                net = self._subnet_shell(arch)
+            self._loop_nets[arch] = net
+        net.train(self.training)
+        net.set_grad_checkpointing(self.grad_checkpointing)
+        return net
+
+    def _forward_loop(self, x: torch.Tensor, archs: Tuple[Arch, ...], sizes: Tuple[int, ...]):
+        outs, start = [], 0
+        for arch, size in zip(archs, sizes):
+            if size:
+                outs.append(torch.func.functional_call(self._loop_net(arch), self.sliced_state_dict(arch),
+                                                       (x[start:start + size],), strict=True))
+            start += size
+        if isinstance(outs[0], tuple):  # (logits, patch logits) in patch-output training
+            return tuple(torch.cat(parts, dim=0) for parts in zip(*outs))
+        return torch.cat(outs, dim=0)
+
+    # -- public forward -----------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, archs: Union[Arch, Sequence[Arch], None] = None,
+                group_sizes: Optional[Sequence[int]] = None, *, mode: str = "ragged"):
+        """Logits (B, num_classes); in training with patch_output, (logits, patch logits (B, HW, num_classes)).
+
+        Args:
+            x: (B, in_chans, img_size, img_size).
+            archs: G architectures (each a first-k slice of this model's; in its space when it has one). None: the
+                model's own architecture. A single Arch: the whole batch.
+            group_sizes: G sizes summing to B; group g is samples [sum(sizes[:g]), sum(sizes[:g+1])). Sizes may be 0.
+            mode: "ragged" | "masked" | "loop" (see the module docstring).
+        """
+        archs, sizes = self._resolve(x, archs, group_sizes)
+        if mode == "loop":
+            return self._forward_loop(x, archs, sizes)
+        plan = _plan(archs, sizes)
+        patch_out = self.training and self.patch_head is not None
+        if mode == "ragged":
+            tokens = self._ragged_tokens(x, plan)
+            last = plan.stages[-1].embed
+            if patch_out:
+                feats = rk.ragged_layer_norm(tokens, self.norm.weight, self.norm.bias, last, LN_EPS)
+                return (self._ragged_head(feats[:, 0].contiguous(), plan, self.head),
+                        self._ragged_head(feats[:, 1:].contiguous(), plan, self.patch_head))
+            if self.global_pool != "token":  # unpooled features (reset_classifier(0, ''))
+                return self.forward_head(rk.ragged_layer_norm(tokens, self.norm.weight, self.norm.bias, last, LN_EPS))
+            cls = rk.ragged_layer_norm(tokens[:, :1].contiguous(), self.norm.weight, self.norm.bias, last, LN_EPS)
+            if self.num_classes == 0:
+                return cls[:, 0]
+            return self._ragged_head(cls[:, 0].contiguous(), plan, self.head)
+        if mode == "masked":
+            tokens, em = self._masked_tokens(x, plan)
+            if patch_out:
+                feats = masked_layer_norm(tokens, self.norm.weight, self.norm.bias, em, LN_EPS)
+                return self.head(feats[:, 0]), self.patch_head(feats[:, 1:])
+            cls = masked_layer_norm(tokens[:, :1], self.norm.weight, self.norm.bias, em, LN_EPS)
+            return self.head(cls[:, 0])
+        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+
+    def forward_features(self, x: torch.Tensor, archs: Union[Arch, Sequence[Arch], None] = None,
+                         group_sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+        """Normalised stage-3 tokens (B, 1 + HW, C_max), zeros beyond each group's width (ragged path)."""
+        archs, sizes = self._resolve(x, archs, group_sizes)
+        plan = _plan(archs, sizes)
+        return rk.ragged_layer_norm(self._ragged_tokens(x, plan), self.norm.weight, self.norm.bias,
+                                    plan.stages[-1].embed, LN_EPS)
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        archs, sizes = self._resolve(x, None, None)
+        return self._ragged_tokens(x, _plan(archs, sizes))
+
+    # -- sub-networks ----------------------------------------------------------------------------------------------
+    def _subnet_shell(self, arch: Arch) -> ViTResNASNet:
+        """A stock network of `arch` (pruned), with this model's settings and the drop-path rates of its slots."""
+        rates = [[blk.drop_path_rate for blk in stage.blocks] for stage in self.stages]
+        kept_rates = [[r for r, b in zip(rates[s], st.blocks) if b is not None] for s, st in enumerate(arch.stages)]
+        return ViTResNASNet(arch.pruned(), img_size=self.img_size, num_classes=self.num_classes,
+                            in_chans=self.stem.conv1.conv.in_channels, drop_path_rates=kept_rates,
+                            patch_output=self.patch_head is not None)
+
+    def sliced_state_dict(self, arch: Arch) -> Dict[str, torch.Tensor]:
+        """The state dict of `arch`'s standalone network (names as `ViTResNASNet(arch.pruned())`), as first-k slices
+        of this model's tensors. Slices are views where possible and stay attached to autograd, so a forward through
+        them (`functional_call`) sends gradients to the shared weights. q, k and v are sliced separately."""
+        why = arch.fits_in(self.arch)
+        if why is not None:
+            raise ValueError(f"arch is not a sub-network of this model: {why}")
+        own = dict(self.named_parameters())
+        own.update(self.named_buffers())
+        out: Dict[str, torch.Tensor] = {}
+        c1 = arch.stages[0].embed
+        for name, t in own.items():
+            if name.startswith("stem.proj."):
+                out[name] = t[:c1]
+            elif name.startswith("stem."):
+                out[name] = t
+        out["cls_token"] = own["cls_token"][..., :c1]
+        out["pos_embed"] = own["pos_embed"][..., :c1]
+        for s, st in enumerate(arch.stages):
+            c = st.embed
+            if s > 0:
+                ci, src = arch.stages[s - 1].embed, f"stages.{s}.reduce."
+                out[src + "norm.weight"], out[src + "norm.bias"] = own[src + "norm.weight"][:ci], own[src + "norm.bias"][:ci]
+                out[src + "conv.weight"], out[src + "conv.bias"] = own[src + "conv.weight"][:c, :ci], own[src + "conv.bias"][:c]
+                out[src + "cls_proj.weight"] = own[src + "cls_proj.weight"][:c, :ci]
+                out[src + "cls_proj.bias"] = own[src + "cls_proj.bias"][:c]
+                out[src + "pos_embed"] = own[src + "pos_embed"][..., :c]
+            k = 0
+            for i, b in enumerate(st.blocks):
+                if b is None:
+                    continue
+                src, dst = f"stages.{s}.blocks.{i}.", f"stages.{s}.blocks.{k}."
+                k += 1
+                hd, m = b.heads * st.head_dim, b.mlp
+                heads_max = self.arch.stages[s].blocks[i].heads
+                qkv_w = own[src + "attn.qkv.weight"].view(3, heads_max * st.head_dim, -1)
+                qkv_b = own[src + "attn.qkv.bias"].view(3, heads_max * st.head_dim)
+                for norm in ("norm1", "norm2"):
+                    out[dst + norm + ".weight"] = own[src + norm + ".weight"][:c]
+                    out[dst + norm + ".bias"] = own[src + norm + ".bias"][:c]
+                out[dst + "attn.qkv.weight"] = qkv_w[:, :hd, :c].reshape(3 * hd, c)
+                out[dst + "attn.qkv.bias"] = qkv_b[:, :hd].reshape(3 * hd)
+                out[dst + "attn.proj.weight"] = own[src + "attn.proj.weight"][:c, :hd]
+                out[dst + "attn.proj.bias"] = own[src + "attn.proj.bias"][:c]
+                out[dst + "mlp.fc1.weight"] = own[src + "mlp.fc1.weight"][:m, :c]
+                out[dst + "mlp.fc1.bias"] = own[src + "mlp.fc1.bias"][:m]
+                out[dst + "mlp.fc2.weight"] = own[src + "mlp.fc2.weight"][:c, :m]
+                out[dst + "mlp.fc2.bias"] = own[src + "mlp.fc2.bias"][:c]
+        c_last = arch.stages[-1].embed
+        out["norm.weight"], out["norm.bias"] = own["norm.weight"][:c_last], own["norm.bias"][:c_last]
+        for head in ("head", "patch_head"):
+            if head + ".weight" in own:
+                out[head + ".weight"] = own[head + ".weight"][:, :c_last]
+                out[head + ".bias"] = own[head + ".bias"]
+        return out
+
+    def extract(self, arch: Arch) -> ViTResNASNet:
+        """A standalone stock network of `arch` (removed blocks dropped) holding copies of its weight slices; its
+        output equals this model's output for `arch`. Same device, dtype and train/eval mode as this model."""
+        if self.space is not None:
+            self.space.check(arch)
+        with torch.device("meta"):
+            net = self._subnet_shell(arch)
+        state = {k: v.detach().clone() for k, v in self.sliced_state_dict(arch).items()}
+        net.load_state_dict(state, strict=True, assign=True)
+        return net.train(self.training)
+
+    # -- importance sorting ("rewiring", vit_resnas.md 4.4) -----------------------------------------------------------
+    @torch.no_grad()
+    def sort_by_importance(self, optimizer: Optional[torch.optim.Optimizer] = None) -> None:
+        """Re-order every block's heads and MLP hidden units by descending L1 importance, so that first-k slices keep
+        the most important ones. The full network's function is unchanged (a permutation of heads / hidden units).
+
+        Head importance: L1 of its q, k and v rows of the qkv weight + L1 of those bias entries + L1 of its proj
+        columns. Hidden-unit importance: L1 of its fc1 row + |fc1 bias| + L1 of its fc2 column. Embedding channels
+        are never sorted. Unlike the original, `optimizer`'s per-parameter state (AdamW's exp_avg, exp_avg_sq, ...:
+        every state tensor shaped like its parameter) and any accumulated .grad are permuted with the weights, so
+        the moments stay attached to the units they were measured on.
+        """
+        for stage in self.stages:
+            for block in stage.blocks:
+                attn, mlp = block.attn, block.mlp
+                h, d = attn.num_heads, attn.head_dim
+                score = (attn.qkv.weight.abs().sum(1).view(3, h, d).sum((0, 2))
+                         + attn.qkv.bias.abs().view(3, h, d).sum((0, 2))
+                         + attn.proj.weight.abs().sum(0).view(h, d).sum(1))
+                order = torch.sort(score, descending=True, stable=True).indices
+                rows = (order[None, :, None] * d + torch.arange(d, device=order.device)[None, None, :]
+                        + torch.arange(3, device=order.device)[:, None, None] * h * d).reshape(-1)
+                cols = (order[:, None] * d + torch.arange(d, device=order.device)[None, :]).reshape(-1)
+                _permute(attn.qkv.weight, 0, rows, optimizer)
+                _permute(attn.qkv.bias, 0, rows, optimizer)
+                _permute(attn.proj.weight, 1, cols, optimizer)
+
+                score = mlp.fc1.weight.abs().sum(1) + mlp.fc1.bias.abs() + mlp.fc2.weight.abs().sum(0)
+                order = torch.sort(score, descending=True, stable=True).indices
+                _permute(mlp.fc1.weight, 0, order, optimizer)
+                _permute(mlp.fc1.bias, 0, order, optimizer)
+                _permute(mlp.fc2.weight, 1, order, optimizer)
+
+
+def _permute(param: nn.Parameter, dim: int, index: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]) -> None:
+    """param[...] = param.index_select(dim, index) in place (the optimizer keys on the Parameter object), and the same
+    for its gradient and for every optimizer state tensor of the parameter's shape."""
+    tensors = [param.data]
+    if param.grad is not None:
+        tensors.append(param.grad)
+    if optimizer is not None:
+        state = optimizer.state.get(param, {})
+        tensors += [t for t in state.values() if isinstance(t, torch.Tensor) and t.shape == param.shape]
+    for t in tensors:
+        t.copy_(t.index_select(dim, index.to(t.device)))

@@ -1,0 +1,2 @@
+"""Drop-in nn.Modules built on the fused ops."""
+from .rsr import ResidualSpatialReduction  # noqa: F401

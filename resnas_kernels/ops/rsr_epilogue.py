@@ -1,0 +1,347 @@
+"""RSR epilogue: conv output + bias + pos_embed + zero-padded AvgPool of the raw tokens, and the cls row, in one pass.
+
+Per sample of group g (ci = c_in,g <= co = c_out,g), with n = 1 when there is a cls token (else 0), t = oh*Wo + ow:
+
+    out[b, n + t, c] = conv[b, t, c] + conv_bias[c] + pos_embed[0, t, c] + (c < ci ? avgpool(x)[b, t, c] : 0)   c < co
+    out[b, 0, c]     = cls[b, 0, c]  + cls_bias[c]                        + (c < ci ? x[b, 0, c] : 0)            c < co
+    out[b, :, c]     = 0                                                                                     c >= co
+
+avgpool: stride x stride windows of x's patch tokens (the un-normalised input); the grid's edge may cut the last
+window (odd grids, 7 -> 4): it averages only the tokens inside the grid, as AvgPool2d(ceil_mode=True) does. `conv` and
+`cls` are the bias-free outputs of the ragged GEMMs (`ragged_linear`). The biases are added here rather than in the
+GEMMs because their gradients then come for free from the column sums that pos_embed's gradient needs anyway.
+
+Backends: reference (plain PyTorch) | triton | cpu (csrc/cpu/rsr_epilogue.cpp) | cuda (csrc/cuda/rsr_epilogue.cu).
+
+Caveats:
+- conv, x and cls must be contiguous and share a dtype; pos_embed / biases may be x's dtype or fp32. Sums are in fp32
+  (fp64 for fp64); the output is x's dtype.
+- Backward: dconv / dcls are dout's rows masked to co (a copy: a custom op may not return a view of its input); dx is
+  the pooling adjoint (a gather: each input token lies in exactly one window) plus the cls shortcut, masked to ci.
+  d(pos_embed), d(conv_bias), d(cls_bias) are batch sums taken per output token with the samples in a fixed order and
+  no atomics: bitwise reproducible run to run and across thread counts.
+- Double backward is not supported.
+"""
+from typing import List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .._triton import tl, triton
+from ..aot import register_aot
+from ..backend import OpInfo, register_op, resolve_backend
+from ..ragged import Ragged
+from ..reference.layer_norm import compute_dtype
+from .ragged_layer_norm import _group_width
+
+OP = register_op(OpInfo(
+    name="rsr_epilogue",
+    backends=("triton", "cpu", "cuda"),
+    auto_cuda=("cuda", "triton"),
+    ext_ops=("ext_rsr_epilogue_fwd", "ext_rsr_epilogue_bwd"),
+))
+
+
+def pool_out_grid(grid: Sequence[int], stride: int) -> Tuple[int, int]:
+    """(ceil(H / stride), ceil(W / stride)): the pooled shortcut's grid."""
+    return -(-grid[0] // stride), -(-grid[1] // stride)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _rsr_epilogue_fwd_kernel(CONV, X, POS, BIAS, CLS, CLS_BIAS, OUT, IN_TABLE, OUT_TABLE, num_groups, Ci, Co, H, W,
+                             Wo, L, HAS_CLS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (output row, block of channels). POS/BIAS/CLS_BIAS are in the accumulation dtype."""
+    row = tl.program_id(0)
+    n_cls = 1 if HAS_CLS else 0
+    n_out = n_cls + L
+    n_in = n_cls + H * W
+    b = row // n_out
+    r = row % n_out
+    ci = _group_width(IN_TABLE, num_groups, b)
+    co = _group_width(OUT_TABLE, num_groups, b)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    in_c = c < ci
+    out_c = c < co
+    x_base = X + b.to(tl.int64) * n_in * Ci
+    if HAS_CLS and r == 0:
+        val = tl.load(CLS + b.to(tl.int64) * Co + c, mask=out_c, other=0.0).to(POS.dtype.element_ty)
+        val += tl.load(CLS_BIAS + c, mask=out_c, other=0.0)
+        val += tl.load(x_base + c, mask=in_c, other=0.0).to(POS.dtype.element_ty)
+    else:
+        t = r - n_cls
+        oh = t // Wo
+        ow = t % Wo
+        h0 = oh * STRIDE
+        w0 = ow * STRIDE
+        pooled = tl.zeros((BLOCK_C,), dtype=POS.dtype.element_ty)
+        for dh in tl.static_range(STRIDE):
+            for dw in tl.static_range(STRIDE):
+                inside = (h0 + dh < H) & (w0 + dw < W)
+                tok = tl.where(inside, n_cls + (h0 + dh) * W + w0 + dw, 0)
+                pooled += tl.load(x_base + tok * Ci + c, mask=in_c & inside, other=0.0).to(POS.dtype.element_ty)
+        count = (tl.minimum(h0 + STRIDE, H) - h0) * (tl.minimum(w0 + STRIDE, W) - w0)
+        val = tl.load(CONV + (b.to(tl.int64) * L + t) * Co + c, mask=out_c, other=0.0).to(POS.dtype.element_ty)
+        val += tl.load(BIAS + c, mask=out_c, other=0.0)
+        val += tl.load(POS + t * Co + c, mask=out_c, other=0.0)
+        val += pooled / count
+    val = tl.where(out_c, val, 0.0)
+    tl.store(OUT + row.to(tl.int64) * Co + c, val.to(OUT.dtype.element_ty), mask=c < Co)
+
+
+@triton.jit
+def _rsr_epilogue_bwd_kernel(DOUT, DCONV, DX, DCLS, IN_TABLE, OUT_TABLE, num_groups, Ci, Co, H, W, Wo, L,
+                             HAS_CLS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (output row, block of channels): masked copy of the row, and dx of its pooling window's tokens (or of
+    the cls token). Windows are disjoint, so every dx row is written by exactly one program."""
+    row = tl.program_id(0)
+    n_cls = 1 if HAS_CLS else 0
+    n_out = n_cls + L
+    n_in = n_cls + H * W
+    b = row // n_out
+    r = row % n_out
+    ci = _group_width(IN_TABLE, num_groups, b)
+    co = _group_width(OUT_TABLE, num_groups, b)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    d = tl.load(DOUT + row.to(tl.int64) * Co + c, mask=c < co, other=0.0)
+    dx_base = DX + b.to(tl.int64) * n_in * Ci
+    dx_mask = c < Ci
+    dx_val = tl.where(c < ci, d, 0.0)
+    if HAS_CLS and r == 0:
+        tl.store(DCLS + b.to(tl.int64) * Co + c, d, mask=c < Co)
+        tl.store(dx_base + c, dx_val, mask=dx_mask)
+    else:
+        t = r - n_cls
+        tl.store(DCONV + (b.to(tl.int64) * L + t) * Co + c, d, mask=c < Co)
+        oh = t // Wo
+        ow = t % Wo
+        h0 = oh * STRIDE
+        w0 = ow * STRIDE
+        count = (tl.minimum(h0 + STRIDE, H) - h0) * (tl.minimum(w0 + STRIDE, W) - w0)
+        dx_val = (dx_val.to(tl.float32) / count).to(DX.dtype.element_ty)
+        for dh in tl.static_range(STRIDE):
+            for dw in tl.static_range(STRIDE):
+                inside = (h0 + dh < H) & (w0 + dw < W)
+                tok = tl.where(inside, n_cls + (h0 + dh) * W + w0 + dw, 0)
+                tl.store(dx_base + tok * Ci + c, dx_val, mask=dx_mask & inside)
+
+
+@triton.jit
+def _rsr_epilogue_colsum_kernel(DOUT, SUMS, OUT_TABLE, num_groups, n_out, Co, BLOCK_C: tl.constexpr):
+    """Program (output token r, block of channels): SUMS[r, c] = sum over samples b (increasing) of DOUT[b, r, c] for
+    c < co_b. A fixed order and no atomics: deterministic parameter gradients."""
+    r = tl.program_id(0)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    acc = tl.zeros((BLOCK_C,), dtype=SUMS.dtype.element_ty)
+    for g in range(num_groups):
+        start = tl.load(OUT_TABLE + 3 * g)
+        end = tl.load(OUT_TABLE + 3 * g + 1)
+        co = tl.load(OUT_TABLE + 3 * g + 2)
+        for b in range(start, end):
+            acc += tl.load(DOUT + (b.to(tl.int64) * n_out + r) * Co + c, mask=c < co, other=0.0).to(acc.dtype)
+    tl.store(SUMS + r * Co + c, acc, mask=c < Co)
+
+
+_BLOCK_C = 128
+
+
+def _geometry(grid, stride, has_cls):
+    return tuple(grid), stride, int(has_cls), pool_out_grid(grid, stride)
+
+
+def _triton_fwd(conv, x, pos, bias, cls, cls_bias, in_groups: Ragged, out_groups: Ragged, geo):
+    (H, W), s, n_cls, (Ho, Wo) = geo
+    B, L, Co = conv.shape
+    Ci = x.shape[2]
+    out = x.new_empty((B, n_cls + L, Co))
+    if out.numel() == 0:
+        return out
+    acc = compute_dtype(x.dtype)
+    pos, bias = pos.to(acc).contiguous(), bias.to(acc).contiguous()
+    cls_bias = cls_bias.to(acc).contiguous() if n_cls else bias
+    grid = (B * (n_cls + L), triton.cdiv(Co, _BLOCK_C))
+    _rsr_epilogue_fwd_kernel[grid](conv, x, pos, bias, cls if n_cls else conv, cls_bias, out,
+                                   in_groups.row_table(1, x.device), out_groups.row_table(1, x.device),
+                                   in_groups.num_groups, Ci, Co, H, W, Wo, L, HAS_CLS=bool(n_cls), STRIDE=s,
+                                   BLOCK_C=_BLOCK_C, num_warps=4)
+    return out
+
+
+def _triton_bwd(dout, in_groups: Ragged, out_groups: Ragged, geo, in_channels: int):
+    (H, W), s, n_cls, (Ho, Wo) = geo
+    B, n_out, Co = dout.shape
+    L, Ci = n_out - n_cls, in_channels
+    acc = compute_dtype(dout.dtype)
+    dconv = dout.new_empty((B, L, Co))
+    dx = dout.new_empty((B, n_cls + H * W, Ci))
+    dcls = dout.new_empty((B, 1, Co)) if n_cls else dout.new_empty((0,))
+    sums = dout.new_empty((n_out, Co), dtype=acc)
+    out_table = out_groups.row_table(1, dout.device)
+    if B * n_out:
+        _rsr_epilogue_bwd_kernel[(B * n_out, triton.cdiv(Co, _BLOCK_C))](
+            dout, dconv, dx, dcls if n_cls else dconv, in_groups.row_table(1, dout.device), out_table,
+            in_groups.num_groups, Ci, Co, H, W, Wo, L, HAS_CLS=bool(n_cls), STRIDE=s, BLOCK_C=_BLOCK_C, num_warps=4)
+    _rsr_epilogue_colsum_kernel[(n_out, triton.cdiv(Co, _BLOCK_C))](dout, sums, out_table, out_groups.num_groups,
+                                                                     n_out, Co, BLOCK_C=_BLOCK_C, num_warps=4)
+    dpos = sums[n_cls:].unsqueeze(0).clone()  # clone: a fresh tensor (no storage offset)
+    dbias = sums[n_cls:].sum(0)   # a fixed-shape reduction: deterministic on CPU and CUDA
+    dcls_bias = sums[0].clone() if n_cls else sums.new_empty((0,))
+    return dconv, dx, dpos, dbias, dcls, dcls_bias
+
+
+for _dt, _pdt in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32")):
+    _ints = {n: "i32" for n in ("num_groups", "Ci", "Co", "H", "W", "Wo", "L")}
+    _fwd_sig = {"CONV": f"*{_dt}", "X": f"*{_dt}", "POS": f"*{_pdt}", "BIAS": f"*{_pdt}", "CLS": f"*{_dt}",
+                "CLS_BIAS": f"*{_pdt}", "OUT": f"*{_dt}", "IN_TABLE": "*i32", "OUT_TABLE": "*i32", **_ints,
+                "HAS_CLS": "constexpr", "STRIDE": "constexpr", "BLOCK_C": "constexpr"}
+    _bwd_sig = {"DOUT": f"*{_dt}", "DCONV": f"*{_dt}", "DX": f"*{_dt}", "DCLS": f"*{_dt}", "IN_TABLE": "*i32",
+                "OUT_TABLE": "*i32", **_ints, "HAS_CLS": "constexpr", "STRIDE": "constexpr", "BLOCK_C": "constexpr"}
+    for _has_cls in (True, False):
+        _consts = {"HAS_CLS": _has_cls, "STRIDE": 2, "BLOCK_C": _BLOCK_C}
+        register_aot(_rsr_epilogue_fwd_kernel, _fwd_sig, _consts, num_warps=4)
+        register_aot(_rsr_epilogue_bwd_kernel, _bwd_sig, _consts, num_warps=4)
+    register_aot(_rsr_epilogue_colsum_kernel,
+                 {"DOUT": f"*{_dt}", "SUMS": f"*{_pdt}", "OUT_TABLE": "*i32", "num_groups": "i32", "n_out": "i32",
+                  "Co": "i32", "BLOCK_C": "constexpr"}, {"BLOCK_C": _BLOCK_C}, num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference backend (plain PyTorch)
+# ---------------------------------------------------------------------------------------------------------------------
+def _col_mask(groups: Ragged, width: int, device) -> torch.Tensor:
+    """(B, 1, width) bool: column c is active for the sample's group."""
+    return groups.mask(width, device=device)[:, None, :]
+
+
+def _reference_fwd(conv, x, pos, bias, cls, cls_bias, in_groups: Ragged, out_groups: Ragged, geo):
+    (H, W), s, n_cls, (Ho, Wo) = geo
+    B, L, Co = conv.shape
+    Ci = x.shape[2]
+    acc = compute_dtype(x.dtype)
+    img = x[:, n_cls:].to(acc).transpose(1, 2).reshape(B, Ci, H, W)
+    pooled = F.avg_pool2d(img, s, s, ceil_mode=True).flatten(2).transpose(1, 2)        # (B, L, Ci)
+    pooled = pooled * _col_mask(in_groups, Ci, x.device)
+    patches = conv.to(acc) + bias.to(acc) + pos.to(acc) + F.pad(pooled, (0, Co - Ci))
+    rows = [patches]
+    if n_cls:
+        shortcut = x[:, :1].to(acc) * _col_mask(in_groups, Ci, x.device)
+        rows.insert(0, cls.to(acc) + cls_bias.to(acc) + F.pad(shortcut, (0, Co - Ci)))
+    out = torch.cat(rows, dim=1)
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    return torch.where(_col_mask(out_groups, Co, x.device), out, zero).to(x.dtype)
+
+
+def _reference_bwd(dout, in_groups: Ragged, out_groups: Ragged, geo, in_channels: int):
+    (H, W), s, n_cls, (Ho, Wo) = geo
+    B, n_out, Co = dout.shape
+    Ci = in_channels
+    acc = compute_dtype(dout.dtype)
+    zero = torch.zeros((), dtype=dout.dtype, device=dout.device)
+    d = torch.where(_col_mask(out_groups, Co, dout.device), dout, zero)
+    dconv = d[:, n_cls:].contiguous()
+    # The pooling adjoint: each token gets its window's gradient / the window's token count.
+    ones = torch.ones(1, 1, H, W, dtype=acc, device=dout.device)
+    counts = F.avg_pool2d(ones, s, s, ceil_mode=True, divisor_override=1).flatten(2).transpose(1, 2)  # (1, L, 1)
+    per_token = (dconv[..., :Ci].to(acc) / counts).transpose(1, 2).reshape(B, Ci, Ho, Wo)
+    up = per_token.repeat_interleave(s, dim=2).repeat_interleave(s, dim=3)[:, :, :H, :W]
+    dx_patches = up.flatten(2).transpose(1, 2)
+    rows = [dx_patches]
+    if n_cls:
+        rows.insert(0, d[:, :1, :Ci].to(acc))
+    dx = torch.where(_col_mask(in_groups, Ci, dout.device), torch.cat(rows, dim=1), zero.to(acc)).to(dout.dtype)
+    sums = d.to(acc).sum(0)                                                                # (n_out, Co)
+    dpos = sums[n_cls:].unsqueeze(0).clone()  # clone: a fresh tensor (no storage offset)
+    dbias = sums[n_cls:].sum(0)
+    dcls = d[:, :1].contiguous() if n_cls else dout.new_empty((0,))
+    dcls_bias = sums[0].clone() if n_cls else sums.new_empty((0,))
+    return dconv, dx.contiguous(), dpos, dbias, dcls, dcls_bias
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# C++ backends
+# ---------------------------------------------------------------------------------------------------------------------
+def _ext_fwd(conv, x, pos, bias, cls, cls_bias, in_groups: Ragged, out_groups: Ragged, geo):
+    grid, s, _, _ = geo
+    return torch.ops.resnas.ext_rsr_epilogue_fwd(conv, x, pos, bias, cls, cls_bias, list(in_groups.sizes),
+                                                 list(in_groups.widths), list(out_groups.widths), list(grid), s)
+
+
+def _ext_bwd(dout, in_groups: Ragged, out_groups: Ragged, geo, in_channels: int):
+    grid, s, n_cls, _ = geo
+    return torch.ops.resnas.ext_rsr_epilogue_bwd(dout, list(in_groups.sizes), list(in_groups.widths),
+                                                 list(out_groups.widths), list(grid), s, bool(n_cls), in_channels)
+
+
+_FWD = {"reference": _reference_fwd, "triton": _triton_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd}
+_BWD = {"reference": _reference_bwd, "triton": _triton_bwd, "cpu": _ext_bwd, "cuda": _ext_bwd}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.library custom ops
+# ---------------------------------------------------------------------------------------------------------------------
+@torch.library.custom_op("resnas::rsr_epilogue_fwd", mutates_args=())
+def rsr_epilogue_fwd(conv: torch.Tensor, x: torch.Tensor, pos_embed: torch.Tensor, conv_bias: torch.Tensor,
+                     cls: Optional[torch.Tensor], cls_bias: Optional[torch.Tensor], sizes: List[int],
+                     in_widths: List[int], out_widths: List[int], grid: List[int], stride: int) -> torch.Tensor:
+    """out (B, n + Ho*Wo, Co); see the module docstring. n = 1 when cls is given."""
+    in_groups = Ragged(tuple(sizes), tuple(in_widths))
+    out_groups = Ragged(tuple(sizes), tuple(out_widths))
+    impl = _FWD[resolve_backend(OP.name, x.device)]
+    return impl(conv, x, pos_embed, conv_bias, cls, cls_bias, in_groups, out_groups,
+                _geometry(grid, stride, cls is not None))
+
+
+@rsr_epilogue_fwd.register_fake
+def _(conv, x, pos_embed, conv_bias, cls, cls_bias, sizes, in_widths, out_widths, grid, stride):
+    return x.new_empty((x.shape[0], int(cls is not None) + conv.shape[1], conv.shape[2]))
+
+
+@torch.library.custom_op("resnas::rsr_epilogue_bwd", mutates_args=())
+def rsr_epilogue_bwd(dout: torch.Tensor, sizes: List[int], in_widths: List[int], out_widths: List[int],
+                     grid: List[int], stride: int, has_cls: bool, in_channels: int
+                     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dconv, dx, dpos, dconv_bias, dcls, dcls_bias); parameter gradients in fp32 (fp64 for fp64), dcls and
+    dcls_bias empty without cls."""
+    in_groups = Ragged(tuple(sizes), tuple(in_widths))
+    out_groups = Ragged(tuple(sizes), tuple(out_widths))
+    impl = _BWD[resolve_backend(OP.name, dout.device)]
+    return impl(dout, in_groups, out_groups, _geometry(grid, stride, has_cls), in_channels)
+
+
+@rsr_epilogue_bwd.register_fake
+def _(dout, sizes, in_widths, out_widths, grid, stride, has_cls, in_channels):
+    b, n_out, co = dout.shape
+    n_cls = int(has_cls)
+    acc = compute_dtype(dout.dtype)
+    return (dout.new_empty((b, n_out - n_cls, co)), dout.new_empty((b, n_cls + grid[0] * grid[1], in_channels)),
+            dout.new_empty((1, n_out - n_cls, co), dtype=acc), dout.new_empty((co,), dtype=acc),
+            dout.new_empty((b, 1, co)) if has_cls else dout.new_empty((0,)),
+            dout.new_empty((co,), dtype=acc) if has_cls else dout.new_empty((0,), dtype=acc))
+
+
+def _setup_context(ctx, inputs, output):
+    conv, x, pos_embed, conv_bias, cls, cls_bias, sizes, in_widths, out_widths, grid, stride = inputs
+    ctx.args = (sizes, in_widths, out_widths, grid, stride, cls is not None, x.shape[2])
+    ctx.dtypes = (pos_embed.dtype, conv_bias.dtype, cls_bias.dtype if cls_bias is not None else None)
+
+
+def _backward(ctx, dout):
+    dconv, dx, dpos, dbias, dcls, dcls_bias = rsr_epilogue_bwd(dout.contiguous(), *ctx.args)
+    pos_dtype, bias_dtype, cls_bias_dtype = ctx.dtypes
+    has_cls = ctx.args[5]
+    return (dconv, dx, dpos.to(pos_dtype), dbias.to(bias_dtype), dcls if has_cls else None,
+            dcls_bias.to(cls_bias_dtype) if has_cls else None, None, None, None, None, None)
+
+
+rsr_epilogue_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+def rsr_epilogue(conv: torch.Tensor, x: torch.Tensor, pos_embed: torch.Tensor, conv_bias: torch.Tensor,
+                 cls: Optional[torch.Tensor], cls_bias: Optional[torch.Tensor], in_groups: Ragged,
+                 out_widths: Sequence[int], grid: Tuple[int, int], stride: int = 2) -> torch.Tensor:
+    """The fused epilogue; see the module docstring. Called by `residual_spatial_reduction`, whose public checks
+    cover the parameters; the C++ backends re-check shapes and dtypes and raise with the argument's name."""
+    return rsr_epilogue_fwd(conv, x, pos_embed, conv_bias, cls, cls_bias, list(in_groups.sizes),
+                            list(in_groups.widths), list(out_widths), list(grid), stride)

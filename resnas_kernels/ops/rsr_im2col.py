@@ -1,0 +1,276 @@
+"""Token-layout im2col of the RSR conv: the patch tokens of u (B, n_cls + H*W, C) -> columns (B, Ho*Wo, C*k*k).
+
+    cols[b, oh*Wo + ow, c*k*k + kh*k + kw] = u[b, n_cls + ih*W + iw, c],  ih = oh*s - p + kh, iw = ow*s - p + kw
+                                             (0 when (ih, iw) is outside the grid: the conv's zero padding)
+
+Column order is channel-major / tap-minor (F.unfold's order). With it, conv_weight.view(Co_max, Ci_max*k*k) holds
+group g's sliced conv weight W[:co, :ci] as the top-left block [:co, :ci*k*k], so the conv of every group is one
+ragged GEMM (`ragged_linear` with input widths ci*k*k) on the columns, straight from the token layout: no NCHW copy.
+
+Part of the fused residual spatial reduction (`residual_spatial_reduction.py`); one op of its own so autograd chains
+LN -> im2col -> ragged GEMM -> epilogue through separately registered custom ops.
+
+Backends: reference (F.unfold / F.fold) | triton | cpu (csrc/cpu/rsr_im2col.cpp) | cuda (csrc/cuda/rsr_im2col.cu).
+
+Caveats:
+- u must be contiguous and obey the ragged contract (zero beyond each group's width ci); the columns are exactly zero
+  for c >= ci and for padding taps. The cls row (has_cls) is not read.
+- Backward (col2im) is a gather: every input token sums, in a fixed tap order, the columns that read it, so it is
+  deterministic; du is zero on the cls row and beyond ci. The reference backward uses F.fold.
+- The column tensor is k*k / stride^2 (~2.25x for 3x3 / 2) the size of u: memory is traded for one plain GEMM.
+- Double backward is not supported.
+"""
+from typing import List, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from .._triton import tl, triton
+from ..aot import register_aot
+from ..backend import OpInfo, register_op, resolve_backend
+from ..ragged import Ragged, as_ragged
+from ._checks import check_float_tensor
+from .ragged_layer_norm import _group_width
+
+OP = register_op(OpInfo(
+    name="rsr_im2col",
+    backends=("triton", "cpu", "cuda"),
+    auto_cuda=("triton", "cuda"),
+    ext_ops=("ext_rsr_im2col_fwd", "ext_rsr_im2col_bwd"),
+))
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def conv_out_grid(grid: Sequence[int], kernel_size: int, stride: int, padding: int) -> Tuple[int, int]:
+    """(Ho, Wo) of a conv with this geometry; raises ValueError when the kernel does not fit the padded grid."""
+    out = []
+    for side in grid:
+        if side + 2 * padding < kernel_size:
+            raise ValueError(f"kernel_size={kernel_size} exceeds the padded grid side {side} + 2 * {padding}")
+        out.append((side + 2 * padding - kernel_size) // stride + 1)
+    return out[0], out[1]
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+# ---------------------------------------------------------------------------------------------------------------------
+@triton.jit
+def _rsr_im2col_fwd_kernel(U, COLS, TABLE, num_groups, C, H, W, Wo, L, n_cls, stride, padding,
+                           KSIZE: tl.constexpr, BLOCK: tl.constexpr):
+    """Program (output token row, block of columns): gathers BLOCK columns of one row of COLS."""
+    row = tl.program_id(0)            # b * L + o
+    b = row // L
+    o = row % L
+    oh = o // Wo
+    ow = o % Wo
+    ci = _group_width(TABLE, num_groups, b)
+    row_len = C * KSIZE * KSIZE
+    j = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    c = j // (KSIZE * KSIZE)
+    tap = j % (KSIZE * KSIZE)
+    ih = oh * stride - padding + tap // KSIZE
+    iw = ow * stride - padding + tap % KSIZE
+    valid = (c < ci) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    n_in = n_cls + H * W
+    src = (b.to(tl.int64) * n_in + n_cls + ih * W + iw) * C + c
+    v = tl.load(U + tl.where(valid, src, 0), mask=valid, other=0.0)  # clamped address: no out-of-range pointer
+    tl.store(COLS + row.to(tl.int64) * row_len + j, v, mask=j < row_len)
+
+
+@triton.jit
+def _rsr_im2col_bwd_kernel(DCOLS, DU, TABLE, num_groups, C, H, W, Ho, Wo, L, n_cls, stride, padding,
+                           KSIZE: tl.constexpr, BLOCK_C: tl.constexpr):
+    """Program (input token row, block of channels): sums the columns that read this token, taps in fixed order."""
+    row = tl.program_id(0)            # b * (n_cls + H*W) + token
+    n_in = n_cls + H * W
+    b = row // n_in
+    token = row % n_in
+    ci = _group_width(TABLE, num_groups, b)
+    c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
+    p = tl.maximum(token - n_cls, 0)
+    ih = p // W
+    iw = p % W
+    is_patch = token >= n_cls
+    row_len = C * KSIZE * KSIZE
+    acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
+    for kh in tl.static_range(KSIZE):
+        ph = ih + padding - kh                 # oh * stride for the output row that reads ih through tap row kh
+        ok_h = (ph >= 0) & (ph % stride == 0) & (ph // stride < Ho)
+        for kw in tl.static_range(KSIZE):
+            pw = iw + padding - kw
+            ok = is_patch & ok_h & (pw >= 0) & (pw % stride == 0) & (pw // stride < Wo)
+            o = tl.where(ok, (ph // stride) * Wo + pw // stride, 0)
+            offs = (b.to(tl.int64) * L + o) * row_len + c * (KSIZE * KSIZE) + kh * KSIZE + kw
+            m = ok & (c < ci)
+            acc += tl.load(DCOLS + tl.where(m, offs, 0), mask=m, other=0.0).to(tl.float32)
+    tl.store(DU + row.to(tl.int64) * C + c, acc.to(DU.dtype.element_ty), mask=c < C)
+
+
+_FWD_BLOCK = 1024
+_BWD_BLOCK_C = 128
+
+
+def _triton_fwd(u, groups: Ragged, geo):
+    (H, W), k, s, p, n_cls, (Ho, Wo) = geo
+    B, _, C = u.shape
+    L = Ho * Wo
+    cols = u.new_empty((B, L, C * k * k))
+    if cols.numel() == 0:
+        return cols
+    table = groups.row_table(1, u.device)
+    grid = (B * L, triton.cdiv(C * k * k, _FWD_BLOCK))
+    _rsr_im2col_fwd_kernel[grid](u, cols, table, groups.num_groups, C, H, W, Wo, L, n_cls, s, p, KSIZE=k,
+                                 BLOCK=_FWD_BLOCK, num_warps=4)
+    return cols
+
+
+def _triton_bwd(dcols, groups: Ragged, geo):
+    (H, W), k, s, p, n_cls, (Ho, Wo) = geo
+    B, L, CKK = dcols.shape
+    C = CKK // (k * k)
+    du = dcols.new_empty((B, n_cls + H * W, C))
+    if du.numel() == 0:
+        return du
+    table = groups.row_table(1, dcols.device)
+    grid = (B * (n_cls + H * W), triton.cdiv(C, _BWD_BLOCK_C))
+    _rsr_im2col_bwd_kernel[grid](dcols, du, table, groups.num_groups, C, H, W, Ho, Wo, L, n_cls, s, p, KSIZE=k,
+                                 BLOCK_C=_BWD_BLOCK_C, num_warps=4)
+    return du
+
+
+for _dt in ("fp32", "bf16", "fp16"):
+    _ints = ("num_groups", "C", "H", "W", "Wo", "L", "n_cls", "stride", "padding")
+    _fwd_sig = {"U": f"*{_dt}", "COLS": f"*{_dt}", "TABLE": "*i32", **{n: "i32" for n in _ints},
+                "KSIZE": "constexpr", "BLOCK": "constexpr"}
+    register_aot(_rsr_im2col_fwd_kernel, _fwd_sig, {"KSIZE": 3, "BLOCK": _FWD_BLOCK}, num_warps=4)
+    _ints = ("num_groups", "C", "H", "W", "Ho", "Wo", "L", "n_cls", "stride", "padding")
+    _bwd_sig = {"DCOLS": f"*{_dt}", "DU": f"*{_dt}", "TABLE": "*i32", **{n: "i32" for n in _ints},
+                "KSIZE": "constexpr", "BLOCK_C": "constexpr"}
+    register_aot(_rsr_im2col_bwd_kernel, _bwd_sig, {"KSIZE": 3, "BLOCK_C": _BWD_BLOCK_C}, num_warps=4)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Reference backend (plain PyTorch: F.unfold / F.fold, then the ragged mask)
+# ---------------------------------------------------------------------------------------------------------------------
+def _sample_widths(groups: Ragged, device) -> torch.Tensor:
+    return torch.tensor(groups.sample_widths(), device=device, dtype=torch.long)
+
+
+def _reference_fwd(u, groups: Ragged, geo):
+    (H, W), k, s, p, n_cls, (Ho, Wo) = geo
+    B, _, C = u.shape
+    img = u[:, n_cls:].transpose(1, 2).reshape(B, C, H, W)
+    cols = F.unfold(img, k, padding=p, stride=s).transpose(1, 2)            # (B, L, C*k*k), channel-major
+    active = (torch.arange(C * k * k, device=u.device) // (k * k))[None, :] < _sample_widths(groups, u.device)[:, None]
+    return torch.where(active[:, None, :], cols, torch.zeros((), dtype=u.dtype, device=u.device)).contiguous()
+
+
+def _reference_bwd(dcols, groups: Ragged, geo):
+    (H, W), k, s, p, n_cls, (Ho, Wo) = geo
+    B, L, CKK = dcols.shape
+    C = CKK // (k * k)
+    img = F.fold(dcols.transpose(1, 2), (H, W), k, padding=p, stride=s)     # sums every column reading a token
+    du = img.flatten(2).transpose(1, 2)
+    active = torch.arange(C, device=dcols.device)[None, :] < _sample_widths(groups, dcols.device)[:, None]
+    du = torch.where(active[:, None, :], du, torch.zeros((), dtype=du.dtype, device=du.device))
+    return torch.cat([du.new_zeros(B, n_cls, C), du], dim=1).contiguous()
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# C++ backends
+# ---------------------------------------------------------------------------------------------------------------------
+def _ext_fwd(u, groups: Ragged, geo):
+    grid, k, s, p, n_cls, _ = geo
+    return torch.ops.resnas.ext_rsr_im2col_fwd(u, list(groups.sizes), list(groups.widths), list(grid), k, s, p,
+                                               bool(n_cls))
+
+
+def _ext_bwd(dcols, groups: Ragged, geo):
+    grid, k, s, p, n_cls, _ = geo
+    return torch.ops.resnas.ext_rsr_im2col_bwd(dcols, list(groups.sizes), list(groups.widths), list(grid), k, s, p,
+                                               bool(n_cls))
+
+
+_FWD = {"reference": _reference_fwd, "triton": _triton_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd}
+_BWD = {"reference": _reference_bwd, "triton": _triton_bwd, "cpu": _ext_bwd, "cuda": _ext_bwd}
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.library custom ops
+# ---------------------------------------------------------------------------------------------------------------------
+def _geometry(grid: List[int], kernel_size: int, stride: int, padding: int, has_cls: bool):
+    return (tuple(grid), kernel_size, stride, padding, int(has_cls),
+            conv_out_grid(grid, kernel_size, stride, padding))
+
+
+@torch.library.custom_op("resnas::rsr_im2col_fwd", mutates_args=())
+def rsr_im2col_fwd(u: torch.Tensor, sizes: List[int], widths: List[int], grid: List[int], kernel_size: int,
+                   stride: int, padding: int, has_cls: bool) -> torch.Tensor:
+    """cols (B, Ho*Wo, C*k*k) of u (B, has_cls + H*W, C); see the module docstring."""
+    groups = Ragged(tuple(sizes), tuple(widths))
+    impl = _FWD[resolve_backend(OP.name, u.device)]
+    return impl(u, groups, _geometry(grid, kernel_size, stride, padding, has_cls))
+
+
+@rsr_im2col_fwd.register_fake
+def _(u, sizes, widths, grid, kernel_size, stride, padding, has_cls):
+    ho, wo = conv_out_grid(grid, kernel_size, stride, padding)
+    return u.new_empty((u.shape[0], ho * wo, u.shape[2] * kernel_size * kernel_size))
+
+
+@torch.library.custom_op("resnas::rsr_im2col_bwd", mutates_args=())
+def rsr_im2col_bwd(dcols: torch.Tensor, sizes: List[int], widths: List[int], grid: List[int], kernel_size: int,
+                   stride: int, padding: int, has_cls: bool) -> torch.Tensor:
+    """du (B, has_cls + H*W, C): the adjoint of rsr_im2col_fwd (zero cls row, zero beyond the widths)."""
+    groups = Ragged(tuple(sizes), tuple(widths))
+    impl = _BWD[resolve_backend(OP.name, dcols.device)]
+    return impl(dcols, groups, _geometry(grid, kernel_size, stride, padding, has_cls))
+
+
+@rsr_im2col_bwd.register_fake
+def _(dcols, sizes, widths, grid, kernel_size, stride, padding, has_cls):
+    c = dcols.shape[2] // (kernel_size * kernel_size)
+    return dcols.new_empty((dcols.shape[0], int(has_cls) + grid[0] * grid[1], c))
+
+
+def _setup_context(ctx, inputs, output):
+    _, sizes, widths, grid, kernel_size, stride, padding, has_cls = inputs
+    ctx.args = (sizes, widths, grid, kernel_size, stride, padding, has_cls)
+
+
+def _backward(ctx, dcols):
+    return (rsr_im2col_bwd(dcols.contiguous(), *ctx.args),) + (None,) * 7
+
+
+rsr_im2col_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------------------------------
+def rsr_im2col(u: torch.Tensor, groups: Ragged, grid: Tuple[int, int], has_cls: bool = True, kernel_size: int = 3,
+               stride: int = 2, padding: int = 1) -> torch.Tensor:
+    """Columns (B, Ho*Wo, C*k*k) of the patch tokens of u for a k x k conv; see the module docstring.
+
+    Args:
+        u: (B, has_cls + H*W, C) contiguous, zero beyond each group's width.
+        groups: Ragged(sizes, widths) over dim 0 of u (None: one group at full width).
+        grid: (H, W) of the patch tokens.
+    """
+    check_float_tensor(u, "u", _FLOAT_DTYPES, min_dim=3)
+    if u.dim() != 3:
+        raise ValueError(f"u must have shape (B, tokens, C), got {tuple(u.shape)}")
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)):
+        raise ValueError(f"grid must be a pair of positive ints (H, W), got {grid!r}")
+    for name, v, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    conv_out_grid(grid, kernel_size, stride, padding)
+    n = int(bool(has_cls)) + grid[0] * grid[1]
+    if u.shape[1] != n:
+        raise ValueError(f"u has {u.shape[1]} tokens but grid={tuple(grid)} with has_cls={bool(has_cls)} needs {n}")
+    groups = as_ragged(groups, u.shape[0], u.shape[2])
+    groups.check(u.shape[0], u.shape[2], arg="u", what="groups.widths")
+    return rsr_im2col_fwd(u, list(groups.sizes), list(groups.widths), list(grid), kernel_size, stride, padding,
+                          bool(has_cls))

@@ -1,0 +1,93 @@
+"""Files of the training / search runs: atomic writes, validated `weights_only` loads, JSONL logs.
+
+Every file is written to a temporary file in the same directory and renamed over the target (`os.replace`), so a run
+killed at any moment leaves either the previous version or the new one, never a truncated file. Checkpoints are
+dicts tagged with a `format` string and a `version`; `read_checkpoint` refuses anything else with an error naming
+what it expected (a foreign `.pt`, a truncated or corrupted file, a checkpoint of the other kind).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from typing import Any, Iterable, List
+
+import torch
+
+from resnas_kernels.models.vit_resnas.checkpoint import save_checkpoint
+
+__all__ = ["CheckpointError", "save_checkpoint", "read_checkpoint", "write_text_atomic", "write_json_atomic",
+           "append_jsonl", "read_jsonl", "TRAIN_FORMAT", "SEARCH_FORMAT", "EXPORT_FORMAT"]
+
+TRAIN_FORMAT = "resnas-supernet-train"
+SEARCH_FORMAT = "resnas-search-state"
+EXPORT_FORMAT = "resnas-subnet"
+VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A file that is not the checkpoint the caller expected."""
+
+
+def read_checkpoint(path: str, fmt: str, required: Iterable[str] = ()) -> dict:
+    """Load `path` with weights_only=True and check it is a `fmt` checkpoint holding the `required` keys."""
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{path}: no such file (expected a {fmt!r} checkpoint)")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # truncated zip, pickle of arbitrary classes, random bytes...
+        raise CheckpointError(f"{path}: cannot be read as a {fmt!r} checkpoint (corrupted, truncated or not written "
+                              f"by resnas): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
+            from None
+    if not isinstance(obj, dict) or obj.get("format") != fmt:
+        found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
+        raise CheckpointError(f"{path}: expected a {fmt!r} checkpoint, found "
+                              f"{'format ' + repr(found) if isinstance(obj, dict) else found}")
+    if obj.get("version") != VERSION:
+        raise CheckpointError(f"{path}: {fmt!r} checkpoint version {obj.get('version')!r}, this code reads "
+                              f"version {VERSION}")
+    missing = [k for k in required if k not in obj]
+    if missing:
+        raise CheckpointError(f"{path}: {fmt!r} checkpoint lacks {missing}")
+    return obj
+
+
+def write_text_atomic(path: str, text: str) -> None:
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_json_atomic(path: str, obj: Any) -> None:
+    write_text_atomic(path, json.dumps(obj, indent=1) + "\n")
+
+
+def append_jsonl(path: str, records: Iterable[dict]) -> None:
+    with open(path, "a") as f:
+        for r in records:
+            f.write(json.dumps(r, separators=(",", ":")) + "\n")
+        f.flush()
+
+
+def read_jsonl(path: str) -> List[dict]:
+    """Records of a JSONL file; a torn last line (a kill mid-write) is ignored."""
+    out = []
+    if not os.path.exists(path):
+        return out
+    with open(path) as f:
+        for line in f:
+            try:
+                out.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return out

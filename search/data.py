@@ -1,0 +1,172 @@
+"""Data for supernet training and search, plus the scaled-down demo search space.
+
+Two sources:
+
+* the **demo data** (no `--data`): scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 10 classes),
+  upscaled to `img_size` (default 56, the smallest ViT-ResNAS input: three stages on 4x4 / 2x2 / 1x1 token grids)
+  and replicated to 3 channels. A fixed, stratified split (seed 0) holds out 20 % as the search's validation set.
+  Paired with `DEMO_SPACE`, a ViT-ResNAS space with the same structure as `sr_tiny_mh` (5 embed choices per stage,
+  per-block heads and 7 MLP choices from 3C to 1.5C, removable blocks) but ~1/8 of the widths and 2 slots per
+  stage, so the whole pipeline (train, search, export) runs on a CPU in minutes and really learns.
+* `--data PATH`: an ImageFolder tree with `train/` and `val/` (torchvision), decoded with resize + center crop.
+
+Everything is returned as in-memory tensors (`Split`): images as uint8 (N, 3, S, S), normalised on the fly by
+`normalize`. Training batches are chosen by `batch_indices(step)`, a pure function of (seed, step): nothing about
+the data order has to be saved to resume exactly.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+
+from resnas_kernels.models.vit_resnas import SearchSpace, StageSpace, get_space
+
+__all__ = ["DEMO_SPACE", "Split", "load_demo", "load_image_folder", "load_data", "normalize", "resolve_space",
+           "space_to_dict", "space_from_dict", "batch_indices"]
+
+MEAN = (0.485, 0.456, 0.406)
+STD = (0.229, 0.224, 0.225)
+
+
+def _mlp(largest: int) -> Tuple[int, ...]:
+    step = largest // 12          # 7 evenly spaced widths from 3C down to 1.5C, as in the real spaces
+    return tuple(largest - i * step for i in range(7))
+
+
+# sr_tiny_mh scaled down: embed ratios {1, 7/8, 3/4, 11/16, 5/8} of 32/64/128, heads {1, 5/6, 2/3, 1/2}-like, MLP from
+# 3C to 1.5C in 7 steps, 2 slots per stage with the second removable.
+DEMO_SPACE = SearchSpace("demo", (
+    StageSpace(embed=(32, 28, 24, 22, 20), head_dim=8, heads=(4, 3, 2), mlp=_mlp(96), depth=2, removable=(1,)),
+    StageSpace(embed=(64, 56, 48, 44, 40), head_dim=8, heads=(8, 6, 4), mlp=_mlp(192), depth=2, removable=(1,)),
+    StageSpace(embed=(128, 112, 96, 88, 80), head_dim=16, heads=(8, 6, 4), mlp=_mlp(384), depth=2, removable=(1,)),
+))
+
+
+def resolve_space(name: str) -> SearchSpace:
+    """'demo', 'tiny' or 'small'."""
+    if name == "demo":
+        return DEMO_SPACE
+    try:
+        return get_space(name)
+    except ValueError:
+        raise ValueError(f"unknown search space {name!r}; expected one of 'demo', 'tiny', 'small'") from None
+
+
+def space_to_dict(space: SearchSpace) -> dict:
+    """Plain data (checkpoint- and JSON-safe), so a checkpoint carries the exact space it was trained on."""
+    return {"name": space.name, "stages": [
+        {"embed": list(s.embed), "head_dim": s.head_dim, "heads": list(s.heads), "mlp": list(s.mlp),
+         "depth": s.depth, "removable": list(s.removable)} for s in space.stages]}
+
+
+def space_from_dict(d: dict) -> SearchSpace:
+    try:
+        return SearchSpace(str(d["name"]), tuple(
+            StageSpace(embed=tuple(s["embed"]), head_dim=int(s["head_dim"]), heads=tuple(s["heads"]),
+                       mlp=tuple(s["mlp"]), depth=int(s["depth"]), removable=tuple(s["removable"]))
+            for s in d["stages"]))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a search-space record (expected name and stages with embed, head_dim, heads, mlp, "
+                         f"depth, removable): {exc!r}") from None
+
+
+@dataclass
+class Split:
+    images: torch.Tensor      # (N, 3, S, S) uint8
+    labels: torch.Tensor      # (N,) int64
+    num_classes: int
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def subset(self, n: Optional[int]) -> "Split":
+        """The first n samples (the splits are already shuffled, so this is a random, fixed subset)."""
+        if n is None or n >= len(self):
+            return self
+        if n <= 0:
+            raise ValueError(f"a subset needs at least one sample, got {n}")
+        return Split(self.images[:n], self.labels[:n], self.num_classes)
+
+
+def normalize(images: torch.Tensor, device=None, dtype=torch.float32) -> torch.Tensor:
+    """uint8 (B, 3, S, S) -> normalised float images (ImageNet mean / std)."""
+    x = images.to(device=device, non_blocking=True).to(dtype).div_(255.0)
+    mean = torch.tensor(MEAN, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+    std = torch.tensor(STD, device=x.device, dtype=dtype).view(1, 3, 1, 1)
+    return x.sub_(mean).div_(std)
+
+
+def load_demo(img_size: int = 56, val_fraction: float = 0.2) -> Tuple[Split, Split]:
+    """sklearn's bundled 8x8 digits, bilinearly upscaled to img_size, 3 channels; stratified split with seed 0."""
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise RuntimeError("the demo data is scikit-learn's bundled digits: `pip install scikit-learn`, or pass "
+                           "--data PATH (an ImageFolder tree with train/ and val/)") from None
+    digits = load_digits()
+    x = torch.from_numpy(digits.images).float().div(16.0)[:, None]          # (1797, 1, 8, 8) in [0, 1]
+    x = F.interpolate(x, size=(img_size, img_size), mode="bilinear", align_corners=False)
+    x = (x.clamp(0, 1) * 255).round().to(torch.uint8).expand(-1, 3, -1, -1).contiguous()
+    y = torch.from_numpy(digits.target).long()
+    g = torch.Generator().manual_seed(0)
+    train_idx, val_idx = [], []
+    for c in range(10):
+        idx = (y == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        n_val = int(round(len(idx) * val_fraction))
+        val_idx.append(idx[:n_val])
+        train_idx.append(idx[n_val:])
+    train_idx = torch.cat(train_idx)[torch.randperm(sum(map(len, train_idx)), generator=g)]
+    val_idx = torch.cat(val_idx)[torch.randperm(sum(map(len, val_idx)), generator=g)]
+    return Split(x[train_idx], y[train_idx], 10), Split(x[val_idx], y[val_idx], 10)
+
+
+def _decode_folder(root: str, img_size: int) -> Split:
+    from torchvision import datasets, transforms
+
+    tf = transforms.Compose([transforms.Resize(int(round(img_size / 0.875)),
+                                               interpolation=transforms.InterpolationMode.BICUBIC),
+                             transforms.CenterCrop(img_size), transforms.PILToTensor()])
+    ds = datasets.ImageFolder(root, transform=tf)
+    if len(ds) == 0:
+        raise ValueError(f"{root} holds no images")
+    images = torch.empty((len(ds), 3, img_size, img_size), dtype=torch.uint8)
+    labels = torch.empty(len(ds), dtype=torch.long)
+    for i in range(len(ds)):               # decoded once, kept in memory
+        img, label = ds[i]
+        images[i] = img.expand(3, -1, -1) if img.shape[0] == 1 else img[:3]
+        labels[i] = label
+    perm = torch.randperm(len(ds), generator=torch.Generator().manual_seed(0))
+    return Split(images[perm], labels[perm], len(ds.classes))
+
+
+def load_image_folder(path: str, img_size: int) -> Tuple[Split, Split]:
+    for sub in ("train", "val"):
+        if not os.path.isdir(os.path.join(path, sub)):
+            raise ValueError(f"--data {path!r} must be an ImageFolder tree with train/ and val/ sub-folders "
+                             f"(missing {sub}/)")
+    train, val = _decode_folder(os.path.join(path, "train"), img_size), _decode_folder(os.path.join(path, "val"),
+                                                                                         img_size)
+    if train.num_classes != val.num_classes:
+        raise ValueError(f"{path}: train/ has {train.num_classes} classes but val/ has {val.num_classes}")
+    return train, val
+
+
+def load_data(path: Optional[str], img_size: int) -> Tuple[Split, Split]:
+    return load_demo(img_size) if path is None else load_image_folder(path, img_size)
+
+
+def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor:
+    """The global batch of training step `step`: epoch e = step // (n // batch_size) walks a permutation seeded by
+    (seed, e) in order, dropping the last partial batch. A pure function of its arguments, so resuming needs no
+    sampler state."""
+    per_epoch = n // batch_size
+    if per_epoch == 0:
+        raise ValueError(f"batch size {batch_size} exceeds the {n} training samples")
+    epoch, i = divmod(step, per_epoch)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    return perm[i * batch_size:(i + 1) * batch_size]

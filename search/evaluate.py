@@ -1,0 +1,128 @@
+"""Batched candidate scoring for the search (vit_resnas.md 9.2 (h), (i)): many candidates per forward, stem cached.
+
+* The validation images are decoded once (`data.Split`, uint8 in memory).
+* The stem is architecture-independent up to a channel prefix (first-k slicing of the 7x7/s7 projection), so it runs
+  ONCE per image at the supernet's maximum width and its output is cached; candidate g reads the first c_g channels.
+* Each forward then serves P candidates: the cached stem tokens of b images are tiled P times, candidate g owns the
+  g-th contiguous group of b rows, and the ragged supernet runs every group through its own sub-network.
+
+`forward_from_stem` is an adapter over the supernet's ragged forward (`ViTResNAS._ragged_tokens` after the stem): it
+uses the model module's internal `_plan`, `_mask`, `_ragged_block` and `_ragged_head`, because the model offers no
+public "forward from stem tokens" entry point yet. tests/test_search_evolution.py checks that it equals
+`model(x, archs, group_sizes)`, so a change on that side is caught.
+"""
+from __future__ import annotations
+
+import functools
+from typing import List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+import resnas_kernels as rk
+from resnas_kernels.models.vit_resnas import Arch, ViTResNAS
+from resnas_kernels.models.vit_resnas import supernet as _sn
+from resnas_kernels.models.vit_resnas.subnet import LN_EPS
+
+from .data import Split, normalize
+
+__all__ = ["stem_tokens", "forward_from_stem", "CandidateScorer", "score_one_model_per_candidate"]
+
+
+@torch.no_grad()
+def stem_tokens(model: ViTResNAS, x: torch.Tensor) -> torch.Tensor:
+    """(B, H/14 * W/14, C1_max): the stem output at the supernet's full width (trunk + im2col projection exactly as
+    the ragged forward computes it, with one group at maximum width)."""
+    trunk = model.stem.trunk(x)
+    b, mid, hh, ww = trunk.shape
+    k = model.stem.proj.kernel_size[0]
+    patches = (trunk.view(b, mid, hh // k, k, ww // k, k).permute(0, 2, 4, 1, 3, 5)
+               .reshape(b, (hh // k) * (ww // k), mid * k * k))
+    proj = model.stem.proj
+    full = rk.Ragged((b,), (proj.out_channels,))
+    return rk.ragged_linear(patches, proj.weight.view(proj.out_channels, -1), proj.bias,
+                            full.with_widths((mid * k * k,)), full.widths)
+
+
+@torch.no_grad()
+def forward_from_stem(model: ViTResNAS, tokens: torch.Tensor, archs: Sequence[Arch], sizes: Sequence[int]):
+    """Eval-mode logits of `model(x, archs, sizes)` given `stem_tokens(model, x)` (groups as in the supernet)."""
+    plan = _sn._plan(tuple(archs), tuple(sizes))
+    dev, dt = str(tokens.device), tokens.dtype
+    embed = plan.stages[0].embed
+    mask = _sn._mask(embed, tokens.shape[-1], dev, dt)
+    tokens = tokens * mask[:, :, :tokens.shape[-1]]          # each candidate's first c_g stem channels
+    start = torch.cat([model.cls_token + model.pos_embed[:, :1], model.pos_embed[:, 1:]], dim=1)
+    x = F.pad(tokens, (0, 0, 1, 0)) + start * mask
+    for s, stage in enumerate(model.stages):
+        sp = plan.stages[s]
+        if stage.reduce is not None:
+            r = stage.reduce
+            x = rk.residual_spatial_reduction(
+                x, plan.stages[s - 1].embed, sp.embed.widths, r.norm.weight, r.norm.bias, r.conv.weight,
+                r.conv.bias, r.pos_embed, r.cls_proj.weight, r.cls_proj.bias,
+                grid=(model.grids[s - 1], model.grids[s - 1]), eps=LN_EPS)
+        for block, bp in zip(stage.blocks, sp.blocks):
+            x = model._run_block(functools.partial(model._ragged_block, block, bp), x)
+    last = plan.stages[-1].embed
+    cls = rk.ragged_layer_norm(x[:, :1].contiguous(), model.norm.weight, model.norm.bias, last, LN_EPS)
+    return model._ragged_head(cls[:, 0].contiguous(), plan, model.head)
+
+
+class CandidateScorer:
+    """Top-1 accuracy of many candidates: `candidates_per_forward` candidates x `images_per_forward` images each."""
+
+    def __init__(self, model: ViTResNAS, val: Split, device=None, candidates_per_forward: int = 8,
+                 images_per_forward: int = 128, cache_stem: bool = True):
+        if candidates_per_forward < 1 or images_per_forward < 1:
+            raise ValueError("candidates_per_forward and images_per_forward must be >= 1")
+        self.model = model.eval()
+        self.device = device if device is not None else next(model.parameters()).device
+        self.val = val
+        self.labels = val.labels.to(self.device)
+        self.P, self.b = candidates_per_forward, images_per_forward
+        self.cache: Optional[torch.Tensor] = None
+        if cache_stem:
+            parts = [stem_tokens(model, normalize(val.images[i:i + self.b], self.device))
+                     for i in range(0, len(val), self.b)]
+            self.cache = torch.cat(parts)
+
+    @torch.no_grad()
+    def correct(self, archs: Sequence[Arch]) -> List[int]:
+        """Number of correctly classified validation images per candidate."""
+        out: List[int] = []
+        for c in range(0, len(archs), self.P):
+            chunk = list(archs[c:c + self.P])
+            hits = torch.zeros(len(chunk), dtype=torch.long, device=self.device)
+            for i in range(0, len(self.val), self.b):
+                y = self.labels[i:i + self.b]
+                n = y.shape[0]
+                sizes = (n,) * len(chunk)
+                if self.cache is not None:
+                    tok = self.cache[i:i + n].repeat(len(chunk), 1, 1)
+                    logits = forward_from_stem(self.model, tok, chunk, sizes)
+                else:
+                    x = normalize(self.val.images[i:i + n], self.device).repeat(len(chunk), 1, 1, 1)
+                    logits = self.model(x, chunk, sizes)
+                hits += (logits.argmax(1).view(len(chunk), n) == y).sum(1)
+            out += hits.tolist()
+        return out
+
+    def accuracy(self, archs: Sequence[Arch]) -> List[float]:
+        return [c / len(self.val) for c in self.correct(archs)]
+
+
+@torch.no_grad()
+def score_one_model_per_candidate(model: ViTResNAS, archs: Sequence[Arch], val: Split, device=None,
+                                  images_per_forward: int = 128) -> List[int]:
+    """The original search's way (the benchmark peer): build each candidate's standalone network and run it alone."""
+    device = device if device is not None else next(model.parameters()).device
+    out = []
+    for arch in archs:
+        net = model.extract(arch).eval()
+        hits = 0
+        for i in range(0, len(val), images_per_forward):
+            x = normalize(val.images[i:i + images_per_forward], device)
+            hits += (net(x).argmax(1).cpu() == val.labels[i:i + images_per_forward]).sum().item()
+        out.append(hits)
+    return out

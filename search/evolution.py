@@ -1,0 +1,365 @@
+"""`resnas search`: evolutionary search over a trained supernet (vit_resnas.md section 6), candidates scored many per
+forward with a cached stem (`evaluate.CandidateScorer`).
+
+The paper's loop: iteration 0 is a random population (embeds and block keep/drop uniform with heads and MLP at
+their maximum, redrawn until MACs >= 0.975 C, then shrunk one random step at a time until MACs <= C); each later
+iteration takes the top `--parents` of ALL evaluated architectures and makes `--mutations` children (each gene
+re-drawn with p = `--mutate-prob`) and `--crossovers` children (each gene from the second parent with
+p = `--crossover-prob`), every child inside the MAC band [0.975 C, C] and new (never evaluated; crossover gives up
+deduplication after 100 failures, as the original, and such a duplicate is dropped rather than re-scored).
+
+Deterministic for a seed: all choices come from one `random.Random(seed)` whose state is saved with the search.
+Resumable: the children of a generation are drawn and saved before being scored, and the state (history, pending
+candidates, RNG) is written atomically after every scored chunk, so a kill loses at most one chunk of work.
+
+Outputs in --out: state.pt, history.jsonl (one line per evaluated architecture), pareto.json (accuracy vs MACs
+non-dominated set), best.json (the best architecture: slot-aligned `arch` for `resnas export`, and `pruned`, the
+directly trainable definition), pareto.png, summary.txt (best per generation; also printed).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import re
+import sys
+from typing import Callable, Dict, List, Optional, Sequence, Set
+
+from resnas_kernels.models.vit_resnas import Arch, BlockArch, SearchSpace, StageArch, count_macs
+
+from . import data as data_mod
+from .checkpoint import (SEARCH_FORMAT, VERSION, CheckpointError, append_jsonl, read_checkpoint, save_checkpoint,
+                         write_json_atomic, write_text_atomic)
+
+__all__ = ["main", "build_parser", "parse_macs", "random_population", "make_children", "pareto_front"]
+
+# Arguments that define the search: on --resume they must match the saved ones (--generations may grow: a finished
+# search resumed with more generations goes on evolving).
+SEARCH_ARGS = ("supernet", "data", "macs", "band", "population", "parents", "mutations", "crossovers",
+               "mutate_prob", "crossover_prob", "seed", "val_subset", "candidates_per_forward", "images_per_forward")
+
+
+def parse_macs(text: str) -> int:
+    """'1.8G', '10.5M', '2500000' -> MACs."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([kKmMgG]?)\s*", str(text))
+    if not m:
+        raise ValueError(f"--macs must be a number with an optional K/M/G suffix (e.g. 1.8G), got {text!r}")
+    value = float(m.group(1)) * {"": 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2).lower()]
+    if value <= 0:
+        raise ValueError(f"--macs must be > 0, got {text!r}")
+    return int(round(value))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="resnas search", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--supernet", required=True, help="checkpoint.pt of `resnas train-supernet`")
+    p.add_argument("--out", required=True, help="search directory")
+    p.add_argument("--data", default=None, help="ImageFolder tree (val/ is the fitness set); default: the data the "
+                                                "supernet was trained on")
+    p.add_argument("--macs", default=None, help="MAC constraint C, e.g. 1.8G (default: halfway between the space's "
+                                                "smallest and largest network)")
+    p.add_argument("--band", type=float, default=0.975, help="candidates must have MACs in [band * C, C]")
+    p.add_argument("--generations", type=int, default=20, help="iterations, the random population included")
+    p.add_argument("--population", type=int, default=500, help="random initial population")
+    p.add_argument("--parents", type=int, default=75, help="top-k of all evaluated architectures")
+    p.add_argument("--mutations", type=int, default=75)
+    p.add_argument("--crossovers", type=int, default=75)
+    p.add_argument("--mutate-prob", type=float, default=0.3)
+    p.add_argument("--crossover-prob", type=float, default=0.5)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-subset", type=int, default=None, help="score on the first N validation images")
+    p.add_argument("--candidates-per-forward", type=int, default=8, help="candidates scored in one ragged forward")
+    p.add_argument("--images-per-forward", type=int, default=128, help="validation images per candidate per forward")
+    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    p.add_argument("--resume", action="store_true", help="continue the search in --out")
+    p.add_argument("--no-plot", action="store_true", help="do not write pareto.png")
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _check_args(a: argparse.Namespace) -> None:
+    for name in ("generations", "population", "parents", "candidates_per_forward", "images_per_forward"):
+        if getattr(a, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(a, name)}")
+    for name in ("mutations", "crossovers"):
+        if getattr(a, name) < 0:
+            raise ValueError(f"--{name} must be >= 0, got {getattr(a, name)}")
+    for name in ("mutate_prob", "crossover_prob"):
+        if not 0 <= getattr(a, name) <= 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(a, name)}")
+    if not 0 < a.band <= 1:
+        raise ValueError(f"--band must be in (0, 1], got {a.band}")
+    if a.val_subset is not None and a.val_subset < 1:
+        raise ValueError(f"--val-subset must be >= 1, got {a.val_subset}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The evolutionary operators (pure functions of an RNG: deterministic for a seed)
+# ---------------------------------------------------------------------------------------------------------------------
+def _shrink_once(arch: Arch, space: SearchSpace, rng: random.Random, structural: bool) -> Arch:
+    """One random step down: a block's heads or MLP; with `structural`, also a stage's embed or a removable block."""
+    stages = [list(st.blocks) for st in arch.stages]
+    embeds = list(arch.embeds)
+    s = rng.randrange(len(stages))
+    sp = space.stages[s]
+    kinds = ["heads", "mlp"] + (["embed", "drop"] if structural else [])
+    kind = rng.choice(kinds)
+    if kind == "embed":
+        i = sp.embed.index(embeds[s])
+        if i + 1 < len(sp.embed) and (s == 0 or sp.embed[i + 1] >= embeds[s - 1]):
+            embeds[s] = sp.embed[i + 1]
+    else:
+        slot = rng.randrange(len(stages[s]))
+        b = stages[s][slot]
+        if b is not None:
+            if kind == "drop":
+                if slot in sp.removable:
+                    stages[s][slot] = None
+            else:
+                choices = sp.heads if kind == "heads" else sp.mlp
+                value = b.heads if kind == "heads" else b.mlp
+                i = choices.index(value)
+                if i + 1 < len(choices):
+                    stages[s][slot] = (BlockArch(choices[i + 1], b.mlp) if kind == "heads"
+                                       else BlockArch(b.heads, choices[i + 1]))
+    return Arch(tuple(StageArch(e, st.head_dim, tuple(bl)) for e, st, bl in zip(embeds, arch.stages, stages)))
+
+
+def _random_candidate(space: SearchSpace, rng: random.Random, macs: Callable[[Arch], int], lo: int, hi: int,
+                      max_restarts: int = 1000) -> Arch:
+    for _ in range(max_restarts):
+        while True:
+            embeds = sorted(rng.choice(sp.embed) for sp in space.stages)   # RSR needs non-decreasing widths
+            arch = Arch(tuple(StageArch(e, sp.head_dim, tuple(
+                None if i in sp.removable and rng.random() < 0.5 else BlockArch(sp.heads[0], sp.mlp[0])
+                for i in range(sp.depth))) for e, sp in zip(embeds, space.stages)))
+            if macs(arch) >= lo:
+                break
+        steps = 0
+        while macs(arch) > hi and steps < 10000:
+            arch = _shrink_once(arch, space, rng, structural=steps >= 100)
+            steps += 1
+        if lo <= macs(arch) <= hi:
+            return arch
+    raise RuntimeError(f"no random architecture with MACs in [{lo}, {hi}] after {max_restarts} restarts; widen the "
+                       f"band or move the constraint inside the space")
+
+
+def random_population(space: SearchSpace, n: int, rng: random.Random, macs: Callable[[Arch], int], lo: int, hi: int,
+                      seen: Set[Arch]) -> List[Arch]:
+    out: List[Arch] = []
+    misses = 0
+    while len(out) < n:
+        a = _random_candidate(space, rng, macs, lo, hi)
+        if a in seen:
+            misses += 1
+            if misses > 100 * n:
+                break   # the band holds fewer distinct architectures than asked for
+            continue
+        seen.add(a)
+        out.append(a)
+    return out
+
+
+def make_children(space: SearchSpace, parents: Sequence[Arch], n_mut: int, n_cross: int, p_mut: float,
+                  p_cross: float, rng: random.Random, macs: Callable[[Arch], int], lo: int, hi: int,
+                  seen: Set[Arch]) -> List[tuple]:
+    """[(child, origin)]: mutations then crossovers, all in the band and new."""
+    in_band = lambda a: lo <= macs(a) <= hi   # noqa: E731
+    out = []
+    for _ in range(n_mut):
+        try:
+            child = space.mutate(rng.choice(parents), rng, p_mut, accept=lambda a: in_band(a) and a not in seen)
+        except (RuntimeError, ValueError):
+            continue
+        seen.add(child)
+        out.append((child, "mutation"))
+    if len(parents) >= 2:
+        for _ in range(n_cross):
+            a, b = rng.sample(list(parents), 2)
+            try:
+                child = space.crossover(a, b, rng, p_cross, accept=lambda c: in_band(c) and c not in seen,
+                                        max_tries=100)
+            except (RuntimeError, ValueError):
+                try:   # the original then gives up deduplication
+                    child = space.crossover(a, b, rng, p_cross, accept=in_band)
+                except (RuntimeError, ValueError):
+                    continue
+            if child in seen:
+                continue   # a duplicate is not scored again
+            seen.add(child)
+            out.append((child, "crossover"))
+    return out
+
+
+def pareto_front(records: Sequence[dict]) -> List[dict]:
+    """Records not dominated in (fewer MACs, higher accuracy), sorted by MACs."""
+    front, best = [], -1.0
+    for r in sorted(records, key=lambda r: (r["macs"], -r["acc"])):
+        if r["acc"] > best:
+            front.append(r)
+            best = r["acc"]
+    return front
+
+
+def _rank(records: Sequence[dict]) -> List[dict]:
+    return sorted(records, key=lambda r: (-r["acc"], r["macs"], r["index"]))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The run
+# ---------------------------------------------------------------------------------------------------------------------
+def _outputs(out: str, history: List[dict], generations_done: int, cfg: dict, plot: bool) -> dict:
+    best = _rank(history)[0]
+    arch = Arch.from_dict(best["arch"])
+    best_doc = {"arch": best["arch"], "pruned": arch.pruned().to_dict(), "acc": best["acc"], "macs": best["macs"],
+                "generation": best["generation"], "supernet": cfg["supernet"], "space": cfg["space"]["name"],
+                "img_size": cfg["img_size"], "num_classes": cfg["num_classes"], "val_images": cfg["val_images"],
+                "constraint_macs": cfg["macs"], "band": cfg["band"]}
+    write_json_atomic(os.path.join(out, "best.json"), best_doc)
+    front = pareto_front(history)
+    write_json_atomic(os.path.join(out, "pareto.json"), front)
+    lines = [f"{'gen':>3} {'evaluated':>9} {'best acc':>8} {'MACs':>12}  best architecture (slot-aligned, '-' removed)"]
+    for g in range(generations_done):
+        upto = [r for r in history if r["generation"] <= g]
+        if not upto:
+            continue
+        b = _rank(upto)[0]
+        lines.append(f"{g:>3} {len(upto):>9} {b['acc']:>8.4f} {b['macs']:>12,}  {Arch.from_dict(b['arch'])}")
+    table = "\n".join(lines) + "\n"
+    write_text_atomic(os.path.join(out, "summary.txt"), table)
+    if plot:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        fig, ax = plt.subplots(figsize=(6, 4))
+        ax.scatter([r["macs"] / 1e6 for r in history], [r["acc"] for r in history], s=8, alpha=0.4,
+                   label="evaluated")
+        ax.plot([r["macs"] / 1e6 for r in front], [r["acc"] for r in front], "r.-", label="pareto front")
+        ax.scatter([best["macs"] / 1e6], [best["acc"]], marker="*", s=120, c="k", label="best")
+        ax.set_xlabel("MMACs")
+        ax.set_ylabel("top-1 (search validation)")
+        ax.legend()
+        fig.tight_layout()
+        tmp = os.path.join(out, ".tmp-pareto.png")
+        fig.savefig(tmp, dpi=100)
+        plt.close(fig)
+        os.replace(tmp, os.path.join(out, "pareto.png"))
+    return {"best": best_doc, "table": table}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from .evaluate import CandidateScorer
+    from .train import load_supernet
+
+    _check_args(args)
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))
+    state_path = os.path.join(args.out, "state.pt")
+    history_path = os.path.join(args.out, "history.jsonl")
+    saved = None
+    if args.resume:
+        saved = read_checkpoint(state_path, SEARCH_FORMAT, ("config", "generation", "pending", "history", "rng"))
+        differ = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (saved: {saved['config']['args'][k]!r})"
+                  for k in SEARCH_ARGS if getattr(args, k) != saved["config"]["args"][k]]
+        if differ:
+            raise ValueError("--resume continues the saved search; these arguments differ from it: " + "; ".join(differ))
+    elif os.path.exists(state_path):
+        raise ValueError(f"{state_path} exists: pass --resume to continue that search, or choose another --out")
+
+    model, ckpt = load_supernet(args.supernet, device)
+    space = data_mod.space_from_dict(ckpt["space"])
+    img_size, num_classes = ckpt["args"]["img_size"], ckpt["num_classes"]
+    data_path = args.data if args.data is not None else ckpt["args"].get("data")
+    _, val = data_mod.load_data(data_path, img_size)
+    if val.num_classes != num_classes:
+        raise ValueError(f"the validation data has {val.num_classes} classes, the supernet {num_classes}")
+    val = val.subset(args.val_subset)
+    macs = lambda a: count_macs(a, img_size, num_classes)   # noqa: E731
+    lo_space, hi_space = macs(space.min_arch()), macs(space.max_arch())
+    constraint = parse_macs(args.macs) if args.macs is not None else (lo_space + hi_space) // 2
+    lo, hi = int(args.band * constraint), constraint
+    if hi < lo_space or lo > hi_space:
+        raise ValueError(f"the MAC band [{lo:,}, {hi:,}] lies outside the space ({lo_space:,} .. {hi_space:,} MACs)")
+    cfg = {"args": {k: getattr(args, k) for k in SEARCH_ARGS}, "supernet": os.path.abspath(args.supernet),
+           "space": data_mod.space_to_dict(space), "img_size": img_size, "num_classes": num_classes,
+           "val_images": len(val), "macs": constraint, "band": [lo, hi]}
+
+    if saved is not None:
+        generation, pending, history = saved["generation"], list(saved["pending"]), list(saved["history"])
+        rng = random.Random()
+        rng.setstate(saved["rng"])
+        write_text_atomic(history_path, "".join(_line(r) for r in history))   # drop a torn last line
+    else:
+        os.makedirs(args.out, exist_ok=True)
+        write_json_atomic(os.path.join(args.out, "config.json"), cfg)
+        generation, pending, history, rng = 0, [], [], random.Random(args.seed)
+        write_text_atomic(history_path, "")
+    seen: Set[Arch] = {Arch.from_dict(r["arch"]) for r in history} | {Arch.from_dict(p[0]) for p in pending}
+
+    def save() -> None:
+        save_checkpoint({"format": SEARCH_FORMAT, "version": VERSION, "config": cfg, "generation": generation,
+                         "pending": pending, "history": history, "rng": rng.getstate()}, state_path)
+
+    scorer = CandidateScorer(model, val, device, args.candidates_per_forward, args.images_per_forward)
+    bar = None
+    if not args.no_progress:
+        from tqdm import tqdm
+        bar = tqdm(desc="search", unit="cand", dynamic_ncols=True, initial=len(history))
+    while generation < args.generations:
+        if not pending:
+            if generation == 0:
+                children = [(a, "random") for a in random_population(space, args.population, rng, macs, lo, hi, seen)]
+            else:
+                parents = [Arch.from_dict(r["arch"]) for r in _rank(history)[:args.parents]]
+                children = make_children(space, parents, args.mutations, args.crossovers, args.mutate_prob,
+                                         args.crossover_prob, rng, macs, lo, hi, seen)
+            pending = [(a.to_dict(), origin) for a, origin in children]
+            save()
+        while pending:
+            chunk = pending[:args.candidates_per_forward]
+            archs = [Arch.from_dict(p[0]) for p in chunk]
+            hits = scorer.correct(archs)
+            recs = [{"index": len(history) + i, "generation": generation, "origin": origin, "arch": d,
+                     "macs": macs(a), "acc": h / len(val), "correct": h}
+                    for i, ((d, origin), a, h) in enumerate(zip(chunk, archs, hits))]
+            history += recs
+            pending = pending[len(chunk):]
+            append_jsonl(history_path, recs)
+            save()
+            if bar is not None:
+                bar.update(len(chunk))
+                bar.set_postfix(gen=generation, best=f"{_rank(history)[0]['acc']:.4f}")
+        generation += 1
+        save()
+    if bar is not None:
+        bar.close()
+    if not history:
+        raise ValueError("the search evaluated no architecture")
+    result = _outputs(args.out, history, generation, cfg, not args.no_plot)
+    print(result["table"], end="")
+    print(f"search: {len(history)} architectures evaluated; best {result['best']['acc']:.4f} at "
+          f"{result['best']['macs']:,} MACs -> {os.path.join(args.out, 'best.json')}")
+    return 0
+
+
+def _line(r: dict) -> str:
+    import json
+    return json.dumps(r, separators=(",", ":")) + "\n"
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, CheckpointError) as exc:
+        print(f"resnas search: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

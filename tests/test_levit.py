@@ -1,0 +1,605 @@
+"""LeViT on the fused kernels (`resnas_kernels.models.levit`) against timm's `levit_*` with the same weights.
+
+Tolerance rule (tests/_oracle.py): the oracle is timm's model evaluated in fp64 with the same weights and inputs;
+ours in fp32 passes if its max error is at most 2x (outputs) / 3x (gradients, running statistics) the error of timm's
+own fp32 model, plus 8 ulps at the oracle's magnitude. BN folding, the fused attention kernel and oneDNN's fused
+epilogues round differently from timm's op sequence, but must not be materially less accurate.
+
+Weights are random with non-trivial BatchNorm statistics and affines and non-zero bias tables (timm initialises some
+BN gammas and every bias table to 0, which would let folding and bias bugs hide).
+
+Gradients are compared in fp64 (ours in fp64, through the same kernels, vs timm in fp64), see
+`check_train_and_grads` for why fp32 gradients of this network cannot be compared element-wise.
+
+Cost control (2 shared CPU cores): every variant at batch 1 (eval) and 2 (eval, train, gradients); batch 16 for
+LeViT-128S only.
+"""
+import copy
+import io
+import itertools
+import os
+
+import pytest
+import timm
+import torch
+
+import resnas_kernels.models  # noqa: F401  (registers levit_*_fused with timm)
+from resnas_kernels.models import levit as L
+
+from _oracle import assert_close_to_oracle
+
+VARIANTS = ["levit_128s", "levit_128", "levit_192", "levit_256", "levit_384"]
+FUSED = L.fused_attention_available()
+needs_fused = pytest.mark.skipif(not FUSED, reason="resnas_kernels.ragged_attention is not available in this build")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Helpers
+# ---------------------------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial BN statistics/affines, attention bias tables and head weights, drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    for mod in model.modules():
+        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
+            n = mod.num_features
+            mod.weight.copy_(torch.rand(n, generator=g) + 0.5)
+            mod.bias.copy_(torch.randn(n, generator=g) * 0.2)
+            mod.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
+            mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
+        if hasattr(mod, "attention_biases"):
+            mod.attention_biases.copy_(torch.randn(mod.attention_biases.shape, generator=g))
+    for name, p in model.named_parameters():
+        if name.startswith(("head.linear", "head_dist.linear")):
+            p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+    return model
+
+
+def make_pair(variant: str, seed: int, fused_attn=None, **kwargs):
+    """(timm model, our model) with the same random weights; and timm's fp64 copy (the oracle)."""
+    torch.manual_seed(seed)
+    ref = randomize(timm.create_model(variant, **kwargs), seed)
+    ours = timm.create_model(f"{variant}_fused", fused_attn=fused_attn, **kwargs)
+    ours.load_state_dict(ref.state_dict())
+    oracle = copy.deepcopy(ref).double()
+    return ref, ours, oracle
+
+
+def images(batch: int, seed: int, size=(224, 224)) -> torch.Tensor:
+    return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
+
+
+def set_mode(models, train: bool):
+    for m in models:
+        m.train(train)
+
+
+def check_eval(ref, ours, oracle, x, name):
+    set_mode((ref, ours, oracle), False)
+    with torch.no_grad():
+        assert_close_to_oracle(ours(x), oracle(x.double()), ref(x), name)
+
+
+def _train_step(model, x, distilled_training):
+    """Train-mode forward and backward with a fixed random cotangent ((out * w).sum() has no structure for errors to
+    cancel in); returns the output and the gradients by parameter name."""
+    model.train()
+    model.set_distilled_training(distilled_training)
+    model.zero_grad(set_to_none=True)
+    out = model(x)
+    out = torch.stack(out) if isinstance(out, tuple) else out
+    w = torch.randn(out.shape, generator=torch.Generator().manual_seed(7), dtype=torch.float64).to(out.dtype)
+    (out * w).sum().backward()
+    return out.detach(), {n: p.grad for n, p in model.named_parameters()}
+
+
+FP32_GRAD_REL_L2 = 5e-2  # see check_train_and_grads
+
+
+def check_train_and_grads(ref, ours, oracle, x, name, distilled_training=False):
+    """Train mode: outputs (fp32, oracle rule), gradients and updated BN statistics (fp64, tight).
+
+    Why gradients are compared in fp64: Hardswish's derivative jumps at +-3, so in fp32 rounding moves a few
+    pre-activations across a jump and changes those gradient entries by O(1) * upstream gradient. Per-tensor max
+    errors of fp32 gradients are then a lottery: swapping torch.softmax for an exact hand-written softmax (exp / sum)
+    in timm's own math gave 2x-76x timm's fp32 error on some parameters, depending on the seed; the relative L2 error
+    of all fp32 gradients was 1e-3 to 9e-3 for timm's fp32, for that variant and for ours alike. In fp64 no
+    pre-activation crosses a jump: ours matches timm's fp64 gradients to ~3e-12 relative (measured), so the fp64
+    check uses torch.testing's fp64 tolerances (1e-7), four orders of magnitude of margin, while any real error
+    (index, scale, missing term) is O(1). The fp32 gradients are still checked: finite, and within 5e-2 relative L2
+    of the oracle, which fails on any structural error without betting on where rounding lands.
+    """
+    ours64 = copy.deepcopy(ours).double()  # before any train-mode forward moves the BN statistics
+    out_ref, _ = _train_step(ref, x, distilled_training)
+    out_ours, g_ours = _train_step(ours, x, distilled_training)
+    out_ora, g_ora = _train_step(oracle, x.double(), distilled_training)
+    out_64, g_64 = _train_step(ours64, x.double(), distilled_training)
+    assert_close_to_oracle(out_ours, out_ora, out_ref, f"{name} train output")
+    assert list(g_ours) == list(g_ora), "parameter names/order differ from timm"
+    flat = lambda g: torch.cat([t.double().flatten() for t in g.values()])  # noqa: E731
+    for n, g in g_ours.items():
+        assert g is not None and torch.isfinite(g).all(), f"{name}: missing or non-finite fp32 gradient for {n}"
+    rel = ((flat(g_ours) - flat(g_ora)).norm() / flat(g_ora).norm()).item()
+    assert rel <= FP32_GRAD_REL_L2, f"{name}: fp32 gradients off by {rel:.2e} relative L2"
+    torch.testing.assert_close(out_64, out_ora, rtol=1e-7, atol=1e-7, msg=lambda m: f"{name} fp64 output: {m}")
+    scale = max(1.0, flat(g_ora).abs().max().item())
+    for n, g in g_64.items():
+        torch.testing.assert_close(g, g_ora[n], rtol=1e-7, atol=1e-7 * scale, msg=lambda m: f"{name} fp64 grad {n}: {m}")
+    ora_b = dict(oracle.named_buffers())
+    for n, b in ours64.named_buffers():
+        if "running_" in n or n.endswith("num_batches_tracked"):
+            torch.testing.assert_close(b, ora_b[n], rtol=1e-7, atol=1e-7, msg=lambda m: f"{name} buffer {n}: {m}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Registration, state dicts, checkpoints
+# ---------------------------------------------------------------------------------------------------------------------
+def test_registered_under_our_names_only():
+    names = timm.list_models("levit_*_fused")
+    assert sorted(names) == sorted(f"{v}_fused" for v in VARIANTS)
+    for v in VARIANTS:
+        # timm's own names still build timm's model: ours never overwrote them.
+        assert type(timm.create_model(v)).__module__ == "timm.models.levit"
+        cfg = timm.create_model(f"{v}_fused").pretrained_cfg
+        assert cfg["hf_hub_id"] == f"timm/{v}.fb_dist_in1k"
+        assert cfg["fixed_input_size"] and cfg["input_size"] == (3, 224, 224)
+    assert isinstance(timm.create_model("levit_128s_fused"), L.LevitFused)
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_state_dict_matches_timm(variant):
+    ref = timm.create_model(variant)
+    ours = timm.create_model(f"{variant}_fused")
+    sd_ref, sd_ours = ref.state_dict(), ours.state_dict()
+    assert list(sd_ours) == list(sd_ref)  # same names, same order
+    for k in sd_ref:
+        assert sd_ours[k].shape == sd_ref[k].shape, k
+    ours.load_state_dict(sd_ref)  # strict, both directions
+    ref.load_state_dict(sd_ours)
+    # the non-persistent index buffer equals timm's
+    for (n1, b1), (n2, b2) in zip(ref.named_buffers(), ours.named_buffers()):
+        assert n1 == n2
+        if n1.endswith("attention_bias_idxs"):
+            assert torch.equal(b1, b2), n1
+    assert ours.no_weight_decay() == ref.no_weight_decay()
+    assert sum(p.numel() for p in ours.parameters()) == sum(p.numel() for p in ref.parameters())
+
+
+def _official_index(resolution: int, stride: int, resolution_q: int) -> torch.Tensor:
+    """The official repo's `attention_bias_idxs`: table slots in first-appearance order of (|dy|, |dx|) offsets."""
+    offsets, idxs = {}, []
+    for p1 in itertools.product(range(resolution_q), range(resolution_q)):
+        for p2 in itertools.product(range(resolution), range(resolution)):
+            off = (abs(p1[0] * stride - p2[0]), abs(p1[1] * stride - p2[1]))
+            idxs.append(offsets.setdefault(off, len(offsets)))
+    return torch.tensor(idxs).view(resolution_q ** 2, resolution ** 2)
+
+
+def _official_state_dict(variant: str, timm_sd: dict) -> dict:
+    """The state dict facebookresearch/LeViT's `LeViT_*` would hold for the same weights (persistent index buffers
+    included), built from that repo's module layout (levit.md section 8): names written out independently of
+    checkpoint_filter_fn, values taken from timm's state dict by position (both are in module-registration order)."""
+    cfg = L.MODEL_CFGS[variant]
+    bn = ["weight", "bias", "running_mean", "running_var", "num_batches_tracked"]
+
+    def lin_bn(prefix):
+        return [f"{prefix}.c.weight"] + [f"{prefix}.bn.{s}" for s in bn]
+
+    names = []
+    for i in (0, 2, 4, 6):
+        names += lin_bn(f"patch_embed.{i}")
+    blocks, index_buffers, res = [], {}, 14
+    for stage, depth in enumerate(cfg["depth"]):
+        for _ in range(depth):
+            n = len(blocks)
+            blocks.append([f"blocks.{n}.m.attention_biases"] + lin_bn(f"blocks.{n}.m.qkv") + lin_bn(f"blocks.{n}.m.proj.1"))
+            index_buffers[f"blocks.{n}.m.attention_bias_idxs"] = _official_index(res, 1, res)
+            n = len(blocks)
+            blocks.append(lin_bn(f"blocks.{n}.m.0") + lin_bn(f"blocks.{n}.m.2"))
+        if stage < 2:
+            n = len(blocks)
+            res_q = (res - 1) // 2 + 1
+            blocks.append([f"blocks.{n}.attention_biases"] + lin_bn(f"blocks.{n}.kv") + lin_bn(f"blocks.{n}.q.1")
+                          + lin_bn(f"blocks.{n}.proj.1"))
+            index_buffers[f"blocks.{n}.attention_bias_idxs"] = _official_index(res, 2, res_q)
+            n = len(blocks)
+            blocks.append(lin_bn(f"blocks.{n}.m.0") + lin_bn(f"blocks.{n}.m.2"))
+            res = res_q
+    # The official flat order (a stage's blocks, then the shrink + MLP leading to the next stage) is timm's order
+    # too, where the shrink opens the next stage.
+    names += [k for b in blocks for k in b]
+    for head in ("head", "head_dist"):
+        names += [f"{head}.bn.{s}" for s in bn] + [f"{head}.l.weight", f"{head}.l.bias"]
+    assert len(names) == len(timm_sd), (len(names), len(timm_sd))
+    out = {}
+    for name, (timm_key, value) in zip(names, timm_sd.items()):
+        assert name.rsplit(".", 1)[-1] == timm_key.rsplit(".", 1)[-1], (name, timm_key)
+        out[name] = value.clone()
+    out.update(index_buffers)
+    return out
+
+
+@pytest.mark.parametrize("variant", ["levit_128s", "levit_256"])
+def test_checkpoint_filter_original_repo_naming(variant, tmp_path):
+    ref, ours, _ = make_pair(variant, seed=11)
+    official = _official_state_dict(variant, ref.state_dict())
+    path = tmp_path / "LeViT.pth"
+    torch.save({"model": official, "epoch": 999}, path)  # the original checkpoints wrap the weights in 'model'
+    loaded = torch.load(path, weights_only=True)
+    fresh = timm.create_model(f"{variant}_fused")
+    fresh.load_state_dict(L.checkpoint_filter_fn(loaded, fresh))  # strict
+    for k, v in ref.state_dict().items():
+        assert torch.equal(fresh.state_dict()[k], v), k
+    # The official index buffers (first-appearance order) equal ours, so the tables copy 1:1.
+    for name, buf in fresh.named_buffers():
+        if name.endswith("attention_bias_idxs"):
+            mod = fresh.get_submodule(name.rsplit(".", 1)[0])
+            assert torch.equal(buf, _official_index(mod.resolution[0], mod.stride, mod.resolution_q[0])), name
+    x = images(1, seed=12)
+    fresh.eval(), ref.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), ours.eval()(x), rtol=0, atol=0)
+
+
+def test_checkpoint_filter_timm_and_create_model_file(tmp_path):
+    """timm's own checkpoints load through timm's pretrained path (file overlay + our filter fn)."""
+    ref = randomize(timm.create_model("levit_128s"), seed=3)
+    sd = dict(ref.state_dict())
+    sd["stages.0.blocks.0.attn.attention_bias_idxs"] = torch.zeros(196, 196, dtype=torch.long)  # old timm files
+    path = tmp_path / "levit_128s.pth"
+    torch.save(sd, path)
+    ours = timm.create_model("levit_128s_fused", pretrained=True, pretrained_cfg_overlay=dict(file=str(path)))
+    for k, v in ref.state_dict().items():
+        assert torch.equal(ours.state_dict()[k], v), k
+
+
+def test_checkpoint_filter_rejects_other_variant():
+    ref = timm.create_model("levit_128")  # more blocks than 128S
+    official = _official_state_dict("levit_128", ref.state_dict())
+    with pytest.raises(KeyError, match="more blocks"):
+        L.checkpoint_filter_fn(official, timm.create_model("levit_128s_fused"))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parity with timm: every variant, eval / train / gradients
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parity_eval_batch1(variant):
+    ref, ours, oracle = make_pair(variant, seed=21)
+    check_eval(ref, ours, oracle, images(1, seed=22), f"{variant} eval B=1")
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parity_batch2_eval_train_grads(variant):
+    ref, ours, oracle = make_pair(variant, seed=31)
+    x = images(2, seed=32)
+    check_eval(ref, ours, oracle, x, f"{variant} eval B=2")
+    check_train_and_grads(ref, ours, oracle, x, f"{variant} B=2")
+
+
+@pytest.mark.slow
+def test_parity_levit_128s_batch16():
+    ref, ours, oracle = make_pair("levit_128s", seed=41)
+    x = images(16, seed=42)
+    check_eval(ref, ours, oracle, x, "levit_128s eval B=16")
+    check_train_and_grads(ref, ours, oracle, x, "levit_128s B=16")
+    check_train_and_grads(ref, ours, oracle, x, "levit_128s B=16 distilled", distilled_training=True)
+
+
+def _close_fp64(actual, oracle, name):
+    """fp64 comparison used for gradients (see check_train_and_grads): torch.testing's fp64 tolerances, atol scaled
+    to the oracle's magnitude."""
+    scale = max(1.0, oracle.abs().max().item())
+    torch.testing.assert_close(actual, oracle, rtol=1e-7, atol=1e-7 * scale, msg=lambda m: f"{name}: {m}")
+
+
+def _rel_l2(actual, oracle) -> float:
+    return ((actual.double() - oracle).norm() / oracle.norm()).item()
+
+
+def test_parity_eval_mode_gradients():
+    """Eval mode with grad enabled (the official repo fine-tunes with model.train(False)): the fold is computed on
+    the fly, so gradients reach the linear weights, the BN affines and the bias tables; BN statistics stay frozen."""
+    ref, ours, oracle = make_pair("levit_128s", seed=51)
+    ours64 = copy.deepcopy(ours).double()
+    x = images(2, seed=52)
+    set_mode((ref, ours, oracle, ours64), False)
+    outs, grads = {}, {}
+    for key, m, inp in (("ref", ref, x), ("ours", ours, x), ("oracle", oracle, x.double()), ("ours64", ours64, x.double())):
+        out = m(inp)
+        out.pow(2).sum().backward()
+        outs[key], grads[key] = out.detach(), {n: p.grad for n, p in m.named_parameters()}
+    assert_close_to_oracle(outs["ours"], outs["oracle"], outs["ref"], "eval-mode output")
+    for n, g in grads["ours64"].items():
+        assert grads["ours"][n] is not None and torch.isfinite(grads["ours"][n]).all(), n
+        _close_fp64(g, grads["oracle"][n], f"eval-mode fp64 grad {n}")
+    flat = lambda key: torch.cat([g.double().flatten() for g in grads[key].values()])  # noqa: E731
+    assert _rel_l2(flat("ours"), flat("oracle")) <= FP32_GRAD_REL_L2
+    for n, b in ours.named_buffers():  # eval mode: statistics frozen
+        if "running_" in n:
+            assert torch.equal(b, ref.state_dict()[n]), n
+
+
+def test_input_gradient_in_eval():
+    """Gradient w.r.t. the input of a frozen eval model (e.g. saliency): the oneDNN fast path (no autograd) must step
+    aside in fp32; fp64 checks the values tightly."""
+    ref, ours, oracle = make_pair("levit_128s", seed=55)
+    ours64 = copy.deepcopy(ours).double()
+    set_mode((ref, ours, oracle, ours64), False)
+    grads = {}
+    for key, m, dtype in (("ours", ours, torch.float32), ("oracle", oracle, torch.float64),
+                          ("ours64", ours64, torch.float64)):
+        m.requires_grad_(False)
+        x = images(1, seed=56).to(dtype).requires_grad_()
+        m(x).logsumexp(-1).sum().backward()
+        grads[key] = x.grad
+    assert torch.isfinite(grads["ours"]).all()
+    assert _rel_l2(grads["ours"], grads["oracle"]) <= FP32_GRAD_REL_L2
+    _close_fp64(grads["ours64"], grads["oracle"], "input gradient fp64")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Fused vs unfused attention
+# ---------------------------------------------------------------------------------------------------------------------
+@needs_fused
+@pytest.mark.parametrize("variant", ["levit_128s", "levit_192"])
+def test_fused_vs_unfused(variant):
+    """The same model through resnas_kernels.ragged_attention and through plain PyTorch attention (timm's math):
+    eval outputs as accurate as the unfused path's (oracle rule, unfused as the reference), and train outputs and
+    gradients (including the bias tables', reduced inside the kernel) against the oracle."""
+    ref, fused, oracle = make_pair(variant, seed=61, fused_attn=True)
+    unfused = copy.deepcopy(fused).set_fused_attn(False)
+    check_eval(unfused, fused, oracle, images(2, seed=62), f"{variant} fused vs unfused, eval")
+    check_train_and_grads(unfused, fused, oracle, images(2, seed=63), f"{variant} fused vs unfused")
+    for n, p in fused.named_parameters():
+        if n.endswith("attention_biases"):
+            assert p.grad.abs().max() > 0, f"{n}: the bias table got no gradient through the kernel"
+
+
+@needs_fused
+def test_fused_path_calls_the_kernel(monkeypatch):
+    """Guard against silently running the unfused path: count the kernel calls of one forward."""
+    _, ours, _ = make_pair("levit_128s", seed=63)
+    calls = []
+    real = L._attention_op()
+    monkeypatch.setitem(L._ATTENTION_OP, "op", lambda *a, **k: calls.append(k) or real(*a, **k))
+    ours.eval()
+    with torch.no_grad():
+        ours(images(1, seed=64))
+    assert len(calls) == 2 + 3 + 4 + 2  # 9 block attentions + 2 shrink attentions
+    assert all(c["bias_grid"] in ((14, 1), (7, 1), (4, 1), (14, 2), (7, 2)) for c in calls)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# BN folding and the inference caches
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("cls_args", [("LinearNorm", (24, 40)), ("ConvNorm", (6, 10, 3, 2, 1))])
+def test_bn_folding_layer(cls_args):
+    """Each folded layer equals Linear/Conv followed by eval-mode BN, and the cached weights are the closed form."""
+    cls, args = cls_args
+    layer = randomize(getattr(L, cls)(*args), seed=71)
+    x = torch.randn((5, 7, args[0]) if cls == "LinearNorm" else (2, args[0], 9, 11),
+                    generator=torch.Generator().manual_seed(72))
+    layer.eval()
+    with torch.no_grad():
+        y = layer(x)
+        y64 = layer.bn.double()(layer.linear.double()(x.double()).flatten(0, 1)).view(5, 7, -1) \
+            if cls == "LinearNorm" else layer.bn.double()(layer.linear.double()(x.double()))
+        layer.float()
+        y32 = (layer.bn(layer.linear(x).flatten(0, 1)).view(5, 7, -1) if cls == "LinearNorm"
+               else layer.bn(layer.linear(x)))
+    assert_close_to_oracle(y, y64, y32, f"folded {cls}")
+    w, b = layer._inference_tensors()
+    bn = layer.bn
+    s = bn.weight / torch.sqrt(bn.running_var + bn.eps)
+    torch.testing.assert_close(w, layer.linear.weight * s.view(-1, *[1] * (w.dim() - 1)))
+    torch.testing.assert_close(b, bn.bias - bn.running_mean * s)
+
+
+def test_fuse_builds_and_train_clears_caches():
+    _, ours, _ = make_pair("levit_128s", seed=81)
+    layers = [m for m in ours.modules() if isinstance(m, (L.LinearNorm, L.ConvNorm, L.NormLinear))]
+    assert all(m._cache is None for m in layers)
+    assert ours.fuse() is ours and not ours.training
+    assert all(m._cache is not None for m in layers)
+    ours.train()
+    assert all(m._cache is None for m in layers)
+    assert all(m.bn.training for m in layers)
+    ours.eval()
+    assert all(m._cache is not None for m in layers)
+    # caches never enter the state dict
+    assert set(ours.state_dict()) == set(timm.create_model("levit_128s").state_dict())
+
+
+def test_cache_follows_in_place_updates_and_load_state_dict():
+    """A cache built in eval mode must not go stale: EMA-style in-place updates, load_state_dict, train/eval cycles."""
+    ref, ours, oracle = make_pair("levit_128s", seed=91)
+    x = images(2, seed=92)
+    check_eval(ref, ours, oracle, x, "before")
+    # 1. EMA-style in-place update of every parameter and BN statistic, with both models kept in eval mode.
+    with torch.no_grad():
+        for m in (ref, ours, oracle):
+            for t in itertools.chain(m.parameters(), (b for n, b in m.named_buffers() if "running_" in n)):
+                t.mul_(0.9).add_(0.01)
+    check_eval(ref, ours, oracle, x, "after in-place update")
+    # 2. load_state_dict of other weights while in eval mode.
+    other = randomize(timm.create_model("levit_128s"), seed=93)
+    for m in (ref, ours, oracle):
+        m.load_state_dict(other.state_dict())
+    check_eval(ref, ours, oracle, x, "after load_state_dict")
+    # 3. a training step (BN statistics move), then back to eval.
+    set_mode((ref, ours, oracle), True)
+    ref(x), ours(x), oracle(x.double())
+    check_eval(ref, ours, oracle, x, "after a train-mode forward")
+
+
+def test_dtype_and_device_moves_rebuild_caches():
+    ref, ours, oracle = make_pair("levit_128s", seed=95)
+    x = images(1, seed=96)
+    ours.eval()
+    with torch.no_grad():
+        ours(x)
+        ours.double()  # the caches must be rebuilt in fp64, not reused in fp32
+        out = ours(x.double())
+    assert out.dtype == torch.float64
+    with torch.no_grad():
+        torch.testing.assert_close(out, oracle.eval()(x.double()), rtol=1e-9, atol=1e-9)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input, other resolutions
+# ---------------------------------------------------------------------------------------------------------------------
+def test_wrong_resolution_raises():
+    model = timm.create_model("levit_128s_fused").eval()
+    for bad in ((1, 3, 192, 192), (1, 3, 224, 256), (1, 4, 224, 224), (3, 224, 224)):
+        with pytest.raises(ValueError, match=r"x must be a \(B, 3, 224, 224\) image batch.*14x14 token grid"):
+            model(torch.zeros(bad))
+    attn = model.stages[0].blocks[0].attn
+    with pytest.raises(ValueError, match="49 tokens.*14x14 token grid"):
+        attn(torch.zeros(1, 49, 128))
+    shrink = model.stages[1].downsample.attn_downsample
+    with pytest.raises(ValueError, match="49 tokens.*14x14 token grid"):
+        shrink(torch.zeros(1, 49, 128))
+
+
+@pytest.mark.parametrize("img_size", [192, (224, 160)])
+def test_other_resolutions_match_timm(img_size):
+    """Models built for another (also non-square) size run and equal timm's at that size."""
+    ref, ours, oracle = make_pair("levit_128s", seed=101, img_size=img_size)
+    size = img_size if isinstance(img_size, tuple) else (img_size, img_size)
+    x = images(2, seed=102, size=size)
+    check_eval(ref, ours, oracle, x, f"img_size={img_size} eval")
+    check_train_and_grads(ref, ours, oracle, x, f"img_size={img_size}")
+    with pytest.raises(ValueError, match="image batch"):
+        ours(images(1, seed=103))
+
+
+def test_unsupported_arguments_raise():
+    with pytest.raises(ValueError, match="use_conv"):
+        timm.create_model("levit_128s_fused", use_conv=True)
+    with pytest.raises(ValueError, match="act_layer"):
+        timm.create_model("levit_128s_fused", act_layer="silu")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# timm model API
+# ---------------------------------------------------------------------------------------------------------------------
+def test_timm_api():
+    ref, ours, _ = make_pair("levit_128s", seed=111)
+    x = images(2, seed=112)
+    set_mode((ref, ours), False)
+    with torch.no_grad():
+        f_ref, f_ours = ref.forward_features(x), ours.forward_features(x)
+        assert f_ours.shape == f_ref.shape == (2, 16, 384)
+        torch.testing.assert_close(f_ours, f_ref, rtol=1e-4, atol=1e-4)
+        assert ours.forward_head(f_ours, pre_logits=True).shape == (2, 384)
+        _, inter = ours.forward_intermediates(x)
+        _, inter_ref = ref.forward_intermediates(x)
+        assert [t.shape for t in inter] == [t.shape for t in inter_ref] == [(2, 128, 14, 14), (2, 256, 7, 7),
+                                                                              (2, 384, 4, 4)]
+        for a, b in zip(inter, inter_ref):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    assert ours.get_classifier()[0] is ours.head and ours.get_classifier()[1] is ours.head_dist
+    assert ours.group_matcher() == ref.group_matcher()
+    ours.reset_classifier(0)
+    with torch.no_grad():
+        assert ours(x).shape == (2, 384)
+    ours.reset_classifier(10)
+    ours.eval()
+    with torch.no_grad():
+        assert ours(x).shape == (2, 10)
+    ours.train()
+    ours.set_distilled_training(True)
+    out = ours(x)
+    assert isinstance(out, tuple) and len(out) == 2
+
+
+def test_features_only_and_grad_checkpointing():
+    feats = timm.create_model("levit_128s_fused", features_only=True)
+    feats.eval()
+    with torch.no_grad():
+        outs = feats(images(1, seed=121))
+    assert [o.shape[1] for o in outs] == feats.feature_info.channels() == [128, 256, 384]
+    ref, ours, oracle = make_pair("levit_128s", seed=122)
+    ours.set_grad_checkpointing(True)
+    check_train_and_grads(ref, ours, oracle, images(2, seed=123), "grad checkpointing")
+
+
+def test_flops_match_flop_counter():
+    """levit_flops (2 x MACs of convs, linears and attention matmuls, one averaged head) against PyTorch's
+    FlopCounterMode on timm's model, which runs both heads."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    for variant in ("levit_128s", "levit_256"):
+        ref = timm.create_model(variant).eval()
+        ours = timm.create_model(f"{variant}_fused")
+        counter = FlopCounterMode(display=False)
+        with counter, torch.no_grad():
+            ref(torch.zeros(2, 3, 224, 224))
+        one_head = 2 * 2 * ours.num_features * ours.num_classes
+        assert L.levit_flops(ours, batch=2) == counter.get_total_flops() - one_head
+    # The official counter (levit.md section 3) counts 305.1M multiply-adds for 128S including softmax
+    # (H * Nq * Nk per attention) and both heads' linears.
+    ours = timm.create_model("levit_128s_fused")
+    softmax = sum(m.num_heads * m.num_queries * m.num_keys for m in ours.modules()
+                  if isinstance(m, (L.Attention, L.AttentionDownsample)))
+    official = L.levit_flops(ours) // 2 + softmax + ours.num_features * ours.num_classes
+    assert abs(official - 305.1e6) < 0.1e6, official
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.compile
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_torch_compile_inference():
+    ref, ours, oracle = make_pair("levit_128s", seed=131)
+    x = images(2, seed=132)
+    ours.fuse()
+    compiled = torch.compile(ours, fullgraph=True)
+    with torch.inference_mode():
+        out = compiled(x)
+        assert_close_to_oracle(out, oracle.eval()(x.double()), ref.eval()(x), "compiled eval")
+        # train() then eval() again: the compiled graph must see the rebuilt caches (same weights -> same output)
+        ours.train()
+        ours.eval()
+        torch.testing.assert_close(compiled(x), out, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_torch_compile_training_step():
+    """A compiled training step (fp64, see check_train_and_grads) equals timm's."""
+    _, ours, oracle = make_pair("levit_128s", seed=141)
+    ours = ours.double()
+    compiled = torch.compile(ours)
+    x = images(2, seed=142).double()
+    out, grads = _train_step(compiled, x, False)
+    out_ora, g_ora = _train_step(oracle, x, False)
+    torch.testing.assert_close(out, out_ora, rtol=1e-7, atol=1e-7)
+    for n, g in grads.items():
+        _close_fp64(g, g_ora[n], f"compiled grad {n}")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The drop-in patching helper (resnas_kernels.layers.attention, owned by the attention op)
+# ---------------------------------------------------------------------------------------------------------------------
+def _patch_helper():
+    try:
+        from resnas_kernels.layers.attention import patch_timm_levit_attention
+    except ImportError as exc:
+        pytest.skip(f"resnas_kernels.layers.attention is not available: {exc}")
+    return patch_timm_levit_attention
+
+
+@needs_fused
+def test_patch_timm_levit_in_place():
+    patch = _patch_helper()
+    ref, _, oracle = make_pair("levit_128s", seed=151)
+    patched = copy.deepcopy(ref)
+    before = {k: v.clone() for k, v in patched.state_dict().items()}
+    patch(patched)
+    assert patched.state_dict().keys() == before.keys()
+    for k, v in patched.state_dict().items():
+        assert torch.equal(v, before[k]), f"patching changed weight {k}"
+    x = images(2, seed=152)
+    check_eval(ref, patched, oracle, x, "patched timm eval")
+    check_train_and_grads(ref, patched, oracle, x, "patched timm")

@@ -1,0 +1,576 @@
+"""Fused residual spatial reduction (issue 6) against a reference built from stock modules, forward and backward.
+
+The oracle runs, per group, stock nn.LayerNorm / nn.Conv2d / nn.AvgPool2d(ceil_mode=True) / nn.Linear / torch.cat on
+the sliced shared parameters (torch.func.functional_call, so gradients flow back into the full-size parameters), in
+fp64. Tolerances follow tests/_oracle.py: the kernel's error against the fp64 oracle may be at most 2x (outputs) or 3x
+(gradients) the error of the same stock chain evaluated in the kernel's dtype, plus 8 ulps of the output's magnitude.
+
+Backends: reference (the spec), cpu (C++ LN / im2col / ragged GEMM / epilogue), triton (interpreter on CPU, small
+shapes), and, on a GPU machine only (gpu marker), triton and the CUDA C++ epilogue / im2col.
+"""
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+from torch.func import functional_call
+
+import resnas_kernels as rk
+from resnas_kernels import Ragged, _ext
+from resnas_kernels.layers import ResidualSpatialReduction
+from resnas_kernels.ops.residual_spatial_reduction import _fused
+from resnas_kernels.ops.rsr_epilogue import rsr_epilogue_bwd, rsr_epilogue_fwd
+from resnas_kernels.ops.rsr_im2col import rsr_im2col, rsr_im2col_bwd, rsr_im2col_fwd
+from resnas_kernels.reference import rsr_output_grid
+
+from _oracle import assert_close_to_oracle
+
+CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+EXPECT_EXT = os.environ.get("RESNAS_EXPECT_EXT", "1") != "0"
+PARAMS = ("ln_weight", "ln_bias", "conv_weight", "conv_bias", "pos_embed", "cls_weight", "cls_bias")
+
+
+def _require(backend: str):
+    if backend in ("cpu", "cuda") and not _ext.extension_available():
+        if EXPECT_EXT:
+            pytest.fail(f"C++ extension missing: {_ext.load_extension()[1]} (set RESNAS_EXPECT_EXT=0 if you built "
+                        f"with RESNAS_BUILD_EXT=0)")
+        pytest.skip("extension deliberately not built (RESNAS_EXPECT_EXT=0)")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Inputs and the stock-module oracle
+# ---------------------------------------------------------------------------------------------------------------------
+def _make(sizes, ci_w, co_w, ci_max, co_max, grid, has_cls, dtype=torch.float32, device="cpu", k=3, s=2, p=1,
+          seed=0):
+    """Fresh random inputs obeying the ragged contract, shared parameters and an output gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    g = Ragged(sizes, ci_w)
+    ho, wo = rsr_output_grid(grid, k, s, p)
+    n_in, n_out = int(has_cls) + grid[0] * grid[1], int(has_cls) + ho * wo
+
+    def rnd(*shape, scale=1.0, shift=0.0):
+        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(device, dtype)
+
+    x = rnd(g.batch, n_in, ci_max, scale=2.0, shift=0.5) * g.mask(ci_max, device=device, dtype=dtype)[:, None]
+    params = dict(ln_weight=rnd(ci_max, scale=0.3, shift=1.0), ln_bias=rnd(ci_max, scale=0.1),
+                  conv_weight=rnd(co_max, ci_max, k, k, scale=0.1), conv_bias=rnd(co_max, scale=0.5),
+                  pos_embed=rnd(1, ho * wo, co_max, scale=0.02), cls_weight=rnd(co_max, ci_max, scale=0.1),
+                  cls_bias=rnd(co_max, scale=0.5))
+    dy = torch.randn(g.batch, n_out, co_max, generator=gen, dtype=torch.float64).to(device)
+    return g, tuple(co_w), x, params, dy
+
+
+def stock_rsr(x, in_groups, out_widths, p, grid, has_cls, eps=1e-6, k=3, s=2, pad=1):
+    """Per group, stock modules run on sliced views of the shared parameters; zero-padded and concatenated."""
+    n_cls = int(has_cls)
+    ho, wo = rsr_output_grid(grid, k, s, pad)
+    co_max = p["conv_weight"].shape[0]
+    outs = []
+    for (start, end), ci, co in zip(zip(in_groups.offsets, in_groups.offsets[1:]), in_groups.widths, out_widths):
+        b = end - start
+        if b == 0 or co == 0:
+            outs.append(x.new_zeros(b, n_cls + ho * wo, co_max))
+            continue
+        ln = nn.LayerNorm(ci, eps=eps, device="meta")
+        conv = nn.Conv2d(ci, co, k, s, pad, device="meta")
+        pool = nn.AvgPool2d(s, s, ceil_mode=True)
+        lin = nn.Linear(ci, co, device="meta")
+        xg = x[start:end, :, :ci]
+        u = functional_call(ln, {"weight": p["ln_weight"][:ci], "bias": p["ln_bias"][:ci]}, (xg,))
+        img = u[:, n_cls:].transpose(1, 2).reshape(b, ci, *grid)
+        main = functional_call(conv, {"weight": p["conv_weight"][:co, :ci], "bias": p["conv_bias"][:co]}, (img,))
+        main = main.flatten(2).transpose(1, 2) + p["pos_embed"][..., :co]
+        short = pool(xg[:, n_cls:].transpose(1, 2).reshape(b, ci, *grid)).flatten(2).transpose(1, 2)
+        y = main + torch.cat([short, short.new_zeros(b, ho * wo, co - ci)], dim=-1)
+        if has_cls:
+            cls = functional_call(lin, {"weight": p["cls_weight"][:co, :ci], "bias": p["cls_bias"][:co]}, (u[:, :1],))
+            y = torch.cat([cls + torch.cat([xg[:, :1], xg.new_zeros(b, 1, co - ci)], dim=-1), y], dim=1)
+        outs.append(torch.cat([y, y.new_zeros(b, y.shape[1], co_max - co)], dim=-1))
+    return torch.cat(outs, dim=0)
+
+
+def _run(fn, x, params, dy):
+    """(output, gradients of x and of every parameter) of fn(x, **params) for the loss <out, dy>."""
+    leaves = [x.detach().clone().requires_grad_()] + [params[n].detach().clone().requires_grad_() for n in PARAMS]
+    out = fn(leaves[0], dict(zip(PARAMS, leaves[1:])))
+    if not out.requires_grad:  # the stock chain builds all-zero outputs when every group has width 0
+        return out, tuple(torch.zeros_like(t) for t in leaves)
+    grads = torch.autograd.grad((out.double() * dy).sum(), leaves, allow_unused=True)
+    return out, tuple(torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads))
+
+
+def _fused_call(groups, co_w, grid, has_cls, k=3, s=2, p=1):
+    def fn(x, params):
+        return rk.residual_spatial_reduction(x, groups, co_w, **params, grid=grid, has_cls=has_cls, kernel_size=k,
+                                             stride=s, padding=p)
+    return fn
+
+
+def _stock_call(groups, co_w, grid, has_cls, k=3, s=2, p=1):
+    def fn(x, params):
+        return stock_rsr(x, groups, co_w, params, grid, has_cls, k=k, s=s, pad=p)
+    return fn
+
+
+def _check_against_stock(backend, groups, co_w, x, params, dy, grid, has_cls, k=3, s=2, p=1, fn=None):
+    fn = fn or _fused_call(groups, co_w, grid, has_cls, k, s, p)
+    with rk.use_backend(backend):
+        out, grads = _run(fn, x, params, dy)
+    stock = _stock_call(groups, co_w, grid, has_cls, k, s, p)
+    oracle_out, oracle_grads = _run(stock, x.double(), {n: t.double() for n, t in params.items()}, dy)
+    same_out, same_grads = _run(stock, x, params, dy)
+    assert out.dtype == x.dtype
+    assert_close_to_oracle(out, oracle_out, same_out, f"{backend}:out")
+    for name, a, o, sm in zip(("dx",) + PARAMS, grads, oracle_grads, same_grads):
+        assert a.dtype == (x.dtype if name == "dx" else params[name].dtype), f"{name} dtype {a.dtype}"
+        assert_close_to_oracle(a, o, sm, f"{backend}:d{name}", factor=3.0)
+    # The contract: exactly zero beyond c_out,g in the output and beyond c_in,g in dx.
+    co_max, ci_max = out.shape[-1], x.shape[-1]
+    assert (out[~groups.with_widths(co_w).mask(co_max, device=out.device)[:, None, :].expand_as(out)] == 0).all()
+    assert (grads[0][~groups.mask(ci_max, device=x.device)[:, None, :].expand_as(x)] == 0).all()
+    return out, grads
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The whole op against stock modules
+# ---------------------------------------------------------------------------------------------------------------------
+# Ragged on purpose: an empty group, a width-0 group, a one-sample group, c_out = c_in, widths not powers of two.
+RAGGED = dict(sizes=(2, 0, 1, 3, 1), ci_w=(12, 7, 8, 5, 0), co_w=(20, 9, 8, 16, 0), ci_max=12, co_max=24)
+GRIDS = [(16, 16), (8, 8), (4, 4), (14, 14), (7, 7), (5, 8)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("grid", GRIDS, ids=lambda g: f"{g[0]}x{g[1]}")
+@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
+def test_matches_stock_modules_fp32(backend, grid, has_cls):
+    _require(backend)
+    g, co_w, x, params, dy = _make(**RAGGED, grid=grid, has_cls=has_cls, seed=hash((grid, has_cls)) % 1000)
+    _check_against_stock(backend, g, co_w, x, params, dy, grid, has_cls)
+
+
+TRITON_CASES = [((4, 4), True), ((7, 7), False), ((8, 8), True)]
+
+
+@pytest.mark.parametrize("grid,has_cls", TRITON_CASES, ids=lambda v: str(v))
+def test_triton_matches_stock_modules_fp32(grid, has_cls):
+    """Every piece on Triton (LN, im2col, ragged GEMM, epilogue); the interpreter on CPU, so small shapes."""
+    g, co_w, x, params, dy = _make((1, 0, 2, 1), (6, 0, 4, 0), (10, 0, 4, 0), 6, 10, grid, has_cls, seed=7)
+    _check_against_stock("triton", g, co_w, x, params, dy, grid, has_cls)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["auto", "triton"])
+@pytest.mark.parametrize("grid", [(16, 16), (7, 7)], ids=lambda g: f"{g[0]}x{g[1]}")
+def test_gpu_matches_stock_modules(backend, grid):
+    g, co_w, x, params, dy = _make(**RAGGED, grid=grid, has_cls=True, device="cuda")
+    _check_against_stock(backend, g, co_w, x, params, dy, grid, True)
+
+
+@pytest.mark.parametrize("k,s,p", [(5, 2, 2), (3, 3, 1), (3, 1, 1), (1, 1, 0)])
+@pytest.mark.parametrize("backend", ["cpu", "triton"])
+def test_other_conv_geometries(backend, k, s, p):
+    """kernel_size / stride / padding are parameters: any odd k with p = (k - 1) // 2 and pooling by the stride."""
+    _require(backend)
+    grid = (7, 6) if backend == "cpu" else (5, 4)
+    g, co_w, x, params, dy = _make((2, 1), (6, 4), (8, 4), 6, 8, grid, True, k=k, s=s, p=p, seed=k * 10 + s)
+    _check_against_stock(backend, g, co_w, x, params, dy, grid, True, k, s, p)
+
+
+def test_fused_chain_on_reference_sub_ops_matches_stock_modules():
+    """The fused composition with every sub-op on its reference backend: validates the sub-ops' references too."""
+    grid = (7, 7)
+    g, co_w, x, params, dy = _make(**RAGGED, grid=grid, has_cls=True, seed=3)
+
+    def fn(x, prm):
+        return _fused(x, g, co_w, *(prm[n] for n in PARAMS[:5]), prm["cls_weight"], prm["cls_bias"], grid, True,
+                      1e-6, 3, 2, 1)
+
+    _check_against_stock("reference", g, co_w, x, params, dy, grid, True, fn=fn)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("param_dtype", ["same", "fp32"])
+def test_half_precision_cpu(dtype, param_dtype):
+    """Half-precision activations; parameters in x's dtype, or fp32 master weights (gradients keep their dtypes).
+    The same-dtype comparator is the stock chain with activations and parameters in `dtype`."""
+    _require("cpu")
+    grid = (8, 8)
+    g, co_w, x, params, dy = _make(**RAGGED, grid=grid, has_cls=True, dtype=dtype, seed=11)
+    fused_params = params if param_dtype == "same" else {n: t.float() for n, t in params.items()}
+    with rk.use_backend("cpu"):
+        out, grads = _run(_fused_call(g, co_w, grid, True), x, fused_params, dy)
+    stock = _stock_call(g, co_w, grid, True)
+    oracle_out, oracle_grads = _run(stock, x.double(), {n: t.double() for n, t in fused_params.items()}, dy)
+    same_out, same_grads = _run(stock, x, params, dy)
+    assert out.dtype == dtype
+    assert_close_to_oracle(out, oracle_out, same_out, "out")
+    for name, a, o, sm in zip(("dx",) + PARAMS, grads, oracle_grads, same_grads):
+        assert a.dtype == (dtype if name == "dx" else fused_params[name].dtype)
+        assert_close_to_oracle(a.to(dtype), o, sm, f"d{name}", factor=3.0)
+
+
+@pytest.mark.parametrize("grid,has_cls", [((4, 4), True), ((3, 5), False)], ids=["4x4-cls", "3x5-nocls"])
+def test_fp64_gradcheck_cpu(grid, has_cls):
+    """fp64 gradcheck of the whole C++ chain (fast mode: random projections of the Jacobian, ~350 inputs)."""
+    _require("cpu")
+    g, co_w, x, params, _ = _make((1, 0, 2), (3, 0, 2), (5, 0, 4), 3, 5, grid, has_cls, dtype=torch.float64)
+    mask = g.mask(3, dtype=torch.float64)[:, None]
+    names = PARAMS if has_cls else PARAMS[:5]
+
+    def fn(x, *prm):
+        kw = dict(zip(names, prm))
+        # x * mask: gradcheck's perturbations must keep the input inside the ragged contract.
+        return rk.residual_spatial_reduction(x * mask, g, co_w, **kw, grid=grid, has_cls=has_cls)
+
+    with rk.use_backend("cpu"):
+        assert torch.autograd.gradcheck(fn, (x.requires_grad_(), *(params[n].requires_grad_() for n in names)),
+                                        fast_mode=True)
+
+
+@pytest.mark.parametrize("backend", ["cpu", "triton", pytest.param("auto-cuda", marks=pytest.mark.gpu)])
+def test_gradients_are_deterministic(backend):
+    """Bitwise-equal outputs and gradients over two runs. On CPU also across thread counts (1 vs 2) for the gradients
+    our own kernels reduce over the batch (pos_embed, conv_bias, cls_bias): conv_weight / cls_weight / x gradients
+    come from ragged_linear's BLAS calls, which MKL / oneDNN keep reproducible run to run but not across thread
+    counts (ragged_linear's documented caveat)."""
+    _require("cpu" if backend == "cpu" else "triton")
+    device = "cuda" if backend == "auto-cuda" else "cpu"
+    grid = (4, 4) if backend == "triton" else (8, 8)
+    g, co_w, x, params, dy = _make((2, 1), (6, 4), (10, 6), 6, 10, grid, True, device=device)
+    fn = _fused_call(g, co_w, grid, True)
+    threads_before = torch.get_num_threads()
+    runs = {}
+    try:
+        for key, threads in (("a", None), ("b", None)) + ((("one", 1), ("two", 2)) if backend == "cpu" else ()):
+            if threads:
+                torch.set_num_threads(threads)
+            with rk.use_backend("auto" if backend == "auto-cuda" else backend):
+                runs[key] = _run(fn, x, params, dy)
+    finally:
+        torch.set_num_threads(threads_before)
+    assert torch.equal(runs["a"][0], runs["b"][0])
+    for name, a, b in zip(("dx",) + PARAMS, runs["a"][1], runs["b"][1]):
+        assert torch.equal(a, b), f"d{name} differs bitwise between two runs"
+    if backend == "cpu":
+        for name in ("pos_embed", "conv_bias", "cls_bias"):
+            i = 1 + PARAMS.index(name)
+            assert torch.equal(runs["one"][1][i], runs["two"][1][i]), f"d{name} depends on the thread count"
+
+
+@settings(max_examples=15, deadline=None)
+@given(data=st.data())
+def test_property_random_groups_cpu(data):
+    """Random partitions (incl. empty groups and width-0 groups), widths and grids vs the fp64 stock oracle."""
+    _require("cpu")
+    num_groups = data.draw(st.integers(1, 4))
+    ci_max = data.draw(st.integers(1, 10))
+    co_max = data.draw(st.integers(ci_max, 14))
+    sizes = list(data.draw(st.lists(st.integers(0, 2), min_size=num_groups, max_size=num_groups)))
+    if sum(sizes) == 0:
+        sizes[-1] = 1
+    ci_w = data.draw(st.lists(st.integers(0, ci_max), min_size=num_groups, max_size=num_groups))
+    co_w = [0 if ci == 0 else data.draw(st.integers(ci, co_max)) for ci in ci_w]
+    grid = (data.draw(st.integers(1, 9)), data.draw(st.integers(1, 9)))
+    has_cls = data.draw(st.booleans())
+    g, co_w, x, params, dy = _make(tuple(sizes), tuple(ci_w), tuple(co_w), ci_max, co_max, grid, has_cls,
+                                   seed=data.draw(st.integers(0, 10_000)))
+    _check_against_stock("cpu", g, co_w, x, params, dy, grid, has_cls)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The sub-ops on every backend against their reference backends (fp64 oracle, tolerance rule)
+# ---------------------------------------------------------------------------------------------------------------------
+SUB_BACKENDS = ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu),
+                pytest.param("triton-cuda", marks=pytest.mark.gpu)]
+
+
+def _sub_backend(backend):
+    _require(backend.split("-")[0])
+    return backend.split("-")[0], ("cuda" if backend.endswith("cuda") else "cpu")
+
+
+@pytest.mark.parametrize("backend", SUB_BACKENDS)
+@pytest.mark.parametrize("grid,has_cls,k,s,p", [((7, 7), True, 3, 2, 1), ((4, 6), False, 3, 2, 1),
+                                                 ((5, 5), True, 5, 2, 2), ((4, 4), False, 3, 1, 1)])
+def test_im2col_matches_reference(backend, grid, has_cls, k, s, p):
+    backend, device = _sub_backend(backend)
+    g, _, u, _, _ = _make((2, 0, 1, 1), (5, 0, 3, 0), (5, 0, 3, 0), 5, 5, grid, has_cls, device=device, k=k, s=s,
+                          p=p)
+    with rk.use_backend(backend):
+        cols = rsr_im2col(u, g, grid, has_cls, k, s, p)
+    with rk.use_backend("reference"):
+        expected = rsr_im2col(u, g, grid, has_cls, k, s, p)
+    assert torch.equal(cols, expected), "im2col is a copy: it must match bit for bit"
+    # Spot-check the layout independently of F.unfold: column c*k*k + kh*k + kw of output token (oh, ow).
+    ho, wo = rsr_output_grid(grid, k, s, p)
+    b, oh, ow, c, kh, kw = 0, ho - 1, wo // 2, 2, k - 1, 0
+    ih, iw = oh * s - p + kh, ow * s - p + kw
+    inside = 0 <= ih < grid[0] and 0 <= iw < grid[1]
+    expect = u[b, int(has_cls) + ih * grid[1] + iw, c] if inside else 0
+    assert cols[b, oh * wo + ow, c * k * k + kh * k + kw] == expect
+    # Backward (col2im as a gather) against F.fold in fp64.
+    dcols = torch.randn(cols.shape, dtype=torch.float64, device=device)
+    with rk.use_backend(backend):
+        du = rsr_im2col_bwd(dcols.to(u.dtype), list(g.sizes), list(g.widths), list(grid), k, s, p, has_cls)
+    with rk.use_backend("reference"):
+        oracle = rsr_im2col_bwd(dcols, list(g.sizes), list(g.widths), list(grid), k, s, p, has_cls)
+        same = rsr_im2col_bwd(dcols.to(u.dtype), list(g.sizes), list(g.widths), list(grid), k, s, p, has_cls)
+    assert_close_to_oracle(du, oracle, same, f"{backend}:du", factor=3.0)
+    assert (du[:, :int(has_cls)] == 0).all()
+    assert (du[~g.mask(5, device=device)[:, None, :].expand_as(du)] == 0).all()
+
+
+def _epilogue_inputs(grid, has_cls, device, dtype=torch.float32, s=2, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    in_g = Ragged((2, 0, 1, 2), (5, 0, 3, 0))
+    out_w = (7, 0, 3, 0)
+    ho, wo = -(-grid[0] // s), -(-grid[1] // s)
+    n = int(has_cls)
+
+    def rnd(*shape):
+        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype)
+
+    out_mask = in_g.with_widths(out_w).mask(8, device=device, dtype=dtype)[:, None]
+    x = rnd(in_g.batch, n + grid[0] * grid[1], 5) * in_g.mask(5, device=device, dtype=dtype)[:, None]
+    conv = rnd(in_g.batch, ho * wo, 8) * out_mask
+    cls = rnd(in_g.batch, 1, 8) * out_mask if has_cls else None
+    return in_g, out_w, dict(conv=conv, x=x, pos_embed=rnd(1, ho * wo, 8), conv_bias=rnd(8), cls=cls,
+                             cls_bias=rnd(8) if has_cls else None)
+
+
+@pytest.mark.parametrize("backend", SUB_BACKENDS)
+@pytest.mark.parametrize("grid,has_cls,s", [((7, 7), True, 2), ((4, 5), False, 2), ((7, 8), True, 3)])
+def test_epilogue_matches_reference(backend, grid, has_cls, s):
+    backend, device = _sub_backend(backend)
+    in_g, out_w, t = _epilogue_inputs(grid, has_cls, device, s=s)
+    args = (list(in_g.sizes), list(in_g.widths), list(out_w), list(grid), s)
+    with rk.use_backend(backend):
+        out = rsr_epilogue_fwd(*t.values(), *args)
+    with rk.use_backend("reference"):
+        oracle = rsr_epilogue_fwd(*(v.double() if v is not None else None for v in t.values()), *args)
+        same = rsr_epilogue_fwd(*t.values(), *args)
+    assert_close_to_oracle(out, oracle, same, f"{backend}:out")
+    assert (out[~in_g.with_widths(out_w).mask(8, device=device)[:, None, :].expand_as(out)] == 0).all()
+    dout = torch.randn(out.shape, dtype=torch.float64, device=device)
+    bargs = (list(in_g.sizes), list(in_g.widths), list(out_w), list(grid), s, has_cls, 5)
+    with rk.use_backend(backend):
+        grads = rsr_epilogue_bwd(dout.float(), *bargs)
+    with rk.use_backend("reference"):
+        oracle = rsr_epilogue_bwd(dout, *bargs)
+        same = rsr_epilogue_bwd(dout.float(), *bargs)
+    names = ("dconv", "dx", "dpos", "dconv_bias", "dcls", "dcls_bias")
+    for name, a, o, sm in zip(names, grads, oracle, same):
+        assert_close_to_oracle(a, o, sm, f"{backend}:{name}", factor=3.0)
+
+
+@pytest.mark.parametrize("op", ["im2col", "epilogue"])
+def test_sub_op_fp64_gradcheck_cpu(op):
+    _require("cpu")
+    with rk.use_backend("cpu"):
+        if op == "im2col":
+            g, _, u, _, _ = _make((1, 2), (3, 2), (3, 2), 3, 3, (5, 4), True, dtype=torch.float64)
+            mask = g.mask(3, dtype=torch.float64)[:, None]
+            assert torch.autograd.gradcheck(lambda u: rsr_im2col(u * mask, g, (5, 4), True), (u.requires_grad_(),))
+        else:
+            in_g, out_w, t = _epilogue_inputs((5, 3), True, "cpu", dtype=torch.float64)
+            args = (list(in_g.sizes), list(in_g.widths), list(out_w), [5, 3], 2)
+            leaves = tuple(v.requires_grad_() for v in t.values())
+            assert torch.autograd.gradcheck(lambda *v: rsr_epilogue_fwd(*v, *args), leaves)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
+def test_opcheck(backend, has_cls):
+    _require(backend)
+    grid = (5, 4)
+    g, _, u, _, _ = _make((2, 1), (4, 3), (4, 3), 4, 4, grid, has_cls)
+    in_g, out_w, t = _epilogue_inputs(grid, has_cls, "cpu")
+    with rk.use_backend(backend):
+        torch.library.opcheck(rsr_im2col_fwd, (u.requires_grad_(), list(g.sizes), list(g.widths), list(grid), 3, 2,
+                                               1, has_cls))
+        cols = rsr_im2col_fwd(u.detach(), list(g.sizes), list(g.widths), list(grid), 3, 2, 1, has_cls)
+        torch.library.opcheck(rsr_im2col_bwd, (cols, list(g.sizes), list(g.widths), list(grid), 3, 2, 1, has_cls))
+        args = (list(in_g.sizes), list(in_g.widths), list(out_w), list(grid), 2)
+        leaves = tuple(v.requires_grad_() if v is not None else None for v in t.values())
+        torch.library.opcheck(rsr_epilogue_fwd, (*leaves, *args))
+        dout = torch.randn(in_g.batch, int(has_cls) + 6, 8)
+        torch.library.opcheck(rsr_epilogue_bwd, (dout, *args[:-1], 2, has_cls, 5))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The drop-in module
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
+def test_module_full_width_equals_its_own_stock_modules(has_cls):
+    """groups=None: the module equals running its own ln / conv / AvgPool2d / cls Linear as stock modules."""
+    _require("cpu")
+    torch.manual_seed(0)
+    m = ResidualSpatialReduction(8, 12, grid=(7, 7), has_cls=has_cls)
+    expected_keys = {"ln.weight", "ln.bias", "conv.weight", "conv.bias", "pos_embed"}
+    expected_keys |= {"cls.weight", "cls.bias"} if has_cls else set()
+    assert set(m.state_dict()) == expected_keys
+    assert isinstance(m.conv, nn.Conv2d) and m.conv.weight.shape == (12, 8, 3, 3) and m.pos_embed.shape == (1, 16, 12)
+    x = torch.randn(3, int(has_cls) + 49, 8)
+    with torch.no_grad():
+        u = m.ln(x)
+        img = u[:, int(has_cls):].transpose(1, 2).reshape(3, 8, 7, 7)
+        raw = x[:, int(has_cls):].transpose(1, 2).reshape(3, 8, 7, 7)
+        short = nn.AvgPool2d(2, 2, ceil_mode=True)(raw).flatten(2).transpose(1, 2)
+        y = m.conv(img).flatten(2).transpose(1, 2) + m.pos_embed + torch.cat([short, short.new_zeros(3, 16, 4)], -1)
+        if has_cls:
+            y = torch.cat([m.cls(u[:, :1]) + torch.cat([x[:, :1], x.new_zeros(3, 1, 4)], -1), y], dim=1)
+        for backend in ("reference", "cpu"):
+            with rk.use_backend(backend):
+                torch.testing.assert_close(m(x), y, rtol=1e-5, atol=1e-5)
+
+
+def test_module_ragged_forward_backward_matches_functional():
+    _require("cpu")
+    torch.manual_seed(1)
+    m = ResidualSpatialReduction(8, 12, grid=(8, 8))
+    g = Ragged((2, 1, 1), (8, 5, 0))
+    x = torch.randn(4, 65, 8) * g.mask(8)[:, None]
+    y = m(x, g)  # out_widths default: 12 for groups with input, 0 for the width-0 group
+    assert y.shape == (4, 17, 12) and (y[3] == 0).all()
+    expected = rk.reference.residual_spatial_reduction(x, g, (12, 12, 0), m.ln.weight, m.ln.bias, m.conv.weight,
+                                                       m.conv.bias, m.pos_embed, m.cls.weight, m.cls.bias, grid=(8, 8))
+    torch.testing.assert_close(y, expected, rtol=1e-5, atol=1e-5)
+    y.sum().backward()
+    assert all(p.grad is not None for p in m.parameters())
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    _require("cpu")
+    torch.manual_seed(2)
+    m = ResidualSpatialReduction(6, 8, grid=(4, 4))
+    g = Ragged((1, 2), (6, 4))
+    x = torch.randn(3, 17, 6) * g.mask(6)[:, None]
+    compiled = torch.compile(lambda x: m(x, g, (8, 5)) * 2, backend="aot_eager", fullgraph=True)
+    out = compiled(x)
+    out.sum().backward()
+    torch.testing.assert_close(out, m(x, g, (8, 5)) * 2)
+    assert all(p.grad is not None for p in m.parameters())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Build artefacts: AOT Triton and the compiled CUDA C++
+# ---------------------------------------------------------------------------------------------------------------------
+def test_triton_kernels_compile_ahead_of_time():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "resnas_kernels.cli", "aot", "--filter", ".rsr_"], env=env,
+                          capture_output=True, text=True, timeout=900)
+    output = proc.stdout + proc.stderr
+    summary = [line for line in output.splitlines() if line.startswith("aot:")]
+    assert summary, output[-3000:]
+    cases = int(summary[-1].split()[1])
+    assert cases >= 21 and " 0 failed" in summary[-1], output[-3000:]
+    for kernel in ("_rsr_im2col_fwd_kernel", "_rsr_im2col_bwd_kernel", "_rsr_epilogue_fwd_kernel",
+                   "_rsr_epilogue_bwd_kernel", "_rsr_epilogue_colsum_kernel"):
+        assert f"sm_80  resnas_kernels.ops." in output and kernel in output
+
+
+def test_cuda_kernels_are_compiled_into_the_extension():
+    _require("cpu")
+    if not _ext.extension_has_cuda():
+        pytest.skip("the extension was built without its CUDA sources (no nvcc here)")
+    for name in ("ext_rsr_im2col_fwd", "ext_rsr_im2col_bwd", "ext_rsr_epilogue_fwd", "ext_rsr_epilogue_bwd"):
+        for key in ("CPU", "CUDA"):
+            assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resnas::{name}", key), f"{name} lacks {key}"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Bad input
+# ---------------------------------------------------------------------------------------------------------------------
+class TestBadInput:
+    def setup_method(self):
+        self.g, _, self.x, self.p, _ = _make((1,), (8,), (8,), 8, 8, (8, 8), True)
+
+    def call(self, x=None, groups=None, out_widths=(8,), **kw):
+        p = dict(self.p)
+        p.update({k: v for k, v in kw.items() if k in PARAMS})
+        opts = {k: v for k, v in kw.items() if k not in PARAMS}
+        opts.setdefault("grid", (8, 8))
+        return rk.residual_spatial_reduction(self.x if x is None else x, groups or self.g, out_widths, **p, **opts)
+
+    def test_c_out_below_c_in(self):
+        with pytest.raises(ValueError, match=r"out_widths\[0\]=6 must be >= in_groups.widths\[0\]=8"):
+            self.call(out_widths=(6,))
+
+    def test_zero_input_width_with_output(self):
+        with pytest.raises(ValueError, match=r"in_groups.widths\[0\] is 0 but out_widths\[0\]=4"):
+            self.call(groups=Ragged((1,), (0,)), out_widths=(4,))
+
+    def test_grid_not_matching_tokens(self):
+        with pytest.raises(ValueError, match=r"x has 65 tokens but grid=\(7, 7\) with has_cls=True needs 50"):
+            self.call(grid=(7, 7))
+        with pytest.raises(ValueError, match=r"x has 65 tokens but grid=\(8, 8\) with has_cls=False needs 64"):
+            self.call(has_cls=False)
+        with pytest.raises(ValueError, match="grid must be a pair of positive ints"):
+            self.call(grid=(8, 0))
+
+    def test_output_width_beyond_conv(self):
+        with pytest.raises(ValueError, match=r"out_widths\[0\]=9 exceeds the maximum width 8"):
+            self.call(out_widths=(9,))
+
+    def test_param_shapes(self):
+        with pytest.raises(ValueError, match=r"pos_embed must have shape \(1, 16, 8\)"):
+            self.call(pos_embed=torch.zeros(1, 17, 8))
+        with pytest.raises(ValueError, match=r"conv_weight must have shape \(Co_max, 8, 3, 3\)"):
+            self.call(conv_weight=torch.zeros(8, 7, 3, 3))
+        with pytest.raises(ValueError, match=r"conv_weight must have shape \(Co_max, 8, 5, 5\)"):
+            self.call(kernel_size=5, padding=2)
+        with pytest.raises(ValueError, match="fewer than x's 8"):
+            self.call(conv_weight=torch.zeros(6, 8, 3, 3))
+        with pytest.raises(ValueError, match=r"ln_weight must have shape \(8,\)"):
+            self.call(ln_weight=torch.ones(9))
+        with pytest.raises(ValueError, match=r"cls_weight must have shape \(8, 8\)"):
+            self.call(cls_weight=torch.zeros(8, 7))
+        with pytest.raises(ValueError, match="cls_weight and cls_bias are required"):
+            self.call(cls_bias=None)
+
+    def test_geometry(self):
+        with pytest.raises(ValueError, match="by the conv but to"):
+            self.call(padding=0)
+        with pytest.raises(ValueError, match="stride must be an int >= 1"):
+            self.call(stride=0)
+
+    def test_dtypes_layout_device(self):
+        with pytest.raises(TypeError, match="x must have dtype in"):
+            self.call(x=self.x.int())
+        with pytest.raises(ValueError, match="x must be contiguous"):
+            self.call(x=torch.randn(1, 8, 65).transpose(1, 2))
+        with pytest.raises(TypeError, match=r"conv_bias must have x's dtype \(torch.float32\) or float32"):
+            self.call(conv_bias=self.p["conv_bias"].double())
+        with pytest.raises(ValueError, match="pos_embed must be on the same device as x"):
+            self.call(pos_embed=self.p["pos_embed"].to("meta"))
+        with pytest.raises(ValueError, match="eps must be a positive float"):
+            self.call(eps=0.0)
+
+    def test_cxx_ops_name_the_bad_argument(self):
+        _require("cpu")
+        g, x = self.g, self.x
+        with pytest.raises(RuntimeError, match="ext_rsr_im2col_fwd: u has 65 tokens but grid \\(7, 7\\)"):
+            torch.ops.resnas.ext_rsr_im2col_fwd(x, [1], [8], [7, 7], 3, 2, 1, True)
+        with pytest.raises(RuntimeError, match=r"ext_rsr_im2col_fwd: widths\[0\]=9 must lie in \[0, 8\]"):
+            torch.ops.resnas.ext_rsr_im2col_fwd(x, [1], [9], [8, 8], 3, 2, 1, True)
+        conv = torch.zeros(1, 16, 8)
+        with pytest.raises(RuntimeError, match=r"ext_rsr_epilogue_fwd: pos_embed must have shape \[1, 16, 8\]"):
+            torch.ops.resnas.ext_rsr_epilogue_fwd(conv, x, torch.zeros(1, 15, 8), torch.zeros(8), torch.zeros(1, 1, 8),
+                                                  torch.zeros(8), [1], [8], [8], [8, 8], 2)
+        with pytest.raises(RuntimeError, match=r"ext_rsr_epilogue_fwd: x has 65 tokens but grid \(8, 8\) with "
+                                               r"has_cls=False needs 64"):
+            torch.ops.resnas.ext_rsr_epilogue_fwd(conv, x, torch.zeros(1, 16, 8), torch.zeros(8), None, None, [1],
+                                                  [8], [8], [8, 8], 2)
+        with pytest.raises(RuntimeError, match=r"out_widths\[0\]=6 must be >= in_widths\[0\]=8"):
+            torch.ops.resnas.ext_rsr_epilogue_fwd(conv, x[:, 1:].contiguous(), torch.zeros(1, 16, 8), torch.zeros(8),
+                                                  None, None, [1], [8], [6], [8, 8], 2)
+        with pytest.raises(RuntimeError, match="cls and cls_bias must be given together"):
+            torch.ops.resnas.ext_rsr_epilogue_fwd(conv, x, torch.zeros(1, 16, 8), torch.zeros(8),
+                                                  torch.zeros(1, 1, 8), None, [1], [8], [8], [8, 8], 2)
+        with pytest.raises(RuntimeError, match="ext_rsr_epilogue_bwd: dout has 16 tokens"):
+            torch.ops.resnas.ext_rsr_epilogue_bwd(conv, [1], [8], [8], [8, 8], 2, True, 8)
