@@ -13,6 +13,14 @@
 //                              int padding, bool has_cls) -> Tensor du
 //       The adjoint (col2im) written as a gather: each input token sums, in a fixed tap order, the columns that read
 //       it. du (B, has_cls + H*W, C) is zero on the cls row and beyond widths[g].
+//   resnas::ext_rsr_conv_fwd(Tensor u, Tensor weight, int[] sizes, int[] in_widths, int[] out_widths, int[] grid,
+//                            int kernel_size, int stride, int padding, bool has_cls) -> Tensor conv       (CPU only)
+//       conv (B, Ho*Wo, Co) = the bias-free conv of u's patch tokens with weight = conv_weight.view(Co, C*k*k) (u's
+//       dtype or fp32): group
+//       g uses the block weight[:co, :ci*k*k], i.e. W[:co, :ci]; zero beyond co. Equals im2col_fwd then the ragged GEMM,
+//       without materialising the columns (the CPU path of the fused RSR).
+//   resnas::ext_rsr_conv_bwd(Tensor dout, Tensor u, Tensor weight, ...same...) -> (Tensor du, Tensor dweight)
+//       du (B, has_cls + H*W, C) zero on the cls row and beyond ci; dweight (Co, C*k*k) in fp32 (fp64 for fp64).
 //   resnas::ext_rsr_epilogue_fwd(Tensor conv, Tensor x, Tensor pos_embed, Tensor conv_bias, Tensor? cls,
 //                                Tensor? cls_bias, int[] sizes, int[] in_widths, int[] out_widths, int[] grid,
 //                                int stride) -> Tensor out
@@ -283,7 +291,7 @@ __device__ __forceinline__ void rsr_chunk_widths(const RsrGroupChunk& chunk, int
 }
 #endif
 
-// CPU entry points (csrc/cpu/rsr_im2col.cpp, csrc/cpu/rsr_epilogue.cpp).
+// CPU entry points (csrc/cpu/rsr_im2col.cpp, csrc/cpu/rsr_epilogue.cpp); the conv's are local to rsr_im2col.cpp.
 at::Tensor rsr_im2col_fwd_cpu(const at::Tensor& u, c10::IntArrayRef sizes, c10::IntArrayRef widths,
                               c10::IntArrayRef grid, int64_t kernel_size, int64_t stride, int64_t padding,
                               bool has_cls);

@@ -12,6 +12,8 @@ Deterministic for a seed: all choices come from one `random.Random(seed)` whose 
 Resumable: the children of a generation are drawn and saved before being scored, and the state (history, pending
 candidates, RNG) is written atomically after every scored chunk, so a kill loses at most one chunk of work.
 
+Under `torchrun`, every scoring chunk is sharded across the ranks (gloo; all-gathered results), and rank 0 writes.
+
 Outputs in --out: state.pt, history.jsonl (one line per evaluated architecture), pareto.json (accuracy vs MACs
 non-dominated set), best.json (the best architecture: slot-aligned `arch` for `resnas export`, and `pruned`, the
 directly trainable definition), pareto.png, summary.txt (best per generation; also printed).
@@ -23,7 +25,7 @@ import os
 import random
 import re
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Callable, List, Optional, Sequence, Set
 
 from resnas_kernels.models.vit_resnas import Arch, BlockArch, SearchSpace, StageArch, count_macs
 
@@ -249,6 +251,36 @@ def _outputs(out: str, history: List[dict], generations_done: int, cfg: dict, pl
     return {"best": best_doc, "table": table}
 
 
+class _Shard:
+    """Under torchrun: rank r scores candidates r, r + world, ... of each chunk; results are all-gathered so every
+    rank keeps the same history (and so draws the same next generation)."""
+
+    def __init__(self):
+        import torch.distributed as dist
+
+        self.dist = dist
+        self.world = int(os.environ.get("WORLD_SIZE", "1"))
+        self.rank = int(os.environ.get("RANK", "0"))
+        if self.world > 1 and not dist.is_initialized():
+            dist.init_process_group("gloo")
+
+    def score(self, scorer, archs: List[Arch]) -> List[int]:
+        if self.world == 1:
+            return scorer.correct(archs)
+        mine = scorer.correct(archs[self.rank::self.world]) if archs[self.rank::self.world] else []
+        every: List[List[int]] = [[] for _ in range(self.world)]
+        self.dist.all_gather_object(every, mine)
+        out = [0] * len(archs)
+        for r, hits in enumerate(every):
+            out[r::self.world] = hits
+        return out
+
+    def close(self) -> None:
+        if self.world > 1 and self.dist.is_initialized():
+            self.dist.barrier()
+            self.dist.destroy_process_group()
+
+
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -266,9 +298,11 @@ def run(args: argparse.Namespace) -> int:
         differ = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (saved: {saved['config']['args'][k]!r})"
                   for k in SEARCH_ARGS if getattr(args, k) != saved["config"]["args"][k]]
         if differ:
-            raise ValueError("--resume continues the saved search; these arguments differ from it: " + "; ".join(differ))
+            raise ValueError("--resume continues the saved search; these arguments differ from it: "
+                             + "; ".join(differ))
     elif os.path.exists(state_path):
         raise ValueError(f"{state_path} exists: pass --resume to continue that search, or choose another --out")
+    shard = _Shard()   # after the checks above: its rendezvous means no rank has written anything yet
 
     model, ckpt = load_supernet(args.supernet, device)
     space = data_mod.space_from_dict(ckpt["space"])
@@ -292,12 +326,14 @@ def run(args: argparse.Namespace) -> int:
         generation, pending, history = saved["generation"], list(saved["pending"]), list(saved["history"])
         rng = random.Random()
         rng.setstate(saved["rng"])
-        write_text_atomic(history_path, "".join(_line(r) for r in history))   # drop a torn last line
+        if shard.rank == 0:
+            write_text_atomic(history_path, "".join(_line(r) for r in history))   # drop a torn last line
     else:
-        os.makedirs(args.out, exist_ok=True)
-        write_json_atomic(os.path.join(args.out, "config.json"), cfg)
         generation, pending, history, rng = 0, [], [], random.Random(args.seed)
-        write_text_atomic(history_path, "")
+        if shard.rank == 0:
+            os.makedirs(args.out, exist_ok=True)
+            write_json_atomic(os.path.join(args.out, "config.json"), cfg)
+            write_text_atomic(history_path, "")
     seen: Set[Arch] = {Arch.from_dict(r["arch"]) for r in history} | {Arch.from_dict(p[0]) for p in pending}
 
     def save() -> None:
@@ -305,8 +341,10 @@ def run(args: argparse.Namespace) -> int:
                          "pending": pending, "history": history, "rng": rng.getstate()}, state_path)
 
     scorer = CandidateScorer(model, val, device, args.candidates_per_forward, args.images_per_forward)
+    if shard.rank != 0:          # only rank 0 writes; every rank draws the same children from the same RNG
+        save = lambda: None      # noqa: E731
     bar = None
-    if not args.no_progress:
+    if not args.no_progress and shard.rank == 0:
         from tqdm import tqdm
         bar = tqdm(desc="search", unit="cand", dynamic_ncols=True, initial=len(history))
     while generation < args.generations:
@@ -320,15 +358,16 @@ def run(args: argparse.Namespace) -> int:
             pending = [(a.to_dict(), origin) for a, origin in children]
             save()
         while pending:
-            chunk = pending[:args.candidates_per_forward]
+            chunk = pending[:args.candidates_per_forward * shard.world]   # one forward's worth per rank
             archs = [Arch.from_dict(p[0]) for p in chunk]
-            hits = scorer.correct(archs)
+            hits = shard.score(scorer, archs)
             recs = [{"index": len(history) + i, "generation": generation, "origin": origin, "arch": d,
                      "macs": macs(a), "acc": h / len(val), "correct": h}
                     for i, ((d, origin), a, h) in enumerate(zip(chunk, archs, hits))]
             history += recs
             pending = pending[len(chunk):]
-            append_jsonl(history_path, recs)
+            if shard.rank == 0:
+                append_jsonl(history_path, recs)
             save()
             if bar is not None:
                 bar.update(len(chunk))
@@ -337,8 +376,11 @@ def run(args: argparse.Namespace) -> int:
         save()
     if bar is not None:
         bar.close()
+    shard.close()
     if not history:
         raise ValueError("the search evaluated no architecture")
+    if shard.rank != 0:
+        return 0
     result = _outputs(args.out, history, generation, cfg, not args.no_plot)
     print(result["table"], end="")
     print(f"search: {len(history)} architectures evaluated; best {result['best']['acc']:.4f} at "

@@ -102,7 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(f"export: {args.out} ({Arch.from_dict(meta['arch'])}); load it with "
           f"resnas_kernels.search.export.load_exported({args.out!r}) or timm.create_model({meta['timm_model']!r}, "
-          f"arch=..., pretrained=True, pretrained_cfg_overlay=dict(file=...)) as in {os.path.splitext(args.out)[0]}.json")
+          f"arch=..., pretrained=True, pretrained_cfg_overlay=dict(file=...)) as in "
+          f"{os.path.splitext(args.out)[0]}.json")
     return 0
 
 

@@ -245,6 +245,17 @@ class _Dist:
         dist.all_reduce(t)
         return t.tolist()
 
+    def ranks_in_sync(self, model: torch.nn.Module) -> bool:
+        """Whether every rank holds the same weights (sum and sum of squares of all parameters, in float64)."""
+        if not self.enabled:
+            return True
+        with torch.no_grad():
+            mine = torch.stack([sum(p.double().sum() for p in model.parameters()),
+                                sum(p.double().square().sum() for p in model.parameters())]).cpu()
+        every = [torch.zeros_like(mine) for _ in range(self.world)]
+        dist.all_gather(every, mine)
+        return all(torch.equal(every[0], e) for e in every[1:])
+
     def barrier(self) -> None:
         if self.enabled:
             dist.barrier()
@@ -417,6 +428,11 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
             time.sleep(args.throttle)
     if bar is not None:
         bar.close()
+    in_sync = d.ranks_in_sync(model)
+    if d.rank == 0 and d.enabled:
+        append_jsonl(metrics_path, [{"step": step, "world_size": d.world, "ranks_in_sync": in_sync}])
+    if not in_sync:
+        raise RuntimeError("the ranks' weights diverged: gradients were not averaged identically")
     if step == end and end == total and ckpt is not None and ckpt.get("finished") and d.rank == 0:
         print(f"{ckpt_path}: the run had already finished ({total} steps)")
     if d.rank == 0:

@@ -8,8 +8,9 @@ epilogues round differently from timm's op sequence, but must not be materially 
 Weights are random with non-trivial BatchNorm statistics and affines and non-zero bias tables (timm initialises some
 BN gammas and every bias table to 0, which would let folding and bias bugs hide).
 
-Gradients are compared in fp64 (ours in fp64, through the same kernels, vs timm in fp64), see
-`check_train_and_grads` for why fp32 gradients of this network cannot be compared element-wise.
+Train mode and gradients are compared in fp64 (ours in fp64, through the same kernels, vs timm in fp64), plus fp32
+train outputs at batch 16: see `check_train_and_grads` for why fp32 train-mode results of this network cannot be
+compared element-wise at small batch.
 
 Cost control (2 shared CPU cores): every variant at batch 1 (eval) and 2 (eval, train, gradients); batch 16 for
 LeViT-128S only.
@@ -93,36 +94,38 @@ def _train_step(model, x, distilled_training):
     return out.detach(), {n: p.grad for n, p in model.named_parameters()}
 
 
-FP32_GRAD_REL_L2 = 5e-2  # see check_train_and_grads
+FP32_TRAIN_MIN_BATCH = 16  # see check_train_and_grads
 
 
 def check_train_and_grads(ref, ours, oracle, x, name, distilled_training=False):
-    """Train mode: outputs (fp32, oracle rule), gradients and updated BN statistics (fp64, tight).
+    """Train mode: outputs, every parameter gradient and the updated BN statistics, ours in fp64 against timm in fp64
+    with torch.testing's fp64 tolerances (1e-7); fp32 outputs with the oracle rule from batch 16; fp32 gradients
+    present and finite.
 
-    Why gradients are compared in fp64: Hardswish's derivative jumps at +-3, so in fp32 rounding moves a few
-    pre-activations across a jump and changes those gradient entries by O(1) * upstream gradient. Per-tensor max
-    errors of fp32 gradients are then a lottery: swapping torch.softmax for an exact hand-written softmax (exp / sum)
-    in timm's own math gave 2x-76x timm's fp32 error on some parameters, depending on the seed; the relative L2 error
-    of all fp32 gradients was 1e-3 to 9e-3 for timm's fp32, for that variant and for ours alike. In fp64 no
-    pre-activation crosses a jump: ours matches timm's fp64 gradients to ~3e-12 relative (measured), so the fp64
-    check uses torch.testing's fp64 tolerances (1e-7), four orders of magnitude of margin, while any real error
-    (index, scale, missing term) is O(1). The fp32 gradients are still checked: finite, and within 5e-2 relative L2
-    of the oracle, which fails on any structural error without betting on where rounding lands.
+    Why not fp32 element-wise at every batch: with random non-trivial BN statistics this network's fp32 train-mode
+    results are ill-conditioned, so per-element errors measure where rounding happened to land:
+    - Gradients: Hardswish's derivative jumps at +-3, and rounding moves a few pre-activations across a jump. Swapping
+      torch.softmax for an exact hand-written softmax (exp / sum) in timm's own math changed timm's fp32 max gradient
+      error on some parameters by 2x-76x depending on the seed, and timm's own fp32 gradients are only 0.6%-5%
+      accurate in relative L2 (batch 16). No fp32 gradient tolerance can separate right from wrong here.
+    - Outputs at small batch: the heads' train-mode BN sees 2 samples per channel; the same hand-written softmax gave
+      0.12x-1.15x timm's fp32 output error over five seeds at batch 2, but 0.93x-1.13x at batch 16.
+    In fp64 nothing crosses a jump: ours matches timm's fp64 to ~3e-12 relative (measured), four orders of magnitude
+    under the bound, while any real error (index, scale, missing term, wrong BN mode) is O(1).
     """
     ours64 = copy.deepcopy(ours).double()  # before any train-mode forward moves the BN statistics
     out_ref, _ = _train_step(ref, x, distilled_training)
     out_ours, g_ours = _train_step(ours, x, distilled_training)
     out_ora, g_ora = _train_step(oracle, x.double(), distilled_training)
     out_64, g_64 = _train_step(ours64, x.double(), distilled_training)
-    assert_close_to_oracle(out_ours, out_ora, out_ref, f"{name} train output")
     assert list(g_ours) == list(g_ora), "parameter names/order differ from timm"
-    flat = lambda g: torch.cat([t.double().flatten() for t in g.values()])  # noqa: E731
+    assert torch.isfinite(out_ours).all(), f"{name}: non-finite fp32 train output"
     for n, g in g_ours.items():
         assert g is not None and torch.isfinite(g).all(), f"{name}: missing or non-finite fp32 gradient for {n}"
-    rel = ((flat(g_ours) - flat(g_ora)).norm() / flat(g_ora).norm()).item()
-    assert rel <= FP32_GRAD_REL_L2, f"{name}: fp32 gradients off by {rel:.2e} relative L2"
+    if x.shape[0] >= FP32_TRAIN_MIN_BATCH:
+        assert_close_to_oracle(out_ours, out_ora, out_ref, f"{name} fp32 train output")
     torch.testing.assert_close(out_64, out_ora, rtol=1e-7, atol=1e-7, msg=lambda m: f"{name} fp64 output: {m}")
-    scale = max(1.0, flat(g_ora).abs().max().item())
+    scale = max(1.0, max(g.abs().max().item() for g in g_ora.values()))
     for n, g in g_64.items():
         torch.testing.assert_close(g, g_ora[n], rtol=1e-7, atol=1e-7 * scale, msg=lambda m: f"{name} fp64 grad {n}: {m}")
     ora_b = dict(oracle.named_buffers())
@@ -293,10 +296,6 @@ def _close_fp64(actual, oracle, name):
     torch.testing.assert_close(actual, oracle, rtol=1e-7, atol=1e-7 * scale, msg=lambda m: f"{name}: {m}")
 
 
-def _rel_l2(actual, oracle) -> float:
-    return ((actual.double() - oracle).norm() / oracle.norm()).item()
-
-
 def test_parity_eval_mode_gradients():
     """Eval mode with grad enabled (the official repo fine-tunes with model.train(False)): the fold is computed on
     the fly, so gradients reach the linear weights, the BN affines and the bias tables; BN statistics stay frozen."""
@@ -310,11 +309,9 @@ def test_parity_eval_mode_gradients():
         out.pow(2).sum().backward()
         outs[key], grads[key] = out.detach(), {n: p.grad for n, p in m.named_parameters()}
     assert_close_to_oracle(outs["ours"], outs["oracle"], outs["ref"], "eval-mode output")
-    for n, g in grads["ours64"].items():
+    for n, g in grads["ours64"].items():  # fp64: see check_train_and_grads
         assert grads["ours"][n] is not None and torch.isfinite(grads["ours"][n]).all(), n
         _close_fp64(g, grads["oracle"][n], f"eval-mode fp64 grad {n}")
-    flat = lambda key: torch.cat([g.double().flatten() for g in grads[key].values()])  # noqa: E731
-    assert _rel_l2(flat("ours"), flat("oracle")) <= FP32_GRAD_REL_L2
     for n, b in ours.named_buffers():  # eval mode: statistics frozen
         if "running_" in n:
             assert torch.equal(b, ref.state_dict()[n]), n
@@ -322,7 +319,8 @@ def test_parity_eval_mode_gradients():
 
 def test_input_gradient_in_eval():
     """Gradient w.r.t. the input of a frozen eval model (e.g. saliency): the oneDNN fast path (no autograd) must step
-    aside in fp32; fp64 checks the values tightly."""
+    aside in fp32 (it would raise or return no gradient); fp64 checks the values. Batch 2: see
+    test_input_gradient_batch1_finite_differences."""
     ref, ours, oracle = make_pair("levit_128s", seed=55)
     ours64 = copy.deepcopy(ours).double()
     set_mode((ref, ours, oracle, ours64), False)
@@ -330,12 +328,37 @@ def test_input_gradient_in_eval():
     for key, m, dtype in (("ours", ours, torch.float32), ("oracle", oracle, torch.float64),
                           ("ours64", ours64, torch.float64)):
         m.requires_grad_(False)
-        x = images(1, seed=56).to(dtype).requires_grad_()
-        m(x).logsumexp(-1).sum().backward()
+        x = images(2, seed=56).to(dtype).requires_grad_()
+        out = m(x)
+        (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(7)).to(dtype)).sum().backward()
         grads[key] = x.grad
-    assert torch.isfinite(grads["ours"]).all()
-    assert _rel_l2(grads["ours"], grads["oracle"]) <= FP32_GRAD_REL_L2
+    assert torch.isfinite(grads["ours"]).all() and grads["ours"].abs().max() > 0
     _close_fp64(grads["ours64"], grads["oracle"], "input gradient fp64")
+
+
+def test_input_gradient_batch1_finite_differences():
+    """At batch 1 timm cannot be the oracle for input gradients: PyTorch 2.14's CPU BatchNorm2d backward in eval mode
+    returns a wrong input gradient when the batch is 1 and the incoming gradient is channels-last (here: the stem
+    output is flattened and transposed into tokens), so timm's LeViT input gradient is wrong at batch 1 (in fp32 and
+    fp64). Ours folds that BN away; check it against central finite differences in fp64 instead."""
+    _, ours, _ = make_pair("levit_128s", seed=57)
+    ours = ours.double().eval().requires_grad_(False)
+    x = images(1, seed=58).double().requires_grad_()
+    w = torch.randn(1, 1000, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+    (ours(x) * w).sum().backward()
+    g = torch.Generator().manual_seed(59)
+    eps = torch.finfo(torch.float64).eps
+    with torch.no_grad():
+        for _ in range(3):
+            d = torch.randn(x.shape, generator=g, dtype=torch.float64)
+            h = 1e-5
+            lp, lm = (ours(x + h * d) * w).sum(), (ours(x - h * d) * w).sum()
+            fd = (lp - lm) / (2 * h)
+            ad = (x.grad * d).sum()
+            # Central differences: rounding error ~ eps * |L| / h (L summed over thousands of terms: 100x that), plus
+            # truncation O(h^2), well under 1e-5 relative here. timm's batch-1 gradient is off by O(1) relative.
+            bound = 1e-5 * abs(fd) + 100 * eps * (abs(lp) + abs(lm)) / (2 * h)
+            assert abs(fd - ad) <= bound, (fd.item(), ad.item(), bound.item())
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -411,21 +434,33 @@ def test_fuse_builds_and_train_clears_caches():
     assert set(ours.state_dict()) == set(timm.create_model("levit_128s").state_dict())
 
 
+def _drop_timm_bias_cache(*timm_models):
+    # timm caches the gathered bias per device in eval mode and only drops it in train()/eval()/.to(): after an
+    # in-place change of the tables it would keep using the old bias. Reset the references (never ours).
+    for m in timm_models:
+        m.eval()
+
+
 def test_cache_follows_in_place_updates_and_load_state_dict():
     """A cache built in eval mode must not go stale: EMA-style in-place updates, load_state_dict, train/eval cycles."""
     ref, ours, oracle = make_pair("levit_128s", seed=91)
     x = images(2, seed=92)
     check_eval(ref, ours, oracle, x, "before")
-    # 1. EMA-style in-place update of every parameter and BN statistic, with both models kept in eval mode.
+    # 1. An EMA update (timm's ModelEmaV3 keeps its model in eval mode and lerps every parameter and BN statistic in
+    #    place), towards other random weights.
+    other = randomize(timm.create_model("levit_128s"), seed=93).state_dict()
     with torch.no_grad():
         for m in (ref, ours, oracle):
-            for t in itertools.chain(m.parameters(), (b for n, b in m.named_buffers() if "running_" in n)):
-                t.mul_(0.9).add_(0.01)
+            for name, t in m.state_dict().items():
+                if t.is_floating_point():
+                    t.lerp_(other[name].to(t.dtype), 0.5)
+    _drop_timm_bias_cache(ref, oracle)
     check_eval(ref, ours, oracle, x, "after in-place update")
     # 2. load_state_dict of other weights while in eval mode.
-    other = randomize(timm.create_model("levit_128s"), seed=93)
+    other = randomize(timm.create_model("levit_128s"), seed=94)
     for m in (ref, ours, oracle):
         m.load_state_dict(other.state_dict())
+    _drop_timm_bias_cache(ref, oracle)
     check_eval(ref, ours, oracle, x, "after load_state_dict")
     # 3. a training step (BN statistics move), then back to eval.
     set_mode((ref, ours, oracle), True)

@@ -5,7 +5,9 @@
 //   columns once into an fp32 (fp64 for fp64) buffer, then does mean, centred sum of squares (two-pass variance, as the
 //   reference) and the affine write. Width-0 rows only write zeros. Inner loops are plain `#pragma omp simd` loops that
 //   the compiler vectorises under -O3 -march=native (at::vec::Vectorized would fall back to its generic scalar
-//   implementation here, as an extension is not compiled per CPU capability).
+//   implementation here, as an extension is not compiled per CPU capability). fp16 / bf16 rows are converted to and
+//   from fp32 by the row helpers below (bit tricks for bf16, F16C for fp16), as c10's per-element conversions do
+//   not vectorise; fp32 / fp64 rows are read and written in place.
 // - Backward: dweight/dbias must be bitwise reproducible whatever the thread count, so the rows are cut into fixed
 //   chunks of kLayerNormBwdChunkRows rows; each chunk accumulates its own partial row (sequentially over its rows) and
 //   the partials are summed in chunk order. Only the first max(widths) columns of the partials are materialised.
@@ -20,7 +22,14 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <type_traits>
 #include <vector>
+
+#if defined(__F16C__) && defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "../ragged_layer_norm.h"
 
@@ -41,6 +50,90 @@ inline void fill_zero(scalar_t* dst, int64_t begin, int64_t end) {
   if (end > begin) std::fill(dst + begin, dst + end, static_cast<scalar_t>(0));
 }
 
+// ---- Storage <-> accumulation conversions of a row, written so that they vectorise. c10's own BFloat16 / Half
+// conversions are scalar in a loop (a NaN branch, scalar F16C intrinsics), which made half-type rows ~2x slower.
+template <typename T, typename acc_t>
+inline void load_row(const T* src, acc_t* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<acc_t>(src[j]);
+}
+
+template <typename T, typename acc_t>
+inline void store_row(const acc_t* src, T* dst, int64_t n) {
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(src[j]);
+}
+
+// bf16 is the upper half of an fp32.
+inline void load_row(const c10::BFloat16* src, float* dst, int64_t n) {
+  const uint16_t* bits = reinterpret_cast<const uint16_t*>(src);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t u = static_cast<uint32_t>(bits[j]) << 16;
+    float f;
+    std::memcpy(&f, &u, sizeof(f));
+    dst[j] = f;
+  }
+}
+
+// Round to nearest even, NaN -> 0x7FC0: the same bits as c10::BFloat16(float), without the branch.
+inline void store_row(const float* src, c10::BFloat16* dst, int64_t n) {
+  uint16_t* bits = reinterpret_cast<uint16_t*>(dst);
+#pragma omp simd
+  for (int64_t j = 0; j < n; ++j) {
+    uint32_t u;
+    std::memcpy(&u, &src[j], sizeof(u));
+    const uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+    bits[j] = src[j] != src[j] ? static_cast<uint16_t>(0x7FC0) : static_cast<uint16_t>(rounded);
+  }
+}
+
+// fp16 with F16C: 8 lanes per instruction, round to nearest even like c10::Half(float); scalar tail (and fallback).
+inline void load_row(const c10::Half* src, float* dst, int64_t n) {
+  int64_t j = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(dst + j, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + j))));
+#endif
+  for (; j < n; ++j) dst[j] = static_cast<float>(src[j]);
+}
+
+inline void store_row(const float* src, c10::Half* dst, int64_t n) {
+  int64_t j = 0;
+#if defined(__F16C__) && defined(__AVX__)
+  for (; j + 8 <= n; j += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + j),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + j), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; j < n; ++j) dst[j] = static_cast<c10::Half>(src[j]);
+}
+
+// The row as acc_t: the row itself when it is stored as acc_t (fp32 / fp64), else a converted copy in `buf`.
+template <typename T, typename acc_t>
+inline const acc_t* row_as_acc(const T* src, acc_t* buf, int64_t n) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return src;
+  } else {
+    load_row(src, buf, n);
+    return buf;
+  }
+}
+
+// Where to compute an output row in acc_t: in place when it is stored as acc_t, else in `buf`, then flush_row().
+template <typename T, typename acc_t>
+inline acc_t* out_as_acc(T* dst, acc_t* buf) {
+  if constexpr (std::is_same_v<T, acc_t>) {
+    return dst;
+  } else {
+    return buf;
+  }
+}
+
+template <typename T, typename acc_t>
+inline void flush_row(const acc_t* computed, T* dst, int64_t n) {
+  if constexpr (!std::is_same_v<T, acc_t>) store_row(computed, dst, n);
+}
+
 template <typename scalar_t, typename acc_t>
 void fwd_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* y, scalar_t* z, const acc_t* weight,
                 const acc_t* bias, acc_t* mean_out, acc_t* rstd_out, int64_t C, const GroupTable& table, acc_t eps) {
@@ -48,8 +141,11 @@ void fwd_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* y, scalar
   // Enough rows per task that thread start-up is amortised on small widths.
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(static_cast<size_t>(C));
-    acc_t* v = buf.data();
+    std::vector<acc_t> staging(4 * static_cast<size_t>(C));  // acc_t copies of x, residual, z, y rows
+    acc_t* x_buf = staging.data();
+    acc_t* r_buf = x_buf + C;
+    acc_t* z_buf = r_buf + C;
+    acc_t* y_buf = z_buf + C;
     int64_t g = group_of(table, begin);
     for (int64_t row = begin; row < end; ++row) {
       while (row >= table.row_start[g + 1]) ++g;
@@ -64,17 +160,16 @@ void fwd_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* y, scalar
         rstd_out[row] = 0;
         continue;
       }
-      const scalar_t* x_row = x + off;
+      const acc_t* xa = row_as_acc(x + off, x_buf, width);
+      const acc_t* v = xa;  // the normalised values: x, or x + residual before its rounding to scalar_t
       if (residual != nullptr) {
-        const scalar_t* r_row = residual + off;
+        const acc_t* ra = row_as_acc(residual + off, r_buf, width);
+        acc_t* za = out_as_acc(z_row, z_buf);
 #pragma omp simd
-        for (int64_t j = 0; j < width; ++j) v[j] = static_cast<acc_t>(x_row[j]) + static_cast<acc_t>(r_row[j]);
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) z_row[j] = static_cast<scalar_t>(v[j]);
+        for (int64_t j = 0; j < width; ++j) za[j] = xa[j] + ra[j];
+        flush_row(za, z_row, width);
         fill_zero(z_row, width, C);
-      } else {
-#pragma omp simd
-        for (int64_t j = 0; j < width; ++j) v[j] = static_cast<acc_t>(x_row[j]);
+        v = za;
       }
       const acc_t count = static_cast<acc_t>(width);
       acc_t sum = 0;
@@ -88,8 +183,10 @@ void fwd_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* y, scalar
         sq += d * d;
       }
       const acc_t rs = static_cast<acc_t>(1) / std::sqrt(sq / count + eps);
+      acc_t* ya = out_as_acc(y_row, y_buf);
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) y_row[j] = static_cast<scalar_t>((v[j] - mu) * rs * weight[j] + bias[j]);
+      for (int64_t j = 0; j < width; ++j) ya[j] = (v[j] - mu) * rs * weight[j] + bias[j];
+      flush_row(ya, y_row, width);
       fill_zero(y_row, width, C);
       mean_out[row] = mu;
       rstd_out[row] = rs;
@@ -104,10 +201,13 @@ void bwd_kernel(const scalar_t* dy, const scalar_t* dz, const scalar_t* z, const
   const int64_t rows = table.row_start.back();
   const int64_t chunks = (rows + kLayerNormBwdChunkRows - 1) / kLayerNormBwdChunkRows;
   at::parallel_for(0, chunks, 1, [&](int64_t chunk_begin, int64_t chunk_end) {
-    std::vector<acc_t> buf(3 * static_cast<size_t>(C));
-    acc_t* xhat = buf.data();
-    acc_t* dyv = xhat + C;
-    acc_t* wdy = dyv + C;
+    std::vector<acc_t> staging(6 * static_cast<size_t>(C));
+    acc_t* xhat = staging.data();
+    acc_t* wdy = xhat + C;   // w * dy
+    acc_t* z_buf = wdy + C;  // acc_t copies of the z, dy, dz, dx rows (half types only)
+    acc_t* dy_buf = z_buf + C;
+    acc_t* dz_buf = dy_buf + C;
+    acc_t* dx_buf = dz_buf + C;
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
       acc_t* dwp = dw_part + chunk * part_cols;
       acc_t* dbp = db_part + chunk * part_cols;
@@ -125,8 +225,8 @@ void bwd_kernel(const scalar_t* dy, const scalar_t* dz, const scalar_t* z, const
           fill_zero(dx_row, 0, C);
           continue;
         }
-        const scalar_t* z_row = z + off;
-        const scalar_t* dy_row = dy + off;
+        const acc_t* za = row_as_acc(z + off, z_buf, width);
+        const acc_t* ga = row_as_acc(dy + off, dy_buf, width);
         const acc_t mu = mean[row];
         const acc_t rs = rstd[row];
         // w * dy is rounded once into a buffer and both summed and reused from there: were the sum contracted into
@@ -134,9 +234,8 @@ void bwd_kernel(const scalar_t* dy, const scalar_t* dz, const scalar_t* z, const
         // constant rows), and the large rstd of such rows would blow the rounding difference up.
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
-          xhat[j] = (static_cast<acc_t>(z_row[j]) - mu) * rs;
-          dyv[j] = static_cast<acc_t>(dy_row[j]);
-          wdy[j] = weight[j] * dyv[j];
+          xhat[j] = (za[j] - mu) * rs;
+          wdy[j] = weight[j] * ga[j];
         }
         acc_t s_xw = 0, s_w = 0;  // sum(xhat * w * dy), sum(w * dy) over the active columns
 #pragma omp simd reduction(+ : s_xw, s_w)
@@ -147,22 +246,21 @@ void bwd_kernel(const scalar_t* dy, const scalar_t* dz, const scalar_t* z, const
         const acc_t count = static_cast<acc_t>(width);
         const acc_t c1 = s_xw / count;
         const acc_t c2 = s_w / count;
+        acc_t* dxa = out_as_acc(dx_row, dx_buf);
         if (dz != nullptr) {
-          const scalar_t* dz_row = dz + off;
+          const acc_t* dza = row_as_acc(dz + off, dz_buf, width);
 #pragma omp simd
-          for (int64_t j = 0; j < width; ++j)
-            dx_row[j] = static_cast<scalar_t>((wdy[j] - (xhat[j] * c1 + c2)) * rs +
-                                              static_cast<acc_t>(dz_row[j]));
+          for (int64_t j = 0; j < width; ++j) dxa[j] = (wdy[j] - (xhat[j] * c1 + c2)) * rs + dza[j];
         } else {
 #pragma omp simd
-          for (int64_t j = 0; j < width; ++j)
-            dx_row[j] = static_cast<scalar_t>((wdy[j] - (xhat[j] * c1 + c2)) * rs);
+          for (int64_t j = 0; j < width; ++j) dxa[j] = (wdy[j] - (xhat[j] * c1 + c2)) * rs;
         }
+        flush_row(dxa, dx_row, width);
         fill_zero(dx_row, width, C);
 #pragma omp simd
         for (int64_t j = 0; j < width; ++j) {
-          dwp[j] += dyv[j] * xhat[j];
-          dbp[j] += dyv[j];
+          dwp[j] += ga[j] * xhat[j];
+          dbp[j] += ga[j];
         }
       }
     }

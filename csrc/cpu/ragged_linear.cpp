@@ -12,27 +12,32 @@
 //   y: (rows, N_max), zero beyond n_g in every segment; pre = x W^T + b (GELU input) when save_pre, else (0,).
 //
 // Design and caveats:
-// - Forward: per group and segment one BLAS call (at::mm_out) on strided views: x.narrow(cols), W.narrow(rows/cols)
-//   and the output narrowed to the group's rows and active columns (row stride N_max). ATen hands such views to BLAS
-//   with their leading dimensions, so the weight is never copied. Then ONE parallel pass over the group's rows applies
-//   the whole epilogue (bias, save pre, exact GELU, row scale, residual) and writes the zeros beyond n_g.
+// - No weight copies: every GEMM is one BLAS call (at::mm_out / addmm_out) on strided views: x.narrow(cols),
+//   W.narrow(rows / cols) and the output narrowed to the block's rows and active columns (row stride N_max). ATen
+//   hands such views to BLAS with their leading dimensions.
+// - Scheduling: each phase is ONE parallel region over tasks, cut into contiguous runs of about equal cost (one run
+//   per thread); the BLAS calls inside run single-threaded (BLAS does not nest inside an OpenMP region). Versus
+//   multithreaded BLAS per group, the threads do not synchronise once per small GEMM (which on a shared or
+//   oversubscribed machine cost more than the GEMMs), and each block's epilogue runs while its GEMM output is hot.
+// - Forward, per (group, 128-row block): for each segment mm_out into the output (or the pre-activation buffer when
+//   it is kept), then the whole epilogue (bias, save pre, exact GELU, row scale, residual) and the zeros beyond n_g.
 // - Exact GELU for fp32 / half types uses an erfc approximation written to vectorise under `omp simd` (std::erf
 //   does not, and was ~15x slower here): Numerical Recipes' Chebyshev erfc (fractional error < 1.2e-7) with a
 //   Cody-Waite exp; |error| of gelu(x) <= ~1.1e-7 * max(1, |x|). fp64 uses std::erf / std::exp (gradcheck).
-// - Backward: a ragged prologue pass (only with a residual, row scale or GELU) writes dresidual (dy on the active
-//   columns, 0 elsewhere) and dpre = dy * row_scale * gelu'(pre); dx per group = sum over segments of dpre_s @ W_s
-//   (mm_out then addmm_out into the strided dx view), zeros beyond k_g.
-// - dW is accumulated group by group, segment by segment, in a fixed order, into its top-left slices with
-//   addmm_out on strided views (fp32 / fp64). For fp16 / bf16 each group's product is formed by BLAS in the input
-//   dtype and added to an fp32 accumulator (one rounding per group). db is a column sum written by hand: each
-//   column is summed by one thread over the rows in order, so db does not depend on the thread count. The BLAS
-//   reduction over rows (dW) is deterministic run to run; MKL/oneDNN do not promise bit-equality across thread
-//   counts.
+// - Backward phase 1, per (group, row block): prologue (only with a residual, row scale or GELU) writing dresidual
+//   (dy on the active columns, 0 elsewhere) and dpre = dy * row_scale * gelu'(pre); then dx = sum over segments of
+//   dpre_s @ W_s (mm_out then addmm_out into the strided dx view), zeros beyond k_g.
+// - Backward phase 2, per 128 x 128 tile of dW (within one segment): the tile owner sums dpre_g^T x_g over the groups
+//   that cover it, in group order (addmm_out into the tile; for fp16 / bf16 each group's product is formed by BLAS
+//   in the input dtype and added to an fp32 tile, one rounding per group). The tiles of the first column block also
+//   sum db (fp64 running column sums over the rows in order). No atomics, no reduction across threads: dW and db do
+//   not depend on the thread count, and runs are bitwise reproducible.
 // - One op boundary per call: everything above runs inside one dispatcher call.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/ThreadLocalState.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -180,118 +185,153 @@ std::vector<acc_t> scales_of(const std::optional<at::Tensor>& row_scale) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// Forward epilogue: one pass over a group's rows
+// Scheduling: one parallel region per phase, tasks split into contiguous runs of about equal cost
 // ---------------------------------------------------------------------------------------------------------------------
-template <typename scalar_t, typename acc_t>
-void fwd_epilogue(const Layout& l, int64_t g, bool has_gemm, const scalar_t* gemm_out, const acc_t* bias,
-                  const scalar_t* residual, const acc_t* scales, bool gelu_on, scalar_t* pre, scalar_t* y) {
-  const int64_t row0 = l.in.row_start[g], row1 = l.in.row_start[g + 1];
-  const int64_t n = l.out.widths[g], N = l.n_max, S = l.segments, seg = l.seg_width;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
-  at::parallel_for(row0, row1, grain, [&](int64_t begin, int64_t end) {
-    std::vector<acc_t> buf(static_cast<size_t>(std::max<int64_t>(n, 1)));
-    acc_t* v = buf.data();
-    for (int64_t row = begin; row < end; ++row) {
-      const acc_t rs = scales != nullptr ? scales[row / l.rows_per_sample] : acc_t(1);
-      for (int64_t s = 0; s < S; ++s) {
-        const int64_t off = row * N + s * seg;
-        const acc_t* b = bias != nullptr ? bias + s * seg : nullptr;
-        if (has_gemm) {
-          const scalar_t* h = gemm_out + off;
-#pragma omp simd
-          for (int64_t j = 0; j < n; ++j) v[j] = static_cast<acc_t>(h[j]);
-        } else {  // k_g = 0: the product is empty, only the bias remains
-          std::fill(v, v + n, acc_t(0));
-        }
-        if (b != nullptr) {
-#pragma omp simd
-          for (int64_t j = 0; j < n; ++j) v[j] += b[j];
-        }
-        if (pre != nullptr) {
-          scalar_t* p = pre + off;
-#pragma omp simd
-          for (int64_t j = 0; j < n; ++j) p[j] = static_cast<scalar_t>(v[j]);
-          std::fill(p + n, p + seg, scalar_t(0));
-        }
-        if (gelu_on) {
-#pragma omp simd
-          for (int64_t j = 0; j < n; ++j) v[j] = gelu(v[j]);
-        }
-        scalar_t* out = y + off;
-        if (residual != nullptr) {
-          const scalar_t* r = residual + off;
-#pragma omp simd
-          for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(static_cast<acc_t>(r[j]) + rs * v[j]);
-        } else {
-#pragma omp simd
-          for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(v[j]);
-        }
-        std::fill(out + n, out + seg, scalar_t(0));  // the contract: exactly zero beyond n_g, residual or not
-      }
+// A row block of one group: rows [row0, row1) of group g.
+struct RowTask {
+  int64_t g, row0, row1;
+};
+
+// Rows per task: enough for an efficient single-threaded GEMM, few enough to balance the threads.
+constexpr int64_t kRowBlock = 128;
+
+std::vector<RowTask> row_tasks(const Layout& l) {
+  std::vector<RowTask> tasks;
+  for (int64_t g = 0; g < l.in.num_groups(); ++g) {
+    for (int64_t r = l.in.row_start[g]; r < l.in.row_start[g + 1]; r += kRowBlock) {
+      tasks.push_back({g, r, std::min(r + kRowBlock, l.in.row_start[g + 1])});
+    }
+  }
+  return tasks;
+}
+
+// Calls fn(i) for every task i in [0, cost.size()): the tasks are cut into at most get_num_threads() contiguous runs
+// of about equal total cost, one run per thread, in one parallel region. The BLAS calls inside run single-threaded
+// (MKL / OpenBLAS do not nest inside an OpenMP region), so the threads work on different groups and row blocks
+// instead of synchronising once per small GEMM, and each block's epilogue runs while its GEMM output is in cache.
+template <typename F>
+void run_balanced(const std::vector<double>& cost, const F& fn) {
+  const int64_t tasks = static_cast<int64_t>(cost.size());
+  if (tasks == 0) return;
+  const int64_t runs = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
+  std::vector<int64_t> bounds(runs + 1, tasks);
+  bounds[0] = 0;
+  double total = 0;
+  for (double c : cost) total += c;
+  double seen = 0;
+  int64_t next = 1;
+  for (int64_t i = 0; i < tasks && next < runs; ++i) {
+    seen += cost[i];
+    while (next < runs && seen >= total * static_cast<double>(next) / static_cast<double>(runs)) bounds[next++] = i + 1;
+  }
+  // The ATen calls inside run on OpenMP worker threads: give them the caller's thread-local state (grad mode and
+  // dispatch-key exclusions: the op runs below autograd, so mm_out must not see tensors' requires_grad).
+  const at::ThreadLocalState caller_state;
+  at::parallel_for(0, runs, 1, [&](int64_t begin, int64_t end) {
+    at::ThreadLocalStateGuard state_guard(caller_state);
+    for (int64_t r = begin; r < end; ++r) {
+      for (int64_t i = bounds[r]; i < bounds[r + 1]; ++i) fn(i);
     }
   });
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// Backward prologue: dresidual (masked dy) and dpre = dy * row_scale * gelu'(pre) on the active columns
+// Forward epilogue of a row block: bias, save pre, GELU, row scale, residual, zeros beyond n_g
 // ---------------------------------------------------------------------------------------------------------------------
 template <typename scalar_t, typename acc_t>
-void bwd_prologue(const Layout& l, const scalar_t* dy, const scalar_t* pre, const acc_t* scales, scalar_t* dres,
-                  scalar_t* dpre) {
-  const int64_t N = l.n_max, S = l.segments, seg = l.seg_width;
-  for (int64_t g = 0; g < l.in.num_groups(); ++g) {
-    const int64_t n = l.out.widths[g];
-    const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(N, 1));
-    at::parallel_for(l.in.row_start[g], l.in.row_start[g + 1], grain, [&](int64_t begin, int64_t end) {
-      for (int64_t row = begin; row < end; ++row) {
-        const acc_t rs = scales != nullptr ? scales[row / l.rows_per_sample] : acc_t(1);
-        for (int64_t s = 0; s < S; ++s) {
-          const int64_t off = row * N + s * seg;
-          const scalar_t* d = dy + off;
-          if (dres != nullptr) {
-            scalar_t* r = dres + off;
-            std::copy(d, d + n, r);
-            std::fill(r + n, r + seg, scalar_t(0));
-          }
-          if (dpre == nullptr) continue;
-          scalar_t* out = dpre + off;  // only [0, n) is ever read back
-          if (pre != nullptr) {
-            const scalar_t* h = pre + off;
+void fwd_epilogue(const Layout& l, const RowTask& t, bool has_gemm, const scalar_t* gemm_out, const acc_t* bias,
+                  const scalar_t* residual, const acc_t* scales, bool gelu_on, scalar_t* pre, scalar_t* y,
+                  acc_t* v) {
+  const int64_t n = l.out.widths[t.g], N = l.n_max, S = l.segments, seg = l.seg_width;
+  for (int64_t row = t.row0; row < t.row1; ++row) {
+    const acc_t rs = scales != nullptr ? scales[row / l.rows_per_sample] : acc_t(1);
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t off = row * N + s * seg;
+      if (has_gemm) {
+        const scalar_t* h = gemm_out + off;
 #pragma omp simd
-            for (int64_t j = 0; j < n; ++j)
-              out[j] = static_cast<scalar_t>(static_cast<acc_t>(d[j]) * rs * gelu_grad(static_cast<acc_t>(h[j])));
-          } else {
-#pragma omp simd
-            for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(static_cast<acc_t>(d[j]) * rs);
-          }
-        }
+        for (int64_t j = 0; j < n; ++j) v[j] = static_cast<acc_t>(h[j]);
+      } else {  // k_g = 0: the product is empty, only the bias remains
+        std::fill(v, v + n, acc_t(0));
       }
-    });
+      if (bias != nullptr) {
+        const acc_t* b = bias + s * seg;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) v[j] += b[j];
+      }
+      if (pre != nullptr) {
+        scalar_t* p = pre + off;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) p[j] = static_cast<scalar_t>(v[j]);
+        std::fill(p + n, p + seg, scalar_t(0));
+      }
+      if (gelu_on) {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) v[j] = gelu(v[j]);
+      }
+      scalar_t* out = y + off;
+      if (residual != nullptr) {
+        const scalar_t* r = residual + off;
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(static_cast<acc_t>(r[j]) + rs * v[j]);
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(v[j]);
+      }
+      std::fill(out + n, out + seg, scalar_t(0));  // the contract: exactly zero beyond n_g, residual or not
+    }
   }
 }
 
-// db[c] = sum over groups g (in order) and their rows (in order) of dpre[row, c], for c % seg < n_g. Each column is
-// summed by one thread, so the result does not depend on the thread count; the running sums are fp64, so summing
-// thousands of rows one after the other loses nothing next to the fp32 pairwise sums of the reference.
-template <typename scalar_t>
-void bias_grad(const Layout& l, const scalar_t* dpre, double* db) {
-  const int64_t N = l.n_max, seg = l.seg_width;
-  at::parallel_for(0, N, 64, [&](int64_t c0, int64_t c1) {
-    std::fill(db + c0, db + c1, 0.0);
-    for (int64_t g = 0; g < l.in.num_groups(); ++g) {
-      const int64_t n = l.out.widths[g];
-      for (int64_t s = 0; s < l.segments; ++s) {
-        const int64_t lo = std::max(c0, s * seg), hi = std::min(c1, s * seg + n);
-        if (lo >= hi) continue;
-        for (int64_t row = l.in.row_start[g]; row < l.in.row_start[g + 1]; ++row) {
-          const scalar_t* d = dpre + row * N;
+// ---------------------------------------------------------------------------------------------------------------------
+// Backward prologue of a row block: dresidual (dy on the active columns, 0 elsewhere) and
+// dpre = dy * row_scale * gelu'(pre) on the active columns (the rest of dpre is never read)
+// ---------------------------------------------------------------------------------------------------------------------
+template <typename scalar_t, typename acc_t>
+void bwd_prologue(const Layout& l, const RowTask& t, const scalar_t* dy, const scalar_t* pre, const acc_t* scales,
+                  scalar_t* dres, scalar_t* dpre) {
+  const int64_t n = l.out.widths[t.g], N = l.n_max, S = l.segments, seg = l.seg_width;
+  for (int64_t row = t.row0; row < t.row1; ++row) {
+    const acc_t rs = scales != nullptr ? scales[row / l.rows_per_sample] : acc_t(1);
+    for (int64_t s = 0; s < S; ++s) {
+      const int64_t off = row * N + s * seg;
+      const scalar_t* d = dy + off;
+      if (dres != nullptr) {
+        scalar_t* r = dres + off;
+        std::copy(d, d + n, r);
+        std::fill(r + n, r + seg, scalar_t(0));
+      }
+      if (dpre == nullptr) continue;
+      scalar_t* out = dpre + off;
+      if (pre != nullptr) {
+        const scalar_t* h = pre + off;
 #pragma omp simd
-          for (int64_t c = lo; c < hi; ++c) db[c] += static_cast<double>(d[c]);
-        }
+        for (int64_t j = 0; j < n; ++j)
+          out[j] = static_cast<scalar_t>(static_cast<acc_t>(d[j]) * rs * gelu_grad(static_cast<acc_t>(h[j])));
+      } else {
+#pragma omp simd
+        for (int64_t j = 0; j < n; ++j) out[j] = static_cast<scalar_t>(static_cast<acc_t>(d[j]) * rs);
       }
     }
-  });
+  }
 }
+
+// out[j] += sum over rows r (in order) of src[r * stride + j], j < n, in fp64 running sums (db: summing thousands of
+// rows one after the other loses nothing next to the reference's fp32 pairwise sums). Not inside the dispatch macro:
+// a #pragma cannot appear in a macro argument.
+template <typename scalar_t>
+void column_sums(const scalar_t* src, int64_t rows, int64_t n, int64_t stride, double* out) {
+  for (int64_t r = 0; r < rows; ++r, src += stride) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) out[j] += static_cast<double>(src[j]);
+  }
+}
+
+// dW / db tiles: rows [j0, j1) of segment s of W, columns [c0, c1).
+struct WeightTask {
+  int64_t s, j0, j1, c0, c1;
+};
+constexpr int64_t kWeightTile = 128;
 
 }  // namespace
 
@@ -314,30 +354,36 @@ std::tuple<at::Tensor, at::Tensor> ragged_linear_fwd_cpu(
   at::Tensor y = at::empty({l.rows, l.n_max}, x.options());
   at::Tensor pre = save_pre ? at::empty({l.rows, l.n_max}, x.options()) : at::empty({0}, x.options());
   at::Tensor gemm_out = save_pre ? pre : y;  // the GEMM writes the pre-activation buffer when it is kept, else y
+  const std::vector<RowTask> tasks = row_tasks(l);
+  std::vector<double> cost;
+  for (const RowTask& t : tasks) {  // GEMM MACs plus the epilogue's elements
+    const double rows = static_cast<double>(t.row1 - t.row0);
+    cost.push_back(rows * (static_cast<double>(l.in.widths[t.g] * l.out.widths[t.g] * l.segments) + l.n_max));
+  }
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kFwdName, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
     const at::Tensor b = present(bias) ? bias->to(acc_type).contiguous() : at::Tensor();  // N_max values, once
     const std::vector<acc_t> scales = scales_of<acc_t>(row_scale);
-    for (int64_t g = 0; g < l.in.num_groups(); ++g) {
-      const int64_t rows = l.in.rows(g), k = l.in.widths[g], n = l.out.widths[g];
-      if (rows == 0) continue;
-      const int64_t row0 = l.in.row_start[g];
+    run_balanced(cost, [&](int64_t i) {
+      const RowTask& t = tasks[i];
+      const int64_t k = l.in.widths[t.g], n = l.out.widths[t.g], rows = t.row1 - t.row0;
       const bool has_gemm = k > 0 && n > 0;
       if (has_gemm) {
-        const at::Tensor xg = x.narrow(0, row0, rows).narrow(1, 0, k);
+        const at::Tensor xb = x.narrow(0, t.row0, rows).narrow(1, 0, k);
         for (int64_t s = 0; s < l.segments; ++s) {
-          at::Tensor out = gemm_out.narrow(0, row0, rows).narrow(1, s * l.seg_width, n);
-          at::mm_out(out, xg, weight.narrow(0, s * l.seg_width, n).narrow(1, 0, k).t());
+          at::Tensor out = gemm_out.narrow(0, t.row0, rows).narrow(1, s * l.seg_width, n);
+          at::mm_out(out, xb, weight.narrow(0, s * l.seg_width, n).narrow(1, 0, k).t());
         }
       }
-      fwd_epilogue<scalar_t, acc_t>(l, g, has_gemm, gemm_out.const_data_ptr<scalar_t>(),
+      std::vector<acc_t> buf(static_cast<size_t>(std::max<int64_t>(n, 1)));
+      fwd_epilogue<scalar_t, acc_t>(l, t, has_gemm, gemm_out.const_data_ptr<scalar_t>(),
                                     b.defined() ? b.const_data_ptr<acc_t>() : nullptr,
                                     present(residual) ? residual->const_data_ptr<scalar_t>() : nullptr,
                                     scales.empty() ? nullptr : scales.data(), gelu_on,
                                     save_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr,
-                                    y.mutable_data_ptr<scalar_t>());
-    }
+                                    y.mutable_data_ptr<scalar_t>(), buf.data());
+    });
   });
   return {y, pre};
 }
@@ -355,60 +401,99 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ragged_linear_bwd_cpu
   if (gelu_on) check_like(pre, "pre", {l.rows, l.n_max}, x.scalar_type(), kBwdName);
 
   const bool write_dpre = gelu_on || present(row_scale);
-  const at::ScalarType acc_type = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
   at::Tensor dres = has_residual ? at::empty({l.rows, l.n_max}, x.options()) : at::empty({0}, x.options());
   at::Tensor dpre_buf = write_dpre ? at::empty({l.rows, l.n_max}, x.options()) : at::Tensor();
+  // dpre: the prologue's buffer, or dy itself (read only through views of the active columns).
+  const at::Tensor dpre = write_dpre ? dpre_buf : dy;
   at::Tensor dx = at::empty({l.rows, l.k_max}, x.options());
-  at::Tensor dw = at::zeros({l.n_max, l.k_max}, x.options().dtype(half ? acc_type : x.scalar_type()));
+  // fp32 accumulator for half types (each group's product is added with one rounding); fp32 / fp64 in place.
+  at::Tensor dw = at::empty({l.n_max, l.k_max}, x.options().dtype(half ? at::kFloat : x.scalar_type()));
   at::Tensor db = at::empty({has_bias ? l.n_max : 0}, x.options().dtype(at::kDouble));
+
+  // Phase 1, per row block: prologue, then dx = sum over segments of dpre_s @ W_s, zeros beyond k_g.
+  const std::vector<RowTask> tasks = row_tasks(l);
+  std::vector<double> cost;
+  for (const RowTask& t : tasks) {
+    const double rows = static_cast<double>(t.row1 - t.row0);
+    cost.push_back(rows * (static_cast<double>(l.in.widths[t.g] * l.out.widths[t.g] * l.segments) + l.n_max +
+                           l.k_max));
+  }
+  // Phase 2, per dW tile (kWeightTile rows of one segment x kWeightTile columns): sum over the groups that cover it,
+  // in group order, so the bits of dW do not depend on the thread count. Tiles of the first column block also sum db.
+  std::vector<WeightTask> wtasks;
+  std::vector<double> wcost;
+  for (int64_t s = 0; s < l.segments; ++s) {
+    for (int64_t j0 = 0; j0 < l.seg_width; j0 += kWeightTile) {
+      for (int64_t c0 = 0; c0 < l.k_max; c0 += kWeightTile) {
+        WeightTask t{s, j0, std::min(j0 + kWeightTile, l.seg_width), c0, std::min(c0 + kWeightTile, l.k_max)};
+        double c = 1;
+        for (int64_t g = 0; g < l.in.num_groups(); ++g) {
+          const int64_t n = std::min(l.out.widths[g], t.j1) - t.j0, k = std::min(l.in.widths[g], t.c1) - t.c0;
+          if (n > 0 && k > 0) c += static_cast<double>(l.in.rows(g) * n * k);
+          if (n > 0 && t.c0 == 0) c += static_cast<double>(l.in.rows(g) * n);
+        }
+        wtasks.push_back(t);
+        wcost.push_back(c);
+      }
+    }
+  }
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kBwdName, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const std::vector<acc_t> scales = scales_of<acc_t>(row_scale);
-    if (has_residual || write_dpre) {
-      bwd_prologue<scalar_t, acc_t>(l, dy.const_data_ptr<scalar_t>(),
-                                    gelu_on ? pre->const_data_ptr<scalar_t>() : nullptr,
-                                    scales.empty() ? nullptr : scales.data(),
-                                    has_residual ? dres.mutable_data_ptr<scalar_t>() : nullptr,
-                                    write_dpre ? dpre_buf.mutable_data_ptr<scalar_t>() : nullptr);
-    }
-    // dpre: the prologue's buffer, or dy itself (read only through views of the active columns).
-    const at::Tensor dpre = write_dpre ? dpre_buf : dy;
-    for (int64_t g = 0; g < l.in.num_groups(); ++g) {
-      const int64_t rows = l.in.rows(g), k = l.in.widths[g], n = l.out.widths[g];
-      if (rows == 0) continue;
-      const int64_t row0 = l.in.row_start[g];
-      at::Tensor dxg = dx.narrow(0, row0, rows);
+    const scalar_t* dy_p = dy.const_data_ptr<scalar_t>();
+    const scalar_t* pre_p = gelu_on ? pre->const_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dres_p = has_residual ? dres.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* dpre_p = write_dpre ? dpre_buf.mutable_data_ptr<scalar_t>() : nullptr;
+    run_balanced(cost, [&](int64_t i) {
+      const RowTask& t = tasks[i];
+      if (has_residual || write_dpre) {
+        bwd_prologue<scalar_t, acc_t>(l, t, dy_p, pre_p, scales.empty() ? nullptr : scales.data(), dres_p, dpre_p);
+      }
+      const int64_t k = l.in.widths[t.g], n = l.out.widths[t.g], rows = t.row1 - t.row0;
+      at::Tensor dxb = dx.narrow(0, t.row0, rows);
       if (k > 0 && n > 0) {
-        const at::Tensor xg = x.narrow(0, row0, rows).narrow(1, 0, k);
-        at::Tensor dxk = dxg.narrow(1, 0, k);
+        at::Tensor dxk = dxb.narrow(1, 0, k);
         for (int64_t s = 0; s < l.segments; ++s) {
-          const at::Tensor dps = dpre.narrow(0, row0, rows).narrow(1, s * l.seg_width, n);
+          const at::Tensor dps = dpre.narrow(0, t.row0, rows).narrow(1, s * l.seg_width, n);
           const at::Tensor ws = weight.narrow(0, s * l.seg_width, n).narrow(1, 0, k);
           if (s == 0) {
             at::mm_out(dxk, dps, ws);
           } else {
             at::addmm_out(dxk, dxk, dps, ws);
           }
-          // dW[s*Nseg : s*Nseg + n, :k] += dpre_s^T x_g, groups and segments in a fixed order.
-          at::Tensor dws = dw.narrow(0, s * l.seg_width, n).narrow(1, 0, k);
+        }
+        if (k < l.k_max) dxb.narrow(1, k, l.k_max - k).zero_();
+      } else {
+        dxb.zero_();  // no product: x gets no gradient from this group
+      }
+    });
+
+    run_balanced(wcost, [&](int64_t i) {
+      const WeightTask& t = wtasks[i];
+      const int64_t w0 = t.s * l.seg_width + t.j0;  // first row of W in this tile
+      at::Tensor tile = dw.narrow(0, w0, t.j1 - t.j0).narrow(1, t.c0, t.c1 - t.c0);
+      tile.zero_();
+      double* dbp = has_bias && t.c0 == 0 ? db.mutable_data_ptr<double>() + w0 : nullptr;
+      if (dbp != nullptr) std::fill(dbp, dbp + (t.j1 - t.j0), 0.0);
+      for (int64_t g = 0; g < l.in.num_groups(); ++g) {
+        const int64_t rows = l.in.rows(g), row0 = l.in.row_start[g];
+        const int64_t n = std::min(l.out.widths[g], t.j1) - t.j0, k = std::min(l.in.widths[g], t.c1) - t.c0;
+        if (rows == 0 || n <= 0) continue;
+        const at::Tensor dps = dpre.narrow(0, row0, rows).narrow(1, w0, n);
+        if (k > 0) {
+          const at::Tensor xg = x.narrow(0, row0, rows).narrow(1, t.c0, k);
+          at::Tensor sub = tile.narrow(0, 0, n).narrow(1, 0, k);
           if (half) {
-            dws.add_(at::mm(dps.t(), xg));
+            sub.add_(at::mm(dps.t(), xg));
           } else {
-            at::addmm_out(dws, dws, dps.t(), xg);
+            at::addmm_out(sub, sub, dps.t(), xg);
           }
         }
-        if (k < l.k_max) dxg.narrow(1, k, l.k_max - k).zero_();
-      } else {
-        dxg.zero_();  // no product: x gets no gradient from this group
+        if (dbp != nullptr) column_sums(dpre.const_data_ptr<scalar_t>() + row0 * l.n_max + w0, rows, n, l.n_max, dbp);
       }
-    }
-    if (has_bias && l.rows > 0) {
-      bias_grad<scalar_t>(l, dpre.const_data_ptr<scalar_t>(), db.mutable_data_ptr<double>());
-    } else if (has_bias) {
-      db.zero_();
-    }
+    });
   });
   return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type()), dres};
 }

@@ -1,18 +1,29 @@
-// RSR token-layout im2col on CPU: resnas::ext_rsr_im2col_fwd / _bwd (schemas and semantics in ../rsr.h).
+// RSR token-layout im2col on CPU, and the RSR conv as a blocked implicit GEMM built on it:
+//   resnas::ext_rsr_im2col_fwd / _bwd and resnas::ext_rsr_conv_fwd / _bwd (schemas and semantics in ../rsr.h).
 //
 // Design and caveats:
-// - Forward: one task per output token row (b, oh, ow). For each of the k*k taps the source is one contiguous input
-//   token row (or the conv's zero padding), copied with stride k*k into the channel-major / tap-minor column layout;
-//   the row is ~ci*k*k elements, so the strided writes stay within L1. Columns beyond ci*k*k are zero-filled (the
-//   ragged contract), so no uninitialised memory reaches the GEMM.
-// - Backward is col2im as a gather: one task per input token row; each of its channels sums, in a fixed tap order,
-//   the (at most ceil(k/s)^2) columns that read it. No scatter, no atomics: deterministic whatever the threads.
-// - The cls row (has_cls) is not read by the conv: its gradient is zero here.
-// - Accumulation in fp32 (fp64 for fp64); the forward is a pure copy.
+// - im2col forward: one task per output token row (b, oh, ow). Each of the k*k taps reads one contiguous input token
+//   row (or a row of zeros for the conv's padding); the row is written channel-outer / tap-inner, i.e. sequentially,
+//   in the channel-major / tap-minor column layout (3x3 unrolled at compile time). Columns beyond ci*k*k are
+//   zero-filled (the ragged contract), so no uninitialised memory reaches a GEMM.
+// - im2col backward is col2im as a gather: one task per input token row; each of its channels sums, in a fixed tap
+//   order, the (at most ceil(k/s)^2) columns that read it. No scatter, no atomics: deterministic whatever the threads.
+//   The cls row (has_cls) is not read by the conv: its gradient is zero.
+// - conv (the CPU fast path of the fused RSR): materialising the whole (B, Ho*Wo, Ci*k*k) column tensor costs a
+//   fresh 40-150 MB allocation per call at ViT-ResNAS shapes, whose first-touch page faults took as long as a third of
+//   the GEMM on the development VM. So, per group and per block of whole samples (~kBlockRows rows), the columns are
+//   gathered into one reused buffer with the group's compact row length ci*k*k, then one BLAS GEMM with
+//   W[:co, :ci*k*k] writes the block's output rows (zeros beyond co). Backward re-gathers each block: dW[:co, :K] +=
+//   dY^T @ cols (groups and blocks in a fixed order: reproducible run to run at a fixed thread count; BLAS does not
+//   promise bit-equality across thread counts), dcols = dY @ W[:co, :K] into a block buffer, then col2im (a gather,
+//   within the block's own samples) into du.
+// - The conv computes in fp32 for fp16 / bf16 inputs (the block buffers are fp32; one rounding of the output), fp64
+//   for fp64; dweight is returned in that accumulation dtype.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -25,6 +36,11 @@ namespace {
 
 constexpr const char* kFwdName = "ext_rsr_im2col_fwd";
 constexpr const char* kBwdName = "ext_rsr_im2col_bwd";
+constexpr const char* kConvFwdName = "ext_rsr_conv_fwd";
+constexpr const char* kConvBwdName = "ext_rsr_conv_bwd";
+// GEMM rows per block of the conv (rounded to whole samples): large enough for BLAS efficiency, small enough that
+// the block buffers (rows x ci*k*k) stay a few MB and are reused within the call.
+constexpr int64_t kBlockRows = 512;
 
 // Group owning `sample`: the last g with row_start[g] <= sample (skips empty groups).
 inline int64_t group_of(const GroupTable& table, int64_t sample) {
@@ -32,30 +48,86 @@ inline int64_t group_of(const GroupTable& table, int64_t sample) {
   return static_cast<int64_t>(it - table.row_start.begin()) - 1;
 }
 
+// The k*k source rows of output token o of sample b (taps in (kh, kw) order); padding taps point at `zeros`.
+template <typename scalar_t>
+inline void row_sources(const scalar_t* u, const scalar_t* zeros, const RsrGeometry& geo, int64_t C, int64_t b,
+                        int64_t o, const scalar_t** srcs) {
+  const int64_t oh = o / geo.Wo, ow = o % geo.Wo;
+  for (int64_t kh = 0; kh < geo.k; ++kh) {
+    const int64_t ih = oh * geo.stride - geo.padding + kh;
+    for (int64_t kw = 0; kw < geo.k; ++kw) {
+      const int64_t iw = ow * geo.stride - geo.padding + kw;
+      const bool inside = ih >= 0 && ih < geo.H && iw >= 0 && iw < geo.W;
+      srcs[kh * geo.k + kw] = inside ? u + (b * geo.in_tokens() + geo.n_cls + ih * geo.W + iw) * C : zeros;
+    }
+  }
+}
+
+// dst[c * kk + tap] = srcs[tap][c] for c < ci, sequential stores; KK is compile-time for 3x3 (fully unrolled).
+template <typename in_t, typename out_t, int KK>
+inline void gather_row(out_t* dst, const in_t* const* srcs, int64_t ci, int64_t kk_rt) {
+  const int64_t kk = KK > 0 ? KK : kk_rt;
+  for (int64_t c = 0; c < ci; ++c) {
+    out_t* d = dst + c * kk;
+    if constexpr (KK > 0) {
+#pragma GCC unroll 9
+      for (int tap = 0; tap < KK; ++tap) d[tap] = static_cast<out_t>(srcs[tap][c]);
+    } else {
+      for (int64_t tap = 0; tap < kk; ++tap) d[tap] = static_cast<out_t>(srcs[tap][c]);
+    }
+  }
+}
+
+template <typename in_t, typename out_t>
+inline void gather_row_any(out_t* dst, const in_t* const* srcs, int64_t ci, int64_t kk) {
+  if (kk == 9) {
+    gather_row<in_t, out_t, 9>(dst, srcs, ci, kk);
+  } else {
+    gather_row<in_t, out_t, 0>(dst, srcs, ci, kk);
+  }
+}
+
+// col2im of one input token row: dst[c] = sum over the taps reading token (ih, iw), in (kh, kw) order, of
+// dcols[o * row_len + c * kk + tap] for c < ci, zeros beyond (up to C). `dcols` points at the sample's first column row.
+template <typename in_t, typename out_t, typename acc_t>
+inline void col2im_row(out_t* dst, const in_t* dcols, const RsrGeometry& geo, int64_t row_len, int64_t ih, int64_t iw,
+                       int64_t ci, int64_t C, std::vector<const in_t*>& srcs) {
+  const int64_t kk = geo.taps();
+  srcs.clear();
+  for (int64_t kh = 0; kh < geo.k; ++kh) {
+    const int64_t ph = ih + geo.padding - kh;  // = oh * stride for the output row oh that reads ih through kh
+    if (ph < 0 || ph % geo.stride != 0 || ph / geo.stride >= geo.Ho) continue;
+    for (int64_t kw = 0; kw < geo.k; ++kw) {
+      const int64_t pw = iw + geo.padding - kw;
+      if (pw < 0 || pw % geo.stride != 0 || pw / geo.stride >= geo.Wo) continue;
+      const int64_t o = (ph / geo.stride) * geo.Wo + pw / geo.stride;
+      srcs.push_back(dcols + o * row_len + kh * geo.k + kw);
+    }
+  }
+  const int64_t n_src = static_cast<int64_t>(srcs.size());
+  for (int64_t c = 0; c < ci; ++c) {
+    acc_t acc = 0;
+    for (int64_t s = 0; s < n_src; ++s) acc += static_cast<acc_t>(srcs[s][c * kk]);
+    dst[c] = static_cast<out_t>(acc);
+  }
+  std::fill(dst + ci, dst + C, static_cast<out_t>(0));
+}
+
 template <typename scalar_t>
 void im2col_fwd_kernel(const scalar_t* u, scalar_t* cols, const RsrGeometry& geo, const GroupTable& groups,
                        int64_t C) {
-  const int64_t L = geo.out_patches(), N = geo.in_tokens(), kk = geo.taps(), row_len = C * kk;
+  const int64_t L = geo.out_patches(), kk = geo.taps(), row_len = C * kk;
   const int64_t rows = groups.row_start.back() * L;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(row_len, 1));
+  const std::vector<scalar_t> zeros(static_cast<size_t>(std::max<int64_t>(C, 1)), static_cast<scalar_t>(0));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
+    std::vector<const scalar_t*> srcs(static_cast<size_t>(kk));
     for (int64_t row = begin; row < end; ++row) {
-      const int64_t b = row / L, o = row % L, oh = o / geo.Wo, ow = o % geo.Wo;
+      const int64_t b = row / L;
       const int64_t ci = groups.widths[group_of(groups, b)];
       scalar_t* dst = cols + row * row_len;
-      for (int64_t kh = 0; kh < geo.k; ++kh) {
-        const int64_t ih = oh * geo.stride - geo.padding + kh;
-        for (int64_t kw = 0; kw < geo.k; ++kw) {
-          const int64_t iw = ow * geo.stride - geo.padding + kw;
-          const int64_t tap = kh * geo.k + kw;
-          if (ih < 0 || ih >= geo.H || iw < 0 || iw >= geo.W) {
-            for (int64_t c = 0; c < ci; ++c) dst[c * kk + tap] = static_cast<scalar_t>(0);
-            continue;
-          }
-          const scalar_t* src = u + (b * N + geo.n_cls + ih * geo.W + iw) * C;
-          for (int64_t c = 0; c < ci; ++c) dst[c * kk + tap] = src[c];
-        }
-      }
+      row_sources(u, zeros.data(), geo, C, b, row % L, srcs.data());
+      gather_row_any(dst, srcs.data(), ci, kk);
       std::fill(dst + ci * kk, dst + row_len, static_cast<scalar_t>(0));
     }
   });
@@ -64,45 +136,194 @@ void im2col_fwd_kernel(const scalar_t* u, scalar_t* cols, const RsrGeometry& geo
 template <typename scalar_t, typename acc_t>
 void im2col_bwd_kernel(const scalar_t* dcols, scalar_t* du, const RsrGeometry& geo, const GroupTable& groups,
                        int64_t C) {
-  const int64_t L = geo.out_patches(), N = geo.in_tokens(), kk = geo.taps(), row_len = C * kk;
+  const int64_t L = geo.out_patches(), N = geo.in_tokens(), row_len = C * geo.taps();
   const int64_t rows = groups.row_start.back() * N;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(C * 4, 1));
   at::parallel_for(0, rows, grain, [&](int64_t begin, int64_t end) {
-    std::vector<const scalar_t*> srcs;  // for each tap reading this token: &dcols[b, o, tap] (then + c * kk)
-    srcs.reserve(static_cast<size_t>(kk));
+    std::vector<const scalar_t*> srcs;
+    srcs.reserve(static_cast<size_t>(geo.taps()));
     for (int64_t row = begin; row < end; ++row) {
       const int64_t b = row / N, token = row % N;
       scalar_t* dst = du + row * C;
       const int64_t ci = groups.widths[group_of(groups, b)];
-      if (token < geo.n_cls || ci == 0) {
+      if (token < geo.n_cls) {
         std::fill(dst, dst + C, static_cast<scalar_t>(0));
         continue;
       }
-      const int64_t ih = (token - geo.n_cls) / geo.W, iw = (token - geo.n_cls) % geo.W;
-      srcs.clear();
-      // Taps in increasing (kh, kw): the fixed summation order.
-      for (int64_t kh = 0; kh < geo.k; ++kh) {
-        const int64_t ph = ih + geo.padding - kh;  // = oh * stride for the output row oh that reads ih via kh
-        if (ph < 0 || ph % geo.stride != 0 || ph / geo.stride >= geo.Ho) continue;
-        for (int64_t kw = 0; kw < geo.k; ++kw) {
-          const int64_t pw = iw + geo.padding - kw;
-          if (pw < 0 || pw % geo.stride != 0 || pw / geo.stride >= geo.Wo) continue;
-          const int64_t o = (ph / geo.stride) * geo.Wo + pw / geo.stride;
-          srcs.push_back(dcols + (b * L + o) * row_len + kh * geo.k + kw);
-        }
-      }
-      const int64_t n_src = static_cast<int64_t>(srcs.size());
-      for (int64_t c = 0; c < ci; ++c) {
-        acc_t acc = 0;
-        for (int64_t s = 0; s < n_src; ++s) acc += static_cast<acc_t>(srcs[s][c * kk]);
-        dst[c] = static_cast<scalar_t>(acc);
-      }
-      std::fill(dst + ci, dst + C, static_cast<scalar_t>(0));
+      const int64_t p = token - geo.n_cls;
+      col2im_row<scalar_t, scalar_t, acc_t>(dst, dcols + b * L * row_len, geo, row_len, p / geo.W, p % geo.W, ci, C,
+                                            srcs);
     }
   });
 }
 
+// ---- the blocked implicit-GEMM conv ---------------------------------------------------------------------------------
+struct ConvArgs {
+  rsr_detail::Im2colArgs im;  // geometry, input widths (ci), channels of u
+  GroupTable out;             // output widths (co)
+  int64_t co_max;
+};
+
+ConvArgs check_conv(const at::Tensor& u, const at::Tensor& weight, c10::IntArrayRef sizes, c10::IntArrayRef in_widths,
+                    c10::IntArrayRef out_widths, c10::IntArrayRef grid, int64_t k, int64_t stride, int64_t padding,
+                    bool has_cls, const char* op) {
+  ConvArgs a{rsr_detail::check_im2col_fwd(u, sizes, in_widths, grid, k, stride, padding, has_cls, at::kCPU, op), {},
+             0};
+  TORCH_CHECK(weight.defined() && weight.dim() == 2 && weight.size(1) == a.im.channels * a.im.geo.taps(), op,
+              ": weight must be 2-D (Co_max, C*k*k) = (Co_max, ", a.im.channels * a.im.geo.taps(),
+              ") (conv_weight.view(Co_max, -1)), got ", weight.sizes());
+  TORCH_CHECK(weight.scalar_type() == u.scalar_type() || weight.scalar_type() == at::kFloat, op,
+              ": weight must have u's dtype (", u.scalar_type(), ") or Float, got ", weight.scalar_type());
+  TORCH_CHECK(weight.device() == u.device(), op, ": weight must be on u's device ", u.device(), ", got ",
+              weight.device());
+  a.co_max = weight.size(0);
+  a.out = make_group_table(sizes, out_widths, u.size(0), a.co_max, op, "weight (out channels)");
+  return a;
+}
+
+// Fills buf (rows x ci*kk, compact) with the columns of samples [s0, s0 + nb).
+template <typename scalar_t, typename acc_t>
+void gather_block(const scalar_t* u, const scalar_t* zeros, acc_t* buf, const RsrGeometry& geo, int64_t C, int64_t s0,
+                  int64_t nb, int64_t ci) {
+  const int64_t L = geo.out_patches(), kk = geo.taps(), K = ci * kk;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
+  at::parallel_for(0, nb * L, grain, [&](int64_t begin, int64_t end) {
+    std::vector<const scalar_t*> srcs(static_cast<size_t>(kk));
+    for (int64_t r = begin; r < end; ++r) {
+      row_sources(u, zeros, geo, C, s0 + r / L, r % L, srcs.data());
+      gather_row_any(buf + r * K, srcs.data(), ci, kk);
+    }
+  });
+}
+
+// Calls fn(g, ci, co, s0, nb) for every block of whole samples of every group with rows, in group / block order.
+template <typename Fn>
+void for_each_block(const ConvArgs& a, Fn&& fn) {
+  const int64_t L = a.im.geo.out_patches();
+  const int64_t block_samples = std::max<int64_t>(1, kBlockRows / std::max<int64_t>(L, 1));
+  for (int64_t g = 0; g < a.im.groups.num_groups(); ++g) {
+    const int64_t begin = a.im.groups.row_start[g], end = a.im.groups.row_start[g + 1];
+    for (int64_t s0 = begin; s0 < end; s0 += block_samples)
+      fn(g, a.im.groups.widths[g], a.out.widths[g], s0, std::min(block_samples, end - s0));
+  }
+}
+
 }  // namespace
+
+at::Tensor rsr_conv_fwd_cpu(const at::Tensor& u_in, const at::Tensor& weight_in, c10::IntArrayRef sizes,
+                            c10::IntArrayRef in_widths, c10::IntArrayRef out_widths, c10::IntArrayRef grid,
+                            int64_t kernel_size, int64_t stride, int64_t padding, bool has_cls) {
+  const ConvArgs a = check_conv(u_in, weight_in, sizes, in_widths, out_widths, grid, kernel_size, stride, padding,
+                                has_cls, kConvFwdName);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain kernels on possibly grad-requiring inputs
+  const at::Tensor u = u_in.contiguous();
+  const int64_t B = u.size(0), L = a.im.geo.out_patches(), C = a.im.channels, kk = a.im.geo.taps();
+  at::Tensor out = at::empty({B, L, a.co_max}, u.options());
+  if (out.numel() == 0) return out;
+  const auto acc = rsr_detail::acc_dtype(u.scalar_type());
+  const at::Tensor w = weight_in.to(acc).contiguous();  // no copy for fp32 / fp64
+  at::Tensor out2d = out.view({B * L, a.co_max});
+  const int64_t max_rows = std::max<int64_t>(1, kBlockRows / std::max<int64_t>(L, 1)) * L;
+  const int64_t max_k = a.im.groups.max_width * kk;
+  at::Tensor buf = at::empty({std::max<int64_t>(1, max_rows * max_k)}, u.options().dtype(acc));
+  const bool same = acc == u.scalar_type();
+  at::Tensor tmp = same ? at::Tensor() : at::empty({max_rows * a.co_max}, u.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), kConvFwdName, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<scalar_t> zeros(static_cast<size_t>(std::max<int64_t>(C, 1)), static_cast<scalar_t>(0));
+    for_each_block(a, [&](int64_t, int64_t ci, int64_t co, int64_t s0, int64_t nb) {
+      const int64_t rows = nb * L, K = ci * kk;
+      at::Tensor dst = out2d.narrow(0, s0 * L, rows);
+      if (co == 0 || K == 0) {  // no output channels, or an empty product
+        dst.zero_();
+        return;
+      }
+      gather_block<scalar_t, acc_t>(u.const_data_ptr<scalar_t>(), zeros.data(), buf.mutable_data_ptr<acc_t>(),
+                                    a.im.geo, C, s0, nb, ci);
+      const at::Tensor cols = buf.narrow(0, 0, rows * K).view({rows, K});
+      const at::Tensor wg = w.narrow(0, 0, co).narrow(1, 0, K);
+      if (same) {
+        at::Tensor target = dst.narrow(1, 0, co);  // strided (row stride Co_max): BLAS writes it in place
+        at::mm_out(target, cols, wg.t());
+      } else {
+        at::Tensor t = tmp.narrow(0, 0, rows * co).view({rows, co});
+        at::mm_out(t, cols, wg.t());
+        dst.narrow(1, 0, co).copy_(t);  // one rounding to the output dtype
+      }
+      if (co < a.co_max) dst.narrow(1, co, a.co_max - co).zero_();
+    });
+  });
+  return out;
+}
+
+std::tuple<at::Tensor, at::Tensor> rsr_conv_bwd_cpu(const at::Tensor& dout_in, const at::Tensor& u_in,
+                                                    const at::Tensor& weight_in, c10::IntArrayRef sizes,
+                                                    c10::IntArrayRef in_widths, c10::IntArrayRef out_widths,
+                                                    c10::IntArrayRef grid, int64_t kernel_size, int64_t stride,
+                                                    int64_t padding, bool has_cls) {
+  const ConvArgs a = check_conv(u_in, weight_in, sizes, in_widths, out_widths, grid, kernel_size, stride, padding,
+                                has_cls, kConvBwdName);
+  const int64_t B = u_in.size(0), L = a.im.geo.out_patches(), N = a.im.geo.in_tokens(), C = a.im.channels;
+  const int64_t kk = a.im.geo.taps();
+  TORCH_CHECK(dout_in.defined() && dout_in.sizes() == c10::IntArrayRef({B, L, a.co_max}), kConvBwdName,
+              ": dout must have shape (", B, ", ", L, ", ", a.co_max, "), got ",
+              dout_in.defined() ? dout_in.sizes() : c10::IntArrayRef{});
+  rsr_detail::check_same(dout_in, "dout", u_in, "u", kConvBwdName);
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  const at::Tensor u = u_in.contiguous(), dout = dout_in.contiguous();
+  const auto acc = rsr_detail::acc_dtype(u.scalar_type());
+  const at::Tensor w = weight_in.to(acc).contiguous();
+  at::Tensor du = at::empty({B, N, C}, u.options());
+  at::Tensor dw = at::zeros({a.co_max, C * kk}, u.options().dtype(acc));
+  if (du.numel() == 0) return {du, dw};
+  const at::Tensor dout2d = dout.view({B * L, a.co_max});
+  const int64_t max_rows = std::max<int64_t>(1, kBlockRows / std::max<int64_t>(L, 1)) * L;
+  const int64_t max_k = a.im.groups.max_width * kk;
+  at::Tensor buf = at::empty({std::max<int64_t>(1, max_rows * max_k)}, u.options().dtype(acc));
+  at::Tensor dcols = at::empty({std::max<int64_t>(1, max_rows * max_k)}, u.options().dtype(acc));
+  const bool same = acc == u.scalar_type();
+  at::Tensor dy_buf = same ? at::Tensor() : at::empty({max_rows * a.co_max}, u.options().dtype(acc));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), kConvBwdName, [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const std::vector<scalar_t> zeros(static_cast<size_t>(std::max<int64_t>(C, 1)), static_cast<scalar_t>(0));
+    scalar_t* du_ptr = du.mutable_data_ptr<scalar_t>();
+    for_each_block(a, [&](int64_t, int64_t ci, int64_t co, int64_t s0, int64_t nb) {
+      const int64_t rows = nb * L, K = ci * kk;
+      scalar_t* du_block = du_ptr + s0 * N * C;
+      if (co == 0 || K == 0) {  // the group took no part in the conv: no gradient
+        std::fill(du_block, du_block + nb * N * C, static_cast<scalar_t>(0));
+        return;
+      }
+      gather_block<scalar_t, acc_t>(u.const_data_ptr<scalar_t>(), zeros.data(), buf.mutable_data_ptr<acc_t>(),
+                                    a.im.geo, C, s0, nb, ci);
+      const at::Tensor cols = buf.narrow(0, 0, rows * K).view({rows, K});
+      at::Tensor dy = dout2d.narrow(0, s0 * L, rows).narrow(1, 0, co);
+      if (!same) dy = dy_buf.narrow(0, 0, rows * co).view({rows, co}).copy_(dy);
+      at::Tensor dwg = dw.narrow(0, 0, co).narrow(1, 0, K);
+      at::addmm_out(dwg, dwg, dy.t(), cols);  // blocks and groups in a fixed order
+      at::Tensor dc = dcols.narrow(0, 0, rows * K).view({rows, K});
+      at::mm_out(dc, dy, w.narrow(0, 0, co).narrow(1, 0, K));
+      const acc_t* dc_ptr = dc.const_data_ptr<acc_t>();
+      at::parallel_for(0, nb * N, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin,
+                                                                                            int64_t end) {
+        std::vector<const acc_t*> srcs;
+        srcs.reserve(static_cast<size_t>(kk));
+        for (int64_t r = begin; r < end; ++r) {
+          const int64_t local = r / N, token = r % N;
+          scalar_t* dst = du_block + r * C;
+          if (token < a.im.geo.n_cls) {
+            std::fill(dst, dst + C, static_cast<scalar_t>(0));
+            continue;
+          }
+          const int64_t p = token - a.im.geo.n_cls;
+          col2im_row<acc_t, scalar_t, acc_t>(dst, dc_ptr + local * L * K, a.im.geo, K, p / a.im.geo.W,
+                                             p % a.im.geo.W, ci, C, srcs);
+        }
+      });
+    });
+  });
+  return {du, dw};
+}
 
 at::Tensor rsr_im2col_fwd_cpu(const at::Tensor& u_in, c10::IntArrayRef sizes, c10::IntArrayRef widths,
                               c10::IntArrayRef grid, int64_t kernel_size, int64_t stride, int64_t padding,
@@ -146,9 +367,17 @@ TORCH_LIBRARY_FRAGMENT(resnas, m) {
   m.def(
       "ext_rsr_im2col_bwd(Tensor dcols, int[] sizes, int[] widths, int[] grid, int kernel_size, int stride, "
       "int padding, bool has_cls) -> Tensor");
+  m.def(
+      "ext_rsr_conv_fwd(Tensor u, Tensor weight, int[] sizes, int[] in_widths, int[] out_widths, int[] grid, "
+      "int kernel_size, int stride, int padding, bool has_cls) -> Tensor");
+  m.def(
+      "ext_rsr_conv_bwd(Tensor dout, Tensor u, Tensor weight, int[] sizes, int[] in_widths, int[] out_widths, "
+      "int[] grid, int kernel_size, int stride, int padding, bool has_cls) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(resnas, CPU, m) {
   m.impl("ext_rsr_im2col_fwd", &resnas::rsr_im2col_fwd_cpu);
   m.impl("ext_rsr_im2col_bwd", &resnas::rsr_im2col_bwd_cpu);
+  m.impl("ext_rsr_conv_fwd", &resnas::rsr_conv_fwd_cpu);
+  m.impl("ext_rsr_conv_bwd", &resnas::rsr_conv_bwd_cpu);
 }

@@ -207,15 +207,15 @@ class Arch:
         """Parse the original `network_def` (conv stem types 4 or 5 only; type-0 patch embedding is not a
         ViT-ResNAS model). exists=0 blocks become removed slots."""
         nd = list(network_def)
-        if not nd or nd[0][0] not in (4, 5):
-            raise ValueError(f"network_def must start with a conv stem (4, C) or (5, C, mid), got "
-                             f"{nd[0] if nd else None!r}")
+        if not nd or nd[0][0] not in (4, 5) or (nd[0][0] == 5 and nd[0][2] != STEM_MID_WIDTH):
+            raise ValueError(f"network_def must start with a conv stem (4, C) or (5, C, {STEM_MID_WIDTH}) (the final "
+                             f"models' stem width), got {nd[0] if nd else None!r}")
         if nd[-1][0] != 2:
             raise ValueError(f"network_def must end with the head (2, C, num_classes), got {nd[-1]!r}")
         stages: List[StageArch] = []
         embed, head_dim, slots = nd[0][1], None, []
 
-        def close():
+        def close():  # a stage without blocks has no head dim in the def; 64 is a placeholder then
             stages.append(StageArch(embed, head_dim if head_dim is not None else 64, tuple(slots)))
 
         for i, entry in enumerate(nd[1:-1], start=1):

@@ -4,7 +4,8 @@
 names). `forward(x, archs, group_sizes)` runs group g through the first-k slice of every weight chosen by archs[g]:
 
     mode="ragged" (default)  the ragged ops: every op reads only the active slices, so the cost is that of the sampled
-                             sub-networks. A group whose block is removed does no work in that block.
+                             sub-networks. A group whose block is removed does no GEMM, norm or attention work in
+                             that block (its rows are only copied through the residual epilogue).
     mode="masked"            the original code's formulation (vit_resnas.md section 5): everything at full width
                              for every sample, then masks; MaskedLayerNorm statistics over the active channels.
                              The parity oracle and the benchmark peer.
@@ -27,12 +28,17 @@ Removed blocks: the group's LayerNorm, qkv, attention and fc1 widths are 0 (the 
 width 0 and output width c_g with the residual epilogue and a row scale of 0 for the group's samples, so the op
 writes out = residual + 0 * act(bias) = x on exactly the group's c_g columns. (Output width 0 would not do: the
 contract makes columns beyond n_g zero even with a residual, which would erase the group's activations.)
+
+Also here: `extract(arch)` (a standalone stock network with copied slices), `sliced_state_dict(arch)` (differentiable
+slices; q, k, v sliced separately), `sort_by_importance(optimizer)` (rewiring, with the AdamW state permuted), and
+`stem_tokens(x)` / `forward_from_stem(tokens, archs, sizes)` (a search caches the full-width stem once per image).
 """
 from __future__ import annotations
 
 import functools
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +55,7 @@ from .subnet import LN_EPS, ViTResNASNet
 __all__ = ["ViTResNAS", "MODES"]
 
 MODES = ("ragged", "masked", "loop")
+_LOOP_CACHE = 64  # sub-network skeletons kept for mode="loop" (parameter-less, on the meta device)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -145,12 +152,14 @@ class ViTResNAS(ViTResNASNet):
                 raise ValueError(f"arch cannot hold every architecture of the {space.name} space: {why}")
         super().__init__(arch, **kwargs)
         self.space = space
-        self._loop_nets: Dict[Arch, ViTResNASNet] = {}
+        self._loop_nets: "OrderedDict[Arch, ViTResNASNet]" = OrderedDict()  # LRU of meta skeletons for mode="loop"
 
     # -- arguments ----------------------------------------------------------------------------------------------------
     def _resolve(self, x: torch.Tensor, archs, group_sizes) -> Tuple[Tuple[Arch, ...], Tuple[int, ...]]:
         self.check_input(x)
-        batch = x.shape[0]
+        return self._resolve_groups(x.shape[0], archs, group_sizes)
+
+    def _resolve_groups(self, batch: int, archs, group_sizes) -> Tuple[Tuple[Arch, ...], Tuple[int, ...]]:
         if batch == 0:
             raise ValueError("x must hold at least one sample")
         if archs is None:
@@ -165,7 +174,11 @@ class ViTResNAS(ViTResNASNet):
                 raise ValueError(f"group_sizes is required with {len(archs)} archs (one contiguous group of the batch "
                                  f"per arch)")
             group_sizes = (batch,)
-        sizes = Ragged(tuple(group_sizes), (0,) * len(tuple(group_sizes))).sizes  # validates: ints >= 0
+        sizes = tuple(group_sizes)
+        for g, size in enumerate(sizes):
+            if isinstance(size, bool) or not hasattr(size, "__index__") or int(size) < 0:
+                raise ValueError(f"group_sizes[{g}] must be an int >= 0, got {size!r}")
+        sizes = tuple(int(size) for size in sizes)
         if len(sizes) != len(archs):
             raise ValueError(f"group_sizes has {len(sizes)} entries but archs has {len(archs)}; give one group size "
                              f"per arch")
@@ -206,19 +219,23 @@ class ViTResNAS(ViTResNASNet):
         return rk.ragged_linear(h, mlp.fc2.weight, mlp.fc2.bias, p.hidden, p.out, residual=x,
                                 row_scale=self._row_scale(p, block.drop_path_rate, x))
 
-    def _ragged_tokens(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        embed = plan.stages[0].embed
+    def _ragged_stem(self, x: torch.Tensor, embed: Ragged) -> torch.Tensor:
+        """Image -> patch tokens (B, HW, C1_max), group g's zero beyond c1_g."""
         trunk = self.stem.trunk(x)                                            # (B, 24, H/2, W/2), shared
         b, mid, hh, ww = trunk.shape
         k = self.stem.proj.kernel_size[0]
         patches = (trunk.view(b, mid, hh // k, k, ww // k, k).permute(0, 2, 4, 1, 3, 5)
                    .reshape(b, (hh // k) * (ww // k), mid * k * k))           # im2col; column order = conv weight's
         proj = self.stem.proj
-        tokens = rk.ragged_linear(patches, proj.weight.view(proj.out_channels, -1), proj.bias,
-                                  embed.with_widths((mid * k * k,) * embed.num_groups), embed.widths)
+        return rk.ragged_linear(patches, proj.weight.view(proj.out_channels, -1), proj.bias,
+                                embed.with_widths((mid * k * k,) * embed.num_groups), embed.widths)
+
+    def _ragged_stages(self, tokens: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """Stem patch tokens -> stage-3 tokens (B, 1 + HW, C_max) before the final norm."""
+        embed = plan.stages[0].embed
         # cls token and pos-embed, masked to each group's width (the ragged contract: zeros beyond c_g).
         start = torch.cat([self.cls_token + self.pos_embed[:, :1], self.pos_embed[:, 1:]], dim=1)
-        x = F.pad(tokens, (0, 0, 1, 0)) + start * _mask(embed, tokens.shape[-1], str(x.device), x.dtype)
+        x = F.pad(tokens, (0, 0, 1, 0)) + start * _mask(embed, tokens.shape[-1], str(tokens.device), tokens.dtype)
         for s, stage in enumerate(self.stages):
             sp = plan.stages[s]
             if stage.reduce is not None:
@@ -230,6 +247,23 @@ class ViTResNAS(ViTResNASNet):
             for block, bp in zip(stage.blocks, sp.blocks):
                 x = self._run_block(functools.partial(self._ragged_block, block, bp), x)
         return x
+
+    def _ragged_tokens(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        return self._ragged_stages(self._ragged_stem(x, plan.stages[0].embed), plan)
+
+    def _ragged_output(self, tokens: torch.Tensor, plan: _Plan):
+        """Stage-3 tokens -> what `forward` returns (final LN on the cls token only, unless all tokens are needed)."""
+        last = plan.stages[-1].embed
+        if self.training and self.patch_head is not None:
+            feats = rk.ragged_layer_norm(tokens, self.norm.weight, self.norm.bias, last, LN_EPS)
+            return (self._ragged_head(feats[:, 0].contiguous(), plan, self.head),
+                    self._ragged_head(feats[:, 1:].contiguous(), plan, self.patch_head))
+        if self.global_pool != "token":  # unpooled features (reset_classifier(0, ''))
+            return self.forward_head(rk.ragged_layer_norm(tokens, self.norm.weight, self.norm.bias, last, LN_EPS))
+        cls = rk.ragged_layer_norm(tokens[:, :1].contiguous(), self.norm.weight, self.norm.bias, last, LN_EPS)
+        if self.num_classes == 0:
+            return cls[:, 0]
+        return self._ragged_head(cls[:, 0].contiguous(), plan, self.head)
 
     def _ragged_head(self, feats: torch.Tensor, plan: _Plan, head: nn.Linear) -> torch.Tensor:
         groups = plan.stages[-1].embed
@@ -280,11 +314,13 @@ class ViTResNAS(ViTResNASNet):
     # -- loop path (one stock sub-network per group) -----------------------------------------------------------------
     def _loop_net(self, arch: Arch) -> ViTResNASNet:
         """A parameter-less skeleton (meta device) of `arch`'s stock network, run with `functional_call`."""
-        net = self._loop_nets.get(arch)
+        net = self._loop_nets.pop(arch, None)
         if net is None:
             with torch.device("meta"):
                 net = self._subnet_shell(arch)
-            self._loop_nets[arch] = net
+        self._loop_nets[arch] = net
+        while len(self._loop_nets) > _LOOP_CACHE:
+            self._loop_nets.popitem(last=False)
         net.train(self.training)
         net.set_grad_checkpointing(self.grad_checkpointing)
         return net
@@ -316,23 +352,11 @@ class ViTResNAS(ViTResNASNet):
         if mode == "loop":
             return self._forward_loop(x, archs, sizes)
         plan = _plan(archs, sizes)
-        patch_out = self.training and self.patch_head is not None
         if mode == "ragged":
-            tokens = self._ragged_tokens(x, plan)
-            last = plan.stages[-1].embed
-            if patch_out:
-                feats = rk.ragged_layer_norm(tokens, self.norm.weight, self.norm.bias, last, LN_EPS)
-                return (self._ragged_head(feats[:, 0].contiguous(), plan, self.head),
-                        self._ragged_head(feats[:, 1:].contiguous(), plan, self.patch_head))
-            if self.global_pool != "token":  # unpooled features (reset_classifier(0, ''))
-                return self.forward_head(rk.ragged_layer_norm(tokens, self.norm.weight, self.norm.bias, last, LN_EPS))
-            cls = rk.ragged_layer_norm(tokens[:, :1].contiguous(), self.norm.weight, self.norm.bias, last, LN_EPS)
-            if self.num_classes == 0:
-                return cls[:, 0]
-            return self._ragged_head(cls[:, 0].contiguous(), plan, self.head)
+            return self._ragged_output(self._ragged_tokens(x, plan), plan)
         if mode == "masked":
             tokens, em = self._masked_tokens(x, plan)
-            if patch_out:
+            if self.training and self.patch_head is not None:
                 feats = masked_layer_norm(tokens, self.norm.weight, self.norm.bias, em, LN_EPS)
                 return self.head(feats[:, 0]), self.patch_head(feats[:, 1:])
             cls = masked_layer_norm(tokens[:, :1], self.norm.weight, self.norm.bias, em, LN_EPS)
@@ -351,6 +375,27 @@ class ViTResNAS(ViTResNASNet):
         archs, sizes = self._resolve(x, None, None)
         return self._ragged_tokens(x, _plan(archs, sizes))
 
+    def stem_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The stem's patch tokens at this model's full width (B, HW, C1_max). Every sub-network's stem output is the
+        first c1 columns of it (first-k slicing), so a search can compute it once per image and reuse it for every
+        candidate with `forward_from_stem` (vit_resnas.md 9.2 (h))."""
+        self.check_input(x)
+        return self._ragged_stem(x, Ragged.uniform(x.shape[0], self.arch.stages[0].embed))
+
+    def forward_from_stem(self, tokens: torch.Tensor, archs: Union[Arch, Sequence[Arch], None] = None,
+                          group_sizes: Optional[Sequence[int]] = None):
+        """`forward(x, archs, group_sizes)` (ragged mode) from `stem_tokens(x)`: each group keeps its first c1_g
+        stem channels; the result equals the full forward up to the rounding of the stem GEMM."""
+        expected = (self.grids[0] ** 2, self.arch.stages[0].embed)
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or tuple(tokens.shape[1:]) != expected:
+            raise ValueError(f"tokens must be stem_tokens(x) of shape (B, {expected[0]}, {expected[1]}), got "
+                             f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
+        archs, sizes = self._resolve_groups(tokens.shape[0], archs, group_sizes)
+        plan = _plan(archs, sizes)
+        embed = plan.stages[0].embed
+        tokens = tokens * _mask(embed, tokens.shape[-1], str(tokens.device), tokens.dtype)
+        return self._ragged_output(self._ragged_stages(tokens, plan), plan)
+
     # -- sub-networks ----------------------------------------------------------------------------------------------
     def _subnet_shell(self, arch: Arch) -> ViTResNASNet:
         """A stock network of `arch` (pruned), with this model's settings and the drop-path rates of its slots."""
@@ -358,7 +403,7 @@ class ViTResNAS(ViTResNASNet):
         kept_rates = [[r for r, b in zip(rates[s], st.blocks) if b is not None] for s, st in enumerate(arch.stages)]
         return ViTResNASNet(arch.pruned(), img_size=self.img_size, num_classes=self.num_classes,
                             in_chans=self.stem.conv1.conv.in_channels, drop_path_rates=kept_rates,
-                            patch_output=self.patch_head is not None)
+                            patch_output=self.patch_head is not None, global_pool=self.global_pool)
 
     def sliced_state_dict(self, arch: Arch) -> Dict[str, torch.Tensor]:
         """The state dict of `arch`'s standalone network (names as `ViTResNASNet(arch.pruned())`), as first-k slices
@@ -382,11 +427,11 @@ class ViTResNAS(ViTResNASNet):
             c = st.embed
             if s > 0:
                 ci, src = arch.stages[s - 1].embed, f"stages.{s}.reduce."
-                out[src + "norm.weight"], out[src + "norm.bias"] = own[src + "norm.weight"][:ci], own[src + "norm.bias"][:ci]
-                out[src + "conv.weight"], out[src + "conv.bias"] = own[src + "conv.weight"][:c, :ci], own[src + "conv.bias"][:c]
-                out[src + "cls_proj.weight"] = own[src + "cls_proj.weight"][:c, :ci]
-                out[src + "cls_proj.bias"] = own[src + "cls_proj.bias"][:c]
-                out[src + "pos_embed"] = own[src + "pos_embed"][..., :c]
+                for name, index in (("norm.weight", (slice(ci),)), ("norm.bias", (slice(ci),)),
+                                    ("conv.weight", (slice(c), slice(ci))), ("conv.bias", (slice(c),)),
+                                    ("cls_proj.weight", (slice(c), slice(ci))), ("cls_proj.bias", (slice(c),)),
+                                    ("pos_embed", (Ellipsis, slice(c)))):
+                    out[src + name] = own[src + name][index]
             k = 0
             for i, b in enumerate(st.blocks):
                 if b is None:

@@ -23,6 +23,7 @@ Caveats:
   bounds.
 - Double backward is not supported.
 """
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -65,6 +66,574 @@ def _bias_chunk(batch: int, per_sample_dense: bool) -> int:
 
 def _grid_index(grid: List[int], device) -> torch.Tensor:
     return levit_bias_index(int(grid[0]), int(grid[1]), device=device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Triton kernels
+#
+# Two families, picked per shape by `_use_small`:
+# - small-N (Nq, Nk <= 64): one program owns a run of samples of one head and keeps the whole (Nq, Nk) score tile in
+#   registers: no online softmax, no 128-row padding (N = 16/17/49 pad to 16/32/64), several (sample, head) pairs per
+#   program. Its backward also sums the score gradient of its samples in registers (the bias-gradient partial).
+# - tiled (online softmax over key tiles): forward per (query tile, head, sample); backward in three kernels:
+#   dq (also writes delta = rowsum(dO * O)), dk/dv (per key tile, loops over query tiles), and dbias (per score tile,
+#   loops over the samples of a chunk, accumulating in registers). Splitting dq from dk/dv recomputes Q K^T once more
+#   but needs no atomics; dbias recomputes it again but never read-modify-writes a (Nq, Nk) buffer per sample.
+# Inactive (sample, head) pairs are visited only to store zeros. Softmax and accumulations are fp32; fp32 inputs use
+# IEEE fp32 dots (no TF32), bf16/fp16 inputs feed P and dS to the tensor cores in the input dtype (FlashAttention's
+# choice).
+# ---------------------------------------------------------------------------------------------------------------------
+BIAS_NONE, BIAS_INDEX, BIAS_GRID, BIAS_DENSE_SHARED, BIAS_DENSE_HEAD, BIAS_DENSE_SAMPLE = range(6)
+
+
+@triton.jit
+def _bias_tile(TABLE, INDEX, DENSE, b, h, offs_m, offs_n, mask, Nq, Nk, H, T, grid_r, grid_s, grid_rq,
+               BIAS_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """fp32 (BLOCK_M, BLOCK_N) bias of sample b, head h at query rows offs_m and key columns offs_n; 0 off `mask`.
+    Table reads are masked to [0, T), so even an unchecked bad index cannot read out of bounds."""
+    if BIAS_KIND == 1 or BIAS_KIND == 2:
+        if BIAS_KIND == 1:
+            idx = tl.load(INDEX + offs_m[:, None] * Nk + offs_n[None, :], mask=mask, other=0)
+        else:  # LeViT grid, in-kernel: query (s * (i // R'), s * (i % R')), key (j // R, j % R)
+            qy = (offs_m // grid_rq) * grid_s
+            qx = (offs_m % grid_rq) * grid_s
+            ky = offs_n // grid_r
+            kx = offs_n % grid_r
+            idx = tl.abs(qy[:, None] - ky[None, :]) * grid_r + tl.abs(qx[:, None] - kx[None, :])
+        ok = mask & (idx >= 0) & (idx < T)
+        bias = tl.load(TABLE + h * T + idx, mask=ok, other=0.0).to(tl.float32)
+    elif BIAS_KIND == 3:
+        bias = tl.load(DENSE + offs_m[:, None] * Nk + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    elif BIAS_KIND == 4:
+        plane = h.to(tl.int64) * Nq * Nk
+        bias = tl.load(DENSE + plane + offs_m[:, None] * Nk + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    elif BIAS_KIND == 5:
+        plane = (b.to(tl.int64) * H + h) * Nq * Nk
+        bias = tl.load(DENSE + plane + offs_m[:, None] * Nk + offs_n[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        bias = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    return bias
+
+
+@triton.jit
+def _attn_fwd_small_kernel(Q, K, V, O, LSE, HEADS, TABLE, INDEX, DENSE, B, Nq, Nk, H, T, Dqk, Dv,
+                           sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s, grid_rq,
+                           samples_per_program, BIAS_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_DQK)
+    offs_e = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < Nq
+    mask_n = offs_n < Nk
+    qmask = mask_m[:, None] & (offs_d[None, :] < Dqk)
+    kmask = mask_n[:, None] & (offs_d[None, :] < Dqk)
+    vmask = mask_n[:, None] & (offs_e[None, :] < Dv)
+    omask = mask_m[:, None] & (offs_e[None, :] < Dv)
+    smask = mask_m[:, None] & mask_n[None, :]
+    for s in range(samples_per_program):
+        b = pid * samples_per_program + s
+        if b < B:
+            b64 = b.to(tl.int64)
+            o_ptrs = O + (b64 * Nq + offs_m[:, None]) * (H * Dv) + h * Dv + offs_e[None, :]
+            lse_ptrs = LSE + (b64 * H + h) * Nq + offs_m
+            if h < tl.load(HEADS + b):
+                q = tl.load(Q + b64 * sqb + offs_m[:, None] * sqn + h * sqh + offs_d[None, :], mask=qmask, other=0.0)
+                k = tl.load(K + b64 * skb + offs_n[:, None] * skn + h * skh + offs_d[None, :], mask=kmask, other=0.0)
+                v = tl.load(V + b64 * svb + offs_n[:, None] * svn + h * svh + offs_e[None, :], mask=vmask, other=0.0)
+                sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+                sc += _bias_tile(TABLE, INDEX, DENSE, b, h, offs_m, offs_n, smask, Nq, Nk, H, T, grid_r, grid_s,
+                                 grid_rq, BIAS_KIND, BLOCK_M, BLOCK_N)
+                sc = tl.where(mask_n[None, :], sc, float("-inf"))
+                m = tl.max(sc, 1)
+                p = tl.exp(sc - m[:, None])
+                l = tl.sum(p, 1)
+                o = tl.dot(p.to(v.dtype), v, input_precision=PRECISION) / l[:, None]
+                tl.store(o_ptrs, o.to(O.dtype.element_ty), mask=omask)
+                tl.store(lse_ptrs, m + tl.log(l), mask=mask_m)
+            else:
+                tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_DV], dtype=O.dtype.element_ty), mask=omask)
+                tl.store(lse_ptrs, tl.zeros([BLOCK_M], dtype=tl.float32), mask=mask_m)
+
+
+@triton.jit
+def _attn_fwd_tiled_kernel(Q, K, V, O, LSE, HEADS, TABLE, INDEX, DENSE, B, Nq, Nk, H, T, Dqk, Dv,
+                           sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s, grid_rq,
+                           BIAS_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DQK)
+    offs_e = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < Nq
+    omask = mask_m[:, None] & (offs_e[None, :] < Dv)
+    o_ptrs = O + (b64 * Nq + offs_m[:, None]) * (H * Dv) + h * Dv + offs_e[None, :]
+    lse_ptrs = LSE + (b64 * H + h) * Nq + offs_m
+    if h < tl.load(HEADS + b):
+        q = tl.load(Q + b64 * sqb + offs_m[:, None] * sqn + h * sqh + offs_d[None, :],
+                    mask=mask_m[:, None] & (offs_d[None, :] < Dqk), other=0.0)
+        m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+        l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+        acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+        for n0 in range(0, Nk, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < Nk
+            k = tl.load(K + b64 * skb + offs_n[:, None] * skn + h * skh + offs_d[None, :],
+                        mask=mask_n[:, None] & (offs_d[None, :] < Dqk), other=0.0)
+            v = tl.load(V + b64 * svb + offs_n[:, None] * svn + h * svh + offs_e[None, :],
+                        mask=mask_n[:, None] & (offs_e[None, :] < Dv), other=0.0)
+            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            sc += _bias_tile(TABLE, INDEX, DENSE, b, h, offs_m, offs_n, mask_m[:, None] & mask_n[None, :], Nq, Nk,
+                             H, T, grid_r, grid_s, grid_rq, BIAS_KIND, BLOCK_M, BLOCK_N)
+            sc = tl.where(mask_n[None, :], sc, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(sc, 1))  # finite: every key tile has at least one real key
+            alpha = tl.exp(m_i - m_new)
+            p = tl.exp(sc - m_new[:, None])
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+            m_i = m_new
+        tl.store(o_ptrs, (acc / l_i[:, None]).to(O.dtype.element_ty), mask=omask)
+        tl.store(lse_ptrs, m_i + tl.log(l_i), mask=mask_m)
+    else:
+        tl.store(o_ptrs, tl.zeros([BLOCK_M, BLOCK_DV], dtype=O.dtype.element_ty), mask=omask)
+        tl.store(lse_ptrs, tl.zeros([BLOCK_M], dtype=tl.float32), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_small_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, DS_PART, HEADS, TABLE, INDEX, DENSE, B, Nq, Nk, H, T,
+                           Dqk, Dv, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s, grid_rq,
+                           chunk, BIAS_KIND: tl.constexpr, HAS_DS: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           PRECISION: tl.constexpr):
+    """Program (c, h): samples [c * chunk, (c + 1) * chunk) of head h, whole score tiles. With HAS_DS it stores the
+    sum over its samples of dS into DS_PART[c, h] (fixed order: deterministic)."""
+    c = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_DQK)
+    offs_e = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < Nq
+    mask_n = offs_n < Nk
+    qmask = mask_m[:, None] & (offs_d[None, :] < Dqk)
+    kmask = mask_n[:, None] & (offs_d[None, :] < Dqk)
+    vmask = mask_n[:, None] & (offs_e[None, :] < Dv)
+    omask = mask_m[:, None] & (offs_e[None, :] < Dv)
+    smask = mask_m[:, None] & mask_n[None, :]
+    ds_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s in range(chunk):
+        b = c * chunk + s
+        if b < B:
+            b64 = b.to(tl.int64)
+            dq_ptrs = DQ + ((b64 * Nq + offs_m[:, None]) * H + h) * Dqk + offs_d[None, :]
+            dk_ptrs = DK + ((b64 * Nk + offs_n[:, None]) * H + h) * Dqk + offs_d[None, :]
+            dv_ptrs = DV + ((b64 * Nk + offs_n[:, None]) * H + h) * Dv + offs_e[None, :]
+            if h < tl.load(HEADS + b):
+                q = tl.load(Q + b64 * sqb + offs_m[:, None] * sqn + h * sqh + offs_d[None, :], mask=qmask, other=0.0)
+                k = tl.load(K + b64 * skb + offs_n[:, None] * skn + h * skh + offs_d[None, :], mask=kmask, other=0.0)
+                v = tl.load(V + b64 * svb + offs_n[:, None] * svn + h * svh + offs_e[None, :], mask=vmask, other=0.0)
+                row = (b64 * Nq + offs_m[:, None]) * (H * Dv) + h * Dv + offs_e[None, :]
+                do = tl.load(DO + row, mask=omask, other=0.0)
+                o = tl.load(O + row, mask=omask, other=0.0)
+                lse = tl.load(LSE + (b64 * H + h) * Nq + offs_m, mask=mask_m, other=0.0)
+                sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+                sc += _bias_tile(TABLE, INDEX, DENSE, b, h, offs_m, offs_n, smask, Nq, Nk, H, T, grid_r, grid_s,
+                                 grid_rq, BIAS_KIND, BLOCK_M, BLOCK_N)
+                p = tl.where(smask, tl.exp(sc - lse[:, None]), 0.0)
+                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds = p * (dp - delta[:, None])
+                dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+                dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION) * scale
+                dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+                tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=qmask)
+                tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kmask)
+                tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=vmask)
+                ds_acc += ds
+            else:
+                tl.store(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_DQK], dtype=DQ.dtype.element_ty), mask=qmask)
+                tl.store(dk_ptrs, tl.zeros([BLOCK_N, BLOCK_DQK], dtype=DK.dtype.element_ty), mask=kmask)
+                tl.store(dv_ptrs, tl.zeros([BLOCK_N, BLOCK_DV], dtype=DV.dtype.element_ty), mask=vmask)
+    if HAS_DS:
+        part = DS_PART + (c.to(tl.int64) * H + h) * Nq * Nk
+        tl.store(part + offs_m[:, None] * Nk + offs_n[None, :], ds_acc, mask=smask)
+
+
+@triton.jit
+def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, HEADS, TABLE, INDEX, DENSE, B, Nq, Nk, H, T, Dqk, Dv,
+                        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s, grid_rq,
+                        BIAS_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                        BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (query tile, h, b): dq of the tile, and delta = rowsum(dO * O) for the dk/dv and dbias kernels."""
+    pid_m = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DQK)
+    offs_e = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < Nq
+    qmask = mask_m[:, None] & (offs_d[None, :] < Dqk)
+    omask = mask_m[:, None] & (offs_e[None, :] < Dv)
+    dq_ptrs = DQ + ((b64 * Nq + offs_m[:, None]) * H + h) * Dqk + offs_d[None, :]
+    delta_ptrs = DELTA + (b64 * H + h) * Nq + offs_m
+    if h < tl.load(HEADS + b):
+        q = tl.load(Q + b64 * sqb + offs_m[:, None] * sqn + h * sqh + offs_d[None, :], mask=qmask, other=0.0)
+        row = (b64 * Nq + offs_m[:, None]) * (H * Dv) + h * Dv + offs_e[None, :]
+        do = tl.load(DO + row, mask=omask, other=0.0)
+        o = tl.load(O + row, mask=omask, other=0.0)
+        delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+        tl.store(delta_ptrs, delta, mask=mask_m)
+        lse = tl.load(LSE + (b64 * H + h) * Nq + offs_m, mask=mask_m, other=0.0)
+        dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+        for n0 in range(0, Nk, BLOCK_N):
+            offs_n = n0 + tl.arange(0, BLOCK_N)
+            mask_n = offs_n < Nk
+            smask = mask_m[:, None] & mask_n[None, :]
+            k = tl.load(K + b64 * skb + offs_n[:, None] * skn + h * skh + offs_d[None, :],
+                        mask=mask_n[:, None] & (offs_d[None, :] < Dqk), other=0.0)
+            v = tl.load(V + b64 * svb + offs_n[:, None] * svn + h * svh + offs_e[None, :],
+                        mask=mask_n[:, None] & (offs_e[None, :] < Dv), other=0.0)
+            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            sc += _bias_tile(TABLE, INDEX, DENSE, b, h, offs_m, offs_n, smask, Nq, Nk, H, T, grid_r, grid_s,
+                             grid_rq, BIAS_KIND, BLOCK_M, BLOCK_N)
+            p = tl.where(smask, tl.exp(sc - lse[:, None]), 0.0)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+        tl.store(dq_ptrs, (dq * scale).to(DQ.dtype.element_ty), mask=qmask)
+    else:
+        tl.store(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_DQK], dtype=DQ.dtype.element_ty), mask=qmask)
+        tl.store(delta_ptrs, tl.zeros([BLOCK_M], dtype=tl.float32), mask=mask_m)
+
+
+@triton.jit
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, TABLE, INDEX, DENSE, B, Nq, Nk, H, T, Dqk, Dv,
+                          sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s, grid_rq,
+                          BIAS_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                          BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (key tile, h, b): dk and dv of the tile, looping over the query tiles."""
+    pid_n = tl.program_id(0)
+    h = tl.program_id(1)
+    b = tl.program_id(2)
+    b64 = b.to(tl.int64)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_DQK)
+    offs_e = tl.arange(0, BLOCK_DV)
+    mask_n = offs_n < Nk
+    kmask = mask_n[:, None] & (offs_d[None, :] < Dqk)
+    vmask = mask_n[:, None] & (offs_e[None, :] < Dv)
+    dk_ptrs = DK + ((b64 * Nk + offs_n[:, None]) * H + h) * Dqk + offs_d[None, :]
+    dv_ptrs = DV + ((b64 * Nk + offs_n[:, None]) * H + h) * Dv + offs_e[None, :]
+    if h < tl.load(HEADS + b):
+        k = tl.load(K + b64 * skb + offs_n[:, None] * skn + h * skh + offs_d[None, :], mask=kmask, other=0.0)
+        v = tl.load(V + b64 * svb + offs_n[:, None] * svn + h * svh + offs_e[None, :], mask=vmask, other=0.0)
+        dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+        dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+        for m0 in range(0, Nq, BLOCK_M):
+            offs_m = m0 + tl.arange(0, BLOCK_M)
+            mask_m = offs_m < Nq
+            smask = mask_m[:, None] & mask_n[None, :]
+            q = tl.load(Q + b64 * sqb + offs_m[:, None] * sqn + h * sqh + offs_d[None, :],
+                        mask=mask_m[:, None] & (offs_d[None, :] < Dqk), other=0.0)
+            do = tl.load(DO + (b64 * Nq + offs_m[:, None]) * (H * Dv) + h * Dv + offs_e[None, :],
+                         mask=mask_m[:, None] & (offs_e[None, :] < Dv), other=0.0)
+            lse = tl.load(LSE + (b64 * H + h) * Nq + offs_m, mask=mask_m, other=0.0)
+            delta = tl.load(DELTA + (b64 * H + h) * Nq + offs_m, mask=mask_m, other=0.0)
+            sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+            sc += _bias_tile(TABLE, INDEX, DENSE, b, h, offs_m, offs_n, smask, Nq, Nk, H, T, grid_r, grid_s,
+                             grid_rq, BIAS_KIND, BLOCK_M, BLOCK_N)
+            p = tl.where(smask, tl.exp(sc - lse[:, None]), 0.0)
+            dv += tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+            dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+            ds = p * (dp - delta[:, None])
+            dk += tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION)
+        tl.store(dk_ptrs, (dk * scale).to(DK.dtype.element_ty), mask=kmask)
+        tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=vmask)
+    else:
+        tl.store(dk_ptrs, tl.zeros([BLOCK_N, BLOCK_DQK], dtype=DK.dtype.element_ty), mask=kmask)
+        tl.store(dv_ptrs, tl.zeros([BLOCK_N, BLOCK_DV], dtype=DV.dtype.element_ty), mask=vmask)
+
+
+@triton.jit
+def _attn_bwd_dbias_kernel(Q, K, V, DO, LSE, DELTA, DS_PART, HEADS, TABLE, INDEX, DENSE, B, Nq, Nk, H, T, Dqk, Dv,
+                           sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s, grid_rq, chunk,
+                           n_tiles_n, BIAS_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                           BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+    """Program (score tile, h, c): DS_PART[c, h, tile] = sum over the chunk's samples, in order, of dS (registers)."""
+    pid = tl.program_id(0)
+    h = tl.program_id(1)
+    c = tl.program_id(2)
+    offs_m = (pid // n_tiles_n) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = (pid % n_tiles_n) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_DQK)
+    offs_e = tl.arange(0, BLOCK_DV)
+    mask_m = offs_m < Nq
+    mask_n = offs_n < Nk
+    smask = mask_m[:, None] & mask_n[None, :]
+    ds_acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    for s in range(chunk):
+        b = c * chunk + s
+        if b < B:
+            if h < tl.load(HEADS + b):
+                b64 = b.to(tl.int64)
+                q = tl.load(Q + b64 * sqb + offs_m[:, None] * sqn + h * sqh + offs_d[None, :],
+                            mask=mask_m[:, None] & (offs_d[None, :] < Dqk), other=0.0)
+                k = tl.load(K + b64 * skb + offs_n[:, None] * skn + h * skh + offs_d[None, :],
+                            mask=mask_n[:, None] & (offs_d[None, :] < Dqk), other=0.0)
+                v = tl.load(V + b64 * svb + offs_n[:, None] * svn + h * svh + offs_e[None, :],
+                            mask=mask_n[:, None] & (offs_e[None, :] < Dv), other=0.0)
+                do = tl.load(DO + (b64 * Nq + offs_m[:, None]) * (H * Dv) + h * Dv + offs_e[None, :],
+                             mask=mask_m[:, None] & (offs_e[None, :] < Dv), other=0.0)
+                lse = tl.load(LSE + (b64 * H + h) * Nq + offs_m, mask=mask_m, other=0.0)
+                delta = tl.load(DELTA + (b64 * H + h) * Nq + offs_m, mask=mask_m, other=0.0)
+                sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
+                sc += _bias_tile(TABLE, INDEX, DENSE, b, h, offs_m, offs_n, smask, Nq, Nk, H, T, grid_r, grid_s,
+                                 grid_rq, BIAS_KIND, BLOCK_M, BLOCK_N)
+                p = tl.where(smask, tl.exp(sc - lse[:, None]), 0.0)
+                dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+                ds_acc += p * (dp - delta[:, None])
+    part = DS_PART + (c.to(tl.int64) * H + h) * Nq * Nk
+    tl.store(part + offs_m[:, None] * Nk + offs_n[None, :], ds_acc, mask=smask)
+
+
+@triton.jit
+def _bias_table_grad_kernel(DS_PART, PERM, SEG, DTABLE, n_chunks, H, T, NQK, BLOCK: tl.constexpr):
+    """Program (t, h): DTABLE[h, t] = sum over chunks c, then over the score positions p with index == t (CSR: PERM
+    sorted by index, SEG[t]:SEG[t+1] the run of t), of DS_PART[c, h, p]. Fixed order, no atomics."""
+    t = tl.program_id(0)
+    h = tl.program_id(1)
+    start = tl.load(SEG + t)
+    end = tl.load(SEG + t + 1)
+    acc = tl.zeros([BLOCK], dtype=tl.float32)
+    for c in range(n_chunks):
+        base = DS_PART + (c * H + h).to(tl.int64) * NQK
+        for p0 in range(start, end, BLOCK):
+            offs = p0 + tl.arange(0, BLOCK)
+            live = offs < end
+            pos = tl.load(PERM + offs, mask=live, other=0)
+            acc += tl.load(base + pos, mask=live, other=0.0)
+    tl.store(DTABLE + h * T + t, tl.sum(acc, 0))
+
+
+# -- launchers ----------------------------------------------------------------------------------------------------------
+_SMALL_MAX = 64          # small-N kernel when both sequence lengths pad to <= 64
+_SMALL_SAMPLES = 4       # samples (of one head) per small-N forward program
+
+
+def _use_small(n_q: int, n_k: int) -> bool:
+    return triton.next_power_of_2(n_q) <= _SMALL_MAX and triton.next_power_of_2(n_k) <= _SMALL_MAX
+
+
+def _tile(n_q: int, n_k: int) -> Tuple[int, int]:
+    """(BLOCK_M, BLOCK_N) of the tiled kernels. Under the interpreter 16 x 16, so small test shapes still span several
+    tiles; on GPU 64 x 64 (FlashAttention-2's short-head choice)."""
+    if _ext.triton_interpreting():
+        return 16, 16
+    return 64, 64
+
+
+def _dot_block(d: int) -> int:
+    return max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
+
+
+@functools.lru_cache(maxsize=256)
+def _sample_heads(sizes: Tuple[int, ...], widths: Tuple[int, ...], device: str) -> torch.Tensor:
+    """int32 (B,) active heads of every sample, on `device`, built once per architecture."""
+    return torch.tensor(Ragged(sizes, widths).sample_widths(), dtype=torch.int32).to(device)
+
+
+@functools.lru_cache(maxsize=64)
+def _grid_csr(r: int, s: int, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(perm, seg) of the LeViT grid index, built once per geometry: see `_index_csr`."""
+    return _index_csr(levit_bias_index(r, s), r * r, device)
+
+
+def _index_csr(index: torch.Tensor, t: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Score positions grouped by table column: perm (Nq*Nk,) int32 sorted by index (stable), seg (T+1,) int32 with
+    column t owning perm[seg[t]:seg[t+1]]."""
+    flat = index.reshape(-1).long()
+    perm = torch.sort(flat, stable=True).indices.to(torch.int32)
+    counts = torch.bincount(flat, minlength=t)
+    seg = torch.zeros(t + 1, dtype=torch.int64, device=flat.device)
+    seg[1:] = torch.cumsum(counts, 0)
+    return perm.to(device), seg.to(torch.int32).to(device)
+
+
+def _bias_launch_args(q, table, index, dense, grid: List[int]):
+    """(BIAS_KIND, TABLE, INDEX, DENSE, T, grid_r, grid_s, grid_rq); unused pointers get q (never read)."""
+    if table is not None:
+        if grid:
+            r, s = int(grid[0]), int(grid[1])
+            return BIAS_GRID, table, q, q, table.shape[1], r, s, levit_query_resolution(r, s)
+        return BIAS_INDEX, table, index, q, table.shape[1], 1, 1, 1
+    if dense is not None:
+        kind = BIAS_DENSE_SAMPLE if dense.dim() == 4 else (BIAS_DENSE_SHARED if dense.shape[0] == 1
+                                                           else BIAS_DENSE_HEAD)
+        return kind, q, q, dense, 1, 1, 1, 1
+    return BIAS_NONE, q, q, q, 1, 1, 1, 1
+
+
+def _precision(dtype: torch.dtype) -> str:
+    return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for bf16 / fp16 operands
+
+
+def _common_args(q, k, v, groups: Ragged, table, index, dense, grid, scale):
+    batch, n_q, h_max, d_qk = q.shape
+    n_k, d_v = k.shape[1], v.shape[3]
+    kind, t_ptr, i_ptr, d_ptr, t_cols, gr, gs, grq = _bias_launch_args(q, table, index, dense, grid)
+    heads = _sample_heads(groups.sizes, groups.widths, str(q.device))
+    args = (heads, t_ptr, i_ptr, d_ptr, batch, n_q, n_k, h_max, t_cols, d_qk, d_v, *q.stride()[:3], *k.stride()[:3],
+            *v.stride()[:3], scale, gr, gs, grq)
+    meta = dict(BIAS_KIND=kind, BLOCK_DQK=_dot_block(d_qk), BLOCK_DV=_dot_block(d_v), PRECISION=_precision(q.dtype))
+    return args, meta
+
+
+def _triton_fwd(q, k, v, table, index, dense, groups: Ragged, scale: float, grid: List[int]):
+    batch, n_q, h_max, _ = q.shape
+    n_k, d_v = k.shape[1], v.shape[3]
+    out = q.new_empty((batch, n_q, h_max * d_v))
+    lse = q.new_empty((batch, h_max, n_q), dtype=torch.float32)
+    if batch == 0:
+        return out, lse
+    args, meta = _common_args(q, k, v, groups, table, index, dense, grid, scale)
+    heads, rest = args[0], args[1:]
+    if _use_small(n_q, n_k):
+        bm, bn = max(16, triton.next_power_of_2(n_q)), max(16, triton.next_power_of_2(n_k))
+        per = _SMALL_SAMPLES
+        _attn_fwd_small_kernel[(triton.cdiv(batch, per), h_max)](
+            q, k, v, out, lse, heads, *rest, per, BLOCK_M=bm, BLOCK_N=bn, **meta, num_warps=4)
+    else:
+        bm, bn = _tile(n_q, n_k)
+        _attn_fwd_tiled_kernel[(triton.cdiv(n_q, bm), h_max, batch)](
+            q, k, v, out, lse, heads, *rest, BLOCK_M=bm, BLOCK_N=bn, **meta, num_warps=4, num_stages=2)
+    return out, lse
+
+
+def _triton_bwd(dout, q, k, v, out, lse, table, index, dense, groups: Ragged, scale: float, grid: List[int],
+                need_table: bool, need_dense: bool):
+    batch, n_q, h_max, d_qk = q.shape
+    n_k, d_v = k.shape[1], v.shape[3]
+    dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
+    table_grad = need_table and table is not None
+    dense_grad = need_dense and dense is not None
+    per_sample = dense_grad and dense.dim() == 4
+    has_ds = table_grad or dense_grad
+    chunk = _bias_chunk(batch, per_sample) if has_ds else 1
+    n_chunks = triton.cdiv(batch, chunk) if batch else 0
+    ds_part = q.new_empty((n_chunks if has_ds else 0, h_max, n_q, n_k), dtype=torch.float32)
+    if batch:
+        args, meta = _common_args(q, k, v, groups, table, index, dense, grid, scale)
+        heads, rest = args[0], args[1:]
+        if _use_small(n_q, n_k):
+            bm, bn = max(16, triton.next_power_of_2(n_q)), max(16, triton.next_power_of_2(n_k))
+            if not has_ds:
+                chunk, n_chunks = _SMALL_SAMPLES, triton.cdiv(batch, _SMALL_SAMPLES)
+            _attn_bwd_small_kernel[(n_chunks, h_max)](
+                q, k, v, out, dout, lse, dq, dk, dv, ds_part if has_ds else q, heads, *rest, chunk,
+                HAS_DS=has_ds, BLOCK_M=bm, BLOCK_N=bn, **meta, num_warps=4)
+        else:
+            bm, bn = _tile(n_q, n_k)
+            delta = torch.empty_like(lse)
+            _attn_bwd_dq_kernel[(triton.cdiv(n_q, bm), h_max, batch)](
+                q, k, v, out, dout, lse, delta, dq, heads, *rest, BLOCK_M=bm, BLOCK_N=bn, **meta, num_warps=4,
+                num_stages=2)
+            _attn_bwd_dkdv_kernel[(triton.cdiv(n_k, bn), h_max, batch)](
+                q, k, v, dout, lse, delta, dk, dv, heads, *rest, BLOCK_M=bm, BLOCK_N=bn, **meta, num_warps=4,
+                num_stages=2)
+            if has_ds:
+                tiles_n = triton.cdiv(n_k, bn)
+                _attn_bwd_dbias_kernel[(triton.cdiv(n_q, bm) * tiles_n, h_max, n_chunks)](
+                    q, k, v, dout, lse, delta, ds_part, heads, *rest, chunk, tiles_n, BLOCK_M=bm, BLOCK_N=bn,
+                    **meta, num_warps=4, num_stages=2)
+    return dq, dk, dv, *_bias_grads_from_partials(ds_part, table, index, dense, grid, table_grad, dense_grad)
+
+
+def _bias_grads_from_partials(ds_part, table, index, dense, grid: List[int], table_grad: bool, dense_grad: bool):
+    """(dtable, ddense) from the (chunks, H, Nq, Nk) fp32 score-gradient partials, in fixed order."""
+    def empty():  # a fresh tensor each time: custom-op outputs must not alias each other
+        return ds_part.new_empty((0,))
+
+    if table_grad:
+        h_max, t_cols = table.shape
+        n_chunks = ds_part.shape[0]
+        perm, seg = (_grid_csr(int(grid[0]), int(grid[1]), str(ds_part.device)) if grid
+                     else _index_csr(index, t_cols, ds_part.device))
+        dtable = torch.empty((h_max, t_cols), dtype=torch.float32, device=ds_part.device)
+        if n_chunks:
+            n_qk = ds_part.shape[2] * ds_part.shape[3]
+            _bias_table_grad_kernel[(t_cols, h_max)](ds_part, perm, seg, dtable, n_chunks, h_max, t_cols, n_qk,
+                                                     BLOCK=128)
+        else:
+            dtable.zero_()
+        return dtable.to(table.dtype), empty()
+    if dense_grad:
+        if dense.dim() == 4:
+            return empty(), ds_part.to(dense.dtype)  # chunk 1: the partials are the per-sample gradient
+        per_head = ds_part.sum(0)  # torch's reductions are deterministic (no atomics)
+        return empty(), (per_head if dense.shape[0] != 1 else per_head.sum(0, keepdim=True)).to(dense.dtype)
+    return empty(), empty()
+
+
+def _aot_signature(dtype: str, kernel: str):
+    ptr = f"*{dtype}"
+    strides = {n: "i32" for n in ("B", "Nq", "Nk", "H", "T", "Dqk", "Dv", "sqb", "sqn", "sqh", "skb", "skn", "skh",
+                                  "svb", "svn", "svh")}
+    tail = {"scale": "fp32", "grid_r": "i32", "grid_s": "i32", "grid_rq": "i32"}
+    bias = {"HEADS": "*i32", "TABLE": "*fp32", "INDEX": "*i32", "DENSE": "*fp32"}
+    const = {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_DQK": "constexpr", "BLOCK_DV": "constexpr",
+             "PRECISION": "constexpr", "BIAS_KIND": "constexpr"}
+    if kernel == "fwd_small":
+        return {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", **bias, **strides, **tail,
+                "samples_per_program": "i32", **const}
+    if kernel == "fwd_tiled":
+        return {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "LSE": "*fp32", **bias, **strides, **tail, **const}
+    if kernel == "bwd_small":
+        return {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "DO": ptr, "LSE": "*fp32", "DQ": ptr, "DK": ptr, "DV": ptr,
+                "DS_PART": "*fp32", **bias, **strides, **tail, "chunk": "i32", "HAS_DS": "constexpr", **const}
+    if kernel == "bwd_dq":
+        return {"Q": ptr, "K": ptr, "V": ptr, "O": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DQ": ptr,
+                **bias, **strides, **tail, **const}
+    if kernel == "bwd_dkdv":
+        return {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DK": ptr, "DV": ptr,
+                **bias, **strides, **tail, **const}
+    return {"Q": ptr, "K": ptr, "V": ptr, "DO": ptr, "LSE": "*fp32", "DELTA": "*fp32", "DS_PART": "*fp32", **bias,
+            **strides, **tail, "chunk": "i32", "n_tiles_n": "i32", **const}
+
+
+def _register_aot_cases():
+    kernels = {"fwd_small": _attn_fwd_small_kernel, "fwd_tiled": _attn_fwd_tiled_kernel,
+               "bwd_small": _attn_bwd_small_kernel, "bwd_dq": _attn_bwd_dq_kernel,
+               "bwd_dkdv": _attn_bwd_dkdv_kernel, "bwd_dbias": _attn_bwd_dbias_kernel}
+    # Representative specialisations: LeViT (d 16 / v 32 with the table via the grid; d 32 / v 64 via an index),
+    # ViT-ResNAS (d 64, no bias), a dense bias; fp32 and bf16 for every kernel, fp16 for the forward ones; small-N
+    # blocks of 16 x 64 and 64 x 64, tiles of 64 x 64.
+    configs = ((BIAS_GRID, 16, 32), (BIAS_NONE, 64, 64), (BIAS_INDEX, 32, 64), (BIAS_DENSE_HEAD, 64, 64))
+    for dtype, precision in (("fp32", "ieee"), ("bf16", "tf32"), ("fp16", "tf32")):
+        for name, kernel in kernels.items():
+            if dtype == "fp16" and not name.startswith("fwd"):
+                continue
+            small = name.endswith("small")
+            for n, (bias, dqk, dv) in enumerate(configs):
+                bm, bn = ((16, 64) if n % 2 == 0 else (64, 64)) if small else (64, 64)
+                consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_DQK": dqk, "BLOCK_DV": dv, "PRECISION": precision,
+                          "BIAS_KIND": bias}
+                if name == "bwd_small":
+                    consts["HAS_DS"] = bias != BIAS_NONE
+                register_aot(kernel, _aot_signature(dtype, name), consts, num_warps=4,
+                             num_stages=1 if small else 2)
+    register_aot(_bias_table_grad_kernel, {"DS_PART": "*fp32", "PERM": "*i32", "SEG": "*i32", "DTABLE": "*fp32",
+                                           "n_chunks": "i32", "H": "i32", "T": "i32", "NQK": "i32",
+                                           "BLOCK": "constexpr"}, {"BLOCK": 128}, num_warps=4)
+
+
+_register_aot_cases()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -160,13 +729,20 @@ def _ext_bwd(dout, q, k, v, out, lse, table, index, dense, groups: Ragged, scale
                                                      need_table, need_dense, chunk)
 
 
-_FWD = {"reference": _reference_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd}
-_BWD = {"reference": _reference_bwd, "cpu": _ext_bwd}
+_FWD = {"reference": _reference_fwd, "triton": _triton_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd}
+# The CUDA C++ op is a forward only: on the cuda backend the backward runs the Triton kernels.
+_BWD = {"reference": _reference_bwd, "triton": _triton_bwd, "cpu": _ext_bwd, "cuda": _triton_bwd}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
 # torch.library custom ops (opaque to torch.compile, with fake implementations and autograd)
 # ---------------------------------------------------------------------------------------------------------------------
+def _backend_for(q: torch.Tensor) -> str:
+    backend = resolve_backend(OP.name, q.device)
+    # The GPU kernels take fp32 / bf16 / fp16; fp64 (gradient checking) runs the reference there.
+    return "reference" if (q.dtype == torch.float64 and backend in ("triton", "cuda")) else backend
+
+
 def _check_index_values(index: Optional[torch.Tensor], table: Optional[torch.Tensor]) -> None:
     """Values of bias_index must lie in [0, T). Runs inside the op body, so it also runs under torch.compile."""
     if index is None or table is None or index.numel() == 0:
@@ -187,7 +763,7 @@ def ragged_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     if bias_index is not None:
         bias_index = bias_index.to(torch.int32).contiguous()  # the kernels read int32 (checked to fit above)
     groups = Ragged(tuple(sizes), tuple(widths))
-    impl = _FWD[resolve_backend(OP.name, q.device)]
+    impl = _FWD[_backend_for(q)]
     return impl(q, k, v, bias_table, bias_index, dense_bias, groups, scale, grid)
 
 
@@ -210,7 +786,7 @@ def ragged_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     if bias_index is not None:
         bias_index = bias_index.to(torch.int32).contiguous()  # checked by the forward
     groups = Ragged(tuple(sizes), tuple(widths))
-    impl = _BWD[resolve_backend(OP.name, q.device)]
+    impl = _BWD[_backend_for(q)]
     return impl(dout.contiguous(), q, k, v, out, lse, bias_table, bias_index, dense_bias, groups, scale, grid,
                 need_table_grad, need_dense_grad)
 

@@ -255,6 +255,14 @@ def _ragged_linear_dw_kernel(DP, X, DW, DB, GROUPS, num_groups, K_max, N_max, se
 # ---------------------------------------------------------------------------------------------------------------------
 # Triton launchers: tile tables, block sizes, autotuning
 # ---------------------------------------------------------------------------------------------------------------------
+def _to_device(table: torch.Tensor, device: str) -> torch.Tensor:
+    """Host table -> device. On CUDA through pinned memory without blocking the host (the caching host allocator
+    keeps the pinned block alive until the copy is done); happens once per distinct metadata."""
+    if device.startswith("cuda"):
+        return table.pin_memory().to(device, non_blocking=True)
+    return table.to(device)
+
+
 @functools.lru_cache(maxsize=512)
 def _group_table(row_counts: Tuple[int, ...], in_widths: Tuple[int, ...], out_widths: Tuple[int, ...],
                  device: str) -> torch.Tensor:
@@ -263,24 +271,32 @@ def _group_table(row_counts: Tuple[int, ...], in_widths: Tuple[int, ...], out_wi
     for rows, k, n in zip(row_counts, in_widths, out_widths):
         entries.append((start, start + rows, k, n))
         start += rows
-    return torch.tensor(entries, dtype=torch.int32).to(device)
+    return _to_device(torch.tensor(entries, dtype=torch.int32), device)
 
 
 @functools.lru_cache(maxsize=512)
 def _tile_table(row_counts: Tuple[int, ...], widths: Tuple[int, ...], segments: int, seg_width: int, block_m: int,
                 block_n: int, device: str) -> torch.Tensor:
     """int32 (T, 3) [group, row0, col0]: every (BLOCK_M x BLOCK_N) output tile, busy tiles first (col0 within the
-    active width of its segment), then the idle tiles that only store zeros. Row tiles never cross groups and column
-    tiles never cross segments. Cached per (metadata, tile size, device)."""
-    busy, idle = [], []
-    start = 0
-    col_starts = [(s * seg_width + j0, j0) for s in range(segments) for j0 in range(0, seg_width, block_n)]
-    for g, (rows, width) in enumerate(zip(row_counts, widths)):
-        for row0 in range(start, start + rows, block_m):
-            for col0, j0 in col_starts:
-                (busy if j0 < width else idle).append((g, row0, col0))
-        start += rows
-    return torch.tensor(busy + idle, dtype=torch.int32).reshape(-1, 3).to(device)
+    active width of its segment), then the idle tiles that only store zeros; row-block-major within each part. Row
+    tiles never cross groups and column tiles never cross segments. Built with vectorised host ops (a supernet sees
+    new widths every step, so this runs once per layer per step), cached per (metadata, tile size, device)."""
+    rows = torch.tensor(row_counts, dtype=torch.int64)
+    widths_t = torch.tensor(widths, dtype=torch.int64)
+    starts = torch.cumsum(rows, 0) - rows
+    blocks = (rows + block_m - 1) // block_m                        # row blocks per group
+    group_of_block = torch.repeat_interleave(torch.arange(len(row_counts)), blocks)
+    first_block = torch.cumsum(blocks, 0) - blocks
+    local = torch.arange(int(blocks.sum())) - first_block[group_of_block]
+    row0 = starts[group_of_block] + local * block_m
+    j0 = torch.arange(0, seg_width, block_n)                        # column tiles within a segment
+    col0 = (torch.arange(segments)[:, None] * seg_width + j0[None, :]).reshape(-1)
+    j0 = j0.repeat(segments)
+    busy = j0[None, :] < widths_t[group_of_block][:, None]          # (row blocks, column tiles)
+    table = torch.stack([group_of_block[:, None].expand_as(busy), row0[:, None].expand_as(busy),
+                         col0[None, :].expand_as(busy)], dim=-1)
+    table = torch.cat([table[busy], table[~busy]]).to(torch.int32).reshape(-1, 3)
+    return _to_device(table, device)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -478,6 +494,9 @@ for _dt, _torch_dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16
     for _bias in (True, False):
         register_aot(_ragged_linear_dw_kernel, _dw_sig,
                      {"HAS_BIAS": _bias, "PRECISION": _prec, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_M": 64})
+    if _dt != "fp32":  # one row split: dW / db are written directly in the weight's dtype
+        register_aot(_ragged_linear_dw_kernel, {**_dw_sig, "DW": f"*{_dt}", "DB": f"*{_dt}"},
+                     {"HAS_BIAS": True, "PRECISION": _prec, "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_M": 64})
 register_aot(_ragged_linear_fwd_kernel, _aot_signatures("fp32")[0],
              {"HAS_BIAS": True, "GELU": False, "HAS_RESIDUAL": False, "HAS_ROW_SCALE": False, "SAVE_PRE": False,
               "PRECISION": "ieee", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32})  # fp32 at "highest" precision

@@ -140,7 +140,7 @@ def _rsr_epilogue_colsum_kernel(DOUT, SUMS, OUT_TABLE, num_groups, n_out, Co, BL
         end = tl.load(OUT_TABLE + 3 * g + 1)
         co = tl.load(OUT_TABLE + 3 * g + 2)
         for b in range(start, end):
-            acc += tl.load(DOUT + (b.to(tl.int64) * n_out + r) * Co + c, mask=c < co, other=0.0).to(acc.dtype)
+            acc += tl.load(DOUT + (tl.cast(b, tl.int64) * n_out + r) * Co + c, mask=c < co, other=0.0).to(acc.dtype)
     tl.store(SUMS + r * Co + c, acc, mask=c < Co)
 
 

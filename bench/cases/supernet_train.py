@@ -1,0 +1,83 @@
+"""Supernet training steps and search scoring (issue 9).
+
+supernet_train.train   one optimizer-free training step (forward + backward) of K sampled sub-networks, each on a
+                       contiguous group of the batch. Providers:
+                         ours     one ragged pass (`ViTResNAS.forward(..., mode="ragged")`)
+                         masked   the original code: everything at full width, then masks (mode="masked")
+                         loop     sequential sliced sub-networks, one per group (mode="loop")
+                       items = images, so the CSV has training images/s.
+search_score.infer     top-1 scoring of P candidates on V validation images. Providers:
+                         ours                    `CandidateScorer`: stem cached once, P candidates per ragged forward
+                         one_model_per_candidate the original search: a standalone network per candidate, run alone
+                       items = candidates, so the CSV has candidates scored per second (target >= 10x).
+
+Shapes: the demo space (56 px, digits-sized) on CPU; on CUDA also the Tiny space at 224 px. FLOPs are the sampled
+sub-networks' MACs x 2 (x 3 for forward + backward); bytes are the supernet weights read once (a lower bound).
+"""
+from __future__ import annotations
+
+import random
+from typing import List
+
+import torch
+import torch.nn.functional as F
+
+from resnas_kernels.bench.harness import Case
+from resnas_kernels.models.vit_resnas import TINY_SPACE, count_macs
+from resnas_kernels.search.data import DEMO_SPACE, Split
+from resnas_kernels.search.evaluate import CandidateScorer, score_one_model_per_candidate
+from resnas_kernels.search.train import build_supernet, split_batch
+
+
+def _weight_bytes(model) -> int:
+    return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def _train_case(space, img, batch, groups, device, tag) -> Case:
+    torch.manual_seed(0)
+    model = build_supernet(space, img, 10, drop_path=0.1).to(device).train()
+    archs = space.sample_groups(groups, rng=random.Random(0))
+    sizes = split_batch(batch, groups)
+    x = torch.randn(batch, 3, img, img, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def step(mode):
+        def fn():
+            model.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x, archs, sizes, mode=mode), y, label_smoothing=0.1).backward()
+        return fn
+
+    macs = sum(count_macs(a, img, 10) * s for a, s in zip(archs, sizes))
+    return Case(name="supernet_train.train", shape=f"{tag} img={img} B={batch} K={groups}", dtype="float32",
+                flops=6 * macs, bytes=_weight_bytes(model),
+                providers={"ours": step("ragged"), "masked": step("masked"), "loop": step("loop")},
+                baseline="ours", items=batch, notes="forward + backward, no optimizer step")
+
+
+def _search_case(space, img, n_val, n_cand, per_forward, device, tag) -> Case:
+    torch.manual_seed(0)
+    model = build_supernet(space, img, 10).to(device).eval()
+    g = torch.Generator().manual_seed(0)
+    val = Split(torch.randint(0, 256, (n_val, 3, img, img), dtype=torch.uint8, generator=g),
+                torch.randint(0, 10, (n_val,), generator=g), 10)
+    archs = space.sample_groups(n_cand, rng=random.Random(1))
+    scorer = CandidateScorer(model, val, device, candidates_per_forward=per_forward, images_per_forward=n_val)
+    macs = sum(count_macs(a, img, 10) for a in archs) * n_val
+    return Case(name="search_score.infer", shape=f"{tag} img={img} V={n_val} candidates={n_cand} P={per_forward}",
+                dtype="float32", flops=2 * macs, bytes=_weight_bytes(model),
+                providers={"ours": lambda: scorer.correct(archs),
+                           "one_model_per_candidate": lambda: score_one_model_per_candidate(
+                               model, archs, val, device, images_per_forward=n_val)},
+                baseline="ours", items=n_cand, cuda_graph=False,
+                notes="stem cached at construction (once per search), images decoded in memory")
+
+
+def cases(ctx) -> List[Case]:
+    dev = ctx.device
+    small = ctx.quick or ctx.smoke
+    out = [_train_case(DEMO_SPACE, 56, 16 if small else 64, 4, dev, "demo"),
+           _search_case(DEMO_SPACE, 56, 32 if small else 128, 8 if small else 16, 8, dev, "demo")]
+    if dev.type == "cuda" and not ctx.smoke:
+        out += [_train_case(TINY_SPACE, 224, 64 if small else 128, 4, dev, "tiny"),
+                _search_case(TINY_SPACE, 224, 64 if small else 256, 16, 16, dev, "tiny")]
+    return out

@@ -1,0 +1,180 @@
+"""`resnas search` and `resnas export` on the demo digits: batched scoring with the cached stem equals the plain
+supernet forward and one-model-per-candidate scoring; evolutionary operators respect the MAC band and dedup; the
+search is deterministic and resumes after an interruption with the same history; the end-to-end run (train a few
+steps, search two generations, export, reload through timm) reproduces the accuracy the search recorded."""
+import json
+import os
+import random
+
+import pytest
+import torch
+
+from resnas_kernels.models.vit_resnas import Arch, count_macs
+from resnas_kernels.search import evaluate, evolution, export, train
+from resnas_kernels.search.checkpoint import CheckpointError, read_jsonl
+from resnas_kernels.search.data import DEMO_SPACE, load_demo, normalize
+
+SEARCH = ["--generations", "2", "--population", "4", "--parents", "2", "--mutations", "2", "--crossovers", "2",
+          "--val-subset", "40", "--candidates-per-forward", "3", "--images-per-forward", "16", "--no-progress",
+          "--seed", "5"]
+
+
+def _macs(a):
+    return count_macs(a, 56, 10)
+
+
+@pytest.fixture(scope="module")
+def supernet(tmp_path_factory):
+    out = tmp_path_factory.mktemp("supernet")
+    assert train.main(["--out", str(out), "--train-subset", "64", "--batch-size", "16", "--epochs", "1",
+                       "--width-warmup-epochs", "0", "--no-progress", "--no-eval-every-epoch", "--seed", "1"]) == 0
+    return str(out / "checkpoint.pt")
+
+
+@pytest.fixture(scope="module")
+def searched(supernet, tmp_path_factory):
+    out = tmp_path_factory.mktemp("search")
+    assert evolution.main(["--supernet", supernet, "--out", str(out), *SEARCH]) == 0
+    return out
+
+
+def test_stem_cache_and_batched_forward_equal_the_supernet():
+    torch.manual_seed(11)
+    model = train.build_supernet(DEMO_SPACE, 56, 10).eval()
+    archs = DEMO_SPACE.sample_groups(3, rng=random.Random(7))
+    x = torch.randn(5, 3, 56, 56)
+    with torch.no_grad():
+        ref = model(x.repeat(3, 1, 1, 1), archs, (5, 5, 5))
+        got = evaluate.forward_from_stem(model, evaluate.stem_tokens(model, x).repeat(3, 1, 1), archs, (5, 5, 5))
+    torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_batched_scoring_equals_one_model_per_candidate():
+    torch.manual_seed(12)
+    model = train.build_supernet(DEMO_SPACE, 56, 10).eval()
+    _, val = load_demo()
+    val = val.subset(24)
+    archs = DEMO_SPACE.sample_groups(3, rng=random.Random(8))
+    batched = evaluate.CandidateScorer(model, val, candidates_per_forward=2, images_per_forward=10).correct(archs)
+    uncached = evaluate.CandidateScorer(model, val, candidates_per_forward=3, images_per_forward=24,
+                                        cache_stem=False).correct(archs)
+    one_by_one = evaluate.score_one_model_per_candidate(model, archs, val, images_per_forward=24)
+    assert batched == uncached == one_by_one
+
+
+def test_random_population_and_children_stay_in_band_and_are_new():
+    lo_s, hi_s = _macs(DEMO_SPACE.min_arch()), _macs(DEMO_SPACE.max_arch())
+    hi = (lo_s + hi_s) // 2
+    lo = int(0.975 * hi)
+    seen = set()
+    pop = evolution.random_population(DEMO_SPACE, 6, random.Random(0), _macs, lo, hi, seen)
+    assert len(set(pop)) == 6 and all(lo <= _macs(a) <= hi for a in pop)
+    assert all(DEMO_SPACE.contains(a) for a in pop)
+    again = evolution.random_population(DEMO_SPACE, 6, random.Random(0), _macs, lo, hi, set())
+    assert again == pop                                       # deterministic for a seed
+    before = set(seen)
+    kids = evolution.make_children(DEMO_SPACE, pop[:3], 4, 4, 0.3, 0.5, random.Random(1), _macs, lo, hi, seen)
+    assert kids and all(lo <= _macs(a) <= hi and a not in before for a, _ in kids)
+    assert len({a for a, _ in kids}) == len(kids)
+    assert {o for _, o in kids} <= {"mutation", "crossover"}
+
+
+def test_pareto_front_and_macs_parsing():
+    recs = [{"macs": 10, "acc": 0.5}, {"macs": 12, "acc": 0.4}, {"macs": 12, "acc": 0.7}, {"macs": 15, "acc": 0.7},
+            {"macs": 9, "acc": 0.2}]
+    assert [(r["macs"], r["acc"]) for r in evolution.pareto_front(recs)] == [(9, 0.2), (10, 0.5), (12, 0.7)]
+    assert evolution.parse_macs("1.8G") == 1_800_000_000 and evolution.parse_macs("10.5M") == 10_500_000
+    assert evolution.parse_macs("123") == 123
+    with pytest.raises(ValueError, match="--macs"):
+        evolution.parse_macs("fast")
+
+
+def test_search_outputs(searched):
+    history = read_jsonl(os.path.join(searched, "history.jsonl"))
+    assert [r["index"] for r in history] == list(range(len(history)))
+    assert {r["generation"] for r in history} == {0, 1}
+    assert sum(r["generation"] == 0 for r in history) == 4
+    archs = [Arch.from_dict(r["arch"]) for r in history]
+    assert len(set(archs)) == len(archs)                      # dedup
+    cfg = json.load(open(os.path.join(searched, "config.json")))
+    lo, hi = cfg["band"]
+    assert all(lo <= r["macs"] <= hi and r["macs"] == _macs(a) for r, a in zip(history, archs))
+    best = json.load(open(os.path.join(searched, "best.json")))
+    assert best["acc"] == max(r["acc"] for r in history)
+    assert Arch.from_dict(best["pruned"]) == Arch.from_dict(best["arch"]).pruned()
+    pareto = json.load(open(os.path.join(searched, "pareto.json")))
+    assert pareto and max(r["acc"] for r in pareto) == best["acc"]
+    assert os.path.getsize(os.path.join(searched, "pareto.png")) > 1000
+    assert "best acc" in open(os.path.join(searched, "summary.txt")).read()
+
+
+def test_search_is_deterministic_and_resumes_after_interruption(supernet, searched, tmp_path, monkeypatch):
+    reference = read_jsonl(os.path.join(searched, "history.jsonl"))
+    # One generation, then extend to two with --resume.
+    one = tmp_path / "one"
+    args = ["--supernet", supernet, "--out", str(one), *SEARCH]
+    args[args.index("--generations") + 1] = "1"
+    assert evolution.main(args) == 0
+    assert evolution.main(["--supernet", supernet, "--out", str(one), *SEARCH, "--resume"]) == 0
+    assert read_jsonl(os.path.join(one, "history.jsonl")) == reference
+
+    # Interrupted mid-generation (the second scoring chunk raises), then resumed.
+    killed = tmp_path / "killed"
+    real = evaluate.CandidateScorer.correct
+    calls = {"n": 0}
+
+    def flaky(self, archs):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, archs)
+
+    monkeypatch.setattr(evaluate.CandidateScorer, "correct", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        evolution.main(["--supernet", supernet, "--out", str(killed), *SEARCH])
+    partial = read_jsonl(os.path.join(killed, "history.jsonl"))
+    assert 0 < len(partial) < len(reference)
+    monkeypatch.setattr(evaluate.CandidateScorer, "correct", real)
+    assert evolution.main(["--supernet", supernet, "--out", str(killed), *SEARCH, "--resume"]) == 0
+    assert read_jsonl(os.path.join(killed, "history.jsonl")) == reference
+
+
+def test_export_reloads_through_timm_with_the_recorded_accuracy(supernet, searched, tmp_path):
+    net_path = str(tmp_path / "net.pt")
+    assert export.main(["--arch", os.path.join(searched, "best.json"), "--supernet", supernet, "--out", net_path]) == 0
+    best = json.load(open(os.path.join(searched, "best.json")))
+    net = export.load_exported(net_path)
+    assert net.arch == Arch.from_dict(best["pruned"])
+    assert json.load(open(str(tmp_path / "net.json")))["timm_model"] == export.TIMM_NAME
+    _, val = load_demo()
+    val = val.subset(best["val_images"])
+    with torch.no_grad():
+        correct = (net(normalize(val.images)).argmax(1) == val.labels).sum().item()
+    assert correct == round(best["acc"] * len(val))
+
+
+def test_search_and_export_bad_inputs(supernet, searched, tmp_path, capsys):
+    base = ["--supernet", supernet, "--out", str(tmp_path / "s"), "--no-progress"]
+    assert evolution.main(base + ["--macs", "fast"]) == 2
+    assert "--macs" in capsys.readouterr().err
+    assert evolution.main(base + ["--macs", "1G"]) == 2
+    assert "outside the space" in capsys.readouterr().err
+    assert evolution.main(base + ["--parents", "0"]) == 2
+    assert "--parents" in capsys.readouterr().err
+    assert evolution.main(["--supernet", supernet, "--out", str(searched), *SEARCH]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert evolution.main(["--supernet", supernet, "--out", str(searched), *SEARCH, "--seed", "6", "--resume"]) == 2
+    assert "--seed" in capsys.readouterr().err
+    assert evolution.main(["--supernet", os.path.join(searched, "state.pt"), "--out", str(tmp_path / "t")]) == 2
+    assert "expected a 'resnas-supernet-train' checkpoint" in capsys.readouterr().err
+
+    pruned = tmp_path / "pruned.json"                        # removed slots dropped: not a slice of the supernet
+    pruned.write_text(DEMO_SPACE.min_arch().pruned().to_json())
+    assert export.main(["--arch", str(pruned), "--supernet", supernet, "--out", str(tmp_path / "n.pt")]) == 2
+    assert "slot-aligned" in capsys.readouterr().err
+    (tmp_path / "junk.json").write_text("{not json")
+    assert export.main(["--arch", str(tmp_path / "junk.json"), "--supernet", supernet,
+                        "--out", str(tmp_path / "n.pt")]) == 2
+    assert "cannot read a JSON architecture" in capsys.readouterr().err
+    with pytest.raises(CheckpointError, match="expected a 'resnas-subnet' checkpoint"):
+        export.load_exported(supernet)
