@@ -431,7 +431,7 @@ def test_cpp_op_checks_its_arguments():
     with pytest.raises(RuntimeError, match=r"grid \[3, 1\] needs Nk = 9 and Nq = 9"):
         op(q, k, v, t, None, None, [2], [2], 1.0, [3, 1])
     with pytest.raises(RuntimeError, match=r"dense_bias must have shape"):
-        op(q, k, v, None, None, torch.zeros(2, 2, 4, 9), [2], [2], 1.0, [])
+        op(q, k, v, None, None, torch.zeros(3, 2, 4, 9), [2], [2], 1.0, [])
 
 
 # ---------------------------------------------------------------------------------------------------------------------

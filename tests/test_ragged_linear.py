@@ -31,7 +31,6 @@ from _oracle import assert_close_to_oracle
 # The module (resnas_kernels.ops re-exports the function under the same name).
 rl_mod = importlib.import_module("resnas_kernels.ops.ragged_linear")
 
-CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 EXPECT_EXT = os.environ.get("RESNAS_EXPECT_EXT", "1") != "0"
 EXT_OPS = ("ext_ragged_linear_fwd", "ext_ragged_linear_bwd")
 

@@ -5,8 +5,10 @@ the sliced shared parameters (torch.func.functional_call, so gradients flow back
 fp64. Tolerances follow tests/_oracle.py: the kernel's error against the fp64 oracle may be at most 2x (outputs) or 3x
 (gradients) the error of the same stock chain evaluated in the kernel's dtype, plus 8 ulps of the output's magnitude.
 
-Backends: reference (the spec), cpu (C++ LN / im2col / ragged GEMM / epilogue), triton (interpreter on CPU, small
-shapes), and, on a GPU machine only (gpu marker), triton and the CUDA C++ epilogue / im2col.
+Backends: reference (the spec), cpu (C++ LN, blocked implicit-GEMM conv, cls ragged GEMM, epilogue), triton
+(interpreter on CPU, small shapes: LN, im2col, ragged GEMM, epilogue), and, on a GPU machine only (gpu marker), triton
+and the CUDA C++ epilogue / im2col. The sub-ops (im2col, conv, epilogue) are also tested one by one on every backend
+against their plain-PyTorch reference backends.
 """
 import os
 import subprocess
@@ -23,6 +25,7 @@ import resnas_kernels as rk
 from resnas_kernels import Ragged, _ext
 from resnas_kernels.layers import ResidualSpatialReduction
 from resnas_kernels.ops.residual_spatial_reduction import _fused
+from resnas_kernels.ops.rsr_conv import rsr_conv, rsr_conv_bwd, rsr_conv_fwd
 from resnas_kernels.ops.rsr_epilogue import rsr_epilogue_bwd, rsr_epilogue_fwd
 from resnas_kernels.ops.rsr_im2col import rsr_im2col, rsr_im2col_bwd, rsr_im2col_fwd
 from resnas_kernels.reference import rsr_output_grid
@@ -325,6 +328,46 @@ def test_im2col_matches_reference(backend, grid, has_cls, k, s, p):
     assert (du[~g.mask(5, device=device)[:, None, :].expand_as(du)] == 0).all()
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("grid,has_cls,k,s,p", [((7, 7), True, 3, 2, 1), ((16, 16), False, 3, 2, 1),
+                                                 ((5, 6), True, 5, 2, 2), ((4, 4), False, 1, 1, 0)])
+def test_conv_matches_reference_cpu(dtype, grid, has_cls, k, s, p):
+    """The CPU blocked implicit-GEMM conv vs its reference (im2col + one matmul per group); 16x16 with 20 samples per
+    group spans several blocks of whole samples. Groups: empty, width 0, one sample, co = ci."""
+    _require("cpu")
+    g, co_w, u, prm, _ = _make((20, 0, 1, 3, 2), (6, 5, 4, 5, 0), (9, 7, 4, 5, 0), 6, 10, grid, has_cls, dtype=dtype,
+                               k=k, s=s, p=p, seed=5)
+    w2d = prm["conv_weight"].reshape(10, -1)
+    args = (list(g.sizes), list(g.widths), list(co_w), list(grid), k, s, p, has_cls)
+    with rk.use_backend("cpu"):
+        out = rsr_conv_fwd(u, w2d, *args)
+    with rk.use_backend("reference"):
+        oracle = rsr_conv_fwd(u.double(), w2d.double(), *args)
+        same = rsr_conv_fwd(u, w2d, *args)
+    assert_close_to_oracle(out, oracle, same, "conv")
+    assert (out[~g.with_widths(co_w).mask(10)[:, None, :].expand_as(out)] == 0).all()
+    dout = torch.randn(out.shape, dtype=torch.float64) * g.with_widths(co_w).mask(10, dtype=torch.float64)[:, None]
+    with rk.use_backend("cpu"):
+        du, dw = rsr_conv_bwd(dout.to(dtype), u, w2d, *args)
+    with rk.use_backend("reference"):
+        oracle = rsr_conv_bwd(dout, u.double(), w2d.double(), *args)
+        same = rsr_conv_bwd(dout.to(dtype), u, w2d, *args)
+    assert_close_to_oracle(du, oracle[0], same[0], "du", factor=3.0)
+    assert_close_to_oracle(dw.to(dtype), oracle[1], same[1], "dweight", factor=3.0)
+    assert dw.dtype == torch.float32 and (du[:, :int(has_cls)] == 0).all()
+    assert (du[~g.mask(6)[:, None, :].expand_as(du)] == 0).all()
+
+
+def test_conv_fp64_gradcheck_cpu():
+    _require("cpu")
+    g, co_w, u, prm, _ = _make((1, 0, 2), (3, 0, 2), (4, 0, 3), 3, 4, (5, 4), True, dtype=torch.float64)
+    mask = g.mask(3, dtype=torch.float64)[:, None]
+    w2d = prm["conv_weight"].reshape(4, -1).contiguous()
+    with rk.use_backend("cpu"):
+        assert torch.autograd.gradcheck(lambda u, w: rsr_conv(u * mask, w, g, co_w, (5, 4), True),
+                                        (u.requires_grad_(), w2d.requires_grad_()))
+
+
 def _epilogue_inputs(grid, has_cls, device, dtype=torch.float32, s=2, seed=0):
     gen = torch.Generator().manual_seed(seed)
     in_g = Ragged((2, 0, 1, 2), (5, 0, 3, 0))
@@ -395,6 +438,11 @@ def test_opcheck(backend, has_cls):
                                                1, has_cls))
         cols = rsr_im2col_fwd(u.detach(), list(g.sizes), list(g.widths), list(grid), 3, 2, 1, has_cls)
         torch.library.opcheck(rsr_im2col_bwd, (cols, list(g.sizes), list(g.widths), list(grid), 3, 2, 1, has_cls))
+        w2d = torch.randn(6, 4 * 9, requires_grad=True)
+        conv_args = (list(g.sizes), list(g.widths), [6, 3], list(grid), 3, 2, 1, has_cls)
+        torch.library.opcheck(rsr_conv_fwd, (u, w2d, *conv_args))
+        dconv = torch.randn(g.batch, 6, 6)
+        torch.library.opcheck(rsr_conv_bwd, (dconv, u.detach(), w2d.detach(), *conv_args))
         args = (list(in_g.sizes), list(in_g.widths), list(out_w), list(grid), 2)
         leaves = tuple(v.requires_grad_() if v is not None else None for v in t.values())
         torch.library.opcheck(rsr_epilogue_fwd, (*leaves, *args))
@@ -481,6 +529,8 @@ def test_cuda_kernels_are_compiled_into_the_extension():
     for name in ("ext_rsr_im2col_fwd", "ext_rsr_im2col_bwd", "ext_rsr_epilogue_fwd", "ext_rsr_epilogue_bwd"):
         for key in ("CPU", "CUDA"):
             assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resnas::{name}", key), f"{name} lacks {key}"
+    for name in ("ext_rsr_conv_fwd", "ext_rsr_conv_bwd"):  # the CPU conv path; CUDA uses im2col + ragged_linear
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"resnas::{name}", "CPU")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -572,5 +622,11 @@ class TestBadInput:
         with pytest.raises(RuntimeError, match="cls and cls_bias must be given together"):
             torch.ops.resnas.ext_rsr_epilogue_fwd(conv, x, torch.zeros(1, 16, 8), torch.zeros(8),
                                                   torch.zeros(1, 1, 8), None, [1], [8], [8], [8, 8], 2)
+        with pytest.raises(RuntimeError, match=r"ext_rsr_conv_fwd: weight must be 2-D \(Co_max, C\*k\*k\) = "
+                                               r"\(Co_max, 72\)"):
+            torch.ops.resnas.ext_rsr_conv_fwd(x, torch.zeros(8, 71), [1], [8], [8], [8, 8], 3, 2, 1, True)
+        with pytest.raises(RuntimeError, match=r"ext_rsr_conv_bwd: dout must have shape \(1, 16, 8\)"):
+            torch.ops.resnas.ext_rsr_conv_bwd(torch.zeros(1, 17, 8), x, torch.zeros(8, 72), [1], [8], [8], [8, 8], 3,
+                                              2, 1, True)
         with pytest.raises(RuntimeError, match="ext_rsr_epilogue_bwd: dout has 16 tokens"):
             torch.ops.resnas.ext_rsr_epilogue_bwd(conv, [1], [8], [8], [8, 8], 2, True, 8)

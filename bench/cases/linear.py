@@ -121,7 +121,7 @@ def _case(device, dtype, stage: int, layer: str, groups: int, per_group: int, mo
     grad = mode == "fwd+bwd"
     x_sets = [(torch.randn(batch, tokens, k_max, generator=gen).to(device, dtype) * in_mask).requires_grad_(grad)
               for _ in range(copies)]
-    dy_sets = [torch.randn(batch, tokens, n_max, generator=gen).to(device, dtype) for _ in range(copies)]
+    dy_sets = [torch.randn(batch, tokens, n_max, generator=gen).to(device, dtype) for _ in range(copies if grad else 0)]
     activation = "gelu" if epilogue == "gelu" else None
     residual: Optional[torch.Tensor] = None
     row_scale: Optional[torch.Tensor] = None
@@ -173,7 +173,8 @@ def cases(ctx) -> List[Case]:
         plan = [(1, layer, 4, 4, mode, False) for layer in ("qkv", "fc1") for mode in ("fwd", "fwd+bwd")]
         plan += [(1, "fc1", 16, 1, "fwd", False), (1, "fc1", 1, 16, "fwd", True)]
     else:
-        plan = [(1, layer, 4, 64, mode, False) for layer in ("qkv", "proj", "fc1", "fc2") for mode in ("fwd", "fwd+bwd")]
+        plan = [(1, layer, 4, 64, mode, False) for layer in ("qkv", "proj", "fc1", "fc2")
+                for mode in ("fwd", "fwd+bwd")]
         plan += [(3, layer, 4, 64, mode, False) for layer in ("qkv", "fc1") for mode in ("fwd", "fwd+bwd")]
         plan += [(1, "fc1", 16, 64 if cuda else 16, mode, False) for mode in ("fwd", "fwd+bwd")]
         plan += [(3, layer, 16, 64, mode, False) for layer in ("qkv", "fc1") for mode in ("fwd", "fwd+bwd")]

@@ -19,7 +19,7 @@
 //   per thread); the BLAS calls inside run single-threaded (BLAS does not nest inside an OpenMP region). Versus
 //   multithreaded BLAS per group, the threads do not synchronise once per small GEMM (which on a shared or
 //   oversubscribed machine cost more than the GEMMs), and each block's epilogue runs while its GEMM output is hot.
-// - Forward, per (group, 128-row block): for each segment mm_out into the output (or the pre-activation buffer when
+// - Forward, per (group, row block of 256..1024 rows): for each segment mm_out into the output (or the pre-activation buffer when
 //   it is kept), then the whole epilogue (bias, save pre, exact GELU, row scale, residual) and the zeros beyond n_g.
 // - Exact GELU for fp32 / half types uses an erfc approximation written to vectorise under `omp simd` (std::erf
 //   does not, and was ~15x slower here): Numerical Recipes' Chebyshev erfc (fractional error < 1.2e-7) with a
@@ -192,14 +192,20 @@ struct RowTask {
   int64_t g, row0, row1;
 };
 
-// Rows per task: enough for an efficient single-threaded GEMM, few enough to balance the threads.
-constexpr int64_t kRowBlock = 128;
+// Rows per task: about 1/16 of all rows (enough tasks to balance a few threads), at least 256 (single-threaded BLAS
+// loses ~15% at 128 rows) and at most 1024, a multiple of 64. From the shapes only, never the thread count, so each
+// row's GEMM, and hence y and dx, is bit-identical whatever the thread count.
+int64_t row_block(int64_t rows) {
+  const int64_t b = ((rows + 15) / 16 + 63) / 64 * 64;
+  return std::min<int64_t>(1024, std::max<int64_t>(256, b));
+}
 
 std::vector<RowTask> row_tasks(const Layout& l) {
   std::vector<RowTask> tasks;
+  const int64_t block = row_block(l.rows);
   for (int64_t g = 0; g < l.in.num_groups(); ++g) {
-    for (int64_t r = l.in.row_start[g]; r < l.in.row_start[g + 1]; r += kRowBlock) {
-      tasks.push_back({g, r, std::min(r + kRowBlock, l.in.row_start[g + 1])});
+    for (int64_t r = l.in.row_start[g]; r < l.in.row_start[g + 1]; r += block) {
+      tasks.push_back({g, r, std::min(r + block, l.in.row_start[g + 1])});
     }
   }
   return tasks;

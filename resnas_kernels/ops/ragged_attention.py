@@ -450,9 +450,9 @@ def _sample_heads(sizes: Tuple[int, ...], widths: Tuple[int, ...], device: str) 
 
 
 @functools.lru_cache(maxsize=64)
-def _grid_csr(r: int, s: int, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(perm, seg) of the LeViT grid index, built once per geometry: see `_index_csr`."""
-    return _index_csr(levit_bias_index(r, s), r * r, device)
+def _grid_csr(r: int, s: int, t: int, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(perm, seg) of the LeViT grid index for a table of t >= R^2 columns, built once per geometry: `_index_csr`."""
+    return _index_csr(levit_bias_index(r, s), t, device)
 
 
 def _index_csr(index: torch.Tensor, t: int, device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -563,7 +563,7 @@ def _bias_grads_from_partials(ds_part, table, index, dense, grid: List[int], tab
     if table_grad:
         h_max, t_cols = table.shape
         n_chunks = ds_part.shape[0]
-        perm, seg = (_grid_csr(int(grid[0]), int(grid[1]), str(ds_part.device)) if grid
+        perm, seg = (_grid_csr(int(grid[0]), int(grid[1]), t_cols, str(ds_part.device)) if grid
                      else _index_csr(index, t_cols, ds_part.device))
         dtable = torch.empty((h_max, t_cols), dtype=torch.float32, device=ds_part.device)
         if n_chunks:

@@ -39,7 +39,6 @@ Caveats:
 - Double backward is not supported.
 """
 import functools
-import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -310,7 +309,7 @@ def _precision(dtype: torch.dtype) -> str:
 _INTERP_BLOCKS = dict(fwd=(32, 32, 32), dx=(32, 32, 32), dw=(32, 32, 32), prologue=(32, 32))
 
 
-def _gpu_blocks(kind: str, dtype: torch.dtype, avg_rows: int) -> Tuple[int, int]:
+def _gpu_blocks(dtype: torch.dtype, avg_rows: int) -> Tuple[int, int]:
     """Host-side (BLOCK_M, BLOCK_N) of the tile tables on GPU. BLOCK_N = 64: ViT-ResNAS widths (176, 220, 352, ...)
     are multiples of 16 but not of 128, so 64-wide tiles waste the least on partial tiles. BLOCK_M = 128 for half
     types on groups with many rows (more reuse per W tile), else 64 (fp32 tiles use twice the registers)."""
@@ -364,7 +363,7 @@ def _triton_fwd(x2, weight, bias, r2, row_scale, row_counts, in_widths, out_widt
     if interp:
         block_m, block_n, block_k = _INTERP_BLOCKS["fwd"]
     else:
-        block_m, block_n = _gpu_blocks("fwd", x2.dtype, rows // max(1, sum(1 for r in row_counts if r)))
+        block_m, block_n = _gpu_blocks(x2.dtype, rows // max(1, sum(1 for r in row_counts if r)))
     groups = _group_table(row_counts, in_widths, out_widths, device)
     tiles = _tile_table(row_counts, out_widths, segments, seg_width, block_m, block_n, device)
     args = (x2, weight, bias if bias is not None else x2, r2 if r2 is not None else x2,
@@ -412,7 +411,7 @@ def _triton_bwd(dy2, x2, weight, pre2, row_scale, row_counts, in_widths, out_wid
         if interp:
             block_m, block_k, block_n = _INTERP_BLOCKS["dx"]
         else:
-            block_m, block_k = _gpu_blocks("dx", x2.dtype, rows // max(1, sum(1 for r in row_counts if r)))
+            block_m, block_k = _gpu_blocks(x2.dtype, rows // max(1, sum(1 for r in row_counts if r)))
         # A dx tile is busy iff k0 < k_g and the group has output columns to reduce over.
         busy_widths = tuple(k if n else 0 for k, n in zip(in_widths, out_widths))
         tiles = _tile_table(row_counts, busy_widths, 1, k_max, block_m, block_k, device)

@@ -8,43 +8,49 @@ The fused path is four registered custom ops chained by autograd, with no (B, C,
     cols = rsr_im2col(u)                  (B, Ho*Wo, Ci_max*k*k)  token-layout im2col, channel-major / tap-minor
     conv = ragged_linear(cols, conv_weight.view(Co_max, -1))     the conv as ONE ragged GEMM: group g uses the
                                                                   top-left block [:co, :ci*k*k] = W[:co, :ci] flattened
+           (on CPU, with the C++ extension: conv = rsr_conv(u, ...), the same two steps as a blocked implicit GEMM that
+           never materialises `cols`: at these shapes a fresh 40-150 MB buffer per call costs more than it saves)
     cls  = ragged_linear(u[:, :1], cls_weight)                    the cls token's GEMV (has_cls only)
     out  = rsr_epilogue(conv, x, pos_embed, conv_bias, cls, cls_bias)
                                                                   one pass: + bias + pos_embed + zero-padded
                                                                   AvgPool(x) (+ cls_bias + x_cls), zeros beyond co
 
 Backends (`resnas_kernels.set_backend`): "reference" runs the oracle (stock functional ops per group); "cpu" and
-"triton" run the fused chain, every piece on that backend (LN, im2col, GEMM, epilogue); "auto" runs the fused chain
-with each piece on its own preferred backend (on CUDA: Triton LN / im2col / GEMM and the CUDA C++ epilogue; on CPU:
-the C++ kernels, each falling back to its reference when the extension lacks it). There is no "cuda"-only RSR:
-ragged_linear has no CUDA C++ kernel by design; the CUDA C++ epilogue and im2col are reachable through "auto" and as
-ops of their own (`rsr_epilogue`, `rsr_im2col`).
+"triton" run the fused chain, every piece on that backend (LN, conv or im2col + GEMM, epilogue); "auto" runs the
+fused chain with each piece on its own preferred backend (on CUDA: Triton LN / im2col / GEMM and the CUDA C++
+epilogue; on CPU: the C++ kernels, each falling back to its reference when the extension lacks it). There is no
+"cuda"-only RSR: ragged_linear has no CUDA C++ kernel by design; the CUDA C++ epilogue and im2col are reachable through
+"auto" and as ops of their own (`rsr_epilogue`, `rsr_im2col`).
 
 Caveats:
 - x must be contiguous and zero beyond each group's input width (the ragged contract); the output is exactly zero
   beyond c_out,g. A group with c_in,g = c_out,g = 0 gets all-zero rows and costs no GEMM work.
-- The GEMMs run in x's dtype: parameters given in fp32 with half-precision x are cast to x's dtype for the GEMMs (as
-  autocast does for F.conv2d / F.linear); LN, the epilogue's sums and the parameter gradients of pos_embed and the
-  biases are fp32. The reference instead computes everything in fp32 and rounds once, so half-precision outputs
-  differ from it by the rounding of u and of the GEMM inputs.
-- The im2col buffer is k*k/stride^2 = 2.25x the size of x (3x3, stride 2): memory traded for one plain GEMM.
-- Gradients of conv_weight / cls_weight (ragged_linear's tile-owner dW), pos_embed and the biases (fixed-order batch
-  sums) are deterministic.
-- Under torch.compile the fused chain is traced whatever the backend setting; with "reference" forced, its pieces
-  run their plain-PyTorch reference implementations (same spec) instead of the stock-module oracle.
+- Precision: LN statistics, the epilogue's sums and the gradients of pos_embed and the biases are fp32. On CPU the
+  conv GEMM also runs in fp32 for fp16 / bf16 x (rounded once); on the im2col + ragged_linear route (CUDA, Triton) the
+  GEMMs run in x's dtype with fp32 accumulation, parameters given in fp32 being cast to x's dtype first (as autocast
+  does for F.conv2d / F.linear). The reference computes everything in fp32 and rounds once.
+- On the im2col route the column tensor is k*k/stride^2 = 2.25x the size of x (3x3, stride 2).
+- Determinism: pos_embed / bias gradients are fixed-order batch sums (bitwise reproducible on every backend, also
+  across CPU thread counts); conv_weight / cls_weight gradients are reproducible run to run (fixed group / block
+  order on CPU, ragged_linear's tile-owner dW on GPU), but CPU BLAS does not promise bit-equality across thread counts.
+- Under torch.compile the choices made here in Python (reference vs fused chain, blocked conv vs im2col + GEMM) are
+  taken once at trace time; the custom ops still pick their own backends when they run. Changing the backend setting
+  after compiling needs a fresh torch.compile.
 - Double backward is not supported.
 """
 from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..backend import OpInfo, register_op, resolve_backend
+from ..backend import BackendUnavailableError, OpInfo, register_op, resolve_backend
 from ..ragged import Ragged, as_ragged
 from ..reference.rsr import residual_spatial_reduction as _reference_rsr
 from ..reference.rsr import rsr_output_grid
 from ._checks import check_float_tensor, check_same_device, check_tensor
 from .ragged_layer_norm import ragged_layer_norm
 from .ragged_linear import ragged_linear
+from .rsr_conv import OP as CONV_OP
+from .rsr_conv import rsr_conv
 from .rsr_epilogue import rsr_epilogue
 from .rsr_im2col import rsr_im2col
 
@@ -52,8 +58,9 @@ OP = register_op(OpInfo(
     name="residual_spatial_reduction",
     backends=("triton", "cpu"),
     auto_cuda=("triton",),
-    ext_ops=("ext_rsr_im2col_fwd", "ext_rsr_im2col_bwd", "ext_rsr_epilogue_fwd", "ext_rsr_epilogue_bwd"),
-    notes={"composition": "ragged_layer_norm -> rsr_im2col -> ragged_linear (+ cls ragged_linear) -> rsr_epilogue"},
+    ext_ops=("ext_rsr_conv_fwd", "ext_rsr_conv_bwd", "ext_rsr_epilogue_fwd", "ext_rsr_epilogue_bwd"),
+    notes={"composition": "ragged_layer_norm -> rsr_conv (CPU) | rsr_im2col + ragged_linear -> rsr_epilogue, plus "
+                          "the cls ragged_linear"},
 ))
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -85,15 +92,37 @@ def _as_gemm_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return w.to(dtype).contiguous()
 
 
+# Backend decisions taken in Python, outside the custom ops. Under torch.compile they are evaluated once at trace
+# time and treated as constants (dynamo cannot trace the extension loader behind them, and guarding on them is not
+# possible): a set_backend(...) after compiling needs a fresh torch.compile.
+@torch._dynamo.assume_constant_result
+def _rsr_backend(device: torch.device) -> str:
+    return resolve_backend(OP.name, device)
+
+
+@torch._dynamo.assume_constant_result
+def _conv_backend(device: torch.device) -> Optional[str]:
+    """The backend rsr_conv would run on now, or None when it cannot run the current setting (e.g. "triton")."""
+    try:
+        return resolve_backend(CONV_OP.name, device)
+    except BackendUnavailableError:
+        return None
+
+
 def _fused(x, in_groups: Ragged, out_widths: Tuple[int, ...], ln_weight, ln_bias, conv_weight, conv_bias, pos_embed,
            cls_weight, cls_bias, grid, has_cls, eps, kernel_size, stride, padding):
     co_max = conv_weight.shape[0]
     kk = kernel_size * kernel_size
     u = ragged_layer_norm(x, ln_weight, ln_bias, in_groups, eps)
-    cols = rsr_im2col(u, in_groups, grid, has_cls, kernel_size, stride, padding)
     # (Co_max, Ci_max, k, k) -> (Co_max, Ci_max*k*k): group g's W[:co, :ci] is the top-left block [:co, :ci*k*k].
-    w2d = _as_gemm_weight(conv_weight, x.dtype).view(co_max, -1)
-    conv = ragged_linear(cols, w2d, None, in_groups.with_widths([ci * kk for ci in in_groups.widths]), out_widths)
+    if _conv_backend(x.device) == "cpu":
+        # CPU: the blocked implicit GEMM (same math as below, without materialising the column tensor).
+        conv = rsr_conv(u, conv_weight.contiguous().view(co_max, -1), in_groups, out_widths, grid, has_cls,
+                        kernel_size, stride, padding)
+    else:
+        cols = rsr_im2col(u, in_groups, grid, has_cls, kernel_size, stride, padding)
+        w2d = _as_gemm_weight(conv_weight, x.dtype).view(co_max, -1)
+        conv = ragged_linear(cols, w2d, None, in_groups.with_widths([ci * kk for ci in in_groups.widths]), out_widths)
     cls = None
     if has_cls:
         cls = ragged_linear(u[:, :1].contiguous(), _as_gemm_weight(cls_weight, x.dtype), None, in_groups, out_widths)
@@ -164,9 +193,7 @@ def residual_spatial_reduction(x: torch.Tensor, in_groups: Optional[Ragged], out
     in_groups.with_widths(out_widths).check(x.shape[0], co_max, arg="conv_weight (out channels)", what="out_widths")
     kwargs = dict(grid=tuple(grid), has_cls=bool(has_cls), eps=float(eps), kernel_size=kernel_size, stride=stride,
                   padding=padding)
-    # Under torch.compile the fused chain is always traced (its pieces are opaque custom ops that pick their backends
-    # when they run, "reference" included); resolving here would make dynamo trace the extension loader.
-    if not torch.compiler.is_compiling() and resolve_backend(OP.name, x.device) == "reference":
+    if _rsr_backend(x.device) == "reference":
         return _reference_rsr(x, in_groups, out_widths, ln_weight, ln_bias, conv_weight, conv_bias, pos_embed,
                               cls_weight, cls_bias, **kwargs)
     return _fused(x, in_groups, out_widths, ln_weight, ln_bias, conv_weight, conv_bias, pos_embed, cls_weight,

@@ -52,8 +52,9 @@ def ragged_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         for each segment s, with cols_s = [s*Nseg, s*Nseg + n_g):
             h = x[o_g:o_g+b_g, ..., :k_g] @ weight[cols_s, :k_g]^T + bias[cols_s]      (F.linear on the slices)
             a = gelu(h) (exact erf form) when activation == "gelu", else h
-            y[o_g:o_g+b_g, ..., cols_s] = a                                         without a residual
-            y[o_g:o_g+b_g, ..., cols_s] = residual[..., cols_s] + row_scale[sample] * a   with one (row_scale: 1 if None)
+            y[o_g:o_g+b_g, ..., cols_s] = a                                              without a residual
+            y[o_g:o_g+b_g, ..., cols_s] = residual[..., cols_s] + row_scale[sample] * a  with one
+                                                                                (row_scale = 1 when None)
         y[..., s*Nseg + n_g : (s+1)*Nseg] = 0 for every segment: exactly zero beyond the width, also with a residual.
     S = 1 is the plain linear; S = 3 is the qkv projection, where q, k and v are each sliced to their first n_g rows
     (heads * head_dim) separately, and y.view(B, ..., 3, Nseg) holds q, k, v with zeros beyond n_g in each.
