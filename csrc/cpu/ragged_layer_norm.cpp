@@ -161,7 +161,7 @@ void fwd_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* y, scalar
         continue;
       }
       const acc_t* xa = row_as_acc(x + off, x_buf, width);
-      const acc_t* v = xa;  // the normalised values: x, or x + residual before its rounding to scalar_t
+      const acc_t* v = xa;  // the normalised values: x, or z = x + residual as stored in scalar_t
       if (residual != nullptr) {
         const acc_t* ra = row_as_acc(residual + off, r_buf, width);
         acc_t* za = out_as_acc(z_row, z_buf);
@@ -169,7 +169,9 @@ void fwd_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* y, scalar
         for (int64_t j = 0; j < width; ++j) za[j] = xa[j] + ra[j];
         flush_row(za, z_row, width);
         fill_zero(z_row, width, C);
-        v = za;
+        // Normalise z as stored (rounded to scalar_t), as unfused PyTorch and the spec do: the backward only sees the
+        // stored z, and statistics of the unrounded sum blow up its rounding on near-constant rows (rstd ~ eps^-1/2).
+        v = row_as_acc(static_cast<const scalar_t*>(z_row), z_buf, width);
       }
       const acc_t count = static_cast<acc_t>(width);
       acc_t sum = 0;

@@ -141,7 +141,8 @@ __global__ void __launch_bounds__(kThreads)
       for (int k = 0; k < VEC; ++k) {
         if (col + k < width) {
           v[i][k] = static_cast<acc_t>(xp.val[k]);
-          if (HAS_RESIDUAL) v[i][k] += static_cast<acc_t>(rp.val[k]);
+          // z is normalised as stored (rounded to scalar_t): the backward only sees the stored z.
+          if (HAS_RESIDUAL) v[i][k] = static_cast<acc_t>(static_cast<scalar_t>(v[i][k] + static_cast<acc_t>(rp.val[k])));
         }
       }
     }
@@ -206,7 +207,7 @@ __global__ void __launch_bounds__(kThreads)
   const int64_t off = row * C;
   auto load = [&](int64_t c) {
     acc_t v = static_cast<acc_t>(x[off + c]);
-    if (HAS_RESIDUAL) v += static_cast<acc_t>(residual[off + c]);
+    if (HAS_RESIDUAL) v = static_cast<acc_t>(static_cast<scalar_t>(v + static_cast<acc_t>(residual[off + c])));
     return v;
   };
   acc_t sum = 0;

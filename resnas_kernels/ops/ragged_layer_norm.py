@@ -14,6 +14,8 @@ Caveats:
 - dweight/dbias are deterministic: each program (Triton) or fixed chunk of rows (C++) writes its own partial row,
   and the partials are summed in a fixed order, so two runs give bitwise-equal gradients on the same device.
 - The fused sum output z is defined as zero beyond c_g (not x + r there), so no gradient flows through those columns.
+- With a residual, z = x + r is rounded to x's dtype first and the stored z is normalised (as unfused PyTorch does),
+  so forward statistics and backward agree even on near-constant rows in fp16/bf16.
 - Double backward is not supported.
 """
 from typing import List, Optional, Tuple
@@ -64,8 +66,10 @@ def _ragged_layer_norm_fwd_kernel(X, R, Y, Z, W, B, MEAN, RSTD, TABLE, num_group
     offs = row.to(tl.int64) * C_max + cols  # int64: B * N * C can pass 2^31
     x = tl.load(X + offs, mask=active, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
-        x += tl.load(R + offs, mask=active, other=0.0).to(tl.float32)
-        tl.store(Z + offs, x.to(Z.dtype.element_ty), mask=inside)  # masked loads made it 0 beyond the width
+        # z is normalised as stored (rounded to its dtype), like unfused PyTorch: the backward only sees stored z.
+        x = (x + tl.load(R + offs, mask=active, other=0.0).to(tl.float32)).to(Z.dtype.element_ty)
+        tl.store(Z + offs, x, mask=inside)  # masked loads made it 0 beyond the width
+        x = x.to(tl.float32)
     count = tl.maximum(width, 1).to(tl.float32)
     mean = tl.sum(x, axis=0) / count
     diff = tl.where(active, x - mean, 0.0)
@@ -194,7 +198,8 @@ def _row_widths(groups: Ragged, rows_per_sample: int, device) -> torch.Tensor:
 def _reference_fwd(x2, r2, weight, bias, groups: Ragged, rows_per_sample: int, eps: float):
     acc = compute_dtype(x2.dtype)
     active = torch.arange(x2.shape[1], device=x2.device)[None, :] < _row_widths(groups, rows_per_sample, x2.device)[:, None]
-    z = (x2.to(acc) + (r2.to(acc) if r2 is not None else 0)) * active
+    # With a residual, z = x + r is rounded to x's dtype before normalising (as the spec and unfused PyTorch do).
+    z = (x2.to(acc) + r2.to(acc)).to(x2.dtype).to(acc) * active if r2 is not None else x2.to(acc) * active
     count = active.sum(1, keepdim=True).clamp_min(1).to(acc)
     mean = z.sum(1, keepdim=True) / count
     diff = (z - mean) * active
