@@ -17,6 +17,7 @@ import fnmatch
 import math
 import os
 import sys
+import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,7 +32,7 @@ from .harness import (SMALL_LAUNCH_MS, Case, Ceilings, Context, Timing, measure_
 # Per profile: timing budget per provider (s) on CPU and CUDA, CPU warm-up (s), min samples, ceiling size.
 PROFILES = {
     "full": dict(cpu_budget=2.0, cuda_budget=0.5, warmup=0.5, min_samples=10, ceilings="full"),
-    "quick": dict(cpu_budget=0.4, cuda_budget=0.1, warmup=0.1, min_samples=5, ceilings="quick"),
+    "quick": dict(cpu_budget=0.4, cuda_budget=0.1, warmup=0.1, min_samples=3, ceilings="quick"),
     "smoke": dict(cpu_budget=0.03, cuda_budget=0.02, warmup=0.01, min_samples=3, ceilings="smoke"),
 }
 
@@ -293,6 +294,7 @@ def collect_cases(modules, ctx: Context, patterns: Sequence[str], failures: List
 
 
 def run(args, out_dir: Path) -> int:
+    run_started = time.perf_counter()
     profile = "smoke" if args.smoke else ("quick" if args.quick else "full")
     settings = PROFILES[profile]
     devices = resolve_devices(args.device)
@@ -340,12 +342,15 @@ def run(args, out_dir: Path) -> int:
         print(f"   {'provider':10s} {'backend':10s} {'p50':>13s} [p20-p80]   achieved rates on our work "
               f"(% of ceilings)   ratio")
         for case in cases:
+            started = time.perf_counter()
             result = measure_case(case, device, timer, budget, failures)
             rows = rows_for(result, ceilings, cond)
             records.append_rows(csv_path, rows)  # per case, so an interrupted run keeps what it measured
             all_rows += rows
             all_results.append(result)
-            print("\n".join("   " + line for line in format_case(result, ceilings, device)), flush=True)
+            lines = format_case(result, ceilings, device)
+            lines[0] += f"   ({time.perf_counter() - started:.1f} s to measure)"
+            print("\n".join("   " + line for line in lines), flush=True)
         written.add(csv_path)
         notes = sorted({f"'ours' of {r.case.op} ran on the {p.backend} backend" for r in all_results[-len(cases):]
                         for p in r.results if p.provider == r.case.baseline and p.backend == "reference"})
@@ -361,6 +366,7 @@ def run(args, out_dir: Path) -> int:
         print("no benchmark case found", file=sys.stderr)
         report_failures(failures, args)
         return 2
+    print(f"measured {len(all_results)} case(s) in {time.perf_counter() - run_started:.0f} s")
     summary = format_summary(all_results)
     if summary:
         print("summary: time(peer) / time(ours), > 1 means ours is faster")

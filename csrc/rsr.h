@@ -1,6 +1,6 @@
 // Residual spatial reduction (RSR) pieces on the token layout: shared declarations, geometry and argument checks of the
-// CPU (csrc/cpu/rsr_im2col.cpp, csrc/cpu/rsr_epilogue.cpp) and CUDA (csrc/cuda/rsr_im2col.cu, csrc/cuda/rsr_epilogue.cu)
-// kernels. Python side and exact semantics: resnas_kernels/ops/rsr_im2col.py and rsr_epilogue.py (`_reference_*`).
+// CPU (csrc/cpu/rsr_im2col.cpp, csrc/cpu/rsr_epilogue.cpp) and CUDA (csrc/cuda/rsr_im2col.cu,
+// csrc/cuda/rsr_epilogue.cu) kernels. Python side and exact semantics: resnas_kernels/ops/rsr_im2col.py and rsr_epilogue.py (`_reference_*`).
 //
 // Schemas (defined in the CPU files, which every build compiles). `sizes` are samples per group (dim 0), not rows:
 //   resnas::ext_rsr_im2col_fwd(Tensor u, int[] sizes, int[] widths, int[] grid, int kernel_size, int stride,
@@ -17,8 +17,8 @@
 //                            int kernel_size, int stride, int padding, bool has_cls) -> Tensor conv       (CPU only)
 //       conv (B, Ho*Wo, Co) = the bias-free conv of u's patch tokens with weight = conv_weight.view(Co, C*k*k) (u's
 //       dtype or fp32): group
-//       g uses the block weight[:co, :ci*k*k], i.e. W[:co, :ci]; zero beyond co. Equals im2col_fwd then the ragged GEMM,
-//       without materialising the columns (the CPU path of the fused RSR).
+//       g uses the block weight[:co, :ci*k*k], i.e. W[:co, :ci]; zero beyond co. Equals im2col_fwd then the ragged
+//       GEMM, without materialising the columns (the CPU path of the fused RSR).
 //   resnas::ext_rsr_conv_bwd(Tensor dout, Tensor u, Tensor weight, ...same...) -> (Tensor du, Tensor dweight)
 //       du (B, has_cls + H*W, C) zero on the cls row and beyond ci; dweight (Co, C*k*k) in fp32 (fp64 for fp64).
 //   resnas::ext_rsr_epilogue_fwd(Tensor conv, Tensor x, Tensor pos_embed, Tensor conv_bias, Tensor? cls,
@@ -167,8 +167,8 @@ inline Im2colArgs check_im2col_bwd(const at::Tensor& dcols, c10::IntArrayRef siz
                                    at::DeviceType device, const char* op) {
   check_tokens_tensor(dcols, "dcols", device, op);
   Im2colArgs a{conv_geometry(grid, k, stride, padding, has_cls, op), {}, 0};
-  TORCH_CHECK(dcols.size(1) == a.geo.out_patches(), op, ": dcols has ", dcols.size(1), " tokens but the conv maps grid (",
-              a.geo.H, ", ", a.geo.W, ") to ", a.geo.Ho, " x ", a.geo.Wo);
+  TORCH_CHECK(dcols.size(1) == a.geo.out_patches(), op, ": dcols has ", dcols.size(1),
+              " tokens but the conv maps grid (", a.geo.H, ", ", a.geo.W, ") to ", a.geo.Ho, " x ", a.geo.Wo);
   TORCH_CHECK(dcols.size(2) % a.geo.taps() == 0, op, ": dcols' last dimension (", dcols.size(2),
               ") must be a multiple of kernel_size^2 = ", a.geo.taps());
   a.channels = dcols.size(2) / a.geo.taps();

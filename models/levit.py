@@ -92,6 +92,11 @@ def _onednn_ok() -> bool:
 
 
 _ONEDNN = _onednn_ok()
+PACK_WEIGHTS = True  # pre-pack folded weights for oneDNN in the inference cache (CPU fp32)
+
+
+def _packable(w: torch.Tensor) -> bool:
+    return w.device.type == "cpu" and w.dtype == torch.float32 and not w.requires_grad
 
 
 def _use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -104,22 +109,25 @@ def _use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, hardswish: bool = False,
-            residual: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[residual +] [hardswish](x @ w.T + b), one fused GEMM where possible."""
+            residual: Optional[torch.Tensor] = None, packed: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """[residual +] [hardswish](x @ w.T + b), one fused GEMM where possible (`packed`: w pre-packed for oneDNN)."""
     if _use_onednn(x, w):
+        wk = packed if packed is not None else w
         if residual is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, w, b, "add")
-        return torch.ops.mkldnn._linear_pointwise(x, w, b, "hardswish" if hardswish else "none", [], "")
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, wk, b, "add")
+        return torch.ops.mkldnn._linear_pointwise(x, wk, b, "hardswish" if hardswish else "none", [], "")
     y = F.linear(x, w, b)
     if hardswish:
         y = F.hardswish(y)
     return y if residual is None else residual + y
 
 
-def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride, padding, hardswish: bool) -> torch.Tensor:
+def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride, padding, hardswish: bool,
+          packed: Optional[torch.Tensor] = None) -> torch.Tensor:
     if _use_onednn(x, w):
-        return torch.ops.mkldnn._convolution_pointwise(x, w, b, list(padding), list(stride), [1, 1], 1,
-                                                       "hardswish" if hardswish else "none", [], "")
+        return torch.ops.mkldnn._convolution_pointwise(x, packed if packed is not None else w, b, list(padding),
+                                                       list(stride), [1, 1], 1, "hardswish" if hardswish else "none",
+                                                       [], "")
     y = F.conv2d(x, w, b, stride, padding)
     return F.hardswish(y) if hardswish else y
 
@@ -149,6 +157,7 @@ class _FoldedCache(nn.Module):
         super().__init__()
         self._cache: Optional[Tuple[torch.Tensor, ...]] = None
         self._cache_key: Optional[tuple] = None
+        self._packed: Optional[torch.Tensor] = None  # the folded weight pre-packed for oneDNN (CPU fp32), or None
 
     # -- to implement --------------------------------------------------------------------------------------------
     def _cache_sources(self) -> Tuple[torch.Tensor, ...]:
@@ -157,7 +166,16 @@ class _FoldedCache(nn.Module):
     def _compute_cache(self) -> Tuple[torch.Tensor, ...]:
         raise NotImplementedError
 
+    def _pack(self, cache: Tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
+        """Optionally, the cached weight in oneDNN's blocked layout (what Inductor's weight prepacking does): saves
+        the per-call reorder of the weight inside the GEMM."""
+        return None
+
     # -- cache logic ---------------------------------------------------------------------------------------------
+    def _packed_weight(self) -> Optional[torch.Tensor]:
+        # Never touched while tracing: oneDNN's opaque tensors cannot be fakeified, and compiled code uses plain ops.
+        return None if torch.compiler.is_compiling() else self._packed
+
     def _source_key(self) -> tuple:
         # (object id, storage, in-place version) of every source: any change to a source changes the key.
         return tuple((id(t), t.data_ptr(), t._version) for t in self._cache_sources())
@@ -165,11 +183,20 @@ class _FoldedCache(nn.Module):
     def clear_cache(self) -> None:
         self._cache = None
         self._cache_key = None
+        self._packed = None
 
     @torch.no_grad()
     def build_cache(self) -> None:
         self._cache = tuple(t.detach().contiguous() for t in self._compute_cache())
+        self._packed = self._pack(self._cache) if PACK_WEIGHTS and _ONEDNN else None
         self._cache_key = self._source_key()
+
+    def __getstate__(self):
+        # Caches are derived data (and oneDNN's packed tensors cannot be copied): deepcopy / pickle leave them out,
+        # the copy rebuilds them on first use.
+        state = self.__dict__.copy()
+        state.update(_cache=None, _cache_key=None, _packed=None)
+        return state
 
     def _inference_tensors(self) -> Tuple[torch.Tensor, ...]:
         if _needs_autograd(*self._cache_sources()):
@@ -214,12 +241,19 @@ class ConvNorm(_FoldedCache):
         w = self.linear.weight
         return (w * scale.to(w.dtype)[:, None, None, None]).to(w.dtype), shift.to(w.dtype)
 
+    def _pack(self, cache):
+        c = self.linear
+        if not _packable(cache[0]):
+            return None
+        return torch.ops.mkldnn._reorder_convolution_weight(cache[0], list(c.padding), list(c.stride),
+                                                             list(c.dilation), c.groups)
+
     def forward(self, x: torch.Tensor, hardswish: bool = False) -> torch.Tensor:
         if self.bn.training:
             y = self.bn(self.linear(x))
             return F.hardswish(y) if hardswish else y
         w, b = self._inference_tensors()
-        return _conv(x, w, b, self.linear.stride, self.linear.padding, hardswish)
+        return _conv(x, w, b, self.linear.stride, self.linear.padding, hardswish, self._packed_weight())
 
 
 class LinearNorm(_FoldedCache):
@@ -241,6 +275,9 @@ class LinearNorm(_FoldedCache):
         w = self.linear.weight
         return (w * scale.to(w.dtype)[:, None]).to(w.dtype), shift.to(w.dtype)
 
+    def _pack(self, cache):
+        return torch.ops.mkldnn._reorder_linear_weight(cache[0]) if _packable(cache[0]) else None
+
     def forward(self, x: torch.Tensor, hardswish: bool = False, residual: Optional[torch.Tensor] = None
                 ) -> torch.Tensor:
         """[residual +] [hardswish](BN(x @ W.T))."""
@@ -251,7 +288,7 @@ class LinearNorm(_FoldedCache):
                 y = F.hardswish(y)
             return y if residual is None else residual + y
         w, b = self._inference_tensors()
-        return _linear(x, w, b, hardswish, residual)
+        return _linear(x, w, b, hardswish, residual, self._packed_weight())
 
 
 class NormLinear(_FoldedCache):

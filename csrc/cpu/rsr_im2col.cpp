@@ -88,7 +88,8 @@ inline void gather_row_any(out_t* dst, const in_t* const* srcs, int64_t ci, int6
 }
 
 // col2im of one input token row: dst[c] = sum over the taps reading token (ih, iw), in (kh, kw) order, of
-// dcols[o * row_len + c * kk + tap] for c < ci, zeros beyond (up to C). `dcols` points at the sample's first column row.
+// dcols[o * row_len + c * kk + tap] for c < ci, zeros beyond (up to C). `dcols` points at the sample's first
+// column row.
 template <typename in_t, typename out_t, typename acc_t>
 inline void col2im_row(out_t* dst, const in_t* dcols, const RsrGeometry& geo, int64_t row_len, int64_t ih, int64_t iw,
                        int64_t ci, int64_t C, std::vector<const in_t*>& srcs) {

@@ -72,7 +72,8 @@ __global__ void epilogue_fwd_kernel(const scalar_t* __restrict__ conv, const sca
       if (c < ci) {
         acc_t pooled = 0;
         for (int64_t ih = h0; ih < h1; ++ih)
-          for (int64_t iw = w0; iw < w1; ++iw) pooled += static_cast<acc_t>(xs[(g.n_cls + ih * g.W + iw) * g.ci_max + c]);
+          for (int64_t iw = w0; iw < w1; ++iw)
+            pooled += static_cast<acc_t>(xs[(g.n_cls + ih * g.W + iw) * g.ci_max + c]);
         v += pooled / count;
       }
     }

@@ -716,7 +716,17 @@ def _reference_bwd(dout, q, k, v, out, lse, table, index, dense, groups: Ragged,
 # ---------------------------------------------------------------------------------------------------------------------
 # C++ backends (csrc/cpu/ragged_attention.cpp; csrc/cuda/ragged_attention_fwd.cu is a forward only)
 # ---------------------------------------------------------------------------------------------------------------------
+def _cuda_fwd_supported(q, k, v) -> bool:
+    """Shapes the CUDA C++ warp-per-row forward takes (csrc/cuda/ragged_attention_fwd.cu: kMaxKeysPerLane,
+    kMaxOutPerLane, kMaxSmemBytes); the others run the Triton forward."""
+    n_k, d_qk, d_v = k.shape[1], q.shape[3], v.shape[3]
+    smem = 4 * (n_k * (d_qk + 1) + n_k * d_v + 8 * (d_qk + n_k))
+    return n_k <= 256 and d_qk <= 128 and d_v <= 128 and smem <= 96 * 1024
+
+
 def _ext_fwd(q, k, v, table, index, dense, groups: Ragged, scale: float, grid: List[int]):
+    if q.is_cuda and not _cuda_fwd_supported(q, k, v):
+        return _triton_fwd(q, k, v, table, index, dense, groups, scale, grid)
     return torch.ops.resnas.ext_ragged_attention_fwd(q, k, v, table, index, dense, list(groups.sizes),
                                                      list(groups.widths), scale, list(grid))
 

@@ -95,12 +95,12 @@ def _as_gemm_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 # Backend decisions taken in Python, outside the custom ops. Under torch.compile they are evaluated once at trace
 # time and treated as constants (dynamo cannot trace the extension loader behind them, and guarding on them is not
 # possible): a set_backend(...) after compiling needs a fresh torch.compile.
-@torch._dynamo.assume_constant_result
+@torch.compiler.assume_constant_result
 def _rsr_backend(device: torch.device) -> str:
     return resolve_backend(OP.name, device)
 
 
-@torch._dynamo.assume_constant_result
+@torch.compiler.assume_constant_result
 def _conv_backend(device: torch.device) -> Optional[str]:
     """The backend rsr_conv would run on now, or None when it cannot run the current setting (e.g. "triton")."""
     try:
