@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
+from .records import CEILING_CASES
+
 TIME_METRICS = ("time_ms", "time_ms_graph")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 Key = Tuple[str, str, str, str, str, str, str]  # case, shape, dtype, provider, device_name, threads, metric
@@ -82,8 +84,10 @@ def compare(baseline: Iterable[Dict[str, str]], current: Iterable[Dict[str, str]
             ) -> List[Comparison]:
     """Compare the timing rows of `current` against `baseline` entries (same key = same case, shape, dtype,
     provider, device name, threads and metric). Entries only in the baseline are "not run"; only current: "new"."""
-    base = {_key(e): e for e in baseline if e["metric"] in TIME_METRICS}
-    cur = {_key(r): r for r in current if r["metric"] in TIME_METRICS}
+    def timings(rows):  # the device ceilings are conditions of a run, not cases that can regress
+        return {_key(r): r for r in rows if r["metric"] in TIME_METRICS and r["case"] not in CEILING_CASES}
+
+    base, cur = timings(baseline), timings(current)
     out: List[Comparison] = []
     for key, c in cur.items():
         b = base.get(key)

@@ -138,9 +138,10 @@ def time_cpu(fn: Callable[[], Any], budget_s: float = 1.0, warmup_s: float = 0.2
     # A sample of at least min_sample_s: below ~1 ms, perf_counter's call overhead and scheduler jitter would dominate.
     inner = max(1, min(1000, math.ceil(min_sample_s / max(per_call, 1e-9))))
     samples: List[float] = []
-    gc.collect()
+    # A collection in the middle of a sample is noise, not the op's cost. (No gc.collect() first: with torch, triton
+    # and the models imported, a full collection takes seconds, and would cost minutes over a run.)
     gc_was_enabled = gc.isenabled()
-    gc.disable()  # a collection in the middle of a sample is noise, not the op's cost
+    gc.disable()
     try:
         begin = time.perf_counter()
         while len(samples) < max_samples:

@@ -1,8 +1,8 @@
 """PNG plots from the results CSVs (latest run per case and device; see records.latest).
 
-Per results file `<kind>.csv`:
-    <kind>_speedup.png     time(peer) / time(ours) per case and shape, whiskers from the p20/p80 spread
-    <kind>_bandwidth.png   achieved GB/s of every provider, with the copy ceiling measured in the same run
+Per results file `<device kind>.csv` and CPU thread count T (timings of different thread counts are never mixed):
+    <device kind>_<T>t_speedup.png     time(peer) / time(ours) per case and shape, whiskers from the p20/p80 spread
+    <device kind>_<T>t_bandwidth.png   achieved GB/s of every provider, with the copy ceiling of the same run
 """
 from __future__ import annotations
 
@@ -35,8 +35,9 @@ def _title(rows: List[Dict[str, str]], what: str) -> str:
     return f"{what}\n{dev}; {dates[0]}{' .. ' + dates[-1] if len(dates) > 1 else ''}" if dates else what
 
 
-def _grouped_barh(ax, groups, series, value_fmt):
-    """Horizontal grouped bars: one group per (case, shape, dtype), one bar per series, p20/p80 whiskers."""
+def _grouped_barh(ax, groups, series, value_fmt, origin=0.0):
+    """Horizontal grouped bars from `origin`: one group per (case, shape, dtype), one bar per series, p20/p80
+    whiskers at the bar's end (the median)."""
     height = 0.8 / max(1, len(series))
     colors = {}
     for gi, (key, providers) in enumerate(groups):
@@ -46,10 +47,11 @@ def _grouped_barh(ax, groups, series, value_fmt):
                 continue
             p20, p50, p80 = float(row["p20"]), float(row["p50"]), float(row["p80"])
             y = gi + (si - (len(series) - 1) / 2) * height
-            bar = ax.barh(y, p50, height=height * 0.9, xerr=[[p50 - p20], [p80 - p50]], capsize=2,
+            bar = ax.barh(y, p50 - origin, left=origin, height=height * 0.9, xerr=[[p50 - p20], [p80 - p50]],
+                          capsize=2, error_kw=dict(ecolor="0.35", elinewidth=0.8),
                           label=name if name not in colors else None, color=colors.get(name))
             colors.setdefault(name, bar.patches[0].get_facecolor())
-            ax.text(p80, y, " " + value_fmt(p50), va="center", fontsize=7)
+            ax.text(p50, y, " " + value_fmt(p50), va="center", fontsize=7)
     ax.set_yticks(range(len(groups)))
     ax.set_yticklabels([_label(k, p) for k, p in groups], fontsize=7)
     ax.invert_yaxis()
@@ -66,9 +68,10 @@ def plot_speedup(rows: List[Dict[str, str]], path: Path) -> bool:
     peers = sorted({name for _, p in grouped for name in p})
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(10, 1.0 + 0.45 * len(groups) * max(1, len(peers)) ** 0.5 + 0.3))
-    _grouped_barh(ax, groups, peers, lambda v: f"{v:.2f}x")
+    ax.set_xscale("log")  # ratios are multiplicative: 0.5x and 2x sit at the same distance from 1
+    _grouped_barh(ax, groups, peers, lambda v: f"{v:.2f}x", origin=1.0)  # bars grow from 1x: left = peer faster
     ax.axvline(1.0, color="black", linewidth=0.8)
-    ax.set_xlabel("time(peer) / time(ours)   (> 1: ours is faster)")
+    ax.set_xlabel("time(peer) / time(ours), log scale, median with p20-p80 whiskers   (> 1: ours is faster)")
     ax.set_title(_title(rows, "ragged kernels vs peers: speed-up of ours"), fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110, bbox_inches="tight")
@@ -105,13 +108,21 @@ def plot_bandwidth(rows: List[Dict[str, str]], path: Path) -> bool:
     return True
 
 
+KINDS = ("speedup", "bandwidth")
+
+
+def plot_path(csv_path: Path, threads: str, kind: str) -> Path:
+    """e.g. bench/results/cpu_2t_speedup.png: one plot per results file, CPU thread count and kind."""
+    return Path(csv_path).with_name(f"{Path(csv_path).stem}_{threads}t_{kind}.png")
+
+
 def make_plots(results_dir: Path) -> List[Path]:
     """(Re)draw the plots of every results CSV in `results_dir`; returns the files written."""
     written = []
     for csv_path in records.result_files(results_dir):
-        rows = records.latest(records.read_rows(csv_path))
-        for suffix, draw in (("speedup", plot_speedup), ("bandwidth", plot_bandwidth)):
-            png = csv_path.with_name(f"{csv_path.stem}_{suffix}.png")
-            if draw(rows, png):
-                written.append(png)
+        for threads, rows in records.by_threads(records.latest(records.read_rows(csv_path))).items():
+            for kind, draw in zip(KINDS, (plot_speedup, plot_bandwidth)):
+                png = plot_path(csv_path, threads, kind)
+                if draw(rows, png):
+                    written.append(png)
     return written

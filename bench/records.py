@@ -161,6 +161,14 @@ def latest(rows: Iterable[Dict[str, str]]) -> List[Dict[str, str]]:
     return [r for r in rows if (r["date"], r["run_id"]) == newest[(r["case"], r["device_name"], r["threads"])]]
 
 
+def by_threads(rows: Iterable[Dict[str, str]]) -> Dict[str, List[Dict[str, str]]]:
+    """{thread count: rows}, fewest threads first: tables and plots never mix timings of different thread counts."""
+    out: Dict[str, List[Dict[str, str]]] = {}
+    for r in rows:
+        out.setdefault(r["threads"], []).append(r)
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0]) if kv[0].isdigit() else 0))
+
+
 def group_rows(rows: Iterable[Dict[str, str]], metric: str) -> Dict[Tuple[str, str, str], Dict[str, Dict[str, str]]]:
     """{(case, shape, dtype): {provider: row}} for one metric, in first-seen order."""
     out: Dict[Tuple[str, str, str], Dict[str, Dict[str, str]]] = {}

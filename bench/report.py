@@ -85,26 +85,32 @@ def generate(results_dir: Path, markdown_dir: Path) -> str:
         out.append("- **GPU**: not yet measured (no GPU was available in the sessions that produced these results).")
     out.append("")
     for path in files:
-        rows = records.latest(kinds[path.stem])
-        if not rows:
-            continue
-        case_rows = [r for r in rows if r["case"] not in records.CEILING_CASES]
-        out += [f"### {path.stem}: {_distinct(rows, 'device_name')}", ""]
-        out.append(f"Latest run of each case from `{_rel(path, markdown_dir)}`. Conditions: "
-                   f"{_distinct(rows, 'threads')} thread(s); profile {_distinct(case_rows, 'profile')}; "
-                   f"timer {_distinct(case_rows, 'timer')}; torch {_distinct(rows, 'torch')}; "
-                   f"triton {_distinct(rows, 'triton')}; commit {_distinct(rows, 'git_commit')}; "
-                   f"date {_distinct(rows, 'date')}; 1-minute load average at the start of the run "
-                   f"{_distinct(rows, 'load1')}.")
-        out += ["", f"Ceilings measured in the same run: {_ceiling_text(rows)}.", ""]
-        out += _table(case_rows)
-        out.append("")
-        for suffix, alt in (("speedup", "speed-up of ours vs each peer"), ("bandwidth", "achieved GB/s")):
-            png = path.with_name(f"{path.stem}_{suffix}.png")
-            if png.exists():
-                out.append(f"![{path.stem}: {alt}]({_rel(png, markdown_dir)})")
-        out.append("")
+        for threads, rows in records.by_threads(records.latest(kinds[path.stem])).items():
+            out += _section(path, threads, rows, markdown_dir)
     return "\n".join(out).rstrip() + "\n"
+
+
+def _section(path: Path, threads: str, rows: List[Dict[str, str]], markdown_dir: Path) -> List[str]:
+    """Conditions, ceilings, table and plots of one results file at one CPU thread count."""
+    out = []
+    case_rows = [r for r in rows if r["case"] not in records.CEILING_CASES]
+    out += [f"### {path.stem}, {threads} CPU thread(s): {_distinct(rows, 'device_name')}", ""]
+    out.append(f"Latest run of each case from `{_rel(path, markdown_dir)}`. Conditions: "
+               f"{threads} thread(s); profile {_distinct(case_rows, 'profile')}; "
+               f"timer {_distinct(case_rows, 'timer')}; torch {_distinct(rows, 'torch')}; "
+               f"triton {_distinct(rows, 'triton')}; commit {_distinct(rows, 'git_commit')}; "
+               f"date {_distinct(rows, 'date')}; 1-minute load average at the start of the run "
+               f"{_distinct(rows, 'load1')}.")
+    out += ["", f"Device ceilings timed in the latest run: {_ceiling_text(rows)}. (Each row's % of ceiling uses the "
+            f"ceilings timed in its own run.)", ""]
+    out += _table(case_rows)
+    out.append("")
+    for kind, alt in zip(plots.KINDS, ("speed-up of ours vs each peer", "achieved GB/s")):
+        png = plots.plot_path(path, threads, kind)
+        if png.exists():
+            out.append(f"![{path.stem}, {threads} thread(s): {alt}]({_rel(png, markdown_dir)})")
+    out.append("")
+    return out
 
 
 def _rel(path: Path, start: Path) -> str:

@@ -3,6 +3,7 @@
     resnas bench --quick                     # quick shapes and budgets (< ~2 min on 2 CPU cores)
     resnas bench                             # full shapes and budgets
     resnas bench --case layer_norm --case 'ragged_*.fwd' --device cpu --threads 1
+    resnas bench --module layer_norm         # build only bench/cases/layer_norm.py (skips other files' set-up)
     resnas bench --list                      # the cases and providers each device would run
     resnas bench --report                    # only regenerate plots and BENCHMARKS.md tables from the CSVs
     resnas bench --quick --save-baseline main ... later: resnas bench --quick --compare main --fail-on-regression
@@ -13,6 +14,7 @@ Exit status: 0 done; 1 a regression was flagged with --fail-on-regression; 2 bad
 from __future__ import annotations
 
 import argparse
+import contextlib
 import fnmatch
 import math
 import os
@@ -52,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    "harness runs (used by tests/test_bench_smoke.py); its numbers mean nothing")
     p.add_argument("--case", action="append", default=[], metavar="PATTERN",
                    help="run cases whose name contains PATTERN or matches it as a glob; repeatable")
+    p.add_argument("--module", action="append", default=None, metavar="FILE",
+                   help="build cases only from bench/cases/FILE.py (e.g. layer_norm); repeatable. --case filters "
+                   "after every selected file has built its cases, so this also saves their set-up time")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "all"),
                    help="auto: cuda when present, else cpu; all: cpu and, when present, cuda (default auto)")
     p.add_argument("--threads", type=int, default=None,
@@ -300,14 +305,14 @@ def run(args, out_dir: Path) -> int:
     devices = resolve_devices(args.device)
     threads = args.threads if args.threads is not None else available_threads()
     torch.set_num_threads(threads)
-    if args.backend is not None:
-        from resnas_kernels import set_backend
 
-        set_backend(args.backend)
+    from .cases import case_files, discover
 
-    from .cases import discover
-
-    modules, import_errors = discover()
+    if args.module:
+        unknown = sorted(set(args.module) - set(case_files()))
+        if unknown:
+            raise UsageError(f"--module {', '.join(unknown)}: no such case file; available: {', '.join(case_files())}")
+    modules, import_errors = discover(only=args.module)
     failures = [Failure(f"case file {e.module}", f"import failed: {e.error}", e.details) for e in import_errors]
     checkout_markdown = report.default_paths()[1]
     repo = checkout_markdown.parent if checkout_markdown is not None else None  # for the git commit column
@@ -317,7 +322,9 @@ def run(args, out_dir: Path) -> int:
     written = set()
     for device in devices:
         ctx = Context(device=device, quick=profile != "full", threads=threads, smoke=profile == "smoke")
+        started = time.perf_counter()
         cases = collect_cases(modules, ctx, args.case, failures)
+        built_in = time.perf_counter() - started
         matched_any |= bool(cases)
         if args.list:
             print(f"{device} ({records.device_name(device)}): {len(cases)} case(s)")
@@ -333,8 +340,12 @@ def run(args, out_dir: Path) -> int:
         print(f"== resnas bench on {device} ({cond['device_name']}): {torch.get_num_threads()} thread(s), profile "
               f"{profile}, torch {cond['torch']}, triton {cond['triton']}, commit {cond['git_commit']}, "
               f"load average {cond['load1']}")
+        if float(cond["load1"]) > available_threads():
+            print(f"   note: load average {cond['load1']} exceeds the {available_threads()} core(s) of this process: "
+                  f"the machine is busy and timings are noisy")
         if os.environ.get("TRITON_INTERPRET") == "1":
             print("   note: TRITON_INTERPRET=1 is set: Triton kernels run in the (slow) interpreter")
+        print(f"   built {len(cases)} selected case(s) from {len(modules)} case file(s) in {built_in:.1f} s")
         ceilings = measure_ceilings(device, timer, settings["ceilings"])
         print(f"   ceilings: {ceilings.gemm} {ceilings.gflops:.4g} GFLOP/s; {ceilings.copy} {ceilings.gbps:.4g} GB/s "
               f"(read + write)")
@@ -434,7 +445,15 @@ def main(argv: Optional[List[str]] = None) -> int:
                 raise UsageError(f"--out {out_dir} is not a directory of results")
             print(f"updated {report.update_markdown(markdown, out_dir)} from {out_dir}")
             return 0
-        return run(args, out_dir)
+        from resnas_kernels import use_backend
+
+        threads_before = torch.get_num_threads()
+        try:
+            # A forced backend is undone when the run ends.
+            with use_backend(args.backend) if args.backend is not None else contextlib.nullcontext():
+                return run(args, out_dir)
+        finally:
+            torch.set_num_threads(threads_before)  # main() may be called in-process (tests): leave no pinning behind
     except UsageError as exc:
         print(f"resnas bench: error: {exc}", file=sys.stderr)
         return 2

@@ -17,30 +17,34 @@ Registered with timm on import (our own names, never timm's):
 
 Modes:
 - Training (`train()`): BatchNorm with batch statistics, as timm; the bias table gets its gradient through the fused
-  kernel (`bias_grid`: the kernel computes |dy|*R + |dx| itself, no (Nq, Nk) index or bias tensor is built).
-- Inference (`eval()`, or `fuse()`, which is `eval()` plus building the caches now): every Conv/Linear + BatchNorm
-  pair runs as ONE conv/linear with folded weights, W' = s*W and b' = beta - mean*s with s = gamma/sqrt(var + eps)
-  (BN before Linear in the heads: W' = W*s, b' = W(beta - mean*s) + b; the two heads are averaged into one). The
-  folded weights are cached on the layer (non-persistent buffers: they follow `.to()`, are never saved, and
-  `train()` drops them). A cache is rebuilt automatically when a source tensor changed in place (`load_state_dict`,
-  an EMA update, an optimizer step), detected from the tensors' version counters, and after `.to()` / `.half()`.
-  On CPU fp32 the folded layers run through oneDNN with Hardswish or the residual add fused into the GEMM.
+  kernel (`bias_grid`: the kernel computes |dy|*R + |dx| itself, no (Nq, Nk) index or bias tensor is built, and
+  reduces the table's gradient deterministically).
+- Inference (`eval()`, or `fuse()`, which is `eval()` that returns the model): every Conv/Linear + BatchNorm pair
+  runs as ONE conv/linear with folded weights, W' = s*W and b' = beta - mean*s with s = gamma/sqrt(var + eps) (BN
+  before Linear in the heads: W' = W*s, b' = W(beta - mean*s) + b; the two heads are averaged into one linear), and
+  each attention gets its gathered (H, Nq, Nk) bias. These are cached on the layer, built by `eval()`: plain
+  attributes, never saved in the state dict, dropped by `train()`, rebuilt after `.to()` / `.half()`, and rebuilt
+  automatically when a source tensor changed in place (`load_state_dict`, an EMA update, an optimizer step while in
+  eval mode), detected from the tensors' version counters; a copy made by `deepcopy` or pickling rebuilds its own.
+  Each layer's cache lives with its parameters, so `.to(device)` and DataParallel replicas (whose parameters are
+  other tensors) get their own ("per device").
+  On CPU fp32 the folded layers run through oneDNN with pre-packed weights and Hardswish / the residual add fused
+  into the GEMM or conv (the ops Inductor itself emits), the attention reads q/k/v as strided views of the qkv
+  projection (no permute copies), and the block's Hardswish runs in place.
 - Eval mode with gradients (grad enabled and parameters requiring grad, e.g. the official repo's fine-tuning, which
-  trains with `model.train(False)`): the fold is computed on the fly, differentiably, instead of read from the cache.
-- `torch.compile`: works in both modes; the attention is an opaque custom op. A compiled graph reads the caches as
-  they were built by `eval()`/`fuse()`; after changing weights in place under a compiled model, call `fuse()` again
-  (the version check runs only in eager mode).
+  trains with `model.train(False)`): the fold and the bias gather are computed on the fly, differentiably.
+- `torch.compile`: works in both modes; the attention is an opaque custom op; compiled code uses the plain ops (no
+  oneDNN calls) and reads the caches as built by `eval()`. After changing weights in place under a compiled model,
+  call `fuse()` again (the version check runs only in eager mode).
 
 Input size is fixed (224x224 for the registered models): the bias tables are tied to the token grid, and any other
 size raises a ValueError naming the expected size.
 """
 from __future__ import annotations
 
-import functools
-import math
 import re
 from collections import OrderedDict
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -93,25 +97,33 @@ def _onednn_ok() -> bool:
 
 _ONEDNN = _onednn_ok()
 PACK_WEIGHTS = True  # pre-pack folded weights for oneDNN in the inference cache (CPU fp32)
+# Inference attention bias: True passes the cached gathered (H, Nq, Nk) bias to the kernel (dense_bias); False lets
+# the kernel gather from the table itself (bias_grid). Both are exact; the dense read was measured faster on CPU.
+EVAL_DENSE_BIAS = True
 
 
 def _packable(w: torch.Tensor) -> bool:
     return w.device.type == "cpu" and w.dtype == torch.float32 and not w.requires_grad
 
 
-def _use_onednn(x: torch.Tensor, w: torch.Tensor) -> bool:
+def _use_onednn(x: torch.Tensor, w: torch.Tensor, residual: Optional[torch.Tensor] = None) -> bool:
     """oneDNN's fused-epilogue linear/conv (the ops Inductor emits) only for eager CPU fp32 work that needs no
     autograd: they have no backward; under CPU autocast the plain ops pick the autocast dtype; and under
     torch.compile the plain ops let Inductor choose (its lowering of these ops wants frozen weights)."""
-    return (_ONEDNN and x.device.type == "cpu" and not torch.compiler.is_compiling() and x.dtype == torch.float32 and w.dtype == torch.float32
-            and not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))
-            and not torch.is_autocast_enabled("cpu"))
+    if not (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32):
+        return False
+    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
+        return False
+    if residual is not None and not (residual.is_contiguous() and residual.dtype == torch.float32):
+        return False
+    return not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
+                                             or (residual is not None and residual.requires_grad)))
 
 
 def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, hardswish: bool = False,
             residual: Optional[torch.Tensor] = None, packed: Optional[torch.Tensor] = None) -> torch.Tensor:
     """[residual +] [hardswish](x @ w.T + b), one fused GEMM where possible (`packed`: w pre-packed for oneDNN)."""
-    if _use_onednn(x, w):
+    if _use_onednn(x, w, residual):
         wk = packed if packed is not None else w
         if residual is not None:
             return torch.ops.mkldnn._linear_pointwise.binary(x, residual, wk, b, "add")
@@ -377,9 +389,10 @@ def _unfused_attention(q, k, v, scale: float, bias: torch.Tensor) -> torch.Tenso
 class _BiasedAttentionBase(_FoldedCache):
     """What the two attention layers share: the bias table, its index, and the call into the attention kernel.
 
-    The inference cache is the gathered dense bias (H, Nq, Nk); it is used only on the unfused path (and on the fused
-    path for non-square grids). The fused path on a square grid passes the table itself with `bias_grid=(R, stride)`:
-    the kernel computes the index from the query/key positions, and the table's gradient is reduced in the kernel.
+    Training (or any call that needs the table's gradient) passes the table to the kernel with `bias_grid=(R, s)`:
+    the kernel computes |dy|*R + |dx| from the query/key positions and reduces the table's gradient itself
+    (non-square grids pass the (Nq, Nk) index instead). Inference passes the gathered (H, Nq, Nk) bias, cached per
+    layer like the folded weights (`EVAL_DENSE_BIAS`; rebuilt when the table changes, dropped by train()).
     """
 
     fused_attn: bool  # set by LevitFused.set_fused_attn; True -> resnas_kernels.ragged_attention
@@ -407,21 +420,26 @@ class _BiasedAttentionBase(_FoldedCache):
 
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         op = _attention_op() if self.fused_attn else None
-        if op is not None and self.resolution[0] == self.resolution[1]:
-            return op(q, k, v, scale=self.scale, bias_table=self.attention_biases,
-                      bias_grid=(self.resolution[0], self.stride))
-        if self.training:
-            bias = self.attention_biases[:, self.attention_bias_idxs]  # gathered per call while training, as timm
+        table = self.attention_biases
+        if self.training or _needs_autograd(table):
+            # The table's gradient is reduced inside the kernel; the index is computed there on square grids.
+            if op is not None:
+                if self.resolution[0] == self.resolution[1]:
+                    return op(q, k, v, scale=self.scale, bias_table=table, bias_grid=(self.resolution[0], self.stride))
+                return op(q, k, v, scale=self.scale, bias_table=table, bias_index=self.attention_bias_idxs)
+            bias = table[:, self.attention_bias_idxs]  # gathered per call while training, as timm does
+        elif op is not None and not EVAL_DENSE_BIAS and self.resolution[0] == self.resolution[1]:
+            return op(q, k, v, scale=self.scale, bias_table=table, bias_grid=(self.resolution[0], self.stride))
         else:
-            (bias,) = self._inference_tensors()
-        if op is not None:  # non-square grid: the kernel takes the gathered bias
+            (bias,) = self._inference_tensors()  # the gathered (H, Nq, Nk) bias, cached
+        if op is not None:
             return op(q, k, v, scale=self.scale, dense_bias=bias)
         return _unfused_attention(q, k, v, self.scale, bias)
 
     def _check_tokens(self, n: int, expected: int) -> None:
         if n != expected:
-            raise ValueError(f"{type(self).__name__}: x has {n} tokens but this layer's attention-bias table is tied to "
-                             f"the {self.resolution[0]}x{self.resolution[1]} token grid ({expected} tokens)")
+            raise ValueError(f"{type(self).__name__}: x has {n} tokens but this layer's attention-bias table is tied "
+                             f"to the {self.resolution[0]}x{self.resolution[1]} token grid ({expected} tokens)")
 
 
 class Attention(_BiasedAttentionBase):
@@ -682,7 +700,9 @@ class LevitFused(nn.Module):
         self.set_fused_attn(fused_attn)
 
     def _make_head(self, num_classes: int, dd: dict) -> nn.Module:
-        return NormLinear(self.num_features, num_classes, drop=self.drop_rate, **dd) if num_classes > 0 else nn.Identity()
+        if num_classes <= 0:
+            return nn.Identity()
+        return NormLinear(self.num_features, num_classes, drop=self.drop_rate, **dd)
 
     # -- fused attention switch, inference caches ---------------------------------------------------------------
     def set_fused_attn(self, enable: Optional[bool] = True) -> "LevitFused":
@@ -713,8 +733,8 @@ class LevitFused(nn.Module):
         for m in self._cached_layers():
             if mode:
                 m.clear_cache()
-            elif not (isinstance(m, _BiasedAttentionBase) and m.fused_attn and m.resolution[0] == m.resolution[1]):
-                m.build_cache()  # the fused path reads the table directly: no dense bias to cache
+            else:
+                m.build_cache()
         return self
 
     def _apply(self, fn, recurse=True):
@@ -845,7 +865,8 @@ _ORIGINAL_SUBKEYS = (
     (r"^m\.attention_biases$", "attention_biases"),
     (r"^m\.0\.c\.", "ln1.linear."), (r"^m\.0\.bn\.", "ln1.bn."), (r"^m\.2\.c\.", "ln2.linear."),
     (r"^m\.2\.bn\.", "ln2.bn."),
-    (r"^kv\.c\.", "kv.linear."), (r"^kv\.bn\.", "kv.bn."), (r"^q\.1\.c\.", "q.ln.linear."), (r"^q\.1\.bn\.", "q.ln.bn."),
+    (r"^kv\.c\.", "kv.linear."), (r"^kv\.bn\.", "kv.bn."),
+    (r"^q\.1\.c\.", "q.ln.linear."), (r"^q\.1\.bn\.", "q.ln.bn."),
     (r"^proj\.1\.c\.", "proj.ln.linear."), (r"^proj\.1\.bn\.", "proj.ln.bn."),
     (r"^attention_biases$", "attention_biases"),
 )

@@ -16,9 +16,7 @@ Cost control (2 shared CPU cores): every variant at batch 1 (eval) and 2 (eval, 
 LeViT-128S only.
 """
 import copy
-import io
 import itertools
-import os
 
 import pytest
 import timm
@@ -127,7 +125,8 @@ def check_train_and_grads(ref, ours, oracle, x, name, distilled_training=False):
     torch.testing.assert_close(out_64, out_ora, rtol=1e-7, atol=1e-7, msg=lambda m: f"{name} fp64 output: {m}")
     scale = max(1.0, max(g.abs().max().item() for g in g_ora.values()))
     for n, g in g_64.items():
-        torch.testing.assert_close(g, g_ora[n], rtol=1e-7, atol=1e-7 * scale, msg=lambda m: f"{name} fp64 grad {n}: {m}")
+        torch.testing.assert_close(g, g_ora[n], rtol=1e-7, atol=1e-7 * scale,
+                                   msg=lambda m: f"{name} fp64 grad {n}: {m}")
     ora_b = dict(oracle.named_buffers())
     for n, b in ours64.named_buffers():
         if "running_" in n or n.endswith("num_batches_tracked"):
@@ -195,7 +194,8 @@ def _official_state_dict(variant: str, timm_sd: dict) -> dict:
     for stage, depth in enumerate(cfg["depth"]):
         for _ in range(depth):
             n = len(blocks)
-            blocks.append([f"blocks.{n}.m.attention_biases"] + lin_bn(f"blocks.{n}.m.qkv") + lin_bn(f"blocks.{n}.m.proj.1"))
+            blocks.append([f"blocks.{n}.m.attention_biases"] + lin_bn(f"blocks.{n}.m.qkv")
+                          + lin_bn(f"blocks.{n}.m.proj.1"))
             index_buffers[f"blocks.{n}.m.attention_bias_idxs"] = _official_index(res, 1, res)
             n = len(blocks)
             blocks.append(lin_bn(f"blocks.{n}.m.0") + lin_bn(f"blocks.{n}.m.2"))
@@ -305,7 +305,8 @@ def test_parity_eval_mode_gradients():
     x = images(2, seed=52)
     set_mode((ref, ours, oracle, ours64), False)
     outs, grads = {}, {}
-    for key, m, inp in (("ref", ref, x), ("ours", ours, x), ("oracle", oracle, x.double()), ("ours64", ours64, x.double())):
+    for key, m, inp in (("ref", ref, x), ("ours", ours, x), ("oracle", oracle, x.double()),
+                        ("ours64", ours64, x.double())):
         out = m(inp)
         out.pow(2).sum().backward()
         outs[key], grads[key] = out.detach(), {n: p.grad for n, p in m.named_parameters()}
@@ -382,16 +383,28 @@ def test_fused_vs_unfused(variant):
 
 @needs_fused
 def test_fused_path_calls_the_kernel(monkeypatch):
-    """Guard against silently running the unfused path: count the kernel calls of one forward."""
+    """Guard against silently running the unfused path: count the kernel calls of one forward and check what they
+    get: training passes the table with the in-kernel grid index, inference the cached gathered bias."""
     _, ours, _ = make_pair("levit_128s", seed=63)
     calls = []
     real = L._attention_op()
     monkeypatch.setitem(L._ATTENTION_OP, "op", lambda *a, **k: calls.append(k) or real(*a, **k))
+    x = images(2, seed=64)
+    ours.train()
+    ours(x)
+    assert len(calls) == 2 + 3 + 4 + 2  # 9 block attentions + 2 shrink attentions
+    assert [c["bias_grid"] for c in calls] == [(14, 1)] * 2 + [(14, 2)] + [(7, 1)] * 3 + [(7, 2)] + [(4, 1)] * 4
+    assert all(c["bias_table"] is not None and "dense_bias" not in c for c in calls)
+    calls.clear()
     ours.eval()
     with torch.no_grad():
-        ours(images(1, seed=64))
-    assert len(calls) == 2 + 3 + 4 + 2  # 9 block attentions + 2 shrink attentions
-    assert all(c["bias_grid"] in ((14, 1), (7, 1), (4, 1), (14, 2), (7, 2)) for c in calls)
+        ours(x)
+    assert len(calls) == 11
+    for c, m in zip(calls, [m for m in ours.modules() if isinstance(m, (L.Attention, L.AttentionDownsample))]):
+        if L.EVAL_DENSE_BIAS:
+            assert torch.equal(c["dense_bias"], m.attention_biases[:, m.attention_bias_idxs])
+        else:
+            assert c["bias_grid"] == (m.resolution[0], m.stride)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -596,10 +609,18 @@ def test_torch_compile_inference():
     with torch.inference_mode():
         out = compiled(x)
         assert_close_to_oracle(out, oracle.eval()(x.double()), ref.eval()(x), "compiled eval")
-        # train() then eval() again: the compiled graph must see the rebuilt caches (same weights -> same output)
-        ours.train()
-        ours.eval()
-        torch.testing.assert_close(compiled(x), out, rtol=1e-5, atol=1e-5)
+    # New weights in place (an EMA update), then fuse() as documented: the compiled model must use them.
+    other = randomize(timm.create_model("levit_128s"), seed=133).state_dict()
+    with torch.no_grad():
+        for m in (ref, ours, oracle):
+            for name, t in m.state_dict().items():
+                if t.is_floating_point():
+                    t.lerp_(other[name].to(t.dtype), 0.5)
+    ours.fuse()
+    _drop_timm_bias_cache(ref, oracle)
+    with torch.inference_mode():
+        out = compiled(x)
+        assert_close_to_oracle(out, oracle(x.double()), ref(x), "compiled eval after an update and fuse()")
 
 
 @pytest.mark.slow

@@ -19,7 +19,7 @@ import pkgutil
 import traceback
 from dataclasses import dataclass
 from types import ModuleType
-from typing import List, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 
 @dataclass
@@ -29,14 +29,21 @@ class CaseFileError:
     details: str     # the traceback, for --verbose
 
 
-def discover(package: str = __name__) -> Tuple[List[ModuleType], List[CaseFileError]]:
-    """Import every module of `package`; return those with a `cases` function, and the ones that failed."""
+def case_files(package: str = __name__) -> List[str]:
+    """Names of the candidate case files of `package` (modules not starting with '_'), sorted."""
     pkg = importlib.import_module(package)
+    return sorted(m.name for m in pkgutil.iter_modules(pkg.__path__) if not m.name.startswith("_"))
+
+
+def discover(package: str = __name__, only: Optional[Sequence[str]] = None
+             ) -> Tuple[List[ModuleType], List[CaseFileError]]:
+    """Import the modules of `package` (all, or the file names in `only`); return those with a `cases` function,
+    and the ones that failed to import."""
     modules, errors = [], []
-    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda m: m.name):
-        if info.name.startswith("_"):
+    for short in case_files(package):
+        if only is not None and short not in only:
             continue
-        name = f"{package}.{info.name}"
+        name = f"{package}.{short}"
         try:
             module = importlib.import_module(name)
         except Exception as exc:  # noqa: BLE001 - any failure of one case file must not stop the others

@@ -6,21 +6,30 @@ launchers, the bridge to the C++ kernels (`csrc/cpu/ragged_attention.cpp`, `csrc
 `ragged_attention` function.
 
 Backends: reference | triton | cpu (C++, fwd + bwd) | cuda (CUDA C++ forward; its backward runs the Triton kernels).
+- triton: a small-N kernel (Nq, Nk <= 64: whole score tile in registers, several samples per program) and tiled
+  online-softmax kernels (longer sequences); fp32 / bf16 / fp16 (fp64 runs the reference on CUDA).
+- cuda: a warp-per-query-row forward for Nk <= 256, d_qk, d_v <= 128 (inference); other shapes, and the backward, run
+  the Triton kernels. NOT measured against Triton yet (no GPU when written): `auto` prefers Triton.
+- cpu: per (sample, head) pair of active heads, score rows kept in cache, vectorised, parallel over pairs; the
+  LeViT CPU path (see csrc/cpu/ragged_attention.cpp).
 
 Caveats:
 - q, k, v need a unit stride on the head dim only: views of a segmented (B, N, 3, H, d) qkv tensor or of LeViT's
   per-head interleaved (B, N, H, 2D + d_v) tensor are read in place, without copies.
 - The forward also returns the per-row log-sum-exp (B, H_max, Nq), fp32 (fp64 for fp64 inputs), 0 on inactive heads;
   the backward recomputes the probabilities from it (no (Nq, Nk) tensor is saved).
-- Softmax, scores and every accumulation are fp32 (fp64 for fp64 inputs) whatever the input dtype.
+- Softmax, scores and every accumulation are fp32 (fp64 for fp64 inputs) whatever the input dtype. The Triton kernels
+  use IEEE fp32 dots for fp32 inputs (no TF32); for bf16 / fp16 they feed P and dS to the dots in the input dtype.
 - The bias-table gradient is deterministic: every (sample chunk, head) task accumulates its samples' score gradients
   into its own partial buffer, sequentially, and the partials are summed in a fixed order (chunk size depends on the
-  shape only). No float atomics, no (B, H, Nq, Nk) tensor (except the gradient of a per-sample dense bias, which is
-  that tensor). The Triton backward keeps a (chunks, H, Nq, Nk) fp32 partial of the score gradient (chunks = B / 8 or
-  fewer) and maps it to the table with a fixed-order segmented sum.
-- bias_index values are checked against [0, T) in eager calls (one device sync on CUDA: prefer bias_grid there, which
-  computes the index in-kernel). The kernels also mask out-of-range table reads, so a bad index can never read out of
-  bounds.
+  batch size only). No float atomics, no (B, H, Nq, Nk) tensor (except the gradient of a per-sample dense bias, which
+  is that tensor). The C++ backward keeps a (chunks, H, T) partial; the Triton backward a (chunks, H, Nq, Nk) fp32
+  partial of the score gradient (chunks = ceil(B / 8)), mapped to the table by a fixed-order segmented sum.
+- The C++ kernels gather the table into an (H, Nq, Nk) fp32 bias once per call when that is small (<= 4M elements):
+  a per-row gather cost more than the rest of the row. The Triton and CUDA kernels read the table directly.
+- bias_index values are checked against [0, T) in the op (also under torch.compile; one device sync on CUDA: prefer
+  bias_grid there, which computes the index in-kernel). The kernels also mask out-of-range table reads, so even an
+  unchecked index can never read out of bounds.
 - Double backward is not supported.
 """
 import functools

@@ -33,7 +33,7 @@ from ._checks import check_float_tensor, check_same_device, check_vector
 OP = register_op(OpInfo(
     name="ragged_layer_norm",
     backends=("triton", "cpu", "cuda"),
-    auto_cuda=("triton", "cuda"),  # bench/results: Triton is at least as fast at ViT widths (see BENCHMARKS.md)
+    auto_cuda=("triton", "cuda"),  # provisional order: no GPU benchmark has been run yet to decide it
     ext_ops=("ext_ragged_layer_norm_fwd", "ext_ragged_layer_norm_bwd"),
 ))
 

@@ -34,7 +34,9 @@ Caveats:
   (`torch.get_float32_matmul_precision() != "highest"`), else IEEE fp32 dots. fp64 is supported by the reference
   and C++ backends (gradcheck); the Triton backend runs the reference for fp64.
 - Triton tile sizes BLOCK_M x BLOCK_N are chosen on the host (the tile table depends on them); the GPU autotuner picks
-  only BLOCK_K and launch parameters, which do not change the rows' summation order in dW/db.
+  only the reduction chunk of y (BLOCK_K) and dx (BLOCK_N) and launch parameters. dW/db tiling is fixed, so their
+  summation order never depends on an autotuning outcome. Not yet run on a GPU: interpreter-tested and compiled
+  ahead of time for sm_80/sm_90 only; block sizes and autotune configs are untuned guesses.
 - k_g = 0 gives act(bias) on the group's rows (an empty product is zero); n_g = 0 gives zeros and costs no GEMM work.
 - Double backward is not supported.
 """
@@ -658,10 +660,15 @@ def _setup_context(ctx, inputs, output):
     ctx.meta = (sizes, in_widths, out_widths, segments, activation)
     ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
     ctx.missing_pre = activation == "gelu" and not save_pre
+    # `pre` is an internal output that gets no gradient: without this, autograd would allocate and zero-fill a
+    # gradient of the output's size for it on every backward.
+    ctx.set_materialize_grads(False)
 
 
 def _backward(ctx, dy, _dpre):
     x, weight, pre, row_scale = ctx.saved_tensors
+    if dy is None:  # only `pre` was used downstream; y gets a zero gradient
+        dy = x.new_zeros((*x.shape[:-1], weight.shape[0]))
     if ctx.missing_pre:
         raise RuntimeError("resnas::ragged_linear_fwd was called with activation='gelu' and save_pre=False, so it "
                            "cannot be differentiated; ragged_linear(...) sets save_pre when gradients are needed")

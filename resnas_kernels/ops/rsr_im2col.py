@@ -7,8 +7,10 @@ Column order is channel-major / tap-minor (F.unfold's order). With it, conv_weig
 group g's sliced conv weight W[:co, :ci] as the top-left block [:co, :ci*k*k], so the conv of every group is one
 ragged GEMM (`ragged_linear` with input widths ci*k*k) on the columns, straight from the token layout: no NCHW copy.
 
-Part of the fused residual spatial reduction (`residual_spatial_reduction.py`); one op of its own so autograd chains
-LN -> im2col -> ragged GEMM -> epilogue through separately registered custom ops.
+Part of the fused residual spatial reduction (`residual_spatial_reduction.py`) on CUDA / Triton: one op of its own so
+autograd chains LN -> im2col -> ragged GEMM -> epilogue through separately registered custom ops. On CPU the fused RSR
+uses `rsr_conv` instead (the same im2col + GEMM in blocks, never materialising the columns); this op's C++ CPU kernel
+serves direct calls and shares its gather code with that conv.
 
 Backends: reference (F.unfold / F.fold) | triton | cpu (csrc/cpu/rsr_im2col.cpp) | cuda (csrc/cuda/rsr_im2col.cu).
 
