@@ -44,8 +44,9 @@ def _key(row: Dict[str, str]) -> Key:
 
 def save_baseline(path: Path, rows: Iterable[Dict[str, str]], name: str) -> int:
     """Write the timing rows of a run as a baseline; returns how many entries were saved."""
-    entries = [{k: r[k] for k in ("case", "shape", "dtype", "provider", "backend", "device_name", "threads",
-                                  "metric", "timer", "p20", "p50", "p80", "torch", "triton", "git_commit", "date")}
+    entries = [{k: r.get(k, "") for k in ("case", "shape", "dtype", "provider", "backend", "device_name", "threads",
+                                          "metric", "timer", "p20", "p50", "p80", "torch", "triton", "git_commit",
+                                          "date", "load1")}
                for r in rows if r["metric"] in TIME_METRICS]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -105,6 +106,18 @@ def compare(baseline: Iterable[Dict[str, str]], current: Iterable[Dict[str, str]
         if key not in cur and (key[4], key[5]) in compared_devices:
             out.append(Comparison(key, float(b["p50"]), None, None, None, "not run"))
     return out
+
+
+def load_warning(baseline: Iterable[Dict[str, str]], current: Iterable[Dict[str, str]]) -> Optional[str]:
+    """A warning when the two runs started under clearly different machine load (1-minute load average)."""
+    def loads(rows):
+        return sorted({float(r["load1"]) for r in rows if r.get("load1") not in (None, "", "nan")})
+
+    base, cur = loads(baseline), loads(current)
+    if base and cur and abs(max(cur) - max(base)) > 1.0:
+        return (f"warning: the baseline ran at load average {', '.join(map(str, base))} and this run at "
+                f"{', '.join(map(str, cur))}: on a shared machine a verdict may reflect the load, not the code")
+    return None
 
 
 def format_comparison(results: List[Comparison], name: str) -> str:

@@ -394,8 +394,12 @@ def run(args, out_dir: Path) -> int:
         print(f"saved baseline {args.save_baseline!r} ({n} timings) to {path}")
     if args.compare:
         path = baselines.baseline_path(out_dir, args.compare)
-        comparison = baselines.compare(baselines.load_baseline(path), all_rows)
+        saved = baselines.load_baseline(path)
+        comparison = baselines.compare(saved, all_rows)
         print(baselines.format_comparison(comparison, args.compare))
+        warning = baselines.load_warning(saved, all_rows)
+        if warning:
+            print(warning)
         if args.fail_on_regression and any(c.regressed for c in comparison):
             print("regression flagged (--fail-on-regression): exit 1")
             return 1

@@ -133,6 +133,9 @@ def test_compare_rule():
     # A change inside the measured spread is not a regression, however large the spread.
     wide = [entry(0.5, 1.0, 2.0)]
     assert baseline.compare(wide, [entry(1.4, 1.5, 1.6)])[0].verdict == "same"
+    # Runs taken under clearly different machine load are called out.
+    assert "load average" in baseline.load_warning([dict(load1="0.5")], [dict(load1="4.0")])
+    assert baseline.load_warning([dict(load1="0.5")], [dict(load1="1.0")]) is None
 
 
 @pytest.mark.parametrize("argv, needle", [

@@ -446,6 +446,13 @@ def test_fuse_builds_and_train_clears_caches():
     assert all(m._cache is not None for m in layers)
     # caches never enter the state dict
     assert set(ours.state_dict()) == set(timm.create_model("levit_128s").state_dict())
+    # deepcopy of an eval model with its caches (oneDNN's packed weights cannot be copied): the copy rebuilds its own
+    x = images(1, seed=82)
+    with torch.no_grad():
+        out = ours(x)
+        twin = copy.deepcopy(ours)
+        assert all(m._cache is None for m in twin.modules() if isinstance(m, L.LinearNorm))
+        assert torch.equal(twin(x), out)
 
 
 def _drop_timm_bias_cache(*timm_models):

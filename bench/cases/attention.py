@@ -188,4 +188,45 @@ def cases(ctx) -> List[Case]:
                             flops=flops, bytes=nbytes, providers=providers, baseline="ours", op="ragged_attention",
                             backends={"sdpa": "torch-sdpa", "naive": "torch", "flex": "flex_attention"},
                             notes=f"{copies} rotating input set(s); sdpa/naive infer use a cached gathered bias"))
+    if cuda and not ctx.smoke:
+        out += _no_bias_cases(device, dtype, elem, batch, shapes, gen)
+    return out
+
+
+def _no_bias_fns(split, scale, flash_attn_func, same_dims: bool) -> Dict[str, Callable]:
+    def infer(fn):
+        def call(*t):
+            with torch.inference_mode():
+                return fn(*split(t))
+        return call
+
+    fns = {"ours": infer(lambda q, k, v: rk.ragged_attention(q, k, v, scale=scale)),
+           "sdpa": infer(lambda q, k, v: _sdpa(q, k, v, None, scale))}
+    if flash_attn_func is not None and same_dims:  # FlashAttention needs d_qk == d_v
+        fns["flash"] = infer(lambda q, k, v: flash_attn_func(q, k, v, softmax_scale=scale).flatten(2))
+    return fns
+
+
+def _no_bias_cases(device, dtype, elem, batch, shapes, gen) -> List[Case]:
+    """CUDA only: forward without bias vs SDPA (flash backend eligible: no mask) and FlashAttention when installed."""
+    try:
+        from flash_attn import flash_attn_func
+    except ImportError:
+        flash_attn_func = None
+    out = []
+    for label, r, s, h, d, dv in shapes:
+        if s != 1:
+            continue
+        flops, nbytes = _work(batch, r, s, h, d, dv, elem, "infer")
+        copies = rotation_copies(nbytes, device)
+        sets = [_inputs(batch, r, s, h, d, dv, dtype, device, gen, False)[0] for _ in range(copies)]
+        split = _inputs(1, r, s, h, d, dv, dtype, device, gen, False)[1]
+        scale = d ** -0.5
+        fns = _no_bias_fns(split, scale, flash_attn_func, d == dv)
+        providers = {name: rotating(fn, sets) for name, fn in fns.items()}
+        shape = f"LeViT-128S {label}: B={batch},H={h},N={r * r},d={d},dv={dv},bias=none"
+        out.append(Case(name="ragged_attention.infer", shape=shape, dtype=str(dtype).replace("torch.", ""),
+                        flops=flops, bytes=nbytes - h * r * r * 4, providers=providers, baseline="ours",
+                        op="ragged_attention", backends={"sdpa": "torch-sdpa", "flash": "flash_attn"},
+                        notes=f"{copies} rotating input set(s); no bias"))
     return out

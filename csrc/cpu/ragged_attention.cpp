@@ -627,7 +627,8 @@ AttentionBwdOut ragged_attention_bwd_cpu(const at::Tensor& dout_in, const at::Te
   if (part_cols > 0) {
     at::Tensor summed = at::empty({H, part_cols}, q.options().dtype(acc));
     AT_DISPATCH_FLOATING_TYPES(acc, kBwdName, [&] {
-      sum_partials<scalar_t>(part.const_data_ptr<scalar_t>(), chunks, H * part_cols, summed.mutable_data_ptr<scalar_t>());
+      sum_partials<scalar_t>(part.const_data_ptr<scalar_t>(), chunks, H * part_cols,
+                             summed.mutable_data_ptr<scalar_t>());
     });
     if (table_grad) {
       dtable = summed.to(bias_table->scalar_type());

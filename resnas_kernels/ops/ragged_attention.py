@@ -431,7 +431,7 @@ def _bias_table_grad_kernel(DS_PART, PERM, SEG, DTABLE, n_chunks, H, T, NQK, BLO
     tl.store(DTABLE + h * T + t, tl.sum(acc, 0))
 
 
-# -- launchers ----------------------------------------------------------------------------------------------------------
+# -- launchers ------------------------------------------------------------------------------------------------------
 _SMALL_MAX = 64          # small-N kernel when both sequence lengths pad to <= 64
 _SMALL_SAMPLES = 4       # samples (of one head) per small-N forward program
 
