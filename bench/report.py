@@ -105,7 +105,7 @@ def _section(path: Path, threads: str, rows: List[Dict[str, str]], markdown_dir:
             f"ceilings timed in its own run.)", ""]
     out += _table(case_rows)
     out.append("")
-    for kind, alt in zip(plots.KINDS, ("speed-up of ours vs each peer", "achieved GB/s")):
+    for kind, alt in zip(plots.KINDS, ("speed-up of ours vs each peer", "achieved GB/s", "achieved GFLOP/s")):
         png = plots.plot_path(path, threads, kind)
         if png.exists():
             out.append(f"![{path.stem}, {threads} thread(s): {alt}]({_rel(png, markdown_dir)})")

@@ -63,7 +63,7 @@ def test_run_writes_csv_table_and_plots(smoke_run):
     assert float(ratio["p50"]) == pytest.approx(float(times["masked"]["p50"]) / float(times["ours"]["p50"]), rel=1e-4)
     assert {r["case"] for r in rows} >= {"ceiling.gemm", "ceiling.copy"}
     assert "masked/ours = " in stdout and "loop/ours = " in stdout and "baseline" in stdout
-    for name in ("cpu_1t_speedup.png", "cpu_1t_bandwidth.png"):
+    for name in ("cpu_1t_speedup.png", "cpu_1t_bandwidth.png", "cpu_1t_gflops.png"):
         assert (out / name).read_bytes()[:8] == PNG_MAGIC
     assert f"wrote {out / 'cpu.csv'}" in stdout
 
@@ -78,7 +78,7 @@ def test_report_keeps_hand_written_text(smoke_run, tmp_path):
     assert "stale table" not in text and text.count(report.BEGIN) == 1 and text.count(report.END) == 1
     assert "| ragged_layer_norm.fwd |" in text and "masked/ours = " in text
     assert "GPU**: not yet measured" in text
-    for name in ("cpu_1t_speedup.png", "cpu_1t_bandwidth.png"):
+    for name in ("cpu_1t_speedup.png", "cpu_1t_bandwidth.png", "cpu_1t_gflops.png"):
         link = report._rel(out / name, tmp_path)
         assert f"({link})" in text and (tmp_path / link).exists()
 
