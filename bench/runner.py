@@ -1,6 +1,6 @@
 """`resnas bench`: run the benchmark cases on the devices present, print ours vs each peer, write CSV and plots.
 
-    resnas bench --quick                     # quick shapes and budgets (< ~2 min on 2 CPU cores)
+    resnas bench --quick                     # quick shapes and budgets (about 2-3 min on 2 CPU cores)
     resnas bench                             # full shapes and budgets
     resnas bench --case layer_norm --case 'ragged_*.fwd' --device cpu --threads 1
     resnas bench --module layer_norm         # build only bench/cases/layer_norm.py (skips other files' set-up)
