@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "train-supernet": ("resnas_kernels.search.train", "train a ViT-ResNAS supernet with multi-architectural sampling"),
     "search": ("resnas_kernels.search.evolution", "evolutionary search over a trained supernet, many candidates per forward"),
     "export": ("resnas_kernels.search.export", "write a searched sub-network as a standalone timm-loadable checkpoint"),
+    "train-subnet": ("resnas_kernels.search.finetune", "fine-tune or retrain a searched network with the same trainer"),
 }
 
 

@@ -6,23 +6,18 @@
 * Each forward then serves P candidates: the cached stem tokens of b images are tiled P times, candidate g owns the
   g-th contiguous group of b rows, and the ragged supernet runs every group through its own sub-network.
 
-`forward_from_stem` is an adapter over the supernet's ragged forward (`ViTResNAS._ragged_tokens` after the stem): it
-uses the model module's internal `_plan`, `_mask`, `_ragged_block` and `_ragged_head`, because the model offers no
-public "forward from stem tokens" entry point yet. tests/test_search_evolution.py checks that it equals
-`model(x, archs, group_sizes)`, so a change on that side is caught.
+Both steps are the supernet's public API (`ViTResNAS.stem_tokens`, `ViTResNAS.forward_from_stem`); the module-level
+functions below are thin wrappers kept for callers that pass the model explicitly. Scoring runs under
+`torch.no_grad` rather than `inference_mode`: the supernet caches masks across calls (lru_cache), and an inference
+tensor in that cache would break a later training forward in the same process.
 """
 from __future__ import annotations
 
-import functools
 from typing import List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 
-import resnas_kernels as rk
 from resnas_kernels.models.vit_resnas import Arch, ViTResNAS
-from resnas_kernels.models.vit_resnas import supernet as _sn
-from resnas_kernels.models.vit_resnas.subnet import LN_EPS
 
 from .data import Split, normalize
 
@@ -31,42 +26,14 @@ __all__ = ["stem_tokens", "forward_from_stem", "CandidateScorer", "score_one_mod
 
 @torch.no_grad()
 def stem_tokens(model: ViTResNAS, x: torch.Tensor) -> torch.Tensor:
-    """(B, H/14 * W/14, C1_max): the stem output at the supernet's full width (trunk + im2col projection exactly as
-    the ragged forward computes it, with one group at maximum width)."""
-    trunk = model.stem.trunk(x)
-    b, mid, hh, ww = trunk.shape
-    k = model.stem.proj.kernel_size[0]
-    patches = (trunk.view(b, mid, hh // k, k, ww // k, k).permute(0, 2, 4, 1, 3, 5)
-               .reshape(b, (hh // k) * (ww // k), mid * k * k))
-    proj = model.stem.proj
-    full = rk.Ragged((b,), (proj.out_channels,))
-    return rk.ragged_linear(patches, proj.weight.view(proj.out_channels, -1), proj.bias,
-                            full.with_widths((mid * k * k,)), full.widths)
+    """(B, H/14 * W/14, C1_max): the stem output at the supernet's full width (`ViTResNAS.stem_tokens`)."""
+    return model.stem_tokens(x)
 
 
 @torch.no_grad()
 def forward_from_stem(model: ViTResNAS, tokens: torch.Tensor, archs: Sequence[Arch], sizes: Sequence[int]):
-    """Eval-mode logits of `model(x, archs, sizes)` given `stem_tokens(model, x)` (groups as in the supernet)."""
-    plan = _sn._plan(tuple(archs), tuple(sizes))
-    dev, dt = str(tokens.device), tokens.dtype
-    embed = plan.stages[0].embed
-    mask = _sn._mask(embed, tokens.shape[-1], dev, dt)
-    tokens = tokens * mask[:, :, :tokens.shape[-1]]          # each candidate's first c_g stem channels
-    start = torch.cat([model.cls_token + model.pos_embed[:, :1], model.pos_embed[:, 1:]], dim=1)
-    x = F.pad(tokens, (0, 0, 1, 0)) + start * mask
-    for s, stage in enumerate(model.stages):
-        sp = plan.stages[s]
-        if stage.reduce is not None:
-            r = stage.reduce
-            x = rk.residual_spatial_reduction(
-                x, plan.stages[s - 1].embed, sp.embed.widths, r.norm.weight, r.norm.bias, r.conv.weight,
-                r.conv.bias, r.pos_embed, r.cls_proj.weight, r.cls_proj.bias,
-                grid=(model.grids[s - 1], model.grids[s - 1]), eps=LN_EPS)
-        for block, bp in zip(stage.blocks, sp.blocks):
-            x = model._run_block(functools.partial(model._ragged_block, block, bp), x)
-    last = plan.stages[-1].embed
-    cls = rk.ragged_layer_norm(x[:, :1].contiguous(), model.norm.weight, model.norm.bias, last, LN_EPS)
-    return model._ragged_head(cls[:, 0].contiguous(), plan, model.head)
+    """Eval-mode logits of `model(x, archs, sizes)` given `stem_tokens(model, x)` (`ViTResNAS.forward_from_stem`)."""
+    return model.forward_from_stem(tokens, archs, sizes)
 
 
 class CandidateScorer:

@@ -12,6 +12,13 @@ Deterministic for a seed: all choices come from one `random.Random(seed)` whose 
 Resumable: the children of a generation are drawn and saved before being scored, and the state (history, pending
 candidates, RNG) is written atomically after every scored chunk, so a kill loses at most one chunk of work.
 
+Optional latency constraint (`--latency-budget MS`, not in the paper): a candidate must also have a predicted latency
+<= the budget on the current device, predicted from a per-layer lookup table measured with this library's kernels
+(`latency.LatencyTable`, cached in `--latency-lut`, default <out>/latency_lut.json; reuse one file across searches on
+the same device). Candidates over the budget are rejected exactly like those outside the MAC band, records carry
+`latency_ms`, and pareto.png gains an accuracy-vs-latency panel. `--latency-lut` alone records latencies without
+constraining.
+
 Under `torchrun`, every scoring chunk is sharded across the ranks (gloo; all-gathered results), and rank 0 writes.
 
 Outputs in --out: state.pt, history.jsonl (one line per evaluated architecture), pareto.json (accuracy vs MACs
@@ -38,7 +45,9 @@ __all__ = ["main", "build_parser", "parse_macs", "random_population", "make_chil
 # Arguments that define the search: on --resume they must match the saved ones (--generations may grow: a finished
 # search resumed with more generations goes on evolving).
 SEARCH_ARGS = ("supernet", "data", "macs", "band", "population", "parents", "mutations", "crossovers",
-               "mutate_prob", "crossover_prob", "seed", "val_subset", "candidates_per_forward", "images_per_forward")
+               "mutate_prob", "crossover_prob", "seed", "val_subset", "candidates_per_forward", "images_per_forward",
+               "latency_budget", "latency_batch")
+SEARCH_DEFAULTS = {"latency_budget": None, "latency_batch": 1}   # for states saved before these arguments existed
 
 
 def parse_macs(text: str) -> int:
@@ -73,6 +82,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--val-subset", type=int, default=None, help="score on the first N validation images")
     p.add_argument("--candidates-per-forward", type=int, default=8, help="candidates scored in one ragged forward")
     p.add_argument("--images-per-forward", type=int, default=128, help="validation images per candidate per forward")
+    p.add_argument("--latency-budget", type=float, default=None,
+                   help="also require a predicted latency <= this many milliseconds on the current device")
+    p.add_argument("--latency-lut", default=None,
+                   help="latency lookup table (JSON; measured entries are added, existing ones reused); default "
+                        "<out>/latency_lut.json when --latency-budget is given")
+    p.add_argument("--latency-batch", type=int, default=1, help="batch size the latencies are measured at")
+    p.add_argument("--latency-repeats", type=int, default=10, help="timed repeats per table entry (median)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
     p.add_argument("--resume", action="store_true", help="continue the search in --out")
     p.add_argument("--no-plot", action="store_true", help="do not write pareto.png")
@@ -92,6 +108,11 @@ def _check_args(a: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1], got {getattr(a, name)}")
     if not 0 < a.band <= 1:
         raise ValueError(f"--band must be in (0, 1], got {a.band}")
+    if a.latency_budget is not None and not a.latency_budget > 0:
+        raise ValueError(f"--latency-budget must be > 0 milliseconds, got {a.latency_budget}")
+    if a.latency_batch < 1 or a.latency_repeats < 1:
+        raise ValueError(f"--latency-batch and --latency-repeats must be >= 1, got {a.latency_batch}, "
+                         f"{a.latency_repeats}")
     if a.val_subset is not None and a.val_subset < 1:
         raise ValueError(f"--val-subset must be >= 1, got {a.val_subset}")
 
@@ -149,12 +170,13 @@ def _random_candidate(space: SearchSpace, rng: random.Random, macs: Callable[[Ar
 
 
 def random_population(space: SearchSpace, n: int, rng: random.Random, macs: Callable[[Arch], int], lo: int, hi: int,
-                      seen: Set[Arch]) -> List[Arch]:
+                      seen: Set[Arch], accept: Optional[Callable[[Arch], bool]] = None) -> List[Arch]:
+    """n new architectures in the MAC band (and passing `accept`, e.g. the latency budget)."""
     out: List[Arch] = []
     misses = 0
     while len(out) < n:
         a = _random_candidate(space, rng, macs, lo, hi)
-        if a in seen:
+        if a in seen or (accept is not None and not accept(a)):
             misses += 1
             if misses > 100 * n:
                 break   # the band holds fewer distinct architectures than asked for
@@ -166,9 +188,9 @@ def random_population(space: SearchSpace, n: int, rng: random.Random, macs: Call
 
 def make_children(space: SearchSpace, parents: Sequence[Arch], n_mut: int, n_cross: int, p_mut: float,
                   p_cross: float, rng: random.Random, macs: Callable[[Arch], int], lo: int, hi: int,
-                  seen: Set[Arch]) -> List[tuple]:
-    """[(child, origin)]: mutations then crossovers, all in the band and new."""
-    in_band = lambda a: lo <= macs(a) <= hi   # noqa: E731
+                  seen: Set[Arch], accept: Optional[Callable[[Arch], bool]] = None) -> List[tuple]:
+    """[(child, origin)]: mutations then crossovers, all in the band (and passing `accept`) and new."""
+    in_band = lambda a: lo <= macs(a) <= hi and (accept is None or accept(a))   # noqa: E731
     out = []
     for _ in range(n_mut):
         try:
@@ -219,9 +241,16 @@ def _outputs(out: str, history: List[dict], generations_done: int, cfg: dict, pl
                 "generation": best["generation"], "supernet": cfg["supernet"], "space": cfg["space"]["name"],
                 "img_size": cfg["img_size"], "num_classes": cfg["num_classes"], "val_images": cfg["val_images"],
                 "constraint_macs": cfg["macs"], "band": cfg["band"]}
-    write_json_atomic(os.path.join(out, "best.json"), best_doc)
     front = pareto_front(history)
     write_json_atomic(os.path.join(out, "pareto.json"), front)
+    with_latency = all("latency_ms" in r for r in history)
+    lat_front = []
+    if with_latency:
+        best_doc["latency_ms"], best_doc["latency_budget_ms"] = best["latency_ms"], cfg.get("latency_budget")
+        lat_front = pareto_front([{**r, "macs": r["latency_ms"], "_macs": r["macs"]} for r in history])
+        lat_front = [{**{k: v for k, v in r.items() if k != "_macs"}, "macs": r["_macs"]} for r in lat_front]
+        write_json_atomic(os.path.join(out, "pareto_latency.json"), lat_front)
+    write_json_atomic(os.path.join(out, "best.json"), best_doc)
     lines = [f"{'gen':>3} {'evaluated':>9} {'best acc':>8} {'MACs':>12}  best architecture (slot-aligned, '-' removed)"]
     for g in range(generations_done):
         upto = [r for r in history if r["generation"] <= g]
@@ -235,14 +264,19 @@ def _outputs(out: str, history: List[dict], generations_done: int, cfg: dict, pl
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
-        fig, ax = plt.subplots(figsize=(6, 4))
-        ax.scatter([r["macs"] / 1e6 for r in history], [r["acc"] for r in history], s=8, alpha=0.4,
-                   label="evaluated")
-        ax.plot([r["macs"] / 1e6 for r in front], [r["acc"] for r in front], "r.-", label="pareto front")
-        ax.scatter([best["macs"] / 1e6], [best["acc"]], marker="*", s=120, c="k", label="best")
-        ax.set_xlabel("MMACs")
-        ax.set_ylabel("top-1 (search validation)")
-        ax.legend()
+        axes_for = [("macs", 1e-6, "MMACs", front)]
+        if with_latency:
+            axes_for.append(("latency_ms", 1.0, f"predicted latency (ms, {cfg.get('latency_setting', '')})"[:60],
+                             lat_front))
+        fig, axes = plt.subplots(1, len(axes_for), figsize=(6 * len(axes_for), 4), squeeze=False)
+        for ax, (key, scale, label, fr) in zip(axes[0], axes_for):
+            ax.scatter([r[key] * scale for r in history], [r["acc"] for r in history], s=8, alpha=0.4,
+                       label="evaluated")
+            ax.plot([r[key] * scale for r in fr], [r["acc"] for r in fr], "r.-", label="pareto front")
+            ax.scatter([best[key] * scale], [best["acc"]], marker="*", s=120, c="k", label="best")
+            ax.set_xlabel(label)
+            ax.set_ylabel("top-1 (search validation)")
+            ax.legend()
         fig.tight_layout()
         tmp = os.path.join(out, ".tmp-pareto.png")
         fig.savefig(tmp, dpi=100)
@@ -275,6 +309,10 @@ class _Shard:
             out[r::self.world] = hits
         return out
 
+    def barrier(self) -> None:
+        if self.world > 1:
+            self.dist.barrier()
+
     def close(self) -> None:
         if self.world > 1 and self.dist.is_initialized():
             self.dist.barrier()
@@ -295,8 +333,9 @@ def run(args: argparse.Namespace) -> int:
     saved = None
     if args.resume:
         saved = read_checkpoint(state_path, SEARCH_FORMAT, ("config", "generation", "pending", "history", "rng"))
-        differ = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (saved: {saved['config']['args'][k]!r})"
-                  for k in SEARCH_ARGS if getattr(args, k) != saved["config"]["args"][k]]
+        was = {**SEARCH_DEFAULTS, **saved["config"]["args"]}
+        differ = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (saved: {was[k]!r})"
+                  for k in SEARCH_ARGS if getattr(args, k) != was[k]]
         if differ:
             raise ValueError("--resume continues the saved search; these arguments differ from it: "
                              + "; ".join(differ))
@@ -318,9 +357,27 @@ def run(args: argparse.Namespace) -> int:
     lo, hi = int(args.band * constraint), constraint
     if hi < lo_space or lo > hi_space:
         raise ValueError(f"the MAC band [{lo:,}, {hi:,}] lies outside the space ({lo_space:,} .. {hi_space:,} MACs)")
+    lut, accept = None, None
+    if args.latency_budget is not None or args.latency_lut is not None:
+        from .latency import LatencyTable
+        lut_path = args.latency_lut or os.path.join(args.out, "latency_lut.json")
+        lut = LatencyTable(lut_path, device, img_size, num_classes, batch=args.latency_batch,
+                           repeats=args.latency_repeats)
+        if shard.rank == 0:      # one process measures (others would disturb the timings), the rest read its file
+            lut.ensure_space(space, progress=not args.no_progress)
+        shard.barrier()
+        lut.reload()
+        if args.latency_budget is not None:
+            fastest = lut.latency(space.min_arch())
+            if fastest > args.latency_budget:
+                raise ValueError(f"--latency-budget {args.latency_budget} ms is below the predicted latency of the "
+                                 f"space's smallest network ({fastest:.3f} ms on {lut.setting})")
+            accept = lambda a: lut.latency(a) <= args.latency_budget   # noqa: E731
     cfg = {"args": {k: getattr(args, k) for k in SEARCH_ARGS}, "supernet": os.path.abspath(args.supernet),
            "space": data_mod.space_to_dict(space), "img_size": img_size, "num_classes": num_classes,
-           "val_images": len(val), "macs": constraint, "band": [lo, hi]}
+           "val_images": len(val), "macs": constraint, "band": [lo, hi], "latency_budget": args.latency_budget,
+           "latency_setting": lut.setting if lut is not None else None,
+           "latency_lut": os.path.abspath(lut.path) if lut is not None else None}
 
     if saved is not None:
         generation, pending, history = saved["generation"], list(saved["pending"]), list(saved["history"])
@@ -350,11 +407,12 @@ def run(args: argparse.Namespace) -> int:
     while generation < args.generations:
         if not pending:
             if generation == 0:
-                children = [(a, "random") for a in random_population(space, args.population, rng, macs, lo, hi, seen)]
+                children = [(a, "random") for a in random_population(space, args.population, rng, macs, lo, hi, seen,
+                                                                     accept)]
             else:
                 parents = [Arch.from_dict(r["arch"]) for r in _rank(history)[:args.parents]]
                 children = make_children(space, parents, args.mutations, args.crossovers, args.mutate_prob,
-                                         args.crossover_prob, rng, macs, lo, hi, seen)
+                                         args.crossover_prob, rng, macs, lo, hi, seen, accept)
             pending = [(a.to_dict(), origin) for a, origin in children]
             save()
         while pending:
@@ -362,7 +420,8 @@ def run(args: argparse.Namespace) -> int:
             archs = [Arch.from_dict(p[0]) for p in chunk]
             hits = shard.score(scorer, archs)
             recs = [{"index": len(history) + i, "generation": generation, "origin": origin, "arch": d,
-                     "macs": macs(a), "acc": h / len(val), "correct": h}
+                     "macs": macs(a), "acc": h / len(val), "correct": h,
+                     **({"latency_ms": lut.latency(a)} if lut is not None else {})}
                     for i, ((d, origin), a, h) in enumerate(zip(chunk, archs, hits))]
             history += recs
             pending = pending[len(chunk):]
@@ -378,7 +437,9 @@ def run(args: argparse.Namespace) -> int:
         bar.close()
     shard.close()
     if not history:
-        raise ValueError("the search evaluated no architecture")
+        raise ValueError("the search evaluated no architecture" + (
+            f" (no architecture in the MAC band met --latency-budget {args.latency_budget} ms)"
+            if args.latency_budget is not None else ""))
     if shard.rank != 0:
         return 0
     result = _outputs(args.out, history, generation, cfg, not args.no_plot)

@@ -11,7 +11,9 @@ the call passes it explicitly (every registered ViT-ResNAS name accepts `arch=`)
     net = timm.create_model("vit_resnas_tiny", arch=Arch.from_dict(arch_dict), img_size=56, num_classes=10,
                             pretrained=True, pretrained_cfg_overlay=dict(file="net.pt", num_classes=10))
 
-`load_exported(path)` does exactly that, and `net.json` next to the checkpoint records the same arguments.
+`load_exported(path)` does exactly that, and `net.json` next to the checkpoint records the same arguments. To
+fine-tune or retrain the searched net with the supernet trainer: `resnas train-subnet --arch best.json --init net.pt
+--out DIR` (search/finetune.py), which writes DIR/net.pt in this format.
 """
 from __future__ import annotations
 
@@ -26,7 +28,7 @@ from resnas_kernels.models.vit_resnas import Arch
 from .checkpoint import (EXPORT_FORMAT, VERSION, CheckpointError, read_checkpoint, save_checkpoint,
                          write_json_atomic)
 
-__all__ = ["main", "export", "load_exported", "read_arch", "TIMM_NAME"]
+__all__ = ["main", "export", "write_exported", "load_exported", "read_arch", "TIMM_NAME", "EXPORT_FORMAT"]
 
 TIMM_NAME = "vit_resnas_tiny"   # any registered ViT-ResNAS name: `arch=` replaces its architecture
 
@@ -60,10 +62,16 @@ def export(arch_path: str, supernet_path: str, out: str) -> dict:
         raise ValueError(f"--arch {arch_path!r} is not an architecture of the supernet's {space.name} space: {exc}"
                          f" (export needs the slot-aligned 'arch' of best.json, not 'pruned')") from None
     net = model.extract(arch)
-    img_size, num_classes = ckpt["args"]["img_size"], ckpt["num_classes"]
-    meta = {"timm_model": TIMM_NAME, "arch": arch.pruned().to_dict(), "img_size": img_size,
-            "num_classes": num_classes, "space": space.name, "supernet": os.path.abspath(supernet_path),
-            "supernet_step": int(ckpt["step"])}
+    return write_exported(net, out, img_size=ckpt["args"]["img_size"], num_classes=ckpt["num_classes"],
+                          space=space.name, source={"supernet": os.path.abspath(supernet_path),
+                                                    "supernet_step": int(ckpt["step"])})
+
+
+def write_exported(net, out: str, img_size: int, num_classes: int, space: str, source: dict) -> dict:
+    """Write `net` (a standalone network, or the one-architecture `ViTResNAS` of `resnas train-subnet`: same
+    state-dict names) as an export checkpoint plus its .json; returns the metadata."""
+    meta = {"timm_model": TIMM_NAME, "arch": net.arch.pruned().to_dict(), "img_size": img_size,
+            "num_classes": num_classes, "space": space, **source}
     save_checkpoint({"format": EXPORT_FORMAT, "version": VERSION, "state_dict": net.state_dict(), **meta}, out)
     write_json_atomic(os.path.splitext(out)[0] + ".json", {**meta, "checkpoint": os.path.abspath(out)})
     return meta

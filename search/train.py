@@ -13,8 +13,21 @@ of the step), and a run killed at any moment and resumed with `--resume` ends wi
 uninterrupted one (tests/test_train_supernet.py checks it bit for bit, including a kill -9).
 
 Distributed: under `torchrun` each rank takes its contiguous share of the global batch, samples its own K
-architectures (the rank is in its seeds) and gradients are averaged with one all-reduce per step (gloo on CPU, NCCL on
-GPU); the same code runs single-process.
+architectures (the rank is in its seeds), and the model is wrapped in `torch.nn.parallel.DistributedDataParallel`
+(gloo on CPU, NCCL on GPU), which averages gradients in buckets overlapped with the backward and broadcasts the stem's
+BatchNorm statistics from rank 0 before each forward. The sampled sub-networks change the autograd graph every step
+and can leave whole tensors unused (the patch head, a block no group of this rank keeps at width > 0), so DDP runs
+with `find_unused_parameters=True`: it walks the graph after each forward and reduces a zero for a tensor this rank
+did not use, so every rank applies the same averaged gradient. `static_graph` would be wrong here: the set of used
+tensors differs between steps. A tensor no rank used keeps `grad=None` and AdamW skips it, as in one process. The
+same code runs single-process (no wrapper).
+
+`resnas train-subnet --arch best.json [--init net.pt] --out DIR` (search/finetune.py) is the same trainer on one
+fixed architecture (the searched network): the model is `ViTResNAS(arch.pruned())` (the one-architecture supernet,
+same state-dict names as the standalone net), every step runs the whole batch through it, there is no width warm-up
+or importance sorting. `--init` starts from an exported network (`resnas export`, fine-tuning) or slices a supernet
+training checkpoint; without it the net trains from scratch (the paper's retraining). At the end it also writes
+net.pt, a `resnas export` checkpoint that `timm.create_model` loads.
 
 Outputs in --out: checkpoint.pt (atomic, every --ckpt-every steps and at the end), metrics.jsonl (one record per
 step, plus "eval" records: largest and smallest sub-network accuracy at the end of each epoch), config.json.
@@ -23,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import os
 import random
@@ -37,6 +51,7 @@ import torch.nn.functional as F
 from resnas_kernels.models.vit_resnas import Arch, SearchSpace, ViTResNAS
 
 from . import data as data_mod
+from .augment import Augment, AugmentConfig
 from .checkpoint import (TRAIN_FORMAT, VERSION, CheckpointError, append_jsonl, read_checkpoint, read_jsonl,
                          save_checkpoint, write_json_atomic, write_text_atomic)
 
@@ -45,22 +60,35 @@ __all__ = ["main", "build_parser", "lr_at", "split_batch", "build_supernet", "lo
 # Arguments that define the training trajectory: on --resume they come from the checkpoint.
 TRAJECTORY_ARGS = ("data", "space", "img_size", "epochs", "batch_size", "archs_per_step", "lr", "min_lr", "warmup_lr",
                    "lr_warmup_epochs", "weight_decay", "label_smoothing", "drop_path", "width_warmup_epochs",
-                   "sort_importance", "amp", "seed", "train_subset")
+                   "sort_importance", "amp", "seed", "train_subset", "arch", "init", "aa", "hflip", "reprob", "mixup",
+                   "cutmix", "mixup_prob")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="resnas train-supernet", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+def build_parser(subnet: bool = False) -> argparse.ArgumentParser:
+    """The train-supernet parser; with `subnet`, the train-subnet one (--arch, --init; no sampling options)."""
+    if subnet:
+        p = argparse.ArgumentParser(prog="resnas train-subnet", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                                    description="fine-tune or retrain one (searched) architecture with the supernet "
+                                                "trainer; writes net.pt (timm-loadable) at the end")
+        p.add_argument("--arch", required=True, help="best.json of `resnas search` (or a JSON arch dict)")
+        p.add_argument("--init", default=None, help="initial weights: net.pt of `resnas export` (fine-tuning) or a "
+                                                    "train-supernet checkpoint.pt (sliced); default: from scratch")
+    else:
+        p = argparse.ArgumentParser(prog="resnas train-supernet", description=__doc__.split("\n\n")[0],
+                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        p.set_defaults(arch=None, init=None)
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.jsonl, config.json)")
     p.add_argument("--data", default=None, help="ImageFolder tree with train/ and val/; default: the demo digits")
-    p.add_argument("--space", default=None, help="search space: demo | tiny | small (default: demo without --data, "
-                                                 "tiny with it)")
+    if not subnet:
+        p.add_argument("--space", default=None, help="search space: demo | tiny | small (default: demo without "
+                                                     "--data, tiny with it)")
     p.add_argument("--img-size", type=int, default=None, help="input side, a multiple of 56 (default 56 demo, 224)")
     p.add_argument("--epochs", type=int, default=None, help="default 120 (recipe), 15 for the demo")
     p.add_argument("--batch-size", type=int, default=None, help="global batch (default 1024 recipe, 64 demo)")
-    p.add_argument("--archs-per-step", type=int, default=None,
-                   help="K architectures per rank and step, each on a contiguous group (default: batch / 64 per "
-                        "rank as the recipe, 2 for the demo)")
+    if not subnet:
+        p.add_argument("--archs-per-step", type=int, default=None,
+                       help="K architectures per rank and step, each on a contiguous group (default: batch / 64 per "
+                            "rank as the recipe, 2 for the demo)")
     p.add_argument("--lr", type=float, default=None, help="peak LR (default 5e-4 * batch / 512; demo 1e-3)")
     p.add_argument("--min-lr", type=float, default=1e-5)
     p.add_argument("--warmup-lr", type=float, default=1e-6)
@@ -68,11 +96,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--drop-path", type=float, default=None, help="default 0.2 tiny, 0.3 small, 0.1 demo")
-    p.add_argument("--width-warmup-epochs", type=int, default=None,
-                   help="progressive width warm-up and importance sorting (default 30 recipe, epochs // 4 demo; "
-                        "0 disables both)")
-    p.add_argument("--no-sort-importance", dest="sort_importance", action="store_false",
-                   help="no importance sorting during the width warm-up")
+    if subnet:   # one fixed architecture: nothing to sample, warm up or sort
+        p.set_defaults(space=None, archs_per_step=1, width_warmup_epochs=0, sort_importance=False)
+    else:
+        p.add_argument("--width-warmup-epochs", type=int, default=None,
+                       help="progressive width warm-up and importance sorting (default 30 recipe, epochs // 4 demo; "
+                            "0 disables both)")
+        p.add_argument("--no-sort-importance", dest="sort_importance", action="store_false",
+                       help="no importance sorting during the width warm-up")
+    p.add_argument("--aa", default=None, help="timm RandAugment string or 'none' (default: the recipe's "
+                                          "rand-m9-mstd0.5-inc1 with --data, none on the demo digits)")
+    p.add_argument("--hflip", type=float, default=None, help="horizontal-flip probability (default 0.5 with --data, "
+                                                             "0 demo)")
+    p.add_argument("--reprob", type=float, default=None, help="random-erasing probability (default 0.25 with "
+                                                              "--data, 0 demo)")
+    p.add_argument("--mixup", type=float, default=0.0, help="timm Mixup alpha (0: off)")
+    p.add_argument("--cutmix", type=float, default=0.0, help="timm CutMix alpha (0: off)")
+    p.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch")
     p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
                    help="autocast on GPU (auto: bf16 on GPU, none on CPU)")
     p.add_argument("--seed", type=int, default=0)
@@ -101,6 +141,10 @@ def _resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
     a.lr = a.lr if a.lr is not None else (1e-3 if demo else 5e-4 * a.batch_size / 512)
     a.lr_warmup_epochs = a.lr_warmup_epochs if a.lr_warmup_epochs is not None else (1.0 if demo else 5.0)
     a.drop_path = a.drop_path if a.drop_path is not None else {"tiny": 0.2, "small": 0.3}.get(a.space, 0.1)
+    if a.aa is None:
+        a.aa = "none" if demo else "rand-m9-mstd0.5-inc1"
+    a.hflip = a.hflip if a.hflip is not None else (0.0 if demo else 0.5)
+    a.reprob = a.reprob if a.reprob is not None else (0.0 if demo else 0.25)
     a.width_warmup_epochs = (a.width_warmup_epochs if a.width_warmup_epochs is not None
                              else (a.epochs // 4 if demo else 30))
     return a
@@ -133,6 +177,7 @@ def _check_args(a: argparse.Namespace, world: int) -> None:
         raise ValueError(f"--width-warmup-epochs must be >= 0, got {a.width_warmup_epochs}")
     if a.stop_at_step is not None and a.stop_at_step <= 0:
         raise ValueError(f"--stop-at-step must be > 0, got {a.stop_at_step}")
+    _augment_config(a).check()
     if a.train_subset is not None and a.train_subset < a.batch_size:
         raise ValueError(f"--train-subset {a.train_subset} is smaller than --batch-size {a.batch_size}")
 
@@ -161,6 +206,9 @@ def build_supernet(space: SearchSpace, img_size: int, num_classes: int, drop_pat
 def load_supernet(path: str, device="cpu"):
     """(supernet in eval mode, the training checkpoint dict) from a `resnas train-supernet` checkpoint."""
     ckpt = read_checkpoint(path, TRAIN_FORMAT, ("model", "space", "args", "num_classes", "step"))
+    if ckpt.get("subnet_arch") is not None:
+        raise CheckpointError(f"{path}: a `resnas train-subnet` checkpoint (one architecture), not a supernet; its "
+                              f"net.pt is the trained network")
     space = data_mod.space_from_dict(ckpt["space"])
     model = build_supernet(space, ckpt["args"]["img_size"], ckpt["num_classes"], 0.0)
     try:
@@ -192,6 +240,15 @@ def _param_groups(model: torch.nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def _augment_config(a: argparse.Namespace) -> AugmentConfig:
+    return AugmentConfig(auto_augment=None if a.aa in (None, "none") else a.aa, hflip=a.hflip, reprob=a.reprob,
+                         mixup=a.mixup, cutmix=a.cutmix, mixup_prob=a.mixup_prob)
+
+
+def _aug_seed(seed: int, rank: int, step: int) -> int:
+    return (seed * 2_000_003 + rank * 15_485_863 + step * 32_452_843 + 777) % (2 ** 63)
+
+
 def _arch_rng(seed: int, rank: int, step: int) -> random.Random:
     return random.Random(f"{seed}/{rank}/{step}")   # str seeds hash with SHA-512: stable across runs and platforms
 
@@ -218,25 +275,13 @@ class _Dist:
         if self.enabled and dist.is_initialized():
             dist.destroy_process_group()
 
-    def all_reduce_grads(self, params: Sequence[torch.nn.Parameter]) -> None:
-        """Average gradients over ranks: one flat all-reduce (a parameter no group used counts as zero)."""
+    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+        """The module the training step calls: DDP across the ranks (see the module docstring), else the model."""
         if not self.enabled:
-            return
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        flat.div_(self.world)
-        offset = 0
-        for p, g in zip(params, grads):
-            n = g.numel()
-            p.grad = flat[offset:offset + n].view_as(p).clone()
-            offset += n
-
-    def broadcast_buffers(self, model: torch.nn.Module) -> None:
-        """BatchNorm running statistics from rank 0 (what DDP's broadcast_buffers does before each forward)."""
-        if self.enabled:
-            for b in model.buffers():
-                dist.broadcast(b, 0)
+            return model
+        from torch.nn.parallel import DistributedDataParallel
+        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                       find_unused_parameters=True, broadcast_buffers=True)
 
     def all_reduce_sum(self, values: Sequence[float]) -> List[float]:
         if not self.enabled:
@@ -316,6 +361,8 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
                              f"same number of ranks (now {d.world})")
     elif os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
+    if args.arch is not None:
+        _subnet_defaults(args, ckpt)
     _resolve_defaults(args)
     _check_args(args, d.world)
     amp_dtype = _amp_dtype(args.amp, device)
@@ -326,7 +373,74 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
         d.close()
 
 
+def _subnet_defaults(args: argparse.Namespace, ckpt: Optional[dict]) -> None:
+    """train-subnet: the architecture (from the checkpoint on --resume), and img_size / space name for the defaults
+    from --init or best.json."""
+    from .export import EXPORT_FORMAT, read_arch
+    if ckpt is not None:      # --resume: everything else came back with the checkpoint's arguments
+        args.subnet_arch = Arch.from_dict(ckpt["subnet_arch"])
+        return
+    args.subnet_arch = read_arch(args.arch)
+    hints = {}
+    try:
+        with open(args.arch) as f:
+            doc = json.load(f)
+        hints = doc if isinstance(doc, dict) else {}
+    except (OSError, ValueError):
+        pass
+    if args.init is not None:
+        try:   # only hints here: _init_subnet reports an unreadable or foreign file
+            init = torch.load(args.init, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001
+            init = {}
+        if isinstance(init, dict) and init.get("format") == EXPORT_FORMAT:
+            hints = {"img_size": init.get("img_size"), "space": init.get("space")}
+        elif isinstance(init, dict) and isinstance(init.get("args"), dict):
+            hints = {"img_size": init["args"].get("img_size"), "space": init.get("space", {}).get("name")}
+    if args.img_size is None and isinstance(hints.get("img_size"), int):
+        args.img_size = hints["img_size"]
+    space = hints.get("space")
+    args.space = space if space in ("demo", "tiny", "small") else ("demo" if args.data is None else "tiny")
+
+
+def _init_subnet(model: ViTResNAS, arch: Arch, path: str, img_size: int, num_classes: int) -> None:
+    """Load --init into the one-architecture model: an exported net (same pruned arch) or a supernet (sliced)."""
+    from .export import EXPORT_FORMAT
+    if not os.path.isfile(path):
+        raise ValueError(f"--init {path!r}: no such file")
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001  (a corrupted or foreign file)
+        raise CheckpointError(f"--init {path!r}: cannot be read as a checkpoint: {type(exc).__name__}") from None
+    fmt = obj.get("format") if isinstance(obj, dict) else None
+    if fmt == EXPORT_FORMAT:
+        obj = read_checkpoint(path, EXPORT_FORMAT, ("state_dict", "arch", "img_size", "num_classes"))
+        if Arch.from_dict(obj["arch"]) != arch.pruned():
+            raise ValueError(f"--init {path!r} holds {Arch.from_dict(obj['arch'])}, not the --arch network "
+                             f"{arch.pruned()}")
+        if (obj["img_size"], obj["num_classes"]) != (img_size, num_classes):
+            raise ValueError(f"--init {path!r} was exported for img_size {obj['img_size']} and {obj['num_classes']} "
+                             f"classes, this run uses {img_size} and {num_classes}")
+        state = obj["state_dict"]
+    elif fmt == TRAIN_FORMAT:
+        supernet, sck = load_supernet(path)
+        if (sck["args"]["img_size"], sck["num_classes"]) != (img_size, num_classes):
+            raise ValueError(f"--init {path!r} is a supernet for img_size {sck['args']['img_size']} and "
+                             f"{sck['num_classes']} classes, this run uses {img_size} and {num_classes}")
+        try:
+            supernet.space.check(arch)
+        except (ValueError, TypeError) as exc:
+            raise ValueError(f"--arch is not an architecture of the --init supernet's space: {exc} (slicing a "
+                             f"supernet needs the slot-aligned 'arch' of best.json)") from None
+        state = supernet.extract(arch).state_dict()
+    else:
+        raise CheckpointError(f"--init {path!r}: expected a {EXPORT_FORMAT!r} (resnas export) or {TRAIN_FORMAT!r} "
+                              f"checkpoint, found {'format ' + repr(fmt) if isinstance(obj, dict) else 'no format'}")
+    model.load_state_dict(state, strict=True)
+
+
 def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> int:
+    subnet = getattr(args, "subnet_arch", None)     # train-subnet: one fixed architecture
     space = data_mod.resolve_space(args.space) if ckpt is None else data_mod.space_from_dict(ckpt["space"])
     train, val = data_mod.load_data(args.data, args.img_size)
     train = train.subset(args.train_subset)
@@ -334,10 +448,17 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
     total = per_epoch * args.epochs
     warmup_steps = int(round(args.lr_warmup_epochs * per_epoch))
     local = args.batch_size // d.world
+    augment = Augment(_augment_config(args), args.img_size, train.num_classes, args.label_smoothing, device)
 
     torch.manual_seed(args.seed)  # the initial weights: identical on every rank
-    model = build_supernet(space, args.img_size, train.num_classes, args.drop_path).to(device)
-    params = [p for p in model.parameters()]
+    if subnet is None:
+        model = build_supernet(space, args.img_size, train.num_classes, args.drop_path).to(device)
+    else:
+        model = ViTResNAS(subnet.pruned(), img_size=args.img_size, num_classes=train.num_classes,
+                          drop_path_rate=args.drop_path)
+        if ckpt is None and args.init is not None:
+            _init_subnet(model, subnet, args.init, args.img_size, train.num_classes)
+        model = model.to(device)
     opt = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     step = 0
@@ -353,7 +474,7 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
             write_text_atomic(metrics_path, "".join(_json_line(r) for r in kept))
     elif d.rank == 0:
         os.makedirs(args.out, exist_ok=True)
-        write_json_atomic(os.path.join(args.out, "config.json"), {**vars(args), "world_size": d.world,
+        write_json_atomic(os.path.join(args.out, "config.json"), {**_plain_args(args), "world_size": d.world,
                                                                    "space": data_mod.space_to_dict(space)})
         write_text_atomic(metrics_path, "")
 
@@ -363,8 +484,9 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
                              "model": model.state_dict(), "optimizer": opt.state_dict(),
                              "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                              "scheduler": {"step": step, "total": total, "warmup_steps": warmup_steps},
-                             "args": {k: v for k, v in vars(args).items()}, "space": data_mod.space_to_dict(space),
-                             "num_classes": train.num_classes, "world_size": d.world}, ckpt_path)
+                             "args": _plain_args(args), "space": data_mod.space_to_dict(space),
+                             "num_classes": train.num_classes, "world_size": d.world,
+                             "subnet_arch": subnet.to_dict() if subnet is not None else None}, ckpt_path)
         d.barrier()
 
     end = total if args.stop_at_step is None else min(total, args.stop_at_step)
@@ -373,6 +495,7 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
         from tqdm import tqdm
         bar = tqdm(total=total, initial=step, desc="train-supernet", unit="step", dynamic_ncols=True)
     model.train()
+    net = d.wrap(model, device)   # after loading the checkpoint: DDP's constructor broadcasts rank 0's weights
     t_last, imgs_since = time.perf_counter(), 0
     while step < end:
         epoch = step // per_epoch
@@ -383,22 +506,24 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
         for group in opt.param_groups:
             group["lr"] = lr
         idx = data_mod.batch_indices(len(train), args.batch_size, step, args.seed)[d.rank * local:(d.rank + 1) * local]
-        x = data_mod.normalize(train.images[idx], device)
+        x, target, soft = augment(train.images[idx], train.labels[idx], _aug_seed(args.seed, d.rank, step))
         y = train.labels[idx].to(device)
-        archs = space.sample_groups(args.archs_per_step, rng=_arch_rng(args.seed, d.rank, step),
-                                    epoch=epoch if args.width_warmup_epochs > 0 else None,
-                                    warmup_epochs=max(1, args.width_warmup_epochs))
+        if subnet is None:
+            archs = space.sample_groups(args.archs_per_step, rng=_arch_rng(args.seed, d.rank, step),
+                                        epoch=epoch if args.width_warmup_epochs > 0 else None,
+                                        warmup_epochs=max(1, args.width_warmup_epochs))
+        else:
+            archs = [model.arch] * args.archs_per_step
         sizes = split_batch(local, args.archs_per_step)
         torch.manual_seed(_torch_seed(args.seed, d.rank, step))   # drop-path draws
         autocast = (torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None
                     else contextlib.nullcontext())
-        d.broadcast_buffers(model)
         with autocast:
-            logits = model(x, archs, sizes)
-            loss = F.cross_entropy(logits.float(), y, label_smoothing=args.label_smoothing)
+            logits = net(x, archs, sizes)
+            loss = (F.cross_entropy(logits.float(), target) if soft   # mixup targets include the smoothing
+                    else F.cross_entropy(logits.float(), target, label_smoothing=args.label_smoothing))
         opt.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        d.all_reduce_grads(params)
+        scaler.scale(loss).backward()   # under DDP the gradients arrive averaged over the ranks
         scaler.step(opt)
         scaler.update()
         correct = (logits.argmax(1) == y).sum().item()
@@ -416,8 +541,8 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
         t_last = now
         if args.eval_every_epoch and (step % per_epoch == 0 or step == total) and d.rank == 0:
             ev = {"step": step, "epoch": epoch, "eval": True,
-                  "acc_max": evaluate_arch(model, space.max_arch(), val, device),
-                  "acc_min": evaluate_arch(model, space.min_arch(), val, device)}
+                  "acc_max": evaluate_arch(model, space.max_arch() if subnet is None else model.arch, val, device),
+                  "acc_min": evaluate_arch(model, space.min_arch() if subnet is None else model.arch, val, device)}
             model.train()
             append_jsonl(metrics_path, [ev])
             if bar is not None:
@@ -435,9 +560,21 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
         raise RuntimeError("the ranks' weights diverged: gradients were not averaged identically")
     if step == end and end == total and ckpt is not None and ckpt.get("finished") and d.rank == 0:
         print(f"{ckpt_path}: the run had already finished ({total} steps)")
+    if subnet is not None and step == total and d.rank == 0:
+        from .export import write_exported
+        net_path = os.path.join(args.out, "net.pt")
+        write_exported(model, net_path, img_size=args.img_size, num_classes=train.num_classes, space=space.name,
+                       source={"trained_by": "resnas train-subnet", "run": os.path.abspath(args.out),
+                               "init": os.path.abspath(args.init) if args.init else None, "step": step})
+        print(f"train-subnet: wrote {net_path} (val acc {evaluate_arch(model, model.arch, val, device):.4f})")
     if d.rank == 0:
-        print(f"train-supernet: step {step}/{total}, checkpoint {ckpt_path}")
+        print(f"train-{'supernet' if subnet is None else 'subnet'}: step {step}/{total}, checkpoint {ckpt_path}")
     return 0
+
+
+def _plain_args(args: argparse.Namespace) -> dict:
+    """The arguments as plain data (checkpoint- and JSON-safe): the parsed Arch is saved separately."""
+    return {k: v for k, v in vars(args).items() if k != "subnet_arch"}
 
 
 def _json_line(r: dict) -> str:
@@ -445,14 +582,14 @@ def _json_line(r: dict) -> str:
     return json.dumps(r, separators=(",", ":")) + "\n"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Optional[Sequence[str]] = None, subnet: bool = False) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser()
+    parser = build_parser(subnet)
     args = parser.parse_args(argv)
     try:
         return run(args, argv)
     except (ValueError, CheckpointError) as exc:
-        print(f"resnas train-supernet: error: {exc}", file=sys.stderr)
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
 
 

@@ -12,8 +12,9 @@ Train mode and gradients are compared in fp64 (ours in fp64, through the same ke
 train outputs at batch 16: see `check_train_and_grads` for why fp32 train-mode results of this network cannot be
 compared element-wise at small batch.
 
-Cost control (2 shared CPU cores): every variant at batch 1 (eval) and 2 (eval, train, gradients); batch 16 for
-LeViT-128S only.
+Cost control (the file must stay under 90 s on 2 idle cores): every variant at batch 1 (eval, train, gradients) and
+16 (eval); train mode and gradients at batch 16 for LeViT-128S (see TRAIN_B16); each model pair is built once per
+test.
 """
 import copy
 import itertools
@@ -112,7 +113,6 @@ def check_train_and_grads(ref, ours, oracle, x, name, distilled_training=False):
     under the bound, while any real error (index, scale, missing term, wrong BN mode) is O(1).
     """
     ours64 = copy.deepcopy(ours).double()  # before any train-mode forward moves the BN statistics
-    out_ref, _ = _train_step(ref, x, distilled_training)
     out_ours, g_ours = _train_step(ours, x, distilled_training)
     out_ora, g_ora = _train_step(oracle, x.double(), distilled_training)
     out_64, g_64 = _train_step(ours64, x.double(), distilled_training)
@@ -121,6 +121,11 @@ def check_train_and_grads(ref, ours, oracle, x, name, distilled_training=False):
     for n, g in g_ours.items():
         assert g is not None and torch.isfinite(g).all(), f"{name}: missing or non-finite fp32 gradient for {n}"
     if x.shape[0] >= FP32_TRAIN_MIN_BATCH:
+        ref.train()
+        ref.set_distilled_training(distilled_training)
+        with torch.no_grad():  # timm's fp32 error sets the bound; its gradients are not needed
+            out_ref = ref(x)
+        out_ref = torch.stack(out_ref) if isinstance(out_ref, tuple) else out_ref
         assert_close_to_oracle(out_ours, out_ora, out_ref, f"{name} fp32 train output")
     torch.testing.assert_close(out_64, out_ora, rtol=1e-7, atol=1e-7, msg=lambda m: f"{name} fp64 output: {m}")
     scale = max(1.0, max(g.abs().max().item() for g in g_ora.values()))
@@ -224,7 +229,7 @@ def _official_state_dict(variant: str, timm_sd: dict) -> dict:
 
 @pytest.mark.parametrize("variant", ["levit_128s", "levit_256"])
 def test_checkpoint_filter_original_repo_naming(variant, tmp_path):
-    ref, ours, _ = make_pair(variant, seed=11)
+    ref = randomize(timm.create_model(variant), seed=11)
     official = _official_state_dict(variant, ref.state_dict())
     path = tmp_path / "LeViT.pth"
     torch.save({"model": official, "epoch": 999}, path)  # the original checkpoints wrap the weights in 'model'
@@ -238,10 +243,10 @@ def test_checkpoint_filter_original_repo_naming(variant, tmp_path):
         if name.endswith("attention_bias_idxs"):
             mod = fresh.get_submodule(name.rsplit(".", 1)[0])
             assert torch.equal(buf, _official_index(mod.resolution[0], mod.stride, mod.resolution_q[0])), name
-    x = images(1, seed=12)
-    fresh.eval(), ref.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(fresh(x), ours.eval()(x), rtol=0, atol=0)
+    if variant == "levit_128s":  # equal state dicts imply equal outputs; one forward as a smoke check
+        x = images(1, seed=12)
+        with torch.no_grad():
+            torch.testing.assert_close(fresh.eval()(x), ref.eval()(x), rtol=1e-4, atol=1e-4)
 
 
 def test_checkpoint_filter_timm_and_create_model_file(tmp_path):
@@ -266,28 +271,52 @@ def test_checkpoint_filter_rejects_other_variant():
 # ---------------------------------------------------------------------------------------------------------------------
 # Parity with timm: every variant, eval / train / gradients
 # ---------------------------------------------------------------------------------------------------------------------
+# B=16 train mode and gradients are compared for LeViT-128S only: fp64 forward+backward at B=16 of ours and timm's
+# costs about 5 s of CPU per 0.3 GMAC of model (measured: 128S ~5 s, 192 ~9 s, 384 ~25 s), so all five variants would
+# take most of this file's 90 s budget on 2 cores. What B=16 adds over B=1 is variant-independent (BN batch
+# statistics over many samples, the kernel's chunked bias-gradient reduction: 8 samples per chunk, so 2 chunks),
+# while what differs between variants (D = 16 / 32, head counts, widths, V dims) is covered at B=1 in train mode and
+# at B=1 and 16 in eval for every variant.
+TRAIN_B16 = ("levit_128s",)
+
+
+def check_train_batch1(ref, ours, oracle, x, name):
+    """Train mode at B=1: the full model cannot run, in timm either (the heads' BatchNorm1d sees one value per
+    channel: the same ValueError); the body can (its BN normalises over the 196/49/16 tokens), so compare the pooled
+    train-mode features and every body gradient with the classifier removed."""
+    saved = copy.deepcopy(ours.state_dict())
+    set_mode((ref, ours), True)
+    with pytest.raises(ValueError) as e_ref:
+        ref(x)
+    with pytest.raises(ValueError) as e_ours:
+        ours(x)
+    assert str(e_ours.value) == str(e_ref.value)
+    ours.load_state_dict(saved)  # the body ran before the heads raised and moved the BN statistics
+    for m in (ref, ours, oracle):
+        m.reset_classifier(0)
+    check_train_and_grads(ref, ours, oracle, x, name)
+
+
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_parity_eval_batch1(variant):
+def test_parity_with_timm(variant):
+    """Every variant against timm with the same weights: eval outputs at B=1 and 16; train outputs, gradients and
+    updated BN statistics at B=1 and (TRAIN_B16) 16."""
     ref, ours, oracle = make_pair(variant, seed=21)
-    check_eval(ref, ours, oracle, images(1, seed=22), f"{variant} eval B=1")
+    weights = copy.deepcopy(ref.state_dict())
+    x1, x16 = images(1, seed=22), images(16, seed=23)
+    check_eval(ref, ours, oracle, x1, f"{variant} eval B=1")
+    check_eval(ref, ours, oracle, x16, f"{variant} eval B=16")
+    if variant in TRAIN_B16:
+        check_train_and_grads(ref, ours, oracle, x16, f"{variant} B=16")
+        for m in (ref, ours, oracle):  # the train step moved the BN statistics (differently in fp32 and fp64)
+            m.load_state_dict(weights)
+    check_train_batch1(ref, ours, oracle, x1, f"{variant} B=1")
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_parity_batch2_eval_train_grads(variant):
-    ref, ours, oracle = make_pair(variant, seed=31)
-    x = images(2, seed=32)
-    check_eval(ref, ours, oracle, x, f"{variant} eval B=2")
-    check_train_and_grads(ref, ours, oracle, x, f"{variant} B=2")
-
-
-@pytest.mark.slow
-def test_parity_levit_128s_batch16():
+def test_parity_distilled_training():
+    """set_distilled_training(True): train mode returns the two heads' logits, as timm's."""
     ref, ours, oracle = make_pair("levit_128s", seed=41)
-    x = images(16, seed=42)
-    check_eval(ref, ours, oracle, x, "levit_128s eval B=16")
-    check_train_and_grads(ref, ours, oracle, x, "levit_128s B=16")
-    ref, ours, oracle = make_pair("levit_128s", seed=43)  # fresh BN statistics (the step above moved them)
-    check_train_and_grads(ref, ours, oracle, images(16, seed=44), "levit_128s B=16 distilled", distilled_training=True)
+    check_train_and_grads(ref, ours, oracle, images(2, seed=44), "levit_128s distilled", distilled_training=True)
 
 
 def _close_fp64(actual, oracle, name):
@@ -367,7 +396,7 @@ def test_input_gradient_batch1_finite_differences():
 # Fused vs unfused attention
 # ---------------------------------------------------------------------------------------------------------------------
 @needs_fused
-@pytest.mark.parametrize("variant", ["levit_128s", "levit_192"])
+@pytest.mark.parametrize("variant", ["levit_128s"])
 def test_fused_vs_unfused(variant):
     """The same model through resnas_kernels.ragged_attention and through plain PyTorch attention (timm's math):
     eval outputs as accurate as the unfused path's (oracle rule, unfused as the reference), and train outputs and
@@ -453,6 +482,27 @@ def test_fuse_builds_and_train_clears_caches():
         twin = copy.deepcopy(ours)
         assert all(m._cache is None for m in twin.modules() if isinstance(m, L.LinearNorm))
         assert torch.equal(twin(x), out)
+
+
+def test_eval_runs_no_batchnorm_and_no_separate_activation():
+    """fuse() / eval() folds every BatchNorm (stem convs, every linear, both heads) into the preceding conv/linear:
+    no BatchNorm or Hardswish module runs in an inference forward (the activations are fused into the kernels' calls),
+    while train mode runs every BatchNorm, as timm."""
+    model = randomize(timm.create_model("levit_128s_fused"), seed=85)
+    calls = []
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    acts = [m for m in model.modules() if isinstance(m, torch.nn.Hardswish)]
+    assert len(bns) == 4 + 2 * 9 + 3 * 2 + 2 * 11 + 2 and acts  # stem, attn qkv/proj, shrink kv/q/proj, MLPs, heads
+    for m in bns + acts:
+        m.register_forward_hook(lambda mod, *_: calls.append(mod))
+    x = images(2, seed=86)
+    with torch.no_grad():
+        model.fuse()(x)
+    assert calls == []
+    model.train()
+    with torch.no_grad():
+        model(x)
+    assert {id(m) for m in calls if m in bns} == {id(m) for m in bns}
 
 
 def _drop_timm_bias_cache(*timm_models):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from resnas_kernels.models.vit_resnas import Arch, count_macs
-from resnas_kernels.search import evaluate, evolution, export, train
+from resnas_kernels.search import evaluate, evolution, export, latency, train
 from resnas_kernels.search.checkpoint import CheckpointError, read_jsonl
 from resnas_kernels.search.data import DEMO_SPACE, load_demo, normalize
 
@@ -178,3 +178,80 @@ def test_search_and_export_bad_inputs(supernet, searched, tmp_path, capsys):
     assert "cannot read a JSON architecture" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="expected a 'resnas-subnet' checkpoint"):
         export.load_exported(supernet)
+
+
+def _synthetic_lut(path):
+    """A table for this process's setting with made-up, width-dependent latencies for every DEMO_SPACE layer."""
+    setting = latency.LatencyTable(path, "cpu", 56, 10).setting
+    entries = {}
+    for k in latency._space_keys(DEMO_SPACE, 56, 10):
+        _, f = latency._parse(k)
+        entries[k] = round(0.001 * f.get("c", f.get("co", 1)) * f.get("h", 1) + 1e-4 * f.get("m", 0), 6)
+    with open(path, "w") as fh:
+        json.dump({"format": latency.LUT_FORMAT, "version": 1, "tables": {setting: entries}}, fh)
+
+
+def test_search_respects_the_latency_budget_and_reuses_the_table(supernet, tmp_path):
+    lut_path = str(tmp_path / "lut.json")
+    _synthetic_lut(lut_path)
+    before = open(lut_path).read()
+    lut = latency.LatencyTable(lut_path, "cpu", 56, 10)
+    macs = lambda a: count_macs(a, 56, 10)   # noqa: E731
+    lo_s, hi_s = macs(DEMO_SPACE.min_arch()), macs(DEMO_SPACE.max_arch())
+    hi = (lo_s + hi_s) // 2
+    pool = evolution.random_population(DEMO_SPACE, 20, random.Random(3), macs, int(0.975 * hi), hi, set())
+    budget = sorted(lut.latency(a) for a in pool)[10]                    # about half the band is over budget
+    out = tmp_path / "s"
+    args = ["--supernet", supernet, "--out", str(out), "--generations", "2", "--population", "4", "--parents", "2",
+            "--mutations", "2", "--crossovers", "2", "--val-subset", "16", "--candidates-per-forward", "4",
+            "--images-per-forward", "16", "--no-progress", "--seed", "5", "--latency-budget", str(budget),
+            "--latency-lut", lut_path]
+    assert evolution.main(args) == 0
+    history = read_jsonl(os.path.join(out, "history.jsonl"))
+    assert len(history) >= 4
+    for r in history:
+        assert r["latency_ms"] == lut.latency(Arch.from_dict(r["arch"])) <= budget
+    assert open(lut_path).read() == before                                 # reused: nothing measured
+    best = json.load(open(os.path.join(out, "best.json")))
+    assert best["latency_ms"] <= budget and best["latency_budget_ms"] == budget
+    assert json.load(open(os.path.join(out, "pareto_latency.json")))
+    assert os.path.getsize(os.path.join(out, "pareto.png")) > 1000
+    assert evolution.main([*args[:3], str(tmp_path / "t"), *args[4:-4], "--latency-budget", "1e-9",
+                           "--latency-lut", lut_path]) == 2
+
+
+def test_train_subnet_fine_tunes_the_exported_net(supernet, searched, tmp_path, capsys):
+    best_path = os.path.join(searched, "best.json")
+    net_path = str(tmp_path / "net.pt")
+    assert export.main(["--arch", best_path, "--supernet", supernet, "--out", net_path]) == 0
+    best = json.load(open(best_path))
+    base = ["--arch", best_path, "--train-subset", "32", "--batch-size", "16", "--epochs", "1", "--no-progress",
+            "--no-eval-every-epoch", "--lr", "1e-4", "--lr-warmup-epochs", "0"]
+    from resnas_kernels.search import finetune
+    ft = tmp_path / "ft"
+    assert finetune.main([*base, "--init", net_path, "--out", str(ft)]) == 0
+    ckpt = torch.load(os.path.join(ft, "checkpoint.pt"), weights_only=True)
+    assert ckpt["step"] == 2 and ckpt["finished"]
+    assert Arch.from_dict(ckpt["subnet_arch"]) == Arch.from_dict(best["arch"])
+    tuned = export.load_exported(os.path.join(ft, "net.pt"))          # timm-loadable, the searched architecture
+    assert tuned.arch == Arch.from_dict(best["pruned"])
+    start = export.load_exported(net_path).state_dict()
+    moved = [k for k, v in tuned.state_dict().items() if not torch.equal(v, start[k])]
+    assert moved and all(torch.isfinite(v).all() for v in tuned.state_dict().values())
+    # sliced straight from the supernet: the same start as the export
+    sl = tmp_path / "sliced"
+    assert finetune.main([*base, "--init", supernet, "--out", str(sl), "--epochs", "1", "--stop-at-step", "1"]) == 0
+    assert finetune.main([*base, "--init", supernet, "--out", str(sl), "--resume"]) == 0
+    for k, v in export.load_exported(os.path.join(sl, "net.pt")).state_dict().items():
+        assert torch.equal(v, tuned.state_dict()[k]), k                  # resumed run == uninterrupted run
+    # errors: a foreign --init, a subnet checkpoint given to the search, an arch outside the supernet's space
+    assert finetune.main([*base, "--init", best_path, "--out", str(tmp_path / "e1")]) == 2
+    assert "--init" in capsys.readouterr().err
+    assert evolution.main(["--supernet", os.path.join(ft, "checkpoint.pt"), "--out", str(tmp_path / "e2"),
+                           "--no-progress"]) == 2
+    assert "train-subnet" in capsys.readouterr().err
+    pruned = tmp_path / "pruned.json"
+    pruned.write_text(Arch.from_dict(best["arch"]).pruned().to_json())
+    if Arch.from_dict(best["arch"]).pruned() != Arch.from_dict(best["arch"]):
+        assert finetune.main([*base[2:], "--arch", str(pruned), "--init", supernet, "--out", str(tmp_path / "e3")]) == 2
+        assert "slot-aligned" in capsys.readouterr().err

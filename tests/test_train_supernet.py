@@ -101,6 +101,8 @@ def test_resume_refuses_changed_trajectory_args(reference_run, tmp_path, capsys)
     (["--space", "huge"], "unknown search space"),
     (["--label-smoothing", "1.5"], "--label-smoothing"),
     (["--amp", "fp16", "--device", "cpu"], "needs a GPU"),
+    (["--reprob", "2"], "--reprob"),
+    (["--aa", "auto-m9"], "--aa"),
 ])
 def test_bad_arguments_give_clear_errors(tmp_path, capsys, extra, needle):
     assert _run(tmp_path, *extra) == 2
@@ -141,3 +143,20 @@ def test_lr_schedule_and_group_split():
     assert lrs[0] == pytest.approx(1e-6) and lrs[10] == pytest.approx(1e-3) and lrs[100] == pytest.approx(1e-5)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
     assert train.split_batch(10, 3) == [4, 3, 3] and sum(train.split_batch(64, 5)) == 64
+
+
+def test_augmentation_is_seeded_per_step_so_resume_stays_exact(tmp_path):
+    """RandAugment + flip + random erasing + Mixup/CutMix (timm) on: a planned stop and --resume give the weights of
+    the uninterrupted run (the augmentation of step t is a pure function of (seed, rank, t))."""
+    aug = ["--train-subset", "32", "--batch-size", "16", "--epochs", "1", "--archs-per-step", "2",
+           "--width-warmup-epochs", "0", "--no-progress", "--no-eval-every-epoch", "--aa", "rand-m9-mstd0.5-inc1",
+           "--hflip", "0.5", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0"]
+    assert train.main(["--out", str(tmp_path / "a"), *aug]) == 0
+    assert train.main(["--out", str(tmp_path / "b"), *aug, "--stop-at-step", "1"]) == 0
+    assert train.main(["--out", str(tmp_path / "b"), "--resume", "--no-progress"]) == 0
+    sa, sb = _state(tmp_path / "a"), _state(tmp_path / "b")
+    assert sa["step"] == sb["step"] == 2 and sa["args"]["mixup"] == 0.8
+    for k, v in sa["model"].items():
+        assert torch.equal(v, sb["model"][k]), k
+    assert all(r["loss"] > 0 for r in read_jsonl(os.path.join(tmp_path / "a", "metrics.jsonl")))
+

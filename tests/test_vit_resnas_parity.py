@@ -281,3 +281,69 @@ def test_bad_architectures_and_inputs_raise_clear_errors():
         model(x, Arch.from_dict({**good.to_dict(), "blocks": blocks}))
     with pytest.raises(ValueError, match="cannot hold every architecture"):
         ViTResNAS(arch=MINI.min_arch().pruned(), space=MINI, img_size=IMG)
+
+
+def test_bf16_autocast_forward_and_backward():
+    """fp32 model under torch.autocast("cpu", bfloat16), forward + backward in every mode.
+
+    Under autocast the stem's convs return bf16 and the ragged path keeps its activations (the residual stream
+    included) in bf16, casting the fp32 master weights of its GEMMs per forward; LayerNorm statistics and every
+    accumulation are fp32 inside the ops, and the parameters' gradients come back fp32. So its accuracy is that of
+    the network run in bf16: the oracle rule (tests/_oracle.py) with the fp64 network as the oracle and the stock
+    network converted to bf16 (loop mode) as the same-dtype reference. The masked and loop paths use stock ops,
+    which autocast itself casts (fp32 residual stream): their reference is the loop under autocast."""
+    sizes = (2, 1, 0, 2)
+    model64 = _model(seed=7).eval()
+    model32 = _model(torch.float32, seed=7).eval()
+    model32.load_state_dict({k: v.float() for k, v in model64.state_dict().items()})
+    model16 = _model(torch.bfloat16, seed=7).eval()
+    model16.load_state_dict({k: v.to(torch.bfloat16) for k, v in model64.state_dict().items()})
+    archs = _archs(sizes, 7)
+    x = torch.randn(sum(sizes), 3, IMG, IMG, dtype=torch.float64)
+    weights = torch.randn(sum(sizes), NUM_CLASSES, dtype=torch.float64)
+    oracle_out, oracle_grads = _run(model64, "loop", x, archs, sizes, weights)
+    bf16_out, bf16_grads = _run(model16, "loop", x.to(torch.bfloat16), archs, sizes, weights.to(torch.bfloat16))
+    results = {}
+    for mode in ("loop", "ragged", "masked"):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results[mode] = _run(model32, mode, x.float(), archs, sizes, weights.float())
+        out, grads = results[mode]
+        assert out.dtype == torch.bfloat16, mode
+        assert all(g.dtype == torch.float32 for g in grads.values()), mode
+    refs = {"ragged": (bf16_out, bf16_grads), "masked": results["loop"]}
+    for mode, (ref_out, ref_grads) in refs.items():
+        out, grads = results[mode]
+        assert_close_to_oracle(out, oracle_out.to(out.dtype), ref_out, f"{mode} bf16 logits")
+        for name, g in grads.items():
+            assert_close_to_oracle(g, oracle_grads[name].float(), ref_grads[name].float(),
+                                   f"{mode} bf16 grad {name}", factor=3.0)
+
+
+def test_extracted_subnetwork_gradients_equal_the_supernet_slices():
+    """The gradient side of `extract`: for each group g (sizes with an empty group and a group of one), the loss
+    restricted to g's rows through the whole multi-group ragged batch gives the supernet gradients whose
+    `sliced_state_dict(arch_g)` slices equal the extracted network's own gradients (fp64, eval-mode BN, so rows are
+    independent); outside those slices the supernet gradient is exactly zero for the weights g does not use."""
+    sizes = (1, 0, 3, 2)
+    model = _model(seed=9).eval()
+    archs = _archs(sizes, 9)
+    x = torch.randn(sum(sizes), 3, IMG, IMG, dtype=torch.float64)
+    weights = torch.randn(sum(sizes), NUM_CLASSES, dtype=torch.float64)
+    start = 0
+    for arch, size in zip(archs, sizes):
+        rows = slice(start, start + size)
+        start += size
+        if not size:
+            continue
+        only_g = torch.zeros_like(weights)
+        only_g[rows] = weights[rows]
+        _, grads = _run(model, "ragged", x, archs, sizes, only_g)
+        net = model.extract(arch)
+        (net(x[rows]) * weights[rows]).sum().backward()
+        shadow = _model(seed=9).eval()   # same structure, its tensors replaced by the supernet's gradients
+        shadow.load_state_dict({**dict(shadow.named_buffers()), **grads}, strict=True)
+        sliced = shadow.sliced_state_dict(arch)
+        for name, p in net.named_parameters():
+            assert _rel_err(p.grad, sliced[name]) <= FP64_REL, name
+        used = sum(t.abs().sum() for n, t in sliced.items() if n in dict(net.named_parameters()))
+        assert abs(sum(g.abs().sum() for g in grads.values()) - used) <= FP64_REL * used  # nothing outside

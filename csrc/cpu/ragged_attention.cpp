@@ -453,9 +453,24 @@ constexpr int64_t kMaxGatheredBias = int64_t(1) << 22;
 at::Tensor bias_planes(const AttentionShape& shape, const at::Tensor& table, const at::Tensor& index,
                        const std::optional<at::Tensor>& dense_bias, at::ScalarType acc) {
   if (shape.dense_lead != 0) return dense_bias->to(acc).contiguous();
-  if (shape.T > 0 && shape.H * shape.Nq * shape.Nk <= kMaxGatheredBias)
-    return table.index_select(1, index.view({-1}).to(at::kLong)).view({shape.H, shape.Nq, shape.Nk});
-  return at::Tensor();
+  if (shape.T == 0 || shape.H * shape.Nq * shape.Nk > kMaxGatheredBias) return at::Tensor();
+  // A plain loop, not index_select: that needs an int64 copy of the index and took ~100 us even at N = 16 (more than
+  // the attention itself there).
+  const int64_t H = shape.H, T = shape.T, NN = shape.Nq * shape.Nk;
+  at::Tensor planes = at::empty({H, shape.Nq, shape.Nk}, table.options());
+  AT_DISPATCH_FLOATING_TYPES(acc, "bias_planes", [&] {
+    const scalar_t* tab = table.const_data_ptr<scalar_t>();
+    const int32_t* idx = index.const_data_ptr<int32_t>();  // checked against [0, T) by make_index
+    scalar_t* dst = planes.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, H, std::max<int64_t>(1, (int64_t(1) << 16) / NN), [&](int64_t h0, int64_t h1) {
+      for (int64_t h = h0; h < h1; ++h) {
+        const scalar_t* th = tab + h * T;
+        scalar_t* out = dst + h * NN;
+        for (int64_t n = 0; n < NN; ++n) out[n] = th[idx[n]];
+      }
+    });
+  });
+  return planes;
 }
 
 template <typename scalar_t, typename acc_t>

@@ -6,6 +6,9 @@ supernet, standalone sub-networks, timm models and original-checkpoint loading. 
     archs = TINY_SPACE.sample_groups(4, rng=0)
     logits = supernet(images, archs, group_sizes=(8, 8, 8, 8))     # four sub-networks, one pass
     net = supernet.extract(archs[0])                                 # a standalone stock-PyTorch sub-network
+
+`import resnas_kernels` registers the timm models (timm_models.py): timm.create_model("vit_resnas_tiny"), also with
+features_only=True (one NCHW map per stage via forward_intermediates).
 """
 from . import checkpoint, timm_models  # noqa: F401  (importing timm_models registers the models with timm)
 from .macs import count_macs, mac_breakdown

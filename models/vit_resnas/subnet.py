@@ -13,11 +13,13 @@ for FLOP counting. It also defines the module tree (and so the state-dict names)
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple, Union
+from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.layers import DropPath, trunc_normal_, use_fused_attn
+from timm.models._features import feature_take_indices  # (not re-exported by timm.models in 1.0.x)
 from torch import nn
 
 from .macs import token_grids
@@ -213,6 +215,10 @@ class ViTResNASNet(nn.Module):
                       for b, rate in zip(st.blocks, drop_path_rates[s]) if b is not None]
             stages.append(Stage(reduce, blocks))
         self.stages = nn.ModuleList(stages)
+        # timm feature extraction (features_only=True wraps the model in FeatureGetterNet -> forward_intermediates):
+        # one feature map per stage, at strides 14 / 28 / 56.
+        self.feature_info = [dict(num_chs=st.embed, reduction=PATCH_SIZE * 2 ** s, module=f"stages.{s}")
+                             for s, st in enumerate(arch.stages)]
         self.norm = nn.LayerNorm(self.num_features, eps=LN_EPS)
         self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self.patch_head = nn.Linear(self.num_features, num_classes) if patch_output and num_classes > 0 else None
@@ -246,7 +252,7 @@ class ViTResNASNet(nn.Module):
         if global_pool is not None:
             self.global_pool = global_pool
         self.num_classes = num_classes
-        device, dtype = self.norm.weight.device, self.norm.weight.dtype
+        device, dtype = self.cls_token.device, self.cls_token.dtype  # (the norm may have been pruned to Identity)
         self.head = (nn.Linear(self.num_features, num_classes, device=device, dtype=dtype) if num_classes > 0
                      else nn.Identity())
         if self.patch_head is not None:
@@ -265,21 +271,80 @@ class ViTResNASNet(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------------
     def _run_block(self, block: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """A block, under activation checkpointing when enabled (its activations are recomputed in the backward;
+        the RNG state is replayed, so drop-path draws are the same)."""
         if self.grad_checkpointing and torch.is_grad_enabled():
             return torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
         return block(x)
 
-    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Image -> stage-3 tokens (B, 1 + HW, C), before the final norm."""
+    def _stage_outputs(self, x: torch.Tensor, num_stages: int) -> Tuple[List[torch.Tensor], Callable]:
+        """The tokens (B, 1 + HW_s, C_s) after each of the first `num_stages` stages, and the final norm as a
+        function of the last stage's tokens. Overridden by the ragged supernet."""
         self.check_input(x)
         x = self.stem(x)
         x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1) + self.pos_embed
-        for s, stage in enumerate(self.stages):
+        outs = []
+        for s, stage in enumerate(self.stages[:num_stages]):
             if stage.reduce is not None:
                 x = stage.reduce(x, self.grids[s - 1])
             for block in stage.blocks:
                 x = self._run_block(block, x)
-        return x
+            outs.append(x)
+        return outs, self.norm
+
+    def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Image -> stage-3 tokens (B, 1 + HW, C), before the final norm."""
+        return self._stage_outputs(x, len(self.stages))[0][-1]
+
+    def forward_intermediates(self, x: torch.Tensor, indices: Union[int, Sequence[int], None] = None,
+                              return_prefix_tokens: bool = False, norm: bool = False, stop_early: bool = False,
+                              output_fmt: str = "NCHW", intermediates_only: bool = False, **kwargs):
+        """timm's intermediate-feature API, one feature per stage (stage outputs, strides 14 / 28 / 56).
+
+        Args:
+            indices: stages to return: None all, an int the last n, a sequence the given (negative from the end).
+            return_prefix_tokens: also return each stage's cls token: a list of (features, cls (B, 1, C_s)) pairs.
+            norm: apply the final LayerNorm to the last stage's output (the only one of its width).
+            stop_early: do not run the stages after the last one requested.
+            output_fmt: "NCHW" (B, C_s, H_s, W_s) patch maps, or "NLC" (B, H_s * W_s, C_s) patch tokens.
+            intermediates_only: return only the list; else (final features, list), the final features being
+                `forward_features(x)` (normalised tokens, cls first) when every stage ran, else the last stage's.
+            kwargs: the supernet takes archs= and group_sizes= here (as in its forward).
+        """
+        output_fmt = getattr(output_fmt, "value", output_fmt)  # FeatureGetterNet passes timm's Format enum
+        if output_fmt not in ("NCHW", "NLC"):
+            raise ValueError(f"output_fmt must be 'NCHW' or 'NLC', got {output_fmt!r}")
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        outs, final_norm = self._stage_outputs(x, max_index + 1 if stop_early else len(self.stages), **kwargs)
+        last = len(self.stages) - 1
+        intermediates = []
+        for s in take:
+            y = final_norm(outs[s]) if norm and s == last else outs[s]
+            cls, patches = y[:, :1], y[:, 1:]
+            if output_fmt == "NCHW":
+                g = self.grids[s]
+                patches = patches.reshape(y.shape[0], g, g, -1).permute(0, 3, 1, 2).contiguous()
+            intermediates.append((patches, cls) if return_prefix_tokens else patches)
+        if intermediates_only:
+            return intermediates
+        final = final_norm(outs[-1]) if len(outs) == len(self.stages) else outs[-1]
+        return final, intermediates
+
+    def prune_intermediate_layers(self, indices: Union[int, Sequence[int]] = 1, prune_norm: bool = False,
+                                  prune_head: bool = True) -> List[int]:
+        """Drop the stages after the last of `indices` (and the final norm / the head if asked), as timm's feature
+        extraction does before wrapping the model. Returns the absolute stage indices."""
+        take, max_index = feature_take_indices(len(self.stages), indices)
+        prune_end = max_index < len(self.stages) - 1
+        self.stages = self.stages[:max_index + 1]
+        if prune_end:  # the head and norm are sized for the last stage: they go too
+            self.num_features = self.head_hidden_size = self.feature_info[max_index]["num_chs"]
+        if prune_norm or prune_end:
+            self.norm = nn.Identity()
+        if prune_head or prune_end:
+            self.reset_classifier(0, "")
+            self.patch_head = None
+        return take
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised tokens (B, 1 + (H/56)(W/56), C_last): the cls token first."""

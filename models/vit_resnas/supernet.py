@@ -29,6 +29,12 @@ width 0 and output width c_g with the residual epilogue and a row scale of 0 for
 writes out = residual + 0 * act(bias) = x on exactly the group's c_g columns. (Output width 0 would not do: the
 contract makes columns beyond n_g zero even with a residual, which would erase the group's activations.)
 
+Autocast: under torch.autocast (e.g. "cpu", bfloat16) the stem's convs return the autocast dtype and the ragged path
+keeps its activations in it end to end (the residual stream too: the fused residual epilogues take one dtype); the
+fp32 master weights of the ragged GEMMs are cast per forward (`_cast`), LayerNorm statistics and all accumulations
+stay fp32 inside the ops, and parameter gradients come back fp32. The masked and loop paths use stock ops, which
+autocast casts itself (their residual stream stays fp32).
+
 Also here: `extract(arch)` (a standalone stock network with copied slices), `sliced_state_dict(arch)` (differentiable
 slices; q, k, v sliced separately), `sort_by_importance(optimizer)` (rewiring, with the AdamW state permuted), and
 `stem_tokens(x)` / `forward_from_stem(tokens, archs, sizes)` (a search caches the full-width stem once per image).
@@ -38,7 +44,7 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Callable, Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -113,6 +119,14 @@ def _group_vector(sizes: Tuple[int, ...], values: Tuple[float, ...], device: str
 def _mask(groups: Ragged, width: int, device: str, dtype: torch.dtype) -> torch.Tensor:
     """(B, 1, width) 0/1 mask of the first w_g columns (the original ChannelDrop mask), cached."""
     return groups.mask(width, device=device, dtype=dtype)[:, None, :]
+
+
+def _cast(layer: nn.Module, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(weight, bias) of a linear / conv in the activations' dtype. The ragged GEMMs want x's dtype, so under autocast
+    (bf16 activations from the stem's convs) the fp32 master weights are cast per forward, as autocast casts them
+    for F.linear; the cast is differentiable, so gradients reach the fp32 parameters. A no-op without autocast."""
+    bias = layer.bias.to(dtype) if layer.bias is not None else None
+    return layer.weight.to(dtype), bias
 
 
 def _drop_path_scale(batch: int, rate: float, like: torch.Tensor) -> torch.Tensor:
@@ -208,15 +222,16 @@ class ViTResNAS(ViTResNASNet):
     def _ragged_block(self, block: nn.Module, p: _BlockPlan, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         attn, mlp = block.attn, block.mlp
+        dt = x.dtype  # LN weights stay fp32 (the op takes them as they are; statistics are fp32 anyway)
         u = rk.ragged_layer_norm(x, block.norm1.weight, block.norm1.bias, p.active, LN_EPS)
-        qkv = rk.ragged_linear(u, attn.qkv.weight, attn.qkv.bias, p.active, p.attn, segments=3)
+        qkv = rk.ragged_linear(u, *_cast(attn.qkv, dt), p.active, p.attn, segments=3)
         q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).unbind(2)  # strided views, no copy
         a = rk.ragged_attention(q, k, v, p.heads, scale=attn.head_dim ** -0.5)
-        x = rk.ragged_linear(a, attn.proj.weight, attn.proj.bias, p.attn, p.out, residual=x,
+        x = rk.ragged_linear(a, *_cast(attn.proj, dt), p.attn, p.out, residual=x,
                              row_scale=self._row_scale(p, block.drop_path_rate, x))
         u = rk.ragged_layer_norm(x, block.norm2.weight, block.norm2.bias, p.active, LN_EPS)
-        h = rk.ragged_linear(u, mlp.fc1.weight, mlp.fc1.bias, p.active, p.hidden.widths, activation="gelu")
-        return rk.ragged_linear(h, mlp.fc2.weight, mlp.fc2.bias, p.hidden, p.out, residual=x,
+        h = rk.ragged_linear(u, *_cast(mlp.fc1, dt), p.active, p.hidden.widths, activation="gelu")
+        return rk.ragged_linear(h, *_cast(mlp.fc2, dt), p.hidden, p.out, residual=x,
                                 row_scale=self._row_scale(p, block.drop_path_rate, x))
 
     def _ragged_stem(self, x: torch.Tensor, embed: Ragged) -> torch.Tensor:
@@ -227,16 +242,23 @@ class ViTResNAS(ViTResNASNet):
         patches = (trunk.view(b, mid, hh // k, k, ww // k, k).permute(0, 2, 4, 1, 3, 5)
                    .reshape(b, (hh // k) * (ww // k), mid * k * k))           # im2col; column order = conv weight's
         proj = self.stem.proj
-        return rk.ragged_linear(patches, proj.weight.view(proj.out_channels, -1), proj.bias,
+        w, bias = _cast(proj, patches.dtype)  # under autocast the trunk's convs already returned its dtype
+        return rk.ragged_linear(patches, w.view(proj.out_channels, -1), bias,
                                 embed.with_widths((mid * k * k,) * embed.num_groups), embed.widths)
 
     def _ragged_stages(self, tokens: torch.Tensor, plan: _Plan) -> torch.Tensor:
         """Stem patch tokens -> stage-3 tokens (B, 1 + HW, C_max) before the final norm."""
+        return self._ragged_stage_outputs(tokens, plan, len(self.stages))[-1]
+
+    def _ragged_stage_outputs(self, tokens: torch.Tensor, plan: _Plan, num_stages: int) -> List[torch.Tensor]:
+        """Stem patch tokens -> the tokens after each of the first `num_stages` stages (group g zero beyond c_g)."""
         embed = plan.stages[0].embed
         # cls token and pos-embed, masked to each group's width (the ragged contract: zeros beyond c_g).
-        start = torch.cat([self.cls_token + self.pos_embed[:, :1], self.pos_embed[:, 1:]], dim=1)
-        x = F.pad(tokens, (0, 0, 1, 0)) + start * _mask(embed, tokens.shape[-1], str(tokens.device), tokens.dtype)
-        for s, stage in enumerate(self.stages):
+        start = torch.cat([self.cls_token + self.pos_embed[:, :1], self.pos_embed[:, 1:]], dim=1).to(tokens.dtype)
+        x = torch.addcmul(F.pad(tokens, (0, 0, 1, 0)), start,
+                          _mask(embed, tokens.shape[-1], str(tokens.device), tokens.dtype))
+        outs = []
+        for s, stage in enumerate(self.stages[:num_stages]):
             sp = plan.stages[s]
             if stage.reduce is not None:
                 r = stage.reduce
@@ -246,7 +268,22 @@ class ViTResNAS(ViTResNASNet):
                     grid=(self.grids[s - 1], self.grids[s - 1]), eps=LN_EPS)
             for block, bp in zip(stage.blocks, sp.blocks):
                 x = self._run_block(functools.partial(self._ragged_block, block, bp), x)
-        return x
+            outs.append(x)
+        return outs
+
+    def _stage_outputs(self, x: torch.Tensor, num_stages: int, archs: Union[Arch, Sequence[Arch], None] = None,
+                       group_sizes: Optional[Sequence[int]] = None) -> Tuple[List[torch.Tensor], Callable]:
+        """The ragged path's per-stage tokens (for forward_intermediates), for archs / group_sizes as in forward."""
+        archs, sizes = self._resolve(x, archs, group_sizes)
+        plan = _plan(archs, sizes)
+        outs = self._ragged_stage_outputs(self._ragged_stem(x, plan.stages[0].embed), plan, num_stages)
+        groups = plan.stages[len(self.stages) - 1].embed
+
+        def final_norm(t: torch.Tensor) -> torch.Tensor:
+            if isinstance(self.norm, nn.Identity):  # pruned by timm's feature extraction
+                return t
+            return rk.ragged_layer_norm(t, self.norm.weight, self.norm.bias, groups, LN_EPS)
+        return outs, final_norm
 
     def _ragged_tokens(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
         return self._ragged_stages(self._ragged_stem(x, plan.stages[0].embed), plan)
@@ -267,7 +304,7 @@ class ViTResNAS(ViTResNASNet):
 
     def _ragged_head(self, feats: torch.Tensor, plan: _Plan, head: nn.Linear) -> torch.Tensor:
         groups = plan.stages[-1].embed
-        return rk.ragged_linear(feats, head.weight, head.bias, groups, (head.out_features,) * groups.num_groups)
+        return rk.ragged_linear(feats, *_cast(head, feats.dtype), groups, (head.out_features,) * groups.num_groups)
 
     # -- masked path (the original code's semantics) ----------------------------------------------------------------
     def _masked_block(self, block: nn.Module, p: _BlockPlan, em: torch.Tensor, x: torch.Tensor) -> torch.Tensor:

@@ -12,6 +12,9 @@ img_size (a multiple of 56), drop_path_rate (the paper trains with 0.2 Tiny, 0.3
 weights are CC-BY-NC, on Dropbox); load a local original or own checkpoint with
 `timm.create_model(name, pretrained=True, pretrained_cfg_overlay=dict(file=path))`, which runs
 `checkpoint.checkpoint_filter_fn` (original names are mapped, pos-embeds resized).
+
+`timm.create_model(name, features_only=True[, out_indices=(...)])` gives one feature map per stage (NCHW, strides
+14 / 28 / 56, `feature_info.channels()` = the stage widths) through `forward_intermediates`.
 """
 from __future__ import annotations
 
@@ -84,7 +87,9 @@ def _create(variant: str, pretrained: bool = False, **kwargs) -> ViTResNAS:
     kwargs.setdefault("arch", arch)
     if space is not None:
         kwargs.setdefault("space", space)
-    return build_model_with_cfg(ViTResNAS, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn, **kwargs)
+    # features_only=True: timm's FeatureGetterNet around forward_intermediates, one NCHW map per stage by default.
+    return build_model_with_cfg(ViTResNAS, variant, pretrained, pretrained_filter_fn=checkpoint_filter_fn,
+                                feature_cfg=dict(feature_cls="getter", out_indices=(0, 1, 2)), **kwargs)
 
 
 @register_model

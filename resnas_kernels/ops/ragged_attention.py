@@ -9,7 +9,10 @@ Backends: reference | triton | cpu (C++, fwd + bwd) | cuda (CUDA C++ forward; it
 - triton: a small-N kernel (Nq, Nk <= 64: whole score tile in registers, several samples per program) and tiled
   online-softmax kernels (longer sequences); fp32 / bf16 / fp16 (fp64 runs the reference on CUDA).
 - cuda: a warp-per-query-row forward for Nk <= 256, d_qk, d_v <= 128 (inference); other shapes, and the backward, run
-  the Triton kernels. NOT measured against Triton yet (no GPU when written): `auto` prefers Triton.
+  the Triton kernels.
+- auto on CUDA: the forward runs whichever of the Triton and CUDA C++ forwards was faster for this shape, measured
+  once per (shape, batch bucket, dtype, bias kind, GPU) key on first use (`_auto_pick.AutoPicker`; override with
+  RESNAS_ATTENTION_FWD=triton|cuda, persist with RESNAS_AUTOTUNE_CACHE=file.json). Nothing of this runs on CPU.
 - cpu: per (sample, head) pair of active heads, score rows kept in cache, vectorised, parallel over pairs; the
   LeViT CPU path (see csrc/cpu/ragged_attention.cpp).
 
@@ -27,6 +30,12 @@ Caveats:
   partial of the score gradient (chunks = ceil(B / 8)), mapped to the table by a fixed-order segmented sum.
 - The C++ kernels gather the table into an (H, Nq, Nk) fp32 bias once per call when that is small (<= 4M elements):
   a per-row gather cost more than the rest of the row. The Triton and CUDA kernels read the table directly.
+- Eager CPU calls skip the custom op's dispatch (~40 us a call, as much as the N = 16 kernel): without gradients the
+  forward body runs directly, and the autograd backward calls the backward body directly. Under torch.compile, fake
+  tensors or any dispatch / torch-function mode, and on CUDA, everything goes through the custom ops.
+- bf16 / fp16 in Triton: P and dS are rounded to the input dtype for the tensor-core dots (fp32 accumulation, fp32
+  softmax), as FlashAttention and SDPA's fused kernels do; tests hold the result to 2x the error of SDPA in that
+  dtype (fp16 under the interpreter; bf16 on GPU only: the Triton 3.8 interpreter computes bf16 tl.dot wrongly).
 - bias_index values are checked against [0, T) in the op (also under torch.compile; one device sync on CUDA: prefer
   bias_grid there, which computes the index in-kernel). The kernels also mask out-of-range table reads, so even an
   unchecked index can never read out of bounds.
@@ -40,17 +49,18 @@ import torch
 from .. import _ext
 from .._triton import tl, triton
 from ..aot import register_aot
-from ..backend import OpInfo, register_op, resolve_backend
+from ..backend import OpInfo, get_backend, register_op, resolve_backend, why_unavailable
 from ..ragged import Ragged, as_ragged
 from ..reference.attention import levit_bias_index, levit_query_resolution
 from ..reference.layer_norm import compute_dtype
+from ._auto_pick import AutoPicker, bucket, versions
 from ._checks import check_same_device, check_tensor
 
 OP = register_op(OpInfo(
     name="ragged_attention",
     backends=("triton", "cpu", "cuda"),
-    # No GPU was available when this op was written: the order is a guess (Triton has fwd + bwd; the CUDA C++ op is a
-    # forward only). Re-rank with `resnas bench --case ragged_attention` on a GPU.
+    # Triton has fwd + bwd; the CUDA C++ op is a forward only. Under auto, the forward is then picked per shape by
+    # measurement between the two (FWD_PICKER below); this order is the fallback when Triton is missing.
     auto_cuda=("triton", "cuda"),
     ext_ops=("ext_ragged_attention_fwd", "ext_ragged_attention_bwd"),
 ))
@@ -749,6 +759,30 @@ def _ext_bwd(dout, q, k, v, out, lse, table, index, dense, groups: Ragged, scale
 
 
 _FWD = {"reference": _reference_fwd, "triton": _triton_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd}
+
+# Auto dispatch of the CUDA forward (backend auto, CUDA tensors, a shape both kernels take): the Triton forward and the
+# CUDA C++ one are timed once per key on the real inputs (CUDA events) and the faster is kept; Triton stays unless the
+# CUDA C++ kernel is > 5% faster (see `_auto_pick`). RESNAS_ATTENTION_FWD=triton|cuda|auto overrides the measurement;
+# RESNAS_AUTOTUNE_CACHE=path.json keeps decisions across processes. The backward always runs Triton on CUDA.
+FWD_PICKER = AutoPicker("ragged_attention_fwd", ("triton", "cuda"), env_override="RESNAS_ATTENTION_FWD")
+
+
+def _fwd_key(q, k, v, table, index, dense, groups: Ragged, grid: List[int]):
+    """What the winner depends on: sequence lengths, head dims, heads, batch bucket, dtype, bias kind, the GPU and the
+    library versions. Ragged head widths only change the work per sample, so they are not part of the key."""
+    bias = "grid" if grid else ("index" if index is not None else ("dense%d" % dense.dim() if dense is not None
+                                                                   else "none"))
+    return (q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], bucket(q.shape[0]), str(q.dtype), bias,
+            torch.cuda.get_device_name(q.device), *versions())
+
+
+def _auto_cuda_fwd(q, k, v, table, index, dense, groups: Ragged, scale: float, grid: List[int]):
+    args = (q, k, v, table, index, dense, groups, scale, grid)
+    runners = {"triton": lambda: _triton_fwd(*args)}
+    if why_unavailable(OP, "cuda", q.device) is None and _cuda_fwd_supported(q, k, v):
+        runners["cuda"] = lambda: _ext_fwd(*args)
+    decision = FWD_PICKER.pick(_fwd_key(q, k, v, table, index, dense, groups, grid), runners)
+    return runners[decision.winner]()
 # The CUDA C++ op is a forward only: on the cuda backend the backward runs the Triton kernels.
 _BWD = {"reference": _reference_bwd, "triton": _triton_bwd, "cpu": _ext_bwd, "cuda": _triton_bwd}
 
@@ -782,8 +816,10 @@ def ragged_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
     if bias_index is not None:
         bias_index = bias_index.to(torch.int32).contiguous()  # the kernels read int32 (checked to fit above)
     groups = Ragged(tuple(sizes), tuple(widths))
-    impl = _FWD[_backend_for(q)]
-    return impl(q, k, v, bias_table, bias_index, dense_bias, groups, scale, grid)
+    backend = _backend_for(q)
+    if q.is_cuda and backend in ("triton", "cuda") and get_backend() == "auto":
+        return _auto_cuda_fwd(q, k, v, bias_table, bias_index, dense_bias, groups, scale, grid)
+    return _FWD[backend](q, k, v, bias_table, bias_index, dense_bias, groups, scale, grid)
 
 
 @ragged_attention_fwd.register_fake
@@ -832,8 +868,16 @@ def _backward(ctx, dout, _dlse):
     sizes, widths, scale, grid = ctx.args
     need_table = bias_table is not None and ctx.needs_input_grad[3]
     need_dense = dense_bias is not None and ctx.needs_input_grad[5]
-    dq, dk, dv, dtable, ddense = ragged_attention_bwd(dout, q, k, v, out, lse, bias_table, bias_index, dense_bias,
-                                                      sizes, widths, scale, grid, need_table, need_dense)
+    if _eager_cpu(q, dout):  # the op's body without its dispatch (~40 us a call), as in the forward
+        if bias_index is not None:
+            bias_index = bias_index.to(torch.int32).contiguous()
+        dq, dk, dv, dtable, ddense = _BWD[_backend_for(q)](
+            dout.contiguous(), q, k, v, out, lse, bias_table, bias_index, dense_bias,
+            Ragged(tuple(sizes), tuple(widths)), scale, grid, need_table, need_dense)
+    else:
+        dq, dk, dv, dtable, ddense = ragged_attention_bwd(dout, q, k, v, out, lse, bias_table, bias_index,
+                                                          dense_bias, sizes, widths, scale, grid, need_table,
+                                                          need_dense)
     return (dq, dk, dv, dtable if need_table else None, None, ddense if need_dense else None,
             None, None, None, None)
 
@@ -956,6 +1000,29 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: O
         bias_table = bias_table.contiguous()
     if dense_bias is not None:
         dense_bias = dense_bias.contiguous()
+    if _eager_cpu_inference(q, k, v, bias_table, dense_bias):
+        # Same body as the custom op's, without its dispatch (~40 us a call: more than the whole N = 16 kernel).
+        _check_index_values(bias_index, bias_table)
+        if bias_index is not None:
+            bias_index = bias_index.to(torch.int32).contiguous()
+        return _FWD[_backend_for(q)](q, k, v, bias_table, bias_index, dense_bias, heads, float(scale), grid)[0]
     out, _ = ragged_attention_fwd(q, k, v, bias_table, bias_index, dense_bias, list(heads.sizes), list(heads.widths),
                                   float(scale), grid)
     return out
+
+
+def _eager_cpu(*tensors) -> bool:
+    """True when a custom op's dispatch adds nothing to calling its body: eager (not tracing / compiling, no dispatch
+    or torch-function mode such as fake tensors active) on plain CPU tensors."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+
+
+def _eager_cpu_inference(q, k, v, bias_table, dense_bias) -> bool:
+    """`_eager_cpu`, and no gradient to record (else the custom op's autograd is needed)."""
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias_table, dense_bias)):
+        return False
+    return _eager_cpu(q, k, v)
