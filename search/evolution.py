@@ -251,13 +251,16 @@ def _outputs(out: str, history: List[dict], generations_done: int, cfg: dict, pl
         lat_front = [{**{k: v for k, v in r.items() if k != "_macs"}, "macs": r["_macs"]} for r in lat_front]
         write_json_atomic(os.path.join(out, "pareto_latency.json"), lat_front)
     write_json_atomic(os.path.join(out, "best.json"), best_doc)
-    lines = [f"{'gen':>3} {'evaluated':>9} {'best acc':>8} {'MACs':>12}  best architecture (slot-aligned, '-' removed)"]
+    lat = all("latency_ms" in r for r in history)
+    lines = [f"{'gen':>3} {'evaluated':>9} {'best acc':>8} {'MACs':>12}" + (f" {'ms (pred.)':>10}" if lat else "")
+             + "  best architecture (slot-aligned, '-' removed)"]
     for g in range(generations_done):
         upto = [r for r in history if r["generation"] <= g]
         if not upto:
             continue
         b = _rank(upto)[0]
-        lines.append(f"{g:>3} {len(upto):>9} {b['acc']:>8.4f} {b['macs']:>12,}  {Arch.from_dict(b['arch'])}")
+        lines.append(f"{g:>3} {len(upto):>9} {b['acc']:>8.4f} {b['macs']:>12,}"
+                     + (f" {b['latency_ms']:>10.3f}" if lat else "") + f"  {Arch.from_dict(b['arch'])}")
     table = "\n".join(lines) + "\n"
     write_text_atomic(os.path.join(out, "summary.txt"), table)
     if plot:
@@ -266,8 +269,7 @@ def _outputs(out: str, history: List[dict], generations_done: int, cfg: dict, pl
         import matplotlib.pyplot as plt
         axes_for = [("macs", 1e-6, "MMACs", front)]
         if with_latency:
-            axes_for.append(("latency_ms", 1.0, f"predicted latency (ms, {cfg.get('latency_setting', '')})"[:60],
-                             lat_front))
+            axes_for.append(("latency_ms", 1.0, "predicted latency (ms)", lat_front))
         fig, axes = plt.subplots(1, len(axes_for), figsize=(6 * len(axes_for), 4), squeeze=False)
         for ax, (key, scale, label, fr) in zip(axes[0], axes_for):
             ax.scatter([r[key] * scale for r in history], [r["acc"] for r in history], s=8, alpha=0.4,
@@ -276,6 +278,10 @@ def _outputs(out: str, history: List[dict], generations_done: int, cfg: dict, pl
             ax.scatter([best[key] * scale], [best["acc"]], marker="*", s=120, c="k", label="best")
             ax.set_xlabel(label)
             ax.set_ylabel("top-1 (search validation)")
+            if key == "latency_ms":   # the measurement setting: device, threads, batch, dtype
+                ax.set_title(str(cfg.get("latency_setting", "")), fontsize=8)
+                if cfg.get("latency_budget"):
+                    ax.axvline(cfg["latency_budget"], color="gray", ls="--", lw=1, label="budget")
             ax.legend()
         fig.tight_layout()
         tmp = os.path.join(out, ".tmp-pareto.png")

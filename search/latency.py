@@ -19,6 +19,10 @@ count, or CUDA device name), batch and dtype; each table maps the layer keys abo
 milliseconds. `ensure(space)` measures only the entries missing for the space and saves them, so a second search on
 the same device loads the table and measures nothing; a search resumed with the same file sees the same latencies,
 which keeps it deterministic for a seed.
+
+Measure on a quiet device: on a CPU shared with other work, OpenMP threads that wait for each other inflate tiny
+layers by 100x and more (seen here: 0.4 ms -> 150 ms with 2 threads on 2 busy cores); `OMP_NUM_THREADS=1` is far
+steadier there, and the thread count is part of the table's key.
 """
 from __future__ import annotations
 

@@ -1000,12 +1000,14 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: O
         bias_table = bias_table.contiguous()
     if dense_bias is not None:
         dense_bias = dense_bias.contiguous()
-    if _eager_cpu_inference(q, k, v, bias_table, dense_bias):
-        # Same body as the custom op's, without its dispatch (~40 us a call: more than the whole N = 16 kernel).
-        _check_index_values(bias_index, bias_table)
-        if bias_index is not None:
-            bias_index = bias_index.to(torch.int32).contiguous()
-        return _FWD[_backend_for(q)](q, k, v, bias_table, bias_index, dense_bias, heads, float(scale), grid)[0]
+    if _eager_cpu(q, k, v):
+        # Same body and autograd as the custom op's, without its dispatch (~40 us a call: more than the whole N = 16
+        # kernel). Without gradients to record, not even an autograd node.
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (q, k, v, bias_table, dense_bias)):
+            return _EagerAttention.apply(q, k, v, bias_table, bias_index, dense_bias, list(heads.sizes),
+                                         list(heads.widths), float(scale), grid)
+        return _eager_fwd(q, k, v, bias_table, bias_index, dense_bias, heads, float(scale), grid)[0]
     out, _ = ragged_attention_fwd(q, k, v, bias_table, bias_index, dense_bias, list(heads.sizes), list(heads.widths),
                                   float(scale), grid)
     return out
@@ -1021,8 +1023,24 @@ def _eager_cpu(*tensors) -> bool:
     return all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
 
 
-def _eager_cpu_inference(q, k, v, bias_table, dense_bias) -> bool:
-    """`_eager_cpu`, and no gradient to record (else the custom op's autograd is needed)."""
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (q, k, v, bias_table, dense_bias)):
-        return False
-    return _eager_cpu(q, k, v)
+def _eager_fwd(q, k, v, bias_table, bias_index, dense_bias, heads: Ragged, scale: float, grid: List[int]):
+    """The body of `ragged_attention_fwd`, called directly."""
+    _check_index_values(bias_index, bias_table)
+    if bias_index is not None:
+        bias_index = bias_index.to(torch.int32).contiguous()
+    return _FWD[_backend_for(q)](q, k, v, bias_table, bias_index, dense_bias, heads, scale, grid)
+
+
+class _EagerAttention(torch.autograd.Function):
+    """`ragged_attention_fwd` with its registered autograd (`_setup_context`, `_backward`), minus the op dispatch."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias_table, bias_index, dense_bias, sizes, widths, scale, grid):
+        out, lse = _eager_fwd(q, k, v, bias_table, bias_index, dense_bias, Ragged(tuple(sizes), tuple(widths)),
+                              scale, grid)
+        _setup_context(ctx, (q, k, v, bias_table, bias_index, dense_bias, sizes, widths, scale, grid), (out, lse))
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        return _backward(ctx, dout, None)
