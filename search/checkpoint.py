@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from typing import Any, Iterable, List
 
 import torch
 
+from resnas_kernels._atomic import atomic_write_text
 from resnas_kernels.models.vit_resnas.checkpoint import save_checkpoint
 
 __all__ = ["CheckpointError", "save_checkpoint", "read_checkpoint", "write_text_atomic", "write_json_atomic",
@@ -53,20 +53,7 @@ def read_checkpoint(path: str, fmt: str, required: Iterable[str] = ()) -> dict:
 
 
 def write_text_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=directory)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
+    atomic_write_text(path, text)
 
 def write_json_atomic(path: str, obj: Any) -> None:
     write_text_atomic(path, json.dumps(obj, indent=1) + "\n")

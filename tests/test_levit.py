@@ -24,6 +24,7 @@ import timm
 import torch
 
 import resnas_kernels.models  # noqa: F401  (registers levit_*_fused with timm)
+from resnas_kernels.bench.cases.levit import random_weights
 from resnas_kernels.models import levit as L
 
 from _oracle import assert_close_to_oracle
@@ -38,17 +39,9 @@ needs_fused = pytest.mark.skipif(not FUSED, reason="resnas_kernels.ragged_attent
 # ---------------------------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-trivial BN statistics/affines, attention bias tables and head weights, drawn from `seed`."""
-    g = torch.Generator().manual_seed(seed)
-    for mod in model.modules():
-        if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
-            n = mod.num_features
-            mod.weight.copy_(torch.rand(n, generator=g) + 0.5)
-            mod.bias.copy_(torch.randn(n, generator=g) * 0.2)
-            mod.running_mean.copy_(torch.randn(n, generator=g) * 0.2)
-            mod.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-        if hasattr(mod, "attention_biases"):
-            mod.attention_biases.copy_(torch.randn(mod.attention_biases.shape, generator=g))
+    """Non-trivial BN statistics/affines, attention bias tables (the benchmark's draw) and head weights."""
+    random_weights(model, seed)
+    g = torch.Generator().manual_seed(seed + 1_000_003)
     for name, p in model.named_parameters():
         if name.startswith(("head.linear", "head_dist.linear")):
             p.copy_(torch.randn(p.shape, generator=g) * 0.05)

@@ -33,8 +33,9 @@ VARIANTS = ("levit_128s", "levit_256")
 
 
 @torch.no_grad()
-def _random_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
-    """Non-trivial BN statistics/affines and bias tables (timm initialises some gammas and all tables to 0)."""
+def random_weights(model: torch.nn.Module, seed: int) -> torch.nn.Module:
+    """Non-trivial BN statistics/affines and bias tables (timm initialises some gammas and all tables to 0), drawn
+    from `seed`; works on timm's LeViT and ours alike (the tests use it too)."""
     g = torch.Generator().manual_seed(seed)
     for mod in model.modules():
         if isinstance(mod, torch.nn.modules.batchnorm._BatchNorm):
@@ -74,7 +75,7 @@ def _case(variant: str, batch: int, ctx, compile_ours: bool, compile_timm: bool)
 
     device = ctx.device
     cuda = device.type == "cuda"
-    ref = _random_weights(timm.create_model(variant), seed=0).to(device).eval()
+    ref = random_weights(timm.create_model(variant), seed=0).to(device).eval()
     ours = timm.create_model(f"{variant}_fused").to(device)
     ours.load_state_dict(ref.state_dict())
     ours.fuse()  # eval() + folded weights built now

@@ -24,11 +24,12 @@ import argparse
 import math
 import os
 import re
-import tempfile
 from typing import Any, Dict, Mapping
 
 import torch
 import torch.nn.functional as F
+
+from resnas_kernels._atomic import atomic_write
 
 __all__ = ["save_checkpoint", "load_checkpoint", "convert_original_state_dict", "is_original_state_dict",
            "checkpoint_filter_fn", "convert_original_checkpoint", "resize_pos_embeds"]
@@ -48,28 +49,7 @@ def save_checkpoint(obj: Any, path: str) -> None:
     """torch.save to a temporary file in the same directory, fsync, then rename over `path`: a crash never leaves a
     truncated checkpoint behind. Keep `obj` to tensors, containers and plain Python values so that
     `load_checkpoint` (weights_only) can read it."""
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".pt", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
-
+    atomic_write(path, lambda f: torch.save(obj, f), suffix=".pt")
 
 def load_checkpoint(path: str, map_location: Any = "cpu") -> Any:
     """torch.load with weights_only=True. The original repository's DeiT-style checkpoints also store the training

@@ -28,6 +28,8 @@ from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
 
+from resnas_kernels._atomic import atomic_write
+
 Timer = Callable[[Callable[[], object]], float]  # runs fn once, returns its duration in seconds
 
 
@@ -169,11 +171,8 @@ class AutoPicker:
             except (OSError, ValueError):
                 data = {}
             data[repr(full_key)] = winner
-            tmp = f"{path}.{os.getpid()}.tmp"
-            try:
-                with open(tmp, "w") as f:
-                    json.dump(data, f, indent=1, sort_keys=True)
-                os.replace(tmp, path)  # atomic: concurrent processes never read half a file
+            try:  # atomic: concurrent processes never read half a file
+                atomic_write(path, lambda f: json.dump(data, f, indent=1, sort_keys=True), binary=False)
             except OSError:
                 pass  # a read-only cache location only costs a re-measurement next process
 
