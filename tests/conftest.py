@@ -30,3 +30,14 @@ def _fresh_backend():
     resnas_kernels.set_backend(None)
     yield
     resnas_kernels.set_backend(None)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on the shared
+    2-core CI box, waking a thread team per tiny op, or OpenMP threads spinning against other processes, cost far
+    more than the ops themselves (gradcheck ran 6x slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

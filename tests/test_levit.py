@@ -48,6 +48,16 @@ def randomize(model: torch.nn.Module, seed: int) -> torch.nn.Module:
     return model
 
 
+@torch.no_grad()
+def ema_towards(models, other: dict) -> None:
+    """An EMA update as timm's ModelEmaV3 does it: every float parameter and BN statistic lerped in place, halfway
+    towards `other` (a state dict in the same naming)."""
+    for m in models:
+        for name, t in m.state_dict().items():
+            if t.is_floating_point():
+                t.lerp_(other[name].to(t.dtype), 0.5)
+
+
 def make_pair(variant: str, seed: int, fused_attn=None, **kwargs):
     """(timm model, our model) with the same random weights; and timm's fp64 copy (the oracle)."""
     torch.manual_seed(seed)
@@ -513,11 +523,7 @@ def test_cache_follows_in_place_updates_and_load_state_dict():
     # 1. An EMA update (timm's ModelEmaV3 keeps its model in eval mode and lerps every parameter and BN statistic in
     #    place), towards other random weights.
     other = randomize(timm.create_model("levit_128s"), seed=93).state_dict()
-    with torch.no_grad():
-        for m in (ref, ours, oracle):
-            for name, t in m.state_dict().items():
-                if t.is_floating_point():
-                    t.lerp_(other[name].to(t.dtype), 0.5)
+    ema_towards((ref, ours, oracle), other)
     _drop_timm_bias_cache(ref, oracle)
     check_eval(ref, ours, oracle, x, "after in-place update")
     # 2. load_state_dict of other weights while in eval mode.
@@ -661,11 +667,7 @@ def test_torch_compile_inference():
         assert_close_to_oracle(out, oracle.eval()(x.double()), ref.eval()(x), "compiled eval")
     # New weights in place (an EMA update), then fuse() as documented: the compiled model must use them.
     other = randomize(timm.create_model("levit_128s"), seed=133).state_dict()
-    with torch.no_grad():
-        for m in (ref, ours, oracle):
-            for name, t in m.state_dict().items():
-                if t.is_floating_point():
-                    t.lerp_(other[name].to(t.dtype), 0.5)
+    ema_towards((ref, ours, oracle), other)
     ours.fuse()
     _drop_timm_bias_cache(ref, oracle)
     with torch.inference_mode():

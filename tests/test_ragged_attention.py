@@ -21,14 +21,7 @@ CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
 EXPECT_EXT = os.environ.get("RESNAS_EXPECT_EXT", "1") != "0"
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids waking a thread team per op (on the shared 2-core CI box the wake-ups
-    cost more than the ops, and made gradcheck 6x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _require(backend: str):

@@ -7,14 +7,7 @@ from resnas_kernels import Ragged
 from resnas_kernels.reference import levit_bias_index, masked_attention, ragged_attention
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids waking a thread team per op (on the shared 2-core CI box the wake-ups
-    cost more than the ops, and made gradcheck 6x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _qkv(b, nq, nk, h, d, dv, dtype=torch.float64, grad=False):

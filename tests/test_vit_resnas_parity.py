@@ -36,13 +36,7 @@ MINI = SearchSpace("mini", (
 GROUPINGS = [(3,), (2, 1), (1, 0, 2), (2, 0, 1, 2)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """2 cores shared by several test runs: OpenMP threads spinning against each other cost 10x; one thread each."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(dtype=torch.float64, seed=0, **kwargs) -> ViTResNAS:

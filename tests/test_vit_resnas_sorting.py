@@ -15,12 +15,7 @@ MINI = SearchSpace("mini", (
 TOL = 1e-12  # fp64; a permutation only reorders sums
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machine: avoid OpenMP oversubscription
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trained(seed=0):

@@ -12,12 +12,7 @@ from resnas_kernels.models.vit_resnas.timm_models import MODEL_ARCHS
 NAMES = sorted(MODEL_ARCHS)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # shared 2-core machine: avoid OpenMP oversubscription
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_registered():

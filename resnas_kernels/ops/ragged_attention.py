@@ -812,10 +812,14 @@ def ragged_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
                          widths: List[int], scale: float, grid: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (out (B, Nq, H_max * d_v), lse (B, H_max, Nq) fp32 / fp64). `grid` is [R, s] or [] (see
     `ragged_attention`); with a grid, bias_index is None."""
+    return _fwd_body(q, k, v, bias_table, bias_index, dense_bias, Ragged(tuple(sizes), tuple(widths)), scale, grid)
+
+
+def _fwd_body(q, k, v, bias_table, bias_index, dense_bias, groups: Ragged, scale: float, grid: List[int]):
+    """The body of `ragged_attention_fwd`; eager CPU calls run it without the op's dispatch (`_eager_cpu`)."""
     _check_index_values(bias_index, bias_table)
     if bias_index is not None:
         bias_index = bias_index.to(torch.int32).contiguous()  # the kernels read int32 (checked to fit above)
-    groups = Ragged(tuple(sizes), tuple(widths))
     backend = _backend_for(q)
     if q.is_cuda and backend in ("triton", "cuda") and get_backend() == "auto":
         return _auto_cuda_fwd(q, k, v, bias_table, bias_index, dense_bias, groups, scale, grid)
@@ -838,9 +842,15 @@ def ragged_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     """Returns (dq, dk, dv, dbias_table, ddense_bias): dq/dk/dv contiguous with q/k/v's shapes, zeros on inactive
     heads; dbias_table (H_max, T) in the table's dtype when a table is given and need_table_grad, else an empty (0,)
     tensor; ddense_bias like dense_bias when need_dense_grad, else empty."""
+    return _bwd_body(dout, q, k, v, out, lse, bias_table, bias_index, dense_bias, Ragged(tuple(sizes), tuple(widths)),
+                     scale, grid, need_table_grad, need_dense_grad)
+
+
+def _bwd_body(dout, q, k, v, out, lse, bias_table, bias_index, dense_bias, groups: Ragged, scale: float,
+              grid: List[int], need_table_grad: bool, need_dense_grad: bool):
+    """The body of `ragged_attention_bwd`; eager CPU backwards run it without the op's dispatch."""
     if bias_index is not None:
         bias_index = bias_index.to(torch.int32).contiguous()  # checked by the forward
-    groups = Ragged(tuple(sizes), tuple(widths))
     impl = _BWD[_backend_for(q)]
     return impl(dout.contiguous(), q, k, v, out, lse, bias_table, bias_index, dense_bias, groups, scale, grid,
                 need_table_grad, need_dense_grad)
@@ -869,11 +879,9 @@ def _backward(ctx, dout, _dlse):
     need_table = bias_table is not None and ctx.needs_input_grad[3]
     need_dense = dense_bias is not None and ctx.needs_input_grad[5]
     if _eager_cpu(q, dout):  # the op's body without its dispatch (~40 us a call), as in the forward
-        if bias_index is not None:
-            bias_index = bias_index.to(torch.int32).contiguous()
-        dq, dk, dv, dtable, ddense = _BWD[_backend_for(q)](
-            dout.contiguous(), q, k, v, out, lse, bias_table, bias_index, dense_bias,
-            Ragged(tuple(sizes), tuple(widths)), scale, grid, need_table, need_dense)
+        dq, dk, dv, dtable, ddense = _bwd_body(dout, q, k, v, out, lse, bias_table, bias_index, dense_bias,
+                                               Ragged(tuple(sizes), tuple(widths)), scale, grid, need_table,
+                                               need_dense)
     else:
         dq, dk, dv, dtable, ddense = ragged_attention_bwd(dout, q, k, v, out, lse, bias_table, bias_index,
                                                           dense_bias, sizes, widths, scale, grid, need_table,
@@ -1007,7 +1015,7 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: O
                                            for t in (q, k, v, bias_table, dense_bias)):
             return _EagerAttention.apply(q, k, v, bias_table, bias_index, dense_bias, list(heads.sizes),
                                          list(heads.widths), float(scale), grid)
-        return _eager_fwd(q, k, v, bias_table, bias_index, dense_bias, heads, float(scale), grid)[0]
+        return _fwd_body(q, k, v, bias_table, bias_index, dense_bias, heads, float(scale), grid)[0]
     out, _ = ragged_attention_fwd(q, k, v, bias_table, bias_index, dense_bias, list(heads.sizes), list(heads.widths),
                                   float(scale), grid)
     return out
@@ -1023,20 +1031,12 @@ def _eager_cpu(*tensors) -> bool:
     return all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
 
 
-def _eager_fwd(q, k, v, bias_table, bias_index, dense_bias, heads: Ragged, scale: float, grid: List[int]):
-    """The body of `ragged_attention_fwd`, called directly."""
-    _check_index_values(bias_index, bias_table)
-    if bias_index is not None:
-        bias_index = bias_index.to(torch.int32).contiguous()
-    return _FWD[_backend_for(q)](q, k, v, bias_table, bias_index, dense_bias, heads, scale, grid)
-
-
 class _EagerAttention(torch.autograd.Function):
     """`ragged_attention_fwd` with its registered autograd (`_setup_context`, `_backward`), minus the op dispatch."""
 
     @staticmethod
     def forward(ctx, q, k, v, bias_table, bias_index, dense_bias, sizes, widths, scale, grid):
-        out, lse = _eager_fwd(q, k, v, bias_table, bias_index, dense_bias, Ragged(tuple(sizes), tuple(widths)),
+        out, lse = _fwd_body(q, k, v, bias_table, bias_index, dense_bias, Ragged(tuple(sizes), tuple(widths)),
                               scale, grid)
         _setup_context(ctx, (q, k, v, bias_table, bias_index, dense_bias, sizes, widths, scale, grid), (out, lse))
         return out
