@@ -39,6 +39,11 @@ def read_checkpoint(path: str, fmt: str, required: Iterable[str] = ()) -> dict:
         raise CheckpointError(f"{path}: cannot be read as a {fmt!r} checkpoint (corrupted, truncated or not written "
                               f"by resnas): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
             from None
+    return check_checkpoint(obj, path, fmt, required)
+
+
+def check_checkpoint(obj: Any, path: str, fmt: str, required: Iterable[str] = ()) -> dict:
+    """`obj` (the contents of `path`, already loaded) is a `fmt` checkpoint of this version holding `required`."""
     if not isinstance(obj, dict) or obj.get("format") != fmt:
         found = obj.get("format") if isinstance(obj, dict) else type(obj).__name__
         raise CheckpointError(f"{path}: expected a {fmt!r} checkpoint, found "

@@ -52,8 +52,8 @@ from resnas_kernels.models.vit_resnas import Arch, SearchSpace, ViTResNAS
 
 from . import data as data_mod
 from .augment import Augment, AugmentConfig
-from .checkpoint import (TRAIN_FORMAT, VERSION, CheckpointError, append_jsonl, read_checkpoint, read_jsonl,
-                         save_checkpoint, write_json_atomic, write_text_atomic)
+from .checkpoint import (TRAIN_FORMAT, VERSION, CheckpointError, append_jsonl, check_checkpoint, read_checkpoint,
+                         read_jsonl, save_checkpoint, write_json_atomic, write_text_atomic)
 
 __all__ = ["main", "build_parser", "lr_at", "split_batch", "build_supernet", "load_supernet", "evaluate_arch"]
 
@@ -203,9 +203,12 @@ def build_supernet(space: SearchSpace, img_size: int, num_classes: int, drop_pat
     return ViTResNAS(space=space, img_size=img_size, num_classes=num_classes, drop_path_rate=drop_path)
 
 
-def load_supernet(path: str, device="cpu"):
-    """(supernet in eval mode, the training checkpoint dict) from a `resnas train-supernet` checkpoint."""
-    ckpt = read_checkpoint(path, TRAIN_FORMAT, ("model", "space", "args", "num_classes", "step"))
+def load_supernet(path: str, device="cpu", ckpt: Optional[dict] = None):
+    """(supernet in eval mode, the training checkpoint dict) from a `resnas train-supernet` checkpoint; `ckpt`: the
+    file's contents when the caller has already loaded them (checked the same way)."""
+    required = ("model", "space", "args", "num_classes", "step")
+    ckpt = (read_checkpoint(path, TRAIN_FORMAT, required) if ckpt is None
+            else check_checkpoint(ckpt, path, TRAIN_FORMAT, required))
     if ckpt.get("subnet_arch") is not None:
         raise CheckpointError(f"{path}: a `resnas train-subnet` checkpoint (one architecture), not a supernet; its "
                               f"net.pt is the trained network")
@@ -377,6 +380,7 @@ def _subnet_defaults(args: argparse.Namespace, ckpt: Optional[dict]) -> None:
     """train-subnet: the architecture (from the checkpoint on --resume), and img_size / space name for the defaults
     from --init or best.json."""
     from .export import EXPORT_FORMAT, read_arch
+    args.init_checkpoint = None  # --init's contents, read once below; _init_subnet checks and loads them
     if ckpt is not None:      # --resume: everything else came back with the checkpoint's arguments
         args.subnet_arch = Arch.from_dict(ckpt["subnet_arch"])
         return
@@ -389,10 +393,7 @@ def _subnet_defaults(args: argparse.Namespace, ckpt: Optional[dict]) -> None:
     except (OSError, ValueError):
         pass
     if args.init is not None:
-        try:   # only hints here: _init_subnet reports an unreadable or foreign file
-            init = torch.load(args.init, map_location="cpu", weights_only=True)
-        except Exception:  # noqa: BLE001
-            init = {}
+        init = args.init_checkpoint = _read_init(args.init)
         if isinstance(init, dict) and init.get("format") == EXPORT_FORMAT:
             hints = {"img_size": init.get("img_size"), "space": init.get("space")}
         elif isinstance(init, dict) and isinstance(init.get("args"), dict):
@@ -403,18 +404,23 @@ def _subnet_defaults(args: argparse.Namespace, ckpt: Optional[dict]) -> None:
     args.space = space if space in ("demo", "tiny", "small") else ("demo" if args.data is None else "tiny")
 
 
-def _init_subnet(model: ViTResNAS, arch: Arch, path: str, img_size: int, num_classes: int) -> None:
-    """Load --init into the one-architecture model: an exported net (same pruned arch) or a supernet (sliced)."""
-    from .export import EXPORT_FORMAT
+def _read_init(path: str):
+    """The --init file as loaded by torch.load(weights_only=True), read once at start-up."""
     if not os.path.isfile(path):
         raise ValueError(f"--init {path!r}: no such file")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (a corrupted or foreign file)
         raise CheckpointError(f"--init {path!r}: cannot be read as a checkpoint: {type(exc).__name__}") from None
+
+
+def _init_subnet(model: ViTResNAS, arch: Arch, path: str, obj, img_size: int, num_classes: int) -> None:
+    """Load --init (`obj`, the file at `path` as `_read_init` loaded it) into the one-architecture model: an exported
+    net (same pruned arch) or a supernet (sliced)."""
+    from .export import EXPORT_FORMAT
     fmt = obj.get("format") if isinstance(obj, dict) else None
     if fmt == EXPORT_FORMAT:
-        obj = read_checkpoint(path, EXPORT_FORMAT, ("state_dict", "arch", "img_size", "num_classes"))
+        obj = check_checkpoint(obj, path, EXPORT_FORMAT, ("state_dict", "arch", "img_size", "num_classes"))
         if Arch.from_dict(obj["arch"]) != arch.pruned():
             raise ValueError(f"--init {path!r} holds {Arch.from_dict(obj['arch'])}, not the --arch network "
                              f"{arch.pruned()}")
@@ -423,7 +429,7 @@ def _init_subnet(model: ViTResNAS, arch: Arch, path: str, img_size: int, num_cla
                              f"classes, this run uses {img_size} and {num_classes}")
         state = obj["state_dict"]
     elif fmt == TRAIN_FORMAT:
-        supernet, sck = load_supernet(path)
+        supernet, sck = load_supernet(path, ckpt=obj)
         if (sck["args"]["img_size"], sck["num_classes"]) != (img_size, num_classes):
             raise ValueError(f"--init {path!r} is a supernet for img_size {sck['args']['img_size']} and "
                              f"{sck['num_classes']} classes, this run uses {img_size} and {num_classes}")
@@ -457,7 +463,7 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
         model = ViTResNAS(subnet.pruned(), img_size=args.img_size, num_classes=train.num_classes,
                           drop_path_rate=args.drop_path)
         if ckpt is None and args.init is not None:
-            _init_subnet(model, subnet, args.init, args.img_size, train.num_classes)
+            _init_subnet(model, subnet, args.init, args.init_checkpoint, args.img_size, train.num_classes)
         model = model.to(device)
     opt = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -574,7 +580,7 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
 
 def _plain_args(args: argparse.Namespace) -> dict:
     """The arguments as plain data (checkpoint- and JSON-safe): the parsed Arch is saved separately."""
-    return {k: v for k, v in vars(args).items() if k != "subnet_arch"}
+    return {k: v for k, v in vars(args).items() if k not in ("subnet_arch", "init_checkpoint")}
 
 
 def _json_line(r: dict) -> str:

@@ -220,7 +220,7 @@ def test_search_respects_the_latency_budget_and_reuses_the_table(supernet, tmp_p
                            "--latency-lut", lut_path]) == 2
 
 
-def test_train_subnet_fine_tunes_the_exported_net(supernet, searched, tmp_path, capsys):
+def test_train_subnet_fine_tunes_the_exported_net(supernet, searched, tmp_path, capsys, monkeypatch):
     best_path = os.path.join(searched, "best.json")
     net_path = str(tmp_path / "net.pt")
     assert export.main(["--arch", best_path, "--supernet", supernet, "--out", net_path]) == 0
@@ -240,7 +240,16 @@ def test_train_subnet_fine_tunes_the_exported_net(supernet, searched, tmp_path, 
     assert moved and all(torch.isfinite(v).all() for v in tuned.state_dict().values())
     # sliced straight from the supernet: the same start as the export
     sl = tmp_path / "sliced"
+    reads = []
+    real_load = torch.load
+
+    def counting_load(f, *a, **kw):
+        reads.append(str(f))
+        return real_load(f, *a, **kw)
+    monkeypatch.setattr(torch, "load", counting_load)
     assert finetune.main([*base, "--init", supernet, "--out", str(sl), "--epochs", "1", "--stop-at-step", "1"]) == 0
+    monkeypatch.setattr(torch, "load", real_load)
+    assert reads.count(supernet) == 1, reads                           # --init is read once at start-up
     assert finetune.main([*base, "--init", supernet, "--out", str(sl), "--resume"]) == 0
     for k, v in export.load_exported(os.path.join(sl, "net.pt")).state_dict().items():
         assert torch.equal(v, tuned.state_dict()[k]), k                  # resumed run == uninterrupted run
