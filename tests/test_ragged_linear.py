@@ -219,6 +219,18 @@ def test_sixteen_groups_with_empty_and_single_sample_groups(backend):
     check_against_oracle(backend, inp, "G16")
 
 
+@pytest.mark.parametrize("epilogue", ["bias", "gelu", "drop_path"])
+def test_cpu_wide_output_column_tiles(epilogue):
+    """Outputs over 4x wider than the C++ forward's row block are cut into column tiles (fwd_tasks in
+    csrc/cpu/ragged_linear.cpp); the tiles' epilogues and the zeros beyond n_g must still be exact. Group 2 has k_g = 0
+    (y is act(bias) on every column tile), group 3 is as wide as the segment, group 4 has n_g = 0."""
+    _require("cpu")
+    spec = Spec((3, 2, 1, 1, 1), (64, 40, 0, 64, 33), (1100, 700, 1030, 1152, 0), 20, 64, 1152)
+    inp = make_inputs(spec, residual=epilogue == "drop_path", row_scale=epilogue == "drop_path",
+                      activation="gelu" if epilogue == "gelu" else None)
+    check_against_oracle("cpu", inp, f"wide-{epilogue}")
+
+
 @pytest.mark.parametrize("backend", CPU_BACKENDS)
 def test_qkv_output_is_a_strided_qkv_view(backend):
     """y.view(B, N, 3, H_max, d): q = y[:, :, 0] is a view (no copy) and holds each group's first h_g heads."""
@@ -316,11 +328,15 @@ def test_weight_gradients_are_bitwise_deterministic(backend, activation):
         assert torch.equal(a, b_), f"{backend}: {name} differs bitwise between two runs"
 
 
-def test_cpu_gradients_do_not_depend_on_the_thread_count():
-    """The C++ backward gives each dW tile and each row block to one thread with a fixed summation order, so even the
-    thread count does not change a bit (stronger than run-to-run determinism)."""
+@pytest.mark.parametrize("spec", [
+    Spec((5, 3, 2), (220, 176, 0), (352, 440, 96), 17, 220, 440),                # small W: fused row-chunk path
+    Spec((3, 2, 1, 2), (400, 352, 0, 176), (240, 160, 96, 0), 5, 400, 240, segments=3),  # large W: dW tiles
+], ids=lambda s: s.id())
+def test_cpu_gradients_do_not_depend_on_the_thread_count(spec):
+    """The C++ backward gives each dW tile / row chunk and each row block to one thread with a fixed summation order,
+    so even the thread count does not change a bit (stronger than run-to-run determinism). The two specs take the two
+    backward paths of csrc/cpu/ragged_linear.cpp (W up to / over kFusedMaxWeight elements)."""
     _require("cpu")
-    spec = Spec((5, 3, 2), (220, 176, 0), (352, 440, 96), 17, 220, 440)
     inp = make_inputs(spec, residual=True, row_scale=True, activation="gelu")
     sizes, kw, nw = _bwd_args(inp, "gelu")
     dy = torch.randn(inp.groups.batch, spec.tokens, spec.n_max)
@@ -330,9 +346,10 @@ def test_cpu_gradients_do_not_depend_on_the_thread_count():
         with rk.use_backend("cpu"):
             for threads in (1, 2, 3):
                 torch.set_num_threads(threads)
-                y, pre = ragged_linear_fwd(inp.x, inp.w, inp.b, inp.r, inp.s, sizes, kw, nw, 1, "gelu", True)
-                results.append((y,) + ragged_linear_bwd(dy, inp.x, inp.w, pre, inp.s, sizes, kw, nw, 1, "gelu", True,
-                                                        True))
+                y, pre = ragged_linear_fwd(inp.x, inp.w, inp.b, inp.r, inp.s, sizes, kw, nw, spec.segments, "gelu",
+                                           True)
+                results.append((y,) + ragged_linear_bwd(dy, inp.x, inp.w, pre, inp.s, sizes, kw, nw, spec.segments,
+                                                        "gelu", True, True))
     finally:
         torch.set_num_threads(threads_before)
     for other in results[1:]:
