@@ -144,3 +144,13 @@ def resolve_backend(op_name: str, device: torch.device) -> str:
 def dispatch(op_name: str, device: torch.device, impls: Dict[str, Callable]) -> Callable:
     """The implementation of `op_name` for `device` under the current backend setting."""
     return impls[resolve_backend(op_name, device)]
+
+
+def eager_cpu(*tensors) -> bool:
+    """True when a custom op's dispatch adds nothing to calling its body: eager (not tracing / compiling, no dispatch
+    or torch-function mode such as fake tensors active) on plain CPU tensors."""
+    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
+        return False
+    if torch._C._is_torch_function_mode_enabled():
+        return False
+    return all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)

@@ -587,3 +587,22 @@ class TestBadInput:
         with pytest.raises(RuntimeError, match="ext_ragged_linear_bwd: gelu=True needs the saved pre-activation"):
             torch.ops.resnas.ext_ragged_linear_bwd(torch.zeros(12, 6), self.x.view(12, 8), self.w, None, None,
                                                    [6, 6], [8, 5], [6, 3], 1, 3, True, True, False)
+
+
+@pytest.mark.parametrize("epilogue", ["plain", "bias", "gelu", "drop_path", "gelu_drop_path"])
+@pytest.mark.parametrize("spec", [
+    Spec((2, 1), (44, 44), (24, 24), 17, 44, 24),                 # one weight for all: a plain linear
+    Spec((2, 0, 1), (44, 20, 44), (24, 8, 24), 5, 44, 24, segments=3),  # dense qkv; an empty group's widths don't count
+], ids=Spec.id)
+def test_cpu_dense_calls_take_one_gemm_and_match_the_oracle(spec, epilogue, monkeypatch):
+    """Full-width calls (a searched net's layers) run the forward as one BLAS GEMM (`_dense_fwd`), not the kernel."""
+    _require("cpu")
+    taken = []
+    real = rl_mod._dense_fwd
+    monkeypatch.setattr(rl_mod, "_dense_fwd", lambda *a: taken.append(1) or real(*a))
+    check_against_oracle("cpu", make_inputs(spec, **EPILOGUES[epilogue]), f"dense-{epilogue}")
+    assert taken, "the dense forward path was not taken"
+    taken.clear()
+    ragged = replace(spec, n_widths=(spec.n_widths[0] - 1,) + spec.n_widths[1:])
+    check_against_oracle("cpu", make_inputs(ragged, **EPILOGUES[epilogue]), f"ragged-{epilogue}")
+    assert not taken, "a ragged call took the dense path"

@@ -49,7 +49,7 @@ import torch
 from .. import _ext
 from .._triton import tl, triton
 from ..aot import register_aot
-from ..backend import OpInfo, get_backend, register_op, resolve_backend, why_unavailable
+from ..backend import OpInfo, eager_cpu, get_backend, register_op, resolve_backend, why_unavailable
 from ..ragged import Ragged, as_ragged
 from ..reference.attention import levit_bias_index, levit_query_resolution
 from ..reference.layer_norm import compute_dtype
@@ -816,7 +816,7 @@ def ragged_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
 
 
 def _fwd_body(q, k, v, bias_table, bias_index, dense_bias, groups: Ragged, scale: float, grid: List[int]):
-    """The body of `ragged_attention_fwd`; eager CPU calls run it without the op's dispatch (`_eager_cpu`)."""
+    """The body of `ragged_attention_fwd`; eager CPU calls run it without the op's dispatch (`backend.eager_cpu`)."""
     _check_index_values(bias_index, bias_table)
     if bias_index is not None:
         bias_index = bias_index.to(torch.int32).contiguous()  # the kernels read int32 (checked to fit above)
@@ -878,7 +878,7 @@ def _backward(ctx, dout, _dlse):
     sizes, widths, scale, grid = ctx.args
     need_table = bias_table is not None and ctx.needs_input_grad[3]
     need_dense = dense_bias is not None and ctx.needs_input_grad[5]
-    if _eager_cpu(q, dout):  # the op's body without its dispatch (~40 us a call), as in the forward
+    if eager_cpu(q, dout):  # the op's body without its dispatch (~40 us a call), as in the forward
         dq, dk, dv, dtable, ddense = _bwd_body(dout, q, k, v, out, lse, bias_table, bias_index, dense_bias,
                                                Ragged(tuple(sizes), tuple(widths)), scale, grid, need_table,
                                                need_dense)
@@ -1008,7 +1008,7 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: O
         bias_table = bias_table.contiguous()
     if dense_bias is not None:
         dense_bias = dense_bias.contiguous()
-    if _eager_cpu(q, k, v):
+    if eager_cpu(q, k, v):
         # Same body and autograd as the custom op's, without its dispatch (~40 us a call: more than the whole N = 16
         # kernel). Without gradients to record, not even an autograd node.
         if torch.is_grad_enabled() and any(t is not None and t.requires_grad
@@ -1019,16 +1019,6 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: O
     out, _ = ragged_attention_fwd(q, k, v, bias_table, bias_index, dense_bias, list(heads.sizes), list(heads.widths),
                                   float(scale), grid)
     return out
-
-
-def _eager_cpu(*tensors) -> bool:
-    """True when a custom op's dispatch adds nothing to calling its body: eager (not tracing / compiling, no dispatch
-    or torch-function mode such as fake tensors active) on plain CPU tensors."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return False
-    if torch._C._is_torch_function_mode_enabled():
-        return False
-    return all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
 
 
 class _EagerAttention(torch.autograd.Function):

@@ -39,16 +39,20 @@ Caveats:
   ahead of time for sm_80/sm_90 only; block sizes and autotune configs are untuned guesses.
 - k_g = 0 gives act(bias) on the group's rows (an empty product is zero); n_g = 0 gives zeros and costs no GEMM work.
 - Double backward is not supported.
+- cpu backend, dense calls (every group with rows has k_g = K_max and n_g = the segment width, fp32 / fp64): the
+  forward is one multithreaded BLAS GEMM plus ATen epilogue ops (`_dense_fwd`), like F.linear; the backward is still
+  the C++ kernel (deterministic dW whatever the thread count).
 """
 import functools
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 
 from .. import _ext
 from .._triton import tl, triton
 from ..aot import register_aot
-from ..backend import OpInfo, register_op, resolve_backend
+from ..backend import OpInfo, eager_cpu, register_op, resolve_backend
 from ..ragged import Ragged, as_ragged
 from ..reference.layer_norm import compute_dtype
 from ..reference.linear import out_width_tuple
@@ -564,8 +568,36 @@ def _reference_bwd(dy2, x2, weight, pre2, row_scale, row_counts, in_widths, out_
 # ---------------------------------------------------------------------------------------------------------------------
 # C++ backend (csrc/cpu/ragged_linear.cpp): same contract on 2-D rows with per-group row counts
 # ---------------------------------------------------------------------------------------------------------------------
+def _is_dense(x2, weight, row_counts, in_widths, out_widths, segments) -> bool:
+    """Every group that has rows uses the whole weight (k_g = K_max, n_g = the segment width): a plain linear."""
+    k_max, seg_width = x2.shape[1], weight.shape[0] // segments
+    return x2.shape[0] > 0 and all(rows == 0 or (k == k_max and n == seg_width)
+                                   for rows, k, n in zip(row_counts, in_widths, out_widths))
+
+
+def _dense_fwd(x2, weight, bias, r2, row_scale, rows_per_sample, gelu, save_pre):
+    """The forward of a dense call (`_is_dense`): one multithreaded BLAS GEMM over all rows, as F.linear does, then
+    the epilogue with ATen ops. The C++ kernel's row blocks (sized from the shapes, single-threaded BLAS each) repack
+    W once per block, which on one full-width group is ~25% slower than one GEMM; with ragged groups they are what
+    makes the slices cheap, so only dense calls (a searched net's layers) take this path."""
+    h = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
+    pre = h if save_pre else x2.new_empty((0,))
+    y = F.gelu(h) if gelu else h
+    if r2 is not None:
+        if row_scale is None:
+            y = r2 + y
+        else:  # one scale per sample, in fp32 like the kernels' epilogue
+            scale = row_scale.to(y.dtype).repeat_interleave(rows_per_sample).unsqueeze(1)
+            y = torch.addcmul(r2, y, scale)
+    return y, pre
+
+
 def _ext_fwd(x2, weight, bias, r2, row_scale, row_counts, in_widths, out_widths, segments, rows_per_sample, gelu,
              save_pre):
+    # fp32 / fp64 only: for fp16 / bf16 the kernel adds the bias and applies GELU in fp32 before one rounding.
+    if (x2.dtype in (torch.float32, torch.float64) and (bias is None or bias.dtype == x2.dtype)
+            and _is_dense(x2, weight, row_counts, in_widths, out_widths, segments)):
+        return _dense_fwd(x2, weight, bias, r2, row_scale, rows_per_sample, gelu, save_pre)
     return torch.ops.resnas.ext_ragged_linear_fwd(x2, weight, bias, r2, row_scale, list(row_counts), list(in_widths),
                                                   list(out_widths), segments, rows_per_sample, gelu, save_pre)
 
@@ -606,6 +638,11 @@ def ragged_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       save_pre: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (y, pre). pre = x W^T + b (the GELU input, zeros beyond n_g) when activation == "gelu" and save_pre,
     else an empty tensor. Arguments are checked by `ragged_linear`; this op trusts them."""
+    return _fwd_body(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments, activation, save_pre)
+
+
+def _fwd_body(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments, activation, save_pre):
+    """The body of `ragged_linear_fwd`; eager CPU calls without gradients run it without the op's dispatch."""
     rps = _rows_per_sample(x)
     k_max, n_max = x.shape[-1], weight.shape[0]
     gelu = activation == "gelu"
@@ -771,6 +808,8 @@ def ragged_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             raise ValueError("row_scale must not require grad: ragged_linear treats it as a constant (detach it)")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
-    y, _ = ragged_linear_fwd(x, weight, bias, residual, row_scale, list(in_groups.sizes), list(in_groups.widths),
-                             list(n_widths), segments, activation or "none", activation == "gelu" and needs_grad)
-    return y
+    args = (x, weight, bias, residual, row_scale, list(in_groups.sizes), list(in_groups.widths), list(n_widths),
+            segments, activation or "none", activation == "gelu" and needs_grad)
+    if not needs_grad and eager_cpu(x, weight):
+        return _fwd_body(*args)[0]  # no autograd node to record: skip the op's dispatch (~40 us, a small layer's cost)
+    return ragged_linear_fwd(*args)[0]
