@@ -153,4 +153,4 @@ def eager_cpu(*tensors) -> bool:
         return False
     if torch._C._is_torch_function_mode_enabled():
         return False
-    return all(type(t) is torch.Tensor and t.device.type == "cpu" for t in tensors)
+    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" for t in tensors)

@@ -606,3 +606,22 @@ def test_cpu_dense_calls_take_one_gemm_and_match_the_oracle(spec, epilogue, monk
     ragged = replace(spec, n_widths=(spec.n_widths[0] - 1,) + spec.n_widths[1:])
     check_against_oracle("cpu", make_inputs(ragged, **EPILOGUES[epilogue]), f"ragged-{epilogue}")
     assert not taken, "a ragged call took the dense path"
+
+
+def test_eager_no_grad_cpu_calls_skip_the_dispatch_with_the_same_result(monkeypatch):
+    """Without gradients, eager CPU calls (plain tensors or nn.Parameter weights) run the op's body directly; the
+    result is bitwise the custom op's."""
+    _require("cpu")
+    spec = Spec((2, 1), (44, 20), (24, 16), 5, 44, 24, segments=3)
+    inp = make_inputs(spec, activation="gelu", residual=True, row_scale=True)
+    w = torch.nn.Parameter(inp.w)
+    bodies = []
+    real = rl_mod._fwd_body
+    monkeypatch.setattr(rl_mod, "_fwd_body", lambda *a: bodies.append(1) or real(*a))
+    with torch.no_grad():
+        y = rk.ragged_linear(inp.x, w, inp.b, inp.groups, spec.n_widths, segments=3, activation="gelu",
+                             residual=inp.r, row_scale=inp.s)
+    assert bodies == [1]
+    y_op, _ = torch.ops.resnas.ragged_linear_fwd(inp.x, inp.w, inp.b, inp.r, inp.s, list(spec.sizes),
+                                                 list(spec.k_widths), list(spec.n_widths), 3, "gelu", False)
+    assert torch.equal(y, y_op)
