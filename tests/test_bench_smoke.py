@@ -224,6 +224,31 @@ def test_time_cpu_statistics():
     assert t.p20 >= 2.0 * 0.95  # a sleep never returns early: the timer cannot under-report
 
 
+def test_cpu_gemm_ceiling_is_the_faster_library():
+    """The CPU GEMM ceiling times BLAS (torch.mm) and, where torch has it, oneDNN's fp32 matmul, and keeps the faster:
+    a fake timer makes each library the faster one in turn; both really run once, and their products agree."""
+    from resnas_kernels.bench.harness import Timing, measure_ceilings
+
+    has_onednn = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+    for fast_call in (0, 1):
+        calls, products = [], []
+
+        def timer(fn):
+            products.append(fn())
+            ms = 1.0 if len(calls) == fast_call else 2.0
+            calls.append(ms)
+            return Timing(ms, ms, ms, 3, "perf_counter")
+
+        c = measure_ceilings(torch.device("cpu"), timer, "smoke")
+        gemm_calls = 2 if has_onednn else 1
+        assert len(calls) == gemm_calls + 1  # the GEMM(s), then the copy
+        picked_onednn = has_onednn and fast_call == 1
+        assert c.gemm == "sgemm float32 256^3" + (" (oneDNN)" if picked_onednn else "")
+        assert c.gflops == pytest.approx(2 * 256 ** 3 / (calls[1 if picked_onednn else 0] * 1e-3) / 1e9)
+        if has_onednn:
+            torch.testing.assert_close(products[1], products[0], rtol=1e-4, atol=1e-3)
+
+
 def test_rotating_cycles_through_input_sets():
     seen = []
     fn = rotating(lambda a, b: seen.append((a, b)), [(1, "x"), (2, "y"), (3, "z")])
