@@ -331,10 +331,17 @@ def test_im2col_matches_reference(backend, grid, has_cls, k, s, p):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("grid,has_cls,k,s,p", [((7, 7), True, 3, 2, 1), ((16, 16), False, 3, 2, 1),
                                                  ((5, 6), True, 5, 2, 2), ((4, 4), False, 1, 1, 0)])
-def test_conv_matches_reference_cpu(dtype, grid, has_cls, k, s, p):
-    """The CPU blocked implicit-GEMM conv vs its reference (im2col + one matmul per group); 16x16 with 20 samples per
-    group spans several blocks of whole samples. Groups: empty, width 0, one sample, co = ci."""
+@pytest.mark.parametrize("route", ["default", "blocked"])
+def test_conv_matches_reference_cpu(dtype, grid, has_cls, k, s, p, route, monkeypatch):
+    """The CPU conv vs its reference (im2col + one matmul per group), on both C++ routes: fp32 takes oneDNN's conv on
+    the channels-last token layout (backward too from 8x8 output patches), RESNAS_RSR_CONV=blocked the blocked
+    implicit GEMM; 16x16 with 20 samples per group spans several blocks of whole samples. Groups: empty, width 0,
+    one sample, co = ci."""
     _require("cpu")
+    if route == "blocked":
+        monkeypatch.setenv("RESNAS_RSR_CONV", "blocked")
+    else:
+        monkeypatch.delenv("RESNAS_RSR_CONV", raising=False)
     g, co_w, u, prm, _ = _make((20, 0, 1, 3, 2), (6, 5, 4, 5, 0), (9, 7, 4, 5, 0), 6, 10, grid, has_cls, dtype=dtype,
                                k=k, s=s, p=p, seed=5)
     w2d = prm["conv_weight"].reshape(10, -1)
@@ -356,6 +363,38 @@ def test_conv_matches_reference_cpu(dtype, grid, has_cls, k, s, p):
     assert_close_to_oracle(dw.to(dtype), oracle[1], same[1], "dweight", factor=3.0)
     assert dw.dtype == torch.float32 and (du[:, :int(has_cls)] == 0).all()
     assert (du[~g.mask(6)[:, None, :].expand_as(du)] == 0).all()
+
+
+@pytest.mark.parametrize("grid,fwd_onednn,bwd_onednn", [((16, 16), True, True), ((8, 8), True, False)])
+def test_conv_cpu_routes_and_determinism(grid, fwd_onednn, bwd_onednn, monkeypatch):
+    """Which C++ route runs (seen in the profiler as aten::convolution / convolution_backward), and that the oneDNN
+    route's gradients are bitwise equal over two runs (groups reduce into dweight in a fixed order)."""
+    _require("cpu")
+    from torch.profiler import profile
+
+    g, co_w, u, prm, _ = _make((3, 0, 1, 2), (6, 5, 4, 5), (9, 7, 4, 5), 6, 10, grid, True, seed=7)
+    w2d = prm["conv_weight"].reshape(10, -1)
+    args = (list(g.sizes), list(g.widths), list(co_w), list(grid), 3, 2, 1, True)
+    dout = torch.randn(u.shape[0], (grid[0] // 2) * (grid[1] // 2), 10)
+
+    def run():
+        with rk.use_backend("cpu"), profile() as prof:
+            out = rsr_conv_fwd(u, w2d, *args)
+            du, dw = rsr_conv_bwd(dout, u, w2d, *args)
+        names = {e.key for e in prof.key_averages()}
+        return (out, du, dw), "aten::convolution" in names, "aten::convolution_backward" in names
+
+    monkeypatch.delenv("RESNAS_RSR_CONV", raising=False)
+    first, fwd_seen, bwd_seen = run()
+    assert (fwd_seen, bwd_seen) == (fwd_onednn, bwd_onednn)
+    second, _, _ = run()
+    for name, a, b in zip(("out", "du", "dweight"), first, second):
+        assert torch.equal(a, b), f"{name} differs bitwise between two runs"
+    monkeypatch.setenv("RESNAS_RSR_CONV", "blocked")
+    blocked, fwd_seen, bwd_seen = run()
+    assert not fwd_seen and not bwd_seen
+    for name, a, b in zip(("out", "du", "dweight"), first, blocked):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: routes differ: {m}")
 
 
 def test_conv_fp64_gradcheck_cpu():

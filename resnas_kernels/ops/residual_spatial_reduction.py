@@ -9,7 +9,8 @@ The fused path is four registered custom ops chained by autograd, with no (B, C,
     conv = ragged_linear(cols, conv_weight.view(Co_max, -1))     the conv as ONE ragged GEMM: group g uses the
                                                                   top-left block [:co, :ci*k*k] = W[:co, :ci] flattened
            (on CPU, with the C++ extension: conv = rsr_conv(u, ...), the same two steps as a blocked implicit GEMM that
-           never materialises `cols`: at these shapes a fresh 40-150 MB buffer per call costs more than it saves)
+           never materialises `cols`: at these shapes a fresh 40-150 MB buffer per call costs more than it saves;
+           for fp32, oneDNN's direct conv on the channels-last token layout instead, see rsr_conv.py)
     cls  = ragged_linear(u[:, :1], cls_weight)                    the cls token's GEMV (has_cls only)
     out  = rsr_epilogue(conv, x, pos_embed, conv_bias, cls, cls_bias)
                                                                   one pass: + bias + pos_embed + zero-padded

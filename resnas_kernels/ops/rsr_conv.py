@@ -10,13 +10,21 @@ runs one BLAS GEMM per block. At ViT-ResNAS shapes the full column tensor is a f
 whose first-touch page faults cost up to a third of the GEMM time on the development machine; this op is the fused
 RSR's CPU path. On CUDA the fused RSR uses `rsr_im2col` + `ragged_linear` (Triton) instead.
 
+For fp32 on a torch built with oneDNN (the default x86 build) the C++ kernel takes a second route: per group, oneDNN's
+direct convolution (`at::convolution`) on the channels-last image the token layout already is (one compacting copy
+of the group's patch tokens, no NCHW round trip); the backward takes it for output grids of 8x8 patches or more.
+On the 2-core AMD development machine oneDNN's conv ran ~1.3x faster than the blocked path's MKL GEMMs on
+16x16 -> 8x8, and its backward ~10 % faster there but ~20 % slower on 8x8 -> 4x4, hence the split.
+`RESNAS_RSR_CONV=blocked` (read per call) forces the blocked path; both routes are tested against the reference.
+
 Backends: reference (im2col reference + one matmul per group) | cpu. No Triton / CUDA backend (see above).
 
 Caveats:
 - u contiguous, zero beyond each group's input width; weight (Co_max, Ci_max*k*k) contiguous, u's dtype or fp32.
 - fp16 / bf16 inputs are computed in fp32 (block buffers and GEMMs), fp64 in fp64; conv is rounded once to u's dtype.
 - dweight: groups and blocks accumulate in a fixed order, so it is reproducible run to run at a fixed thread count;
-  the BLAS library does not promise bit-equality across thread counts (as for ragged_linear's CPU dW).
+  neither BLAS nor oneDNN promises bit-equality across thread counts (as for ragged_linear's CPU dW). The two routes
+  agree to fp32 rounding, not bitwise.
 - Double backward is not supported.
 """
 from typing import List, Tuple
