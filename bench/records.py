@@ -24,8 +24,10 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
 
+from resnas_kernels.cpu_allocator import cpu_allocator_state
+
 COLUMNS = ("case", "provider", "backend", "mode", "shape", "dtype", "device", "device_name", "threads", "metric",
-           "p20", "p50", "p80", "unit", "timer", "samples", "profile", "load1", "torch", "triton", "date",
+           "p20", "p50", "p80", "unit", "timer", "samples", "profile", "load1", "allocator", "torch", "triton", "date",
            "git_commit", "run_id", "notes")
 
 CEILING_CASES = ("ceiling.gemm", "ceiling.copy")
@@ -90,6 +92,7 @@ def conditions(device: torch.device, threads: int, profile: str, repo: Optional[
         "threads": str(threads),
         "profile": profile,
         "load1": f"{load1:.2f}",
+        "allocator": cpu_allocator_state(),
         "torch": torch.__version__,
         "triton": triton_version(),
         "date": now,

@@ -3,6 +3,8 @@ import argparse
 import importlib
 import sys
 
+from .cpu_allocator import tune_cpu_allocator
+
 # subcommand -> (module, help); each module exposes main(argv) -> int. Modules import lazily so `resnas info`
 # works even when an optional dependency of another subcommand is missing.
 SUBCOMMANDS = {
@@ -15,6 +17,9 @@ SUBCOMMANDS = {
     "train-subnet": ("resnas_kernels.search.finetune", "fine-tune or retrain a searched network with the same trainer"),
 }
 
+# Commands that run long tensor workloads: they keep freed CPU memory in the process (resnas_kernels/cpu_allocator.py).
+TUNED_ALLOCATOR = ("bench", "train-supernet", "search", "train-subnet")
+
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -25,6 +30,8 @@ def main(argv=None) -> int:
         parser.print_help()
         return 0 if argv else 2
     args = parser.parse_args(argv[:1])
+    if args.command in TUNED_ALLOCATOR:
+        tune_cpu_allocator()  # before the command allocates anything; RESNAS_MALLOC_TUNING=0 opts out
     module = importlib.import_module(SUBCOMMANDS[args.command][0])
     return int(module.main(argv[1:]) or 0)
 

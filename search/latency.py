@@ -110,15 +110,11 @@ def _layer_fn(key: str, batch: int, img_size: int, device: torch.device, dtype: 
     if kind == "stem":
         stem = ConvStem(f["c"]).to(device=device, dtype=dtype).eval()
         x = rand(batch, 3, img_size, img_size)
-        k = stem.proj.kernel_size[0]
-        w = stem.proj.weight.reshape(f["c"], -1)
+        w = stem.proj_matrix(stem.proj.weight)
         groups = rk.Ragged.uniform(batch, w.shape[1])
 
         def fn():
-            t = stem.trunk(x)
-            b, mid, hh, ww = t.shape
-            p = t.view(b, mid, hh // k, k, ww // k, k).permute(0, 2, 4, 1, 3, 5).reshape(b, -1, mid * k * k)
-            return rk.ragged_linear(p, w, stem.proj.bias, groups, (f["c"],))
+            return rk.ragged_linear(stem.patches(stem.trunk(x)), w, stem.proj.bias, groups, (f["c"],))
         return fn
     if kind in ("attn", "mlp"):
         c, n = f["c"], f["n"]

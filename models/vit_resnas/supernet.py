@@ -19,9 +19,9 @@ the original; one group in loop mode), so compare the loop in eval mode.
 
 Layer code is thin: LayerNorm, linears (qkv as 3 segments, GELU and residual + drop-path epilogues), attention and the
 residual spatial reduction are the library's ragged ops. The stem trunk (three 3x3 convs) does not depend on the
-architecture, so it runs once for the whole batch with stock modules; only the 7x7/s7 projection's output width
-varies, and it runs as a ragged linear over im2col'd patches (kernel = stride, so im2col is a pure reshape-copy of the
-trunk output with K = 24 * 49 = 1176). A conv at maximum width followed by a mask would waste (C_max - c_g) / C_max of
+architecture, so it runs once for the whole batch with stock modules (channels-last); only the 7x7/s7 projection's
+output width varies, and it runs as a ragged linear over im2col'd patches (kernel = stride, so im2col is a pure
+reshape-copy of the trunk output with K = 24 * 49 = 1176). A conv at maximum width followed by a mask would waste (C_max - c_g) / C_max of
 that GEMM and break "work proportional to the sub-networks"; the im2col copy costs one pass over the trunk output.
 
 Removed blocks: the group's LayerNorm, qkv, attention and fc1 widths are 0 (the ops skip it); proj and fc2 get input
@@ -56,7 +56,7 @@ from resnas_kernels.reference import (masked_attention, masked_layer_norm, maske
                                       masked_residual_spatial_reduction)
 
 from .space import Arch, SearchSpace, get_space
-from .subnet import LN_EPS, ViTResNASNet
+from .subnet import LN_EPS, ConvStem, ViTResNASNet
 
 __all__ = ["ViTResNAS", "MODES"]
 
@@ -236,15 +236,11 @@ class ViTResNAS(ViTResNASNet):
 
     def _ragged_stem(self, x: torch.Tensor, embed: Ragged) -> torch.Tensor:
         """Image -> patch tokens (B, HW, C1_max), group g's zero beyond c1_g."""
-        trunk = self.stem.trunk(x)                                            # (B, 24, H/2, W/2), shared
-        b, mid, hh, ww = trunk.shape
-        k = self.stem.proj.kernel_size[0]
-        patches = (trunk.view(b, mid, hh // k, k, ww // k, k).permute(0, 2, 4, 1, 3, 5)
-                   .reshape(b, (hh // k) * (ww // k), mid * k * k))           # im2col; column order = conv weight's
+        patches = self.stem.patches(self.stem.trunk(x))                     # shared trunk, then im2col
         proj = self.stem.proj
         w, bias = _cast(proj, patches.dtype)  # under autocast the trunk's convs already returned its dtype
-        return rk.ragged_linear(patches, w.view(proj.out_channels, -1), bias,
-                                embed.with_widths((mid * k * k,) * embed.num_groups), embed.widths)
+        return rk.ragged_linear(patches, ConvStem.proj_matrix(w), bias,
+                                embed.with_widths((patches.shape[-1],) * embed.num_groups), embed.widths)
 
     def _ragged_stages(self, tokens: torch.Tensor, plan: _Plan) -> torch.Tensor:
         """Stem patch tokens -> stage-3 tokens (B, 1 + HW, C_max) before the final norm."""
