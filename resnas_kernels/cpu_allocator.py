@@ -3,10 +3,10 @@
 PyTorch's CPU tensors come from malloc. glibc serves large blocks (above a dynamic threshold of at most 32 MB) with
 fresh `mmap`s, gives them back on free, and trims the heap top back to the OS, so every step of a training loop
 page-faults its activations and gradients in again: the kernel zeroes each 4 KB page on first touch. On the 2-core
-development VM that is ~0.5 ms per MB, a fifth of a ViT-ResNAS supernet step at 4 x 8 images and more than half of
-the stem's BatchNorm / ReLU time (BENCHMARKS.md, "CPU allocator"). PyTorch's own CPU launcher
-(`torch.backends.xeon.run_cpu`) fixes this by preloading jemalloc or tcmalloc; this module does the same with glibc
-alone, at run time, through `mallopt`:
+development VM that is ~0.5 ms per MB: an eighth of a ViT-ResNAS supernet step at 4 x 8 images (a quarter of the
+masked formulation's) and about half of the conv stem's forward + backward (BENCHMARKS.md, "CPU allocator").
+PyTorch's own CPU launcher (`torch.backends.xeon.run_cpu`) fixes this by preloading jemalloc or tcmalloc; this module
+does the same with glibc alone, at run time, through `mallopt`:
 
     M_MMAP_MAX = 0            large blocks come from the heap, like small ones (reused after free)
     M_TRIM_THRESHOLD = 2 GiB  freed heap memory stays in the process for the next step

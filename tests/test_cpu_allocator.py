@@ -4,6 +4,7 @@ Each check runs in a fresh interpreter: the tuning is process-wide and permanent
 process (the other tests measure nothing, but they should run under the allocator users get by default).
 """
 import os
+import platform
 import subprocess
 import sys
 import textwrap
@@ -11,8 +12,8 @@ import types
 
 import pytest
 
-glibc_linux = pytest.mark.skipif(not sys.platform.startswith("linux") or os.uname().machine != "x86_64",
-                                 reason="the tuning applies to glibc Linux; the CI and dev machines are x86_64 Linux")
+glibc_linux = pytest.mark.skipif(platform.libc_ver()[0] != "glibc",
+                                 reason="the tuning applies to glibc only (the CI and dev machines are glibc Linux)")
 
 # Allocates, touches and frees a 64 MB tensor and counts the minor page faults of four rounds after four warm-up
 # rounds: with glibc's defaults every round maps fresh pages (64 MB / 4 KB = 16384 faults a round); tuned, the freed

@@ -21,8 +21,9 @@ Layer code is thin: LayerNorm, linears (qkv as 3 segments, GELU and residual + d
 residual spatial reduction are the library's ragged ops. The stem trunk (three 3x3 convs) does not depend on the
 architecture, so it runs once for the whole batch with stock modules (channels-last); only the 7x7/s7 projection's
 output width varies, and it runs as a ragged linear over im2col'd patches (kernel = stride, so im2col is a pure
-reshape-copy of the trunk output with K = 24 * 49 = 1176). A conv at maximum width followed by a mask would waste (C_max - c_g) / C_max of
-that GEMM and break "work proportional to the sub-networks"; the im2col copy costs one pass over the trunk output.
+reshape-copy of the trunk output with K = 24 * 49 = 1176). A conv at maximum width followed by a mask would waste
+(C_max - c_g) / C_max of that GEMM and break "work proportional to the sub-networks"; the im2col copy costs one pass
+over the trunk output.
 
 Removed blocks: the group's LayerNorm, qkv, attention and fc1 widths are 0 (the ops skip it); proj and fc2 get input
 width 0 and output width c_g with the residual epilogue and a row scale of 0 for the group's samples, so the op
@@ -56,7 +57,7 @@ from resnas_kernels.reference import (masked_attention, masked_layer_norm, maske
                                       masked_residual_spatial_reduction)
 
 from .space import Arch, SearchSpace, get_space
-from .subnet import LN_EPS, ConvStem, ViTResNASNet
+from .subnet import LN_EPS, ViTResNASNet
 
 __all__ = ["ViTResNAS", "MODES"]
 
@@ -239,7 +240,7 @@ class ViTResNAS(ViTResNASNet):
         patches = self.stem.patches(self.stem.trunk(x))                     # shared trunk, then im2col
         proj = self.stem.proj
         w, bias = _cast(proj, patches.dtype)  # under autocast the trunk's convs already returned its dtype
-        return rk.ragged_linear(patches, ConvStem.proj_matrix(w), bias,
+        return rk.ragged_linear(patches, self.stem.proj_matrix(w), bias,
                                 embed.with_widths((patches.shape[-1],) * embed.num_groups), embed.widths)
 
     def _ragged_stages(self, tokens: torch.Tensor, plan: _Plan) -> torch.Tensor:
