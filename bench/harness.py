@@ -6,10 +6,12 @@ shape, dtype), says how much useful work it is (`flops`, `bytes`), and maps prov
 repeats, synchronisation, thread pinning, ceilings, CSV rows.
 
 Timing:
-- CPU: `time_cpu`: warm-up, then timed samples with `time.perf_counter` until a time budget is spent (at least
-  `min_samples`); very fast calls are batched several per sample so the timer's resolution does not dominate. The
-  garbage collector is off while timing. Reported: p20 / p50 / p80 of ms per call. CPU inputs are not rotated:
-  CPU numbers are warm-cache numbers (stated in BENCHMARKS.md).
+- CPU: `time_cpu_interleaved` for a case's providers: warm-up of each, then rounds that take one timed sample
+  (`time.perf_counter`) of every provider, rotating which goes first, until they together have spent the time budget
+  of each (at least `min_samples` each), so the VM's drift hits all providers alike and same-run ratios hold; very fast calls are batched
+  several per sample so the timer's resolution does not dominate. `time_cpu` times one callable the same way (the
+  ceilings). The garbage collector is off while timing. Reported: p20 / p50 / p80 of ms per call. CPU inputs are
+  not rotated: CPU numbers are warm-cache numbers (stated in BENCHMARKS.md).
 - CUDA: `time_cuda`: `triton.testing.do_bench` (CUDA events, L2 flushed between repeats), and for small launches
   (fwd / infer cases whose median is under `SMALL_LAUNCH_MS`) also `do_bench_cudagraph`, which replays the calls in
   a CUDA graph and so removes launch overhead. Both are recorded; the CSV's `timer` column says which is which.
@@ -31,8 +33,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Case", "Context", "Timing", "Ceilings", "MODES", "QUANTILES", "time_cpu", "time_cuda", "timer_for",
-           "measure_ceilings", "rotating", "rotation_copies", "synchronize"]
+__all__ = ["Case", "Context", "Timing", "Ceilings", "MODES", "QUANTILES", "time_cpu", "time_cpu_interleaved",
+           "time_cuda", "timer_for", "measure_ceilings", "rotating", "rotation_copies", "synchronize"]
 
 MODES = ("fwd", "fwd+bwd", "infer", "train")
 QUANTILES = (0.5, 0.2, 0.8)  # the order triton.testing returns them in
@@ -121,22 +123,36 @@ def synchronize(device: torch.device) -> None:
 # ---------------------------------------------------------------------------------------------------------------------
 # CPU timer
 # ---------------------------------------------------------------------------------------------------------------------
-def time_cpu(fn: Callable[[], Any], budget_s: float = 1.0, warmup_s: float = 0.2, min_samples: int = 5,
-             max_samples: int = 10_000, min_sample_s: float = 1e-3) -> Timing:
-    """Time `fn` on the CPU: warm-up, then samples until `budget_s` is spent and `min_samples` are taken."""
-    # Warm-up: the first calls allocate, fill caches, compile (torch.compile) and spin up the OpenMP pool.
+def _warm_up(fn: Callable[[], Any], warmup_s: float) -> float:
+    """Seconds per call after a warm-up: the first calls allocate, fill caches, compile (torch.compile) and spin up the
+    OpenMP pool. A call longer than the warm-up budget is its own warm-up (keeps slow cases affordable)."""
     t0 = time.perf_counter()
     fn()
     per_call = time.perf_counter() - t0
-    if per_call < warmup_s:  # a call longer than the warm-up budget is its own warm-up (keeps slow cases affordable)
+    if per_call < warmup_s:
         start = time.perf_counter()
         calls = 0
         while time.perf_counter() - start < warmup_s:
             fn()
             calls += 1
         per_call = (time.perf_counter() - start) / calls
-    # A sample of at least min_sample_s: below ~1 ms, perf_counter's call overhead and scheduler jitter would dominate.
-    inner = max(1, min(1000, math.ceil(min_sample_s / max(per_call, 1e-9))))
+    return per_call
+
+
+def _calls_per_sample(per_call: float, min_sample_s: float) -> int:
+    """A sample of at least min_sample_s: below ~1 ms, perf_counter's call overhead and scheduler jitter dominate."""
+    return max(1, min(1000, math.ceil(min_sample_s / max(per_call, 1e-9))))
+
+
+def _timing(samples: List[float], timer: str) -> Timing:
+    p20, p50, p80 = np.percentile(np.asarray(samples) * 1e3, [20, 50, 80])
+    return Timing(float(p20), float(p50), float(p80), len(samples), timer)
+
+
+def time_cpu(fn: Callable[[], Any], budget_s: float = 1.0, warmup_s: float = 0.2, min_samples: int = 5,
+             max_samples: int = 10_000, min_sample_s: float = 1e-3) -> Timing:
+    """Time `fn` on the CPU: warm-up, then samples until `budget_s` is spent and `min_samples` are taken."""
+    inner = _calls_per_sample(_warm_up(fn, warmup_s), min_sample_s)
     samples: List[float] = []
     # A collection in the middle of a sample is noise, not the op's cost. (No gc.collect() first: with torch, triton
     # and the models imported, a full collection takes seconds, and would cost minutes over a run.)
@@ -154,8 +170,67 @@ def time_cpu(fn: Callable[[], Any], budget_s: float = 1.0, warmup_s: float = 0.2
     finally:
         if gc_was_enabled:
             gc.enable()
-    p20, p50, p80 = np.percentile(np.asarray(samples) * 1e3, [20, 50, 80])
-    return Timing(float(p20), float(p50), float(p80), len(samples), "perf_counter")
+    return _timing(samples, "perf_counter")
+
+
+def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], budget_s: float = 1.0, warmup_s: float = 0.2,
+                         min_samples: int = 5, max_samples: int = 10_000, min_sample_s: float = 1e-3,
+                         on_error: Optional[Callable[[str, BaseException], None]] = None) -> Dict[str, Timing]:
+    """Time several providers of one case on the CPU in interleaved rounds: each round takes one sample of every
+    provider, starting from a different provider each round, until the providers together have spent `budget_s` each
+    (as long as timing them one after another) and each has at least `min_samples` samples.
+
+    Why: a shared VM's speed drifts by 10-30 % over seconds to minutes. Timed one after another, each provider gets
+    its own stretch of that drift, and a ratio of two medians can be off by the drift (a provider measured 0.85x in one
+    run and 1.36x interleaved minutes later). Interleaved, every provider sees the same mix of fast and slow moments,
+    so same-run ratios hold. Each provider still gets its own warm-up and calls-per-sample.
+
+    A provider that raises (in warm-up or later) is passed to `on_error(name, exc)` (re-raised when None) and
+    dropped; the others go on. Returns name -> Timing (timer "perf_counter_interleaved") for the providers that ran.
+    """
+    inner: Dict[str, int] = {}
+    for name, fn in fns.items():
+        try:
+            inner[name] = _calls_per_sample(_warm_up(fn, warmup_s), min_sample_s)
+        except Exception as exc:  # noqa: BLE001 - reported through on_error
+            if on_error is None:
+                raise
+            on_error(name, exc)
+    names = list(inner)
+    samples: Dict[str, List[float]] = {name: [] for name in names}
+    spent: Dict[str, float] = {name: 0.0 for name in names}
+    gc_was_enabled = gc.isenabled()
+    gc.disable()  # as in time_cpu
+    try:
+        rnd = 0
+        while names:
+            order = names[rnd % len(names):] + names[:rnd % len(names)]  # no provider always goes first
+            rnd += 1
+            for name in order:
+                fn, n = fns[name], inner[name]
+                try:
+                    t0 = time.perf_counter()
+                    for _ in range(n):
+                        fn()
+                    elapsed = time.perf_counter() - t0
+                except Exception as exc:  # noqa: BLE001
+                    if on_error is None:
+                        raise
+                    on_error(name, exc)
+                    names.remove(name)
+                    del samples[name]
+                    continue
+                samples[name].append(elapsed / n)
+                spent[name] += elapsed
+            # Every provider has a sample per round, so stop on the providers' total time: the run takes as long as
+            # timing them one after another would (budget_s each), whatever their speed ratio.
+            if names and (len(samples[names[0]]) >= max_samples or (
+                    len(samples[names[0]]) >= min_samples and sum(spent[n] for n in names) >= budget_s * len(names))):
+                break
+    finally:
+        if gc_was_enabled:
+            gc.enable()
+    return {name: _timing(samples[name], "perf_counter_interleaved") for name in names}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -29,7 +29,8 @@ import torch
 
 from . import baseline as baselines
 from . import plots, records, report
-from .harness import (SMALL_LAUNCH_MS, Case, Ceilings, Context, Timing, measure_ceilings, time_cuda, timer_for)
+from .harness import (SMALL_LAUNCH_MS, Case, Ceilings, Context, Timing, measure_ceilings, time_cpu_interleaved,
+                      time_cuda, timer_for)
 
 # Per profile: timing budget per provider (s) on CPU and CUDA, CPU warm-up (s), min samples, ceiling size.
 PROFILES = {
@@ -156,22 +157,45 @@ def wants_graph(case: Case, eager: Timing) -> bool:
     return case.mode in ("fwd", "infer") and eager.p50 < SMALL_LAUNCH_MS
 
 
-def measure_case(case: Case, device: torch.device, timer, budget: float, failures: List[Failure]) -> CaseResult:
+def measure_case(case: Case, device: torch.device, timer, budget: float, failures: List[Failure],
+                 interleaved=None) -> CaseResult:
+    """Times every provider of `case`: with `interleaved(fns, on_error)` (CPU) all providers together in interleaved
+    rounds (`time_cpu_interleaved`), else one after another with `timer(fn)`. A failing provider is recorded in
+    `failures` and left out; the others are still measured."""
     out = CaseResult(case)
-    for provider, fn in case.providers.items():
-        where = f"{case.name} [{case.shape} {case.dtype}] provider {provider!r}"
+
+    def where(provider: str) -> str:
+        return f"{case.name} [{case.shape} {case.dtype}] provider {provider!r}"
+
+    def failed(provider: str, exc: BaseException) -> None:
+        details = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
+        failures.append(Failure(where(provider), f"{type(exc).__name__}: {exc}", details))
+
+    backends: Dict[str, str] = {}
+    for provider in case.providers:
         try:
-            backend = backend_of(case, provider, device)
-            timing = timer(fn)
+            backends[provider] = backend_of(case, provider, device)
         except Exception as exc:  # noqa: BLE001 - one failing provider must not stop the run
-            failures.append(Failure(where, f"{type(exc).__name__}: {exc}", traceback.format_exc()))
+            failed(provider, exc)
+    fns = {provider: case.providers[provider] for provider in backends}
+    if interleaved is not None:
+        timings = interleaved(fns, failed)
+    else:
+        timings = {}
+        for provider, fn in fns.items():
+            try:
+                timings[provider] = timer(fn)
+            except Exception as exc:  # noqa: BLE001 - one failing provider must not stop the run
+                failed(provider, exc)
+    for provider, fn in fns.items():
+        if provider not in timings:
             continue
-        result = ProviderResult(provider, backend, timing)
-        if device.type == "cuda" and wants_graph(case, timing):
+        result = ProviderResult(provider, backends[provider], timings[provider])
+        if device.type == "cuda" and wants_graph(case, result.timing):
             try:
                 result.graph = time_cuda(fn, budget_s=budget, graph=True)
             except Exception as exc:  # noqa: BLE001 - e.g. the callable syncs with the host: keep the eager time
-                failures.append(Failure(where + " under CUDA-graph replay", f"{type(exc).__name__}: {exc}",
+                failures.append(Failure(where(provider) + " under CUDA-graph replay", f"{type(exc).__name__}: {exc}",
                                         traceback.format_exc()))
         out.results.append(result)
     return out
@@ -336,6 +360,11 @@ def run(args, out_dir: Path) -> int:
         cond = records.conditions(device, torch.get_num_threads(), profile, repo)
         budget = args.budget if args.budget is not None else settings[f"{device.type}_budget"]
         timer = timer_for(device, budget, settings["warmup"], settings["min_samples"])
+        interleaved = None
+        if device.type == "cpu":  # providers interleaved: the VM's drift cancels out of same-run ratios
+            def interleaved(fns, on_error):
+                return time_cpu_interleaved(fns, budget_s=budget, warmup_s=settings["warmup"],
+                                            min_samples=settings["min_samples"], on_error=on_error)
         csv_path = out_dir / f"{records.device_kind(device)}.csv"
         print(f"== resnas bench on {device} ({cond['device_name']}): {torch.get_num_threads()} thread(s), profile "
               f"{profile}, torch {cond['torch']}, triton {cond['triton']}, commit {cond['git_commit']}, "
@@ -354,7 +383,7 @@ def run(args, out_dir: Path) -> int:
               f"(% of ceilings)   ratio")
         for case in cases:
             started = time.perf_counter()
-            result = measure_case(case, device, timer, budget, failures)
+            result = measure_case(case, device, timer, budget, failures, interleaved)
             rows = rows_for(result, ceilings, cond)
             records.append_rows(csv_path, rows)  # per case, so an interrupted run keeps what it measured
             all_rows += rows

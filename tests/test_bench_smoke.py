@@ -15,7 +15,7 @@ import torch
 from resnas_kernels import get_backend, resolve_backend
 from resnas_kernels.bench import baseline, records, report, runner
 from resnas_kernels.bench.cases import discover
-from resnas_kernels.bench.harness import Case, rotating, time_cpu
+from resnas_kernels.bench.harness import Case, rotating, time_cpu, time_cpu_interleaved
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 SMOKE = ["--smoke", "--module", "layer_norm", "--case", "ragged_layer_norm.fwd", "--device", "cpu", "--threads", "1"]
@@ -222,6 +222,76 @@ def test_time_cpu_statistics():
     assert t.timer == "perf_counter" and t.samples >= 4 and len(calls) >= t.samples + 1
     assert t.p20 <= t.p50 <= t.p80
     assert t.p20 >= 2.0 * 0.95  # a sleep never returns early: the timer cannot under-report
+
+
+def test_time_cpu_interleaved_alternates_providers():
+    """Every round samples each provider once, rotating which goes first: no provider gets a long run of its own."""
+    import time
+
+    log = []
+
+    def sleeper(name, ms):
+        def call():
+            log.append(name)
+            time.sleep(ms / 1e3)
+        return call
+
+    t = time_cpu_interleaved({"a": sleeper("a", 2), "b": sleeper("b", 4)}, budget_s=0.04, warmup_s=0.005,
+                             min_samples=4)
+    assert set(t) == {"a", "b"} and all(x.timer == "perf_counter_interleaved" for x in t.values())
+    assert t["a"].samples >= 4 and t["b"].samples >= 4
+    assert t["a"].p20 >= 2.0 * 0.95 and t["b"].p20 >= 4.0 * 0.95  # sleeps never return early
+    timed = log[log.index("b") + 1:]  # after both warm-ups (a's first, then b's: b's warm-up is 2 calls at 4 ms)
+    timed = timed[next(i for i, n in enumerate(timed) if n == "a"):]
+    longest = max(len(run) for run in "".join(timed).replace("ab", "a b").replace("ba", "b a").split())
+    assert longest <= 2, f"a provider ran {longest} samples in a row: {''.join(timed)}"
+
+
+def test_time_cpu_interleaved_cancels_drift():
+    """Two identical providers on a machine that is 3x slower for the first part of the measurement: timed one after
+    the other (time_cpu), the first looks ~3x slower; interleaved, their ratio stays near 1. The sequential control
+    shows the test can fail."""
+    import time
+
+    def drifting_machine(slow_for_s):
+        start = []
+
+        def call():
+            if not start:
+                start.append(time.perf_counter())
+            slow = time.perf_counter() - start[0] < slow_for_s
+            time.sleep((6 if slow else 2) / 1e3)
+        return call
+
+    budget, slow_for_s = 0.12, 0.144  # sequential: the first provider is timed in the slow part only
+    same = drifting_machine(slow_for_s)
+    first, second = time_cpu(same, budget_s=budget, warmup_s=0), time_cpu(same, budget_s=budget, warmup_s=0)
+    assert first.p50 / second.p50 > 2.0  # the control: sequential timing sees the drift as a difference
+    same = drifting_machine(slow_for_s)
+    t = time_cpu_interleaved({"x": same, "y": same}, budget_s=budget, warmup_s=0)
+    assert 0.8 < t["x"].p50 / t["y"].p50 < 1.25
+
+
+def test_time_cpu_interleaved_drops_failing_providers():
+    """A provider that raises in its warm-up or mid-run is reported through on_error and dropped; the others are
+    timed. Without on_error the exception propagates."""
+    calls = {"late": 0}
+
+    def late():
+        calls["late"] += 1
+        if calls["late"] > 3:
+            raise ValueError("late failure")
+
+    def early():
+        raise RuntimeError("early failure")
+
+    errors = []
+    t = time_cpu_interleaved({"ok": lambda: None, "late": late, "early": early}, budget_s=0.01, warmup_s=0,
+                             min_samples=5, on_error=lambda name, exc: errors.append((name, type(exc).__name__)))
+    assert set(t) == {"ok"} and t["ok"].samples >= 5
+    assert sorted(errors) == [("early", "RuntimeError"), ("late", "ValueError")]
+    with pytest.raises(RuntimeError, match="early failure"):
+        time_cpu_interleaved({"early": early}, budget_s=0.01, warmup_s=0)
 
 
 def test_cpu_gemm_ceiling_is_the_faster_library():
