@@ -8,10 +8,10 @@ repeats, synchronisation, thread pinning, ceilings, CSV rows.
 Timing:
 - CPU: `time_cpu_interleaved` for a case's providers: warm-up of each, then rounds that take one timed sample
   (`time.perf_counter`) of every provider, rotating which goes first, until they together have spent the time budget
-  of each (at least `min_samples` each), so the VM's drift hits all providers alike and same-run ratios hold; very fast calls are batched
-  several per sample so the timer's resolution does not dominate. `time_cpu` times one callable the same way (the
-  ceilings). The garbage collector is off while timing. Reported: p20 / p50 / p80 of ms per call. CPU inputs are
-  not rotated: CPU numbers are warm-cache numbers (stated in BENCHMARKS.md).
+  of each (at least `min_samples` each), so the VM's drift hits all providers alike and same-run ratios hold; very
+  fast calls are batched several per sample so the timer's resolution does not dominate. `time_cpu` times one
+  callable with the same loop (the ceilings). The garbage collector is off while timing. Reported: p20 / p50 / p80
+  of ms per call. CPU inputs are not rotated: CPU numbers are warm-cache numbers (stated in BENCHMARKS.md).
 - CUDA: `time_cuda`: `triton.testing.do_bench` (CUDA events, L2 flushed between repeats), and for small launches
   (fwd / infer cases whose median is under `SMALL_LAUNCH_MS`) also `do_bench_cudagraph`, which replays the calls in
   a CUDA graph and so removes launch overhead. Both are recorded; the CSV's `timer` column says which is which.
@@ -152,25 +152,8 @@ def _timing(samples: List[float], timer: str) -> Timing:
 def time_cpu(fn: Callable[[], Any], budget_s: float = 1.0, warmup_s: float = 0.2, min_samples: int = 5,
              max_samples: int = 10_000, min_sample_s: float = 1e-3) -> Timing:
     """Time `fn` on the CPU: warm-up, then samples until `budget_s` is spent and `min_samples` are taken."""
-    inner = _calls_per_sample(_warm_up(fn, warmup_s), min_sample_s)
-    samples: List[float] = []
-    # A collection in the middle of a sample is noise, not the op's cost. (No gc.collect() first: with torch, triton
-    # and the models imported, a full collection takes seconds, and would cost minutes over a run.)
-    gc_was_enabled = gc.isenabled()
-    gc.disable()
-    try:
-        begin = time.perf_counter()
-        while len(samples) < max_samples:
-            t0 = time.perf_counter()
-            for _ in range(inner):
-                fn()
-            samples.append((time.perf_counter() - t0) / inner)
-            if len(samples) >= min_samples and time.perf_counter() - begin >= budget_s:
-                break
-    finally:
-        if gc_was_enabled:
-            gc.enable()
-    return _timing(samples, "perf_counter")
+    return _time_rounds({"fn": fn}, budget_s, warmup_s, min_samples, max_samples, min_sample_s, None,
+                        "perf_counter")["fn"]
 
 
 def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], budget_s: float = 1.0, warmup_s: float = 0.2,
@@ -188,6 +171,14 @@ def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], budget_s: float = 1.
     A provider that raises (in warm-up or later) is passed to `on_error(name, exc)` (re-raised when None) and
     dropped; the others go on. Returns name -> Timing (timer "perf_counter_interleaved") for the providers that ran.
     """
+    return _time_rounds(fns, budget_s, warmup_s, min_samples, max_samples, min_sample_s, on_error,
+                        "perf_counter_interleaved")
+
+
+def _time_rounds(fns: Dict[str, Callable[[], Any]], budget_s: float, warmup_s: float, min_samples: int,
+                 max_samples: int, min_sample_s: float, on_error: Optional[Callable[[str, BaseException], None]],
+                 timer: str) -> Dict[str, Timing]:
+    """The CPU sampling loop of `time_cpu` (one provider) and `time_cpu_interleaved` (several)."""
     inner: Dict[str, int] = {}
     for name, fn in fns.items():
         try:
@@ -199,8 +190,10 @@ def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], budget_s: float = 1.
     names = list(inner)
     samples: Dict[str, List[float]] = {name: [] for name in names}
     spent: Dict[str, float] = {name: 0.0 for name in names}
+    # A collection in the middle of a sample is noise, not the op's cost. (No gc.collect() first: with torch, triton
+    # and the models imported, a full collection takes seconds, and would cost minutes over a run.)
     gc_was_enabled = gc.isenabled()
-    gc.disable()  # as in time_cpu
+    gc.disable()
     try:
         rnd = 0
         while names:
@@ -230,7 +223,7 @@ def time_cpu_interleaved(fns: Dict[str, Callable[[], Any]], budget_s: float = 1.
     finally:
         if gc_was_enabled:
             gc.enable()
-    return {name: _timing(samples[name], "perf_counter_interleaved") for name in names}
+    return {name: _timing(samples[name], timer) for name in names}
 
 
 # ---------------------------------------------------------------------------------------------------------------------

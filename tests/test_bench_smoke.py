@@ -241,8 +241,8 @@ def test_time_cpu_interleaved_alternates_providers():
     assert set(t) == {"a", "b"} and all(x.timer == "perf_counter_interleaved" for x in t.values())
     assert t["a"].samples >= 4 and t["b"].samples >= 4
     assert t["a"].p20 >= 2.0 * 0.95 and t["b"].p20 >= 4.0 * 0.95  # sleeps never return early
-    timed = log[log.index("b") + 1:]  # after both warm-ups (a's first, then b's: b's warm-up is 2 calls at 4 ms)
-    timed = timed[next(i for i, n in enumerate(timed) if n == "a"):]
+    timed = log[log.index("b") + 1:]  # past both warm-ups (a's, then b's: the rest of b's calls,
+    timed = timed[next(i for i, n in enumerate(timed) if n == "a"):]  # then round 1 starts with a)
     longest = max(len(run) for run in "".join(timed).replace("ab", "a b").replace("ba", "b a").split())
     assert longest <= 2, f"a provider ran {longest} samples in a row: {''.join(timed)}"
 
