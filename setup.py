@@ -7,6 +7,8 @@ Environment knobs (all optional):
   TORCH_CUDA_ARCH_LIST    CUDA architectures (default "8.0;9.0", as on a GPU-less build host nothing can be probed).
   RESNAS_CPU_NATIVE=0     do not add -march=native to the C++ CPU flags (set it when building a wheel for other machines).
   RESNAS_DEBUG=1          -O0 -g instead of -O3.
+  RESNAS_BUILD_DIR=DIR    keep the object files and build.ninja in DIR (relative to this file), so the next build
+                          recompiles only the changed sources; unset: a fresh temporary directory every build.
 """
 import glob
 import os
@@ -69,7 +71,9 @@ def _extensions():
     build_cuda = (torch.version.cuda is not None and has_nvcc) or _flag("RESNAS_FORCE_CUDA")
     if os.environ.get("RESNAS_BUILD_CUDA", "1").strip() == "0":
         build_cuda = False
-    kwargs = dict(extra_link_args=["-fopenmp"], define_macros=[])
+    # Headers as depends: a plain `setup.py build_ext` then rebuilds when only a header changed.
+    headers = sorted(glob.glob("csrc/**/*.h", recursive=True) + glob.glob("csrc/**/*.cuh", recursive=True))
+    kwargs = dict(extra_link_args=["-fopenmp"], define_macros=[], depends=headers)
     if build_cuda:
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         kwargs["define_macros"].append(("RESNAS_WITH_CUDA", "1"))
@@ -83,10 +87,20 @@ def _extensions():
     print(f"resnas-kernels build: torch {torch.__version__}, cuda={'yes' if build_cuda else 'no'} "
           f"(CUDA_HOME={cpp_extension.CUDA_HOME}, TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST')}), "
           f"native={native}, debug={debug}")
-    return [ext], {"build_ext": cpp_extension.BuildExtension.with_options(use_ninja=True)}
+    class BuildExt(cpp_extension.BuildExtension):
+        # pip's editable build points build_temp at a new temporary directory each time, so ninja would start from
+        # nothing; a persistent directory lets it reuse its objects and header dependencies.
+        def finalize_options(self):
+            super().finalize_options()
+            build_dir = os.environ.get("RESNAS_BUILD_DIR", "").strip()
+            if build_dir:
+                self.build_temp = os.path.join(ROOT, build_dir)
+
+    return [ext], {"build_ext": BuildExt.with_options(use_ninja=True)}
 
 
 packages, package_dir = _packages()
 ext_modules, cmdclass = _extensions()
-setup(packages=packages, package_dir=package_dir, ext_modules=ext_modules, cmdclass=cmdclass,
-      package_data={"resnas_kernels.bench": ["results/*.csv"]})
+setup(packages=packages, package_dir=package_dir, py_modules=["resnas_kernels_cli"], ext_modules=ext_modules,
+      cmdclass=cmdclass,
+      package_data={"resnas_kernels.bench": ["results/*.csv"], "resnas_kernels": ["aot_known_spills.json"]})

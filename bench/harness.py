@@ -3,7 +3,10 @@
 A case file (`bench/cases/<name>.py`) exposes `cases(ctx) -> list[Case]`. Each `Case` names one workload (op, mode,
 shape, dtype), says how much useful work it is (`flops`, `bytes`), and maps provider names ("ours", "masked",
 "loop", "sdpa", ...) to zero-argument callables that do one full run. The harness does everything else: warm-up,
-repeats, synchronisation, thread pinning, ceilings, CSV rows.
+repeats, synchronisation, thread pinning, ceilings, CSV rows. A case whose set-up costs anything (models, large
+tensors, torch.compile, agreement checks) is returned as a `LazyCase`: name, shape, dtype and provider names up front,
+the rest built by its `build()` only when the case is measured, so `resnas bench --list` and `--case` filtering
+build nothing.
 
 Timing:
 - CPU: `time_cpu_interleaved` for a case's providers: warm-up of each, then rounds that take one timed sample
@@ -28,13 +31,14 @@ import gc
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["Case", "Context", "Timing", "Ceilings", "MODES", "QUANTILES", "time_cpu", "time_cpu_interleaved",
-           "time_cuda", "timer_for", "measure_ceilings", "rotating", "rotation_copies", "synchronize"]
+__all__ = ["Case", "LazyCase", "Context", "Timing", "Ceilings", "MODES", "QUANTILES", "time_cpu",
+           "time_cpu_interleaved", "time_cuda", "timer_for", "measure_ceilings", "rotating", "rotation_copies",
+           "synchronize"]
 
 MODES = ("fwd", "fwd+bwd", "infer", "train")
 QUANTILES = (0.5, 0.2, 0.8)  # the order triton.testing returns them in
@@ -65,6 +69,8 @@ class Case:
             True = always try it; False = never (e.g. the callable syncs with the host).
         backends: backend label per peer for the CSV (e.g. {"sdpa": "math"}); peers default to "torch".
         notes: free text kept in the CSV.
+        skipped: optional peer -> why it is not among the providers (e.g. not installed); printed with the case's
+            results and added to the CSV notes.
     """
 
     name: str
@@ -79,6 +85,7 @@ class Case:
     cuda_graph: Optional[bool] = None
     backends: Dict[str, str] = field(default_factory=dict)
     notes: str = ""
+    skipped: Dict[str, str] = field(default_factory=dict)
 
     @property
     def mode(self) -> str:
@@ -102,6 +109,51 @@ class Case:
         if self.baseline not in self.providers:
             raise ValueError(f"Case {self.name}: baseline {self.baseline!r} is not one of the providers "
                              f"{sorted(self.providers)}")
+
+    @property
+    def provider_names(self) -> Tuple[str, ...]:
+        return tuple(self.providers)
+
+
+class LazyCase:
+    """A case declared by what `resnas bench --list` shows (name, shape, dtype, provider names), built only when
+    needed: `build()` returns the `Case` (tensors, models, torch.compile, agreement checks), called once, the first
+    time anything else is asked of it. Listing and `--case` filtering therefore build nothing; the runner builds each
+    selected case just before measuring it. Anything not declared (providers, flops, validate(), ...) is read from the
+    built Case, so a LazyCase can stand wherever a Case is used.
+    """
+
+    def __init__(self, name: str, shape: str, dtype: str, provider_names: Sequence[str], build: Callable[[], Case]):
+        self.name, self.shape, self.dtype = name, shape, dtype
+        self.provider_names = tuple(provider_names)
+        self._build: Optional[Callable[[], Case]] = build
+        self._case: Optional[Case] = None
+
+    @property
+    def mode(self) -> str:
+        return self.name.rsplit(".", 1)[-1]
+
+    @property
+    def built(self) -> bool:
+        return self._case is not None
+
+    def case(self) -> Case:
+        """The built Case (built on the first call; its name must be the declared one)."""
+        if self._case is None:
+            case = self._build()
+            if not isinstance(case, Case) or case.name != self.name:
+                raise ValueError(f"LazyCase {self.name!r}: build() must return a Case named {self.name!r}, got "
+                                 f"{getattr(case, 'name', type(case).__name__)!r}")
+            self._case, self._build = case, None  # drop the closure: it may hold the set-up's inputs
+        return self._case
+
+    def __getattr__(self, attr: str):
+        if attr.startswith("_"):  # never build for private / special look-ups (copy, pickle, repr internals)
+            raise AttributeError(attr)
+        return getattr(self.case(), attr)
+
+    def __repr__(self) -> str:
+        return f"LazyCase({self.name!r}, {self.shape!r}, built={self.built})"
 
 
 @dataclass

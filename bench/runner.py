@@ -3,8 +3,8 @@
     resnas bench --quick                     # quick shapes and budgets (about 2-3 min on 2 CPU cores)
     resnas bench                             # full shapes and budgets
     resnas bench --case layer_norm --case 'ragged_*.fwd' --device cpu --threads 1
-    resnas bench --module layer_norm         # build only bench/cases/layer_norm.py (skips other files' set-up)
-    resnas bench --list                      # the cases and providers each device would run
+    resnas bench --module layer_norm         # only the cases of bench/cases/layer_norm.py
+    resnas bench --list                      # the cases and providers each device would run (builds nothing)
     resnas bench --report                    # only regenerate plots and BENCHMARKS.md tables from the CSVs
     resnas bench --quick --save-baseline main ... later: resnas bench --quick --compare main --fail-on-regression
 
@@ -23,14 +23,14 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
 
 from . import baseline as baselines
-from . import plots, records, report
-from .harness import (SMALL_LAUNCH_MS, Case, Ceilings, Context, Timing, measure_ceilings, time_cpu_interleaved,
-                      time_cuda, timer_for)
+from . import bounds, plots, records, report
+from .harness import (SMALL_LAUNCH_MS, Case, Ceilings, Context, LazyCase, Timing, measure_ceilings,
+                      time_cpu_interleaved, time_cuda, timer_for)
 
 # Per profile: timing budget per provider (s) on CPU and CUDA, CPU warm-up (s), min samples, ceiling size.
 PROFILES = {
@@ -56,8 +56,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--case", action="append", default=[], metavar="PATTERN",
                    help="run cases whose name contains PATTERN or matches it as a glob; repeatable")
     p.add_argument("--module", action="append", default=None, metavar="FILE",
-                   help="build cases only from bench/cases/FILE.py (e.g. layer_norm); repeatable. --case filters "
-                   "after every selected file has built its cases, so this also saves their set-up time")
+                   help="take cases only from bench/cases/FILE.py (e.g. layer_norm); repeatable. Cases are built "
+                   "only once selected (--case), so this mostly saves importing the other case files")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda", "all"),
                    help="auto: cuda when present, else cpu; all: cpu and, when present, cuda (default auto)")
     p.add_argument("--threads", type=int, default=None,
@@ -209,6 +209,8 @@ def _rate_row(value: float, timing: Timing, scale: float = 1.0) -> Tuple[float, 
 def rows_for(result: CaseResult, ceilings: Ceilings, cond: Dict[str, str]) -> List[Dict[str, str]]:
     case = result.case
     base = result.get(case.baseline)
+    notes = "; ".join([case.notes] * bool(case.notes) + [f"{peer} skipped: {why}"
+                                                           for peer, why in case.skipped.items()])
     rows = []
     for r in result.results:
         def row(metric, values, unit, timing=r.timing):
@@ -216,7 +218,7 @@ def rows_for(result: CaseResult, ceilings: Ceilings, cond: Dict[str, str]) -> Li
             return {**cond, "case": case.name, "provider": r.provider, "backend": r.backend, "mode": case.mode,
                     "shape": case.shape, "dtype": case.dtype, "metric": metric, "p20": records.fmt(p20),
                     "p50": records.fmt(p50), "p80": records.fmt(p80), "unit": unit, "timer": timing.timer,
-                    "samples": str(timing.samples), "notes": case.notes}
+                    "samples": str(timing.samples), "notes": notes}
 
         t = r.timing
         gflops = _rate_row(case.flops, t, 1e-6)          # flops / ms -> GFLOP/s
@@ -226,6 +228,10 @@ def rows_for(result: CaseResult, ceilings: Ceilings, cond: Dict[str, str]) -> Li
                  row("gbps", gbps, "GB/s"),
                  row("pct_flops_ceiling", tuple(100 * v / ceilings.gflops for v in gflops), f"% of {ceilings.gemm}"),
                  row("pct_bw_ceiling", tuple(100 * v / ceilings.gbps for v in gbps), f"% of {ceilings.copy}")]
+        if cond.get("device") == "cuda":  # against the H200's peaks (bench/bounds.py), whatever GPU ran it
+            rows.append(row("pct_h200_bound", tuple(bounds.pct_of_bound(case.flops, case.bytes, case.dtype, v)
+                                                    for v in (t.p80, t.p50, t.p20)),
+                            f"% of H200 lower bound ({bounds.bound_ms(case.flops, case.bytes, case.dtype)[1]})"))
         if case.items:
             rows.append(row("items_per_s", _rate_row(case.items, t, 1e3), "items/s"))
         if base is not None and r is not base:
@@ -275,9 +281,12 @@ def format_case(result: CaseResult, ceilings: Ceilings, device: torch.device) ->
         graph = ""
         if device.type == "cuda":
             graph = f"  graph {r.graph.p50:9.4f} ms" if r.graph is not None else f"  {'':18s}"
+            best = min(t.p50, r.graph.p50) if r.graph is not None else t.p50
+            graph += f" {bounds.pct_of_bound(case.flops, case.bytes, case.dtype, best):5.1f}%bound"
         lines.append(f"  {r.provider:10s} {r.backend:10s} {t.p50:10.4f} ms [{t.p20:.4g}-{t.p80:.4g}]{graph}  "
                      f"{gbps:8.3g} GB/s {100 * gbps / ceilings.gbps:5.1f}%BW  {gflops:8.3g} GFLOP/s "
                      f"{100 * gflops / ceilings.gflops:5.1f}%FL  {vs}")
+    lines += [f"  {peer:10s} skipped: {why}" for peer, why in case.skipped.items()]
     return lines
 
 
@@ -302,7 +311,9 @@ def format_summary(all_results: List[CaseResult]) -> List[str]:
 # ---------------------------------------------------------------------------------------------------------------------
 # Main
 # ---------------------------------------------------------------------------------------------------------------------
-def collect_cases(modules, ctx: Context, patterns: Sequence[str], failures: List[Failure]) -> List[Case]:
+def collect_cases(modules, ctx: Context, patterns: Sequence[str], failures: List[Failure]
+                  ) -> List[Union[Case, LazyCase]]:
+    """The selected cases of every module; a LazyCase stays unbuilt (it is validated once built, in `build_case`)."""
     out = []
     for module in modules:
         try:
@@ -312,6 +323,10 @@ def collect_cases(modules, ctx: Context, patterns: Sequence[str], failures: List
                                     traceback.format_exc()))
             continue
         for case in built:
+            if isinstance(case, LazyCase):
+                if matches(case.name, patterns):
+                    out.append(case)
+                continue
             try:
                 case.validate()
             except ValueError as exc:
@@ -320,6 +335,20 @@ def collect_cases(modules, ctx: Context, patterns: Sequence[str], failures: List
             if matches(case.name, patterns):
                 out.append(case)
     return out
+
+
+def build_case(case: Union[Case, LazyCase], failures: List[Failure]) -> Optional[Case]:
+    """The Case to measure: a LazyCase is built (and validated) now; a failure is recorded and gives None."""
+    if not isinstance(case, LazyCase):
+        return case
+    try:
+        built = case.case()
+        built.validate()
+        return built
+    except Exception as exc:  # noqa: BLE001 - e.g. a peer that fails its agreement check: the other cases go on
+        failures.append(Failure(f"{case.name} [{case.shape} {case.dtype}] build", f"{type(exc).__name__}: {exc}",
+                                traceback.format_exc()))
+        return None
 
 
 def run(args, out_dir: Path) -> int:
@@ -348,12 +377,12 @@ def run(args, out_dir: Path) -> int:
         ctx = Context(device=device, quick=profile != "full", threads=threads, smoke=profile == "smoke")
         started = time.perf_counter()
         cases = collect_cases(modules, ctx, args.case, failures)
-        built_in = time.perf_counter() - started
+        declared_in = time.perf_counter() - started
         matched_any |= bool(cases)
         if args.list:
             print(f"{device} ({records.device_name(device)}): {len(cases)} case(s)")
             for c in cases:
-                print(f"  {c.name:28s} {c.shape:36s} {c.dtype:9s} providers: {', '.join(c.providers)}")
+                print(f"  {c.name:28s} {c.shape:36s} {c.dtype:9s} providers: {', '.join(c.provider_names)}")
             continue
         if not cases:
             continue
@@ -374,25 +403,33 @@ def run(args, out_dir: Path) -> int:
                   f"the machine is busy and timings are noisy")
         if os.environ.get("TRITON_INTERPRET") == "1":
             print("   note: TRITON_INTERPRET=1 is set: Triton kernels run in the (slow) interpreter")
-        print(f"   built {len(cases)} selected case(s) from {len(modules)} case file(s) in {built_in:.1f} s")
+        print(f"   selected {len(cases)} case(s) from {len(modules)} case file(s) in {declared_in:.1f} s (lazy cases "
+              f"are built as they are measured)")
         ceilings = measure_ceilings(device, timer, settings["ceilings"])
         print(f"   ceilings: {ceilings.gemm} {ceilings.gflops:.4g} GFLOP/s; {ceilings.copy} {ceilings.gbps:.4g} GB/s "
               f"(read + write)")
         records.append_rows(csv_path, ceiling_rows(ceilings, cond))
         print(f"   {'provider':10s} {'backend':10s} {'p50':>13s} [p20-p80]   achieved rates on our work "
               f"(% of ceilings)   ratio")
+        measured = []
         for case in cases:
             started = time.perf_counter()
+            case = build_case(case, failures)
+            if case is None:
+                continue
+            built_in = time.perf_counter() - started
+            measured.append(case)
             result = measure_case(case, device, timer, budget, failures, interleaved)
             rows = rows_for(result, ceilings, cond)
             records.append_rows(csv_path, rows)  # per case, so an interrupted run keeps what it measured
             all_rows += rows
             all_results.append(result)
             lines = format_case(result, ceilings, device)
-            lines[0] += f"   ({time.perf_counter() - started:.1f} s to measure)"
+            lines[0] += f"   ({built_in:.1f} s to build, {time.perf_counter() - started - built_in:.1f} s to measure)"
             print("\n".join("   " + line for line in lines), flush=True)
         written.add(csv_path)
-        notes = sorted({f"'ours' of {r.case.op} ran on the {p.backend} backend" for r in all_results[-len(cases):]
+        this_device = all_results[len(all_results) - len(measured):]
+        notes = sorted({f"'ours' of {r.case.op} ran on the {p.backend} backend" for r in this_device
                         for p in r.results if p.provider == r.case.baseline and p.backend == "reference"})
         for note in notes:
             print(f"   note: {note} (PyTorch reference: no ragged kernel available on {device.type}; see `resnas info`)")

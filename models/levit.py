@@ -26,6 +26,9 @@ Modes:
   attributes, never saved in the state dict, dropped by `train()`, rebuilt after `.to()` / `.half()`, and rebuilt
   automatically when a source tensor changed in place (`load_state_dict`, an EMA update, an optimizer step while in
   eval mode), detected from the tensors' version counters; a copy made by `deepcopy` or pickling rebuilds its own.
+  Writes through `.data` (`p.data.mul_(...)`) bypass the version counters and are NOT detected (catching them would
+  need a checksum of every source on every call, a device sync on CUDA): after such a write call
+  `model.clear_caches()`, or use `with torch.no_grad(): p.mul_(...)`, which is detected.
   Each layer's cache lives with its parameters, so `.to(device)` and DataParallel replicas (whose parameters are
   other tensors) get their own ("per device").
   On CPU fp32 the folded layers run through oneDNN with pre-packed weights and Hardswish / the residual add fused
@@ -189,7 +192,8 @@ class _FoldedCache(nn.Module):
         return None if torch.compiler.is_compiling() else self._packed
 
     def _source_key(self) -> tuple:
-        # (object id, storage, in-place version) of every source: any change to a source changes the key.
+        # (object id, storage, in-place version) of every source: any change to a source changes the key, except a
+        # write through `.data`, which has its own version counter (see the module docstring: `clear_caches()`).
         return tuple((id(t), t.data_ptr(), t._version) for t in self._cache_sources())
 
     def clear_cache(self) -> None:
@@ -726,6 +730,14 @@ class LevitFused(nn.Module):
         """Switch to inference and build every cache now (folded BN weights, gathered biases, averaged heads), e.g.
         before `torch.compile`. `eval()` does the same; `train()` drops the caches."""
         self.eval()
+        return self
+
+    def clear_caches(self) -> "LevitFused":
+        """Drop every inference cache (folded weights, gathered biases, averaged heads); the next eval-mode forward
+        rebuilds them. Needed after in-place writes through `.data` (e.g. an EMA written as `p.data.lerp_(...)`),
+        which the caches cannot detect."""
+        for m in self._cached_layers():
+            m.clear_cache()
         return self
 
     def train(self, mode: bool = True) -> "LevitFused":

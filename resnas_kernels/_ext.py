@@ -5,6 +5,7 @@ Nothing here is imported eagerly by the package: a missing or broken extension i
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import importlib
 import os
@@ -40,6 +41,37 @@ def extension_has_cuda() -> bool:
 
 def triton_interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# Launchers pick smaller tiles under the interpreter (it is slow per program); tests switch that off with
+# `production_tiles()` so the tile sizes a GPU runs are executed somewhere too. Module state, not an env var: set only
+# by the context manager, read by the launchers' tile choices.
+_production_tiles = False
+_autotune_candidate = 0
+
+
+def interpreter_tiles() -> bool:
+    """True when the launchers should use their small interpreter tiles (interpreting, no production override)."""
+    return triton_interpreting() and not _production_tiles
+
+
+def pinned_autotune_config(configs):
+    """Under `production_tiles()`, the autotune candidate the interpreter runs in place of autotuning (which needs a
+    GPU to time candidates): candidate `autotune_candidate` modulo the list length."""
+    return configs[_autotune_candidate % len(configs)]
+
+
+@contextlib.contextmanager
+def production_tiles(autotune_candidate: int = 0):
+    """Inside: the launchers choose the GPU's tile sizes even under TRITON_INTERPRET=1, and autotuned kernels run
+    their `autotune_candidate`-th configuration. Outside the interpreter this changes nothing."""
+    global _production_tiles, _autotune_candidate
+    saved = _production_tiles, _autotune_candidate
+    _production_tiles, _autotune_candidate = True, int(autotune_candidate)
+    try:
+        yield
+    finally:
+        _production_tiles, _autotune_candidate = saved
 
 
 @functools.lru_cache(maxsize=None)

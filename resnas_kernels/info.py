@@ -1,11 +1,17 @@
 """`resnas info`: versions, devices, extension status and which backend each op will use."""
 import argparse
 import platform
+from pathlib import Path
 
 import torch
 
-from . import _ext
+from . import _build_stamp, _ext
 from .backend import BACKENDS, get_backend, registered_ops, resolve_backend, why_unavailable
+
+
+def _source_root() -> Path:
+    """The checkout an editable install runs from (for a regular install: site-packages, which has no csrc/)."""
+    return Path(__file__).resolve().parents[1]
 
 
 def collect() -> dict:
@@ -36,6 +42,7 @@ def collect() -> dict:
         "cuda_devices": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
         "extension": "loaded" if module is not None else f"missing: {why}",
         "extension_cuda": _ext.extension_has_cuda(),
+        "extension_sources": _build_stamp.source_status(_source_root()),
         "requested_backend": get_backend(),
         "ops": ops,
     }
@@ -55,7 +62,7 @@ def main(argv=None) -> int:
 
     print(f"resnas-kernels {__version__}")
     for key in ("python", "torch", "torch_cuda", "triton", "triton_interpret", "cpu_threads", "cpu_capability",
-                "cuda_devices", "extension", "extension_cuda", "requested_backend"):
+                "cuda_devices", "extension", "extension_cuda", "extension_sources", "requested_backend"):
         print(f"  {key:18s} {info[key]}")
     print("ops (backend used per device; unavailable backends and why):")
     for name, per_device in info["ops"].items():

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Iterable, List
 
 import torch
@@ -17,7 +18,7 @@ from resnas_kernels._atomic import atomic_write_text
 from resnas_kernels.models.vit_resnas.checkpoint import save_checkpoint
 
 __all__ = ["CheckpointError", "save_checkpoint", "read_checkpoint", "write_text_atomic", "write_json_atomic",
-           "append_jsonl", "read_jsonl", "TRAIN_FORMAT", "SEARCH_FORMAT", "EXPORT_FORMAT"]
+           "append_jsonl", "read_jsonl", "describe_load_error", "TRAIN_FORMAT", "SEARCH_FORMAT", "EXPORT_FORMAT"]
 
 TRAIN_FORMAT = "resnas-supernet-train"
 SEARCH_FORMAT = "resnas-search-state"
@@ -37,9 +38,21 @@ def read_checkpoint(path: str, fmt: str, required: Iterable[str] = ()) -> dict:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # truncated zip, pickle of arbitrary classes, random bytes...
         raise CheckpointError(f"{path}: cannot be read as a {fmt!r} checkpoint (corrupted, truncated or not written "
-                              f"by resnas): {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}") \
-            from None
+                              f"by resnas): {describe_load_error(exc)}") from None
     return check_checkpoint(obj, path, fmt, required)
+
+
+def describe_load_error(exc: BaseException) -> str:
+    """One line on why torch.load(weights_only=True) failed. torch's own message for a refused object advises
+    loading with weights_only=False, which would run the file's code: not advice to pass on for a file that is not
+    a resnas checkpoint anyway."""
+    text = str(exc)
+    if "Weights only load failed" in text:
+        unsupported = re.search(r"Unsupported global: GLOBAL ([\w.]+)", text)
+        return ("it holds Python objects that weights-only loading refuses"
+                + (f" ({unsupported.group(1)})" if unsupported else ""))
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return f"{type(exc).__name__}: {first.split('. ')[0]}" if first else type(exc).__name__
 
 
 def check_checkpoint(obj: Any, path: str, fmt: str, required: Iterable[str] = ()) -> dict:

@@ -21,7 +21,7 @@ from resnas_kernels.models.vit_resnas import Arch, ViTResNAS
 
 from .data import Split, normalize
 
-__all__ = ["stem_tokens", "forward_from_stem", "CandidateScorer", "score_one_model_per_candidate"]
+__all__ = ["stem_tokens", "forward_from_stem", "CandidateScorer", "score_one_model_per_candidate", "net_accuracy"]
 
 
 @torch.no_grad()
@@ -93,3 +93,15 @@ def score_one_model_per_candidate(model: ViTResNAS, archs: Sequence[Arch], val: 
             hits += (net(x).argmax(1).cpu() == val.labels[i:i + images_per_forward]).sum().item()
         out.append(hits)
     return out
+
+
+@torch.no_grad()
+def net_accuracy(net: torch.nn.Module, split: Split, device=None, batch_size: int = 256) -> float:
+    """Top-1 accuracy of a standalone network (e.g. `export.load_exported`'s) on `split`, in eval mode."""
+    device = device if device is not None else next(net.parameters()).device
+    net.eval()
+    hits = 0
+    for i in range(0, len(split), batch_size):
+        x = normalize(split.images[i:i + batch_size], device)
+        hits += (net(x).argmax(1).cpu() == split.labels[i:i + batch_size]).sum().item()
+    return hits / len(split)

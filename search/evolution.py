@@ -21,9 +21,18 @@ constraining.
 
 Under `torchrun`, every scoring chunk is sharded across the ranks (gloo; all-gathered results), and rank 0 writes.
 
-Outputs in --out: state.pt, history.jsonl (one line per evaluated architecture), pareto.json (accuracy vs MACs
-non-dominated set), best.json (the best architecture: slot-aligned `arch` for `resnas export`, and `pruned`, the
-directly trainable definition), pareto.png, summary.txt (best per generation; also printed).
+Protocol (vit_resnas.md 6: the paper scores on 25 images per class held out of ImageNet's training set): candidates
+are scored on the supernet's held-out split (`data.load_splits`: the training images the supernet never trained on,
+`--holdout-per-class` of `resnas train-supernet`), and only the networks the search returns (the best and the Pareto
+fronts) are then evaluated once on the untouched validation split. A supernet trained before held-out splits existed
+saw every training image: it is scored on the same carve (with a warning that those accuracies are optimistic).
+Supernets trained on the demo data get demo-sized defaults (`DEMO_SEARCH_DEFAULTS`) for the arguments not given.
+
+Outputs in --out: state.pt, history.jsonl (one line per evaluated architecture; `acc` is its held-out accuracy),
+pareto.json (held-out accuracy vs MACs non-dominated set), best.json (the best architecture: slot-aligned `arch` for
+`resnas export`, `pruned`, the directly trainable definition), pareto.png (the MAC band shaded), summary.txt (best per
+generation, the best and the front with both numbers; also printed). best.json and pareto*.json carry both
+accuracies named by split: `holdout_acc` (what selected them) and `val_acc` (the report).
 """
 from __future__ import annotations
 
@@ -32,7 +41,7 @@ import os
 import random
 import re
 import sys
-from typing import Callable, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 from resnas_kernels.models.vit_resnas import Arch, BlockArch, SearchSpace, StageArch, count_macs
 
@@ -48,6 +57,16 @@ SEARCH_ARGS = ("supernet", "data", "macs", "band", "population", "parents", "mut
                "mutate_prob", "crossover_prob", "seed", "val_subset", "candidates_per_forward", "images_per_forward",
                "latency_budget", "latency_batch")
 SEARCH_DEFAULTS = {"latency_budget": None, "latency_batch": 1}   # for states saved before these arguments existed
+# Saved too, and taken back on --resume unless given again: they may change without changing what was scored
+# (--generations given again extends or ends the search; the table keeps the latencies already predicted).
+RESUMED_ARGS = ("generations", "latency_lut", "latency_repeats")
+# A demo supernet (trained without --data) is searched with these unless they are given: a few minutes on two CPU
+# cores (~550 candidates) instead of the recipe's ~3,350, and a band wide enough for the accuracy-vs-MACs trade-off
+# to show (the demo space's MACs are mostly its fixed stem).
+DEMO_SEARCH_DEFAULTS = {"generations": 10, "population": 100, "parents": 25, "mutations": 25, "crossovers": 25,
+                        "band": 0.9}
+# Path arguments compare as paths on --resume.
+PATH_ARGS = ("supernet", "data", "latency_lut")
 
 
 def parse_macs(text: str) -> int:
@@ -64,24 +83,33 @@ def parse_macs(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="resnas search", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--supernet", required=True, help="checkpoint.pt of `resnas train-supernet`")
+    p.add_argument("--supernet", default=None, help="checkpoint.pt of `resnas train-supernet` (required, except "
+                                                    "with --resume)")
     p.add_argument("--out", required=True, help="search directory")
-    p.add_argument("--data", default=None, help="ImageFolder tree (val/ is the fitness set); default: the data the "
-                                                "supernet was trained on")
+    p.add_argument("--data", default=None, help="ImageFolder tree: candidates are scored on the supernet's held-out "
+                                                "share of train/, the result is reported on val/; default: the data "
+                                                "the supernet was trained on")
     p.add_argument("--macs", default=None, help="MAC constraint C, e.g. 1.8G (default: halfway between the space's "
                                                 "smallest and largest network)")
-    p.add_argument("--band", type=float, default=0.975, help="candidates must have MACs in [band * C, C]")
-    p.add_argument("--generations", type=int, default=20, help="iterations, the random population included")
-    p.add_argument("--population", type=int, default=500, help="random initial population")
-    p.add_argument("--parents", type=int, default=75, help="top-k of all evaluated architectures")
-    p.add_argument("--mutations", type=int, default=75)
-    p.add_argument("--crossovers", type=int, default=75)
+    demo = " (the paper's; a demo supernet's default: {})".format
+    p.add_argument("--band", type=float, default=0.975,
+                   help="candidates must have MACs in [band * C, C]" + demo(DEMO_SEARCH_DEFAULTS["band"]))
+    p.add_argument("--generations", type=int, default=20,
+                   help="iterations, the random population included" + demo(DEMO_SEARCH_DEFAULTS["generations"]))
+    p.add_argument("--population", type=int, default=500,
+                   help="random initial population" + demo(DEMO_SEARCH_DEFAULTS["population"]))
+    p.add_argument("--parents", type=int, default=75,
+                   help="top-k of all evaluated architectures" + demo(DEMO_SEARCH_DEFAULTS["parents"]))
+    p.add_argument("--mutations", type=int, default=75, help="children by mutation per generation"
+                   + demo(DEMO_SEARCH_DEFAULTS["mutations"]))
+    p.add_argument("--crossovers", type=int, default=75, help="children by crossover per generation"
+                   + demo(DEMO_SEARCH_DEFAULTS["crossovers"]))
     p.add_argument("--mutate-prob", type=float, default=0.3)
     p.add_argument("--crossover-prob", type=float, default=0.5)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-subset", type=int, default=None, help="score on the first N validation images")
+    p.add_argument("--val-subset", type=int, default=None, help="score candidates on the first N held-out images")
     p.add_argument("--candidates-per-forward", type=int, default=8, help="candidates scored in one ragged forward")
-    p.add_argument("--images-per-forward", type=int, default=128, help="validation images per candidate per forward")
+    p.add_argument("--images-per-forward", type=int, default=128, help="held-out images per candidate per forward")
     p.add_argument("--latency-budget", type=float, default=None,
                    help="also require a predicted latency <= this many milliseconds on the current device")
     p.add_argument("--latency-lut", default=None,
@@ -90,7 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-batch", type=int, default=1, help="batch size the latencies are measured at")
     p.add_argument("--latency-repeats", type=int, default=10, help="timed repeats per table entry (median)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--resume", action="store_true", help="continue the search in --out")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the search in --out with its saved arguments; an argument given again must equal "
+                        "the saved one, except --generations (extends the search), --latency-lut, --device and "
+                        "the output switches")
     p.add_argument("--no-plot", action="store_true", help="do not write pareto.png")
     p.add_argument("--no-progress", action="store_true")
     return p
@@ -115,6 +146,8 @@ def _check_args(a: argparse.Namespace) -> None:
                          f"{a.latency_repeats}")
     if a.val_subset is not None and a.val_subset < 1:
         raise ValueError(f"--val-subset must be >= 1, got {a.val_subset}")
+    if a.device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {a.device!r}")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -165,8 +198,8 @@ def _random_candidate(space: SearchSpace, rng: random.Random, macs: Callable[[Ar
             steps += 1
         if lo <= macs(arch) <= hi:
             return arch
-    raise RuntimeError(f"no random architecture with MACs in [{lo}, {hi}] after {max_restarts} restarts; widen the "
-                       f"band or move the constraint inside the space")
+    raise ValueError(f"no random architecture with MACs in [{lo:,}, {hi:,}] after {max_restarts} restarts; widen "
+                     f"the --band or move --macs inside the space")
 
 
 def random_population(space: SearchSpace, n: int, rng: random.Random, macs: Callable[[Arch], int], lo: int, hi: int,
@@ -234,33 +267,63 @@ def _rank(records: Sequence[dict]) -> List[dict]:
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------------
-def _outputs(out: str, history: List[dict], generations_done: int, cfg: dict, plot: bool) -> dict:
+def _named(r: dict, val_acc: Dict[int, float]) -> dict:
+    """A history record as pareto*.json and best.json carry it: the accuracies named by split."""
+    out = {k: v for k, v in r.items() if k not in ("acc", "correct")}
+    out["holdout_acc"], out["val_acc"] = r["acc"], val_acc.get(r["index"])
+    return out
+
+
+def report_indices(history: Sequence[dict]) -> List[int]:
+    """History indices of the networks reported on validation: the best, the accuracy-vs-MACs front and, when
+    latencies were predicted, the accuracy-vs-latency front."""
+    keep = {_rank(history)[0]["index"]} | {r["index"] for r in pareto_front(history)}
+    if all("latency_ms" in r for r in history):
+        keep |= {r["index"] for r in pareto_front([{**r, "macs": r["latency_ms"]} for r in history])}
+    return sorted(keep)
+
+
+def _outputs(out: str, history: List[dict], generations_done: int, cfg: dict, plot: bool,
+             val_acc: Dict[int, float]) -> dict:
+    """best.json, pareto.json (+ pareto_latency.json), summary.txt and pareto.png. `val_acc`: validation accuracy by
+    history index of the `report_indices` networks (selection used only the held-out accuracy)."""
     best = _rank(history)[0]
     arch = Arch.from_dict(best["arch"])
-    best_doc = {"arch": best["arch"], "pruned": arch.pruned().to_dict(), "acc": best["acc"], "macs": best["macs"],
+    best_doc = {"arch": best["arch"], "pruned": arch.pruned().to_dict(), "selected_on": "holdout",
+                "holdout_acc": best["acc"], "val_acc": val_acc.get(best["index"]), "macs": best["macs"],
                 "generation": best["generation"], "supernet": cfg["supernet"], "space": cfg["space"]["name"],
-                "img_size": cfg["img_size"], "num_classes": cfg["num_classes"], "val_images": cfg["val_images"],
-                "constraint_macs": cfg["macs"], "band": cfg["band"]}
+                "img_size": cfg["img_size"], "num_classes": cfg["num_classes"],
+                "holdout_images": cfg["holdout_images"], "holdout_per_class": cfg["holdout_per_class"],
+                "val_images": cfg["val_images"], "constraint_macs": cfg["macs"], "band": cfg["band"]}
     front = pareto_front(history)
-    write_json_atomic(os.path.join(out, "pareto.json"), front)
+    write_json_atomic(os.path.join(out, "pareto.json"), [_named(r, val_acc) for r in front])
     with_latency = all("latency_ms" in r for r in history)
     lat_front = []
     if with_latency:
         best_doc["latency_ms"], best_doc["latency_budget_ms"] = best["latency_ms"], cfg.get("latency_budget")
         lat_front = pareto_front([{**r, "macs": r["latency_ms"], "_macs": r["macs"]} for r in history])
         lat_front = [{**{k: v for k, v in r.items() if k != "_macs"}, "macs": r["_macs"]} for r in lat_front]
-        write_json_atomic(os.path.join(out, "pareto_latency.json"), lat_front)
+        write_json_atomic(os.path.join(out, "pareto_latency.json"), [_named(r, val_acc) for r in lat_front])
     write_json_atomic(os.path.join(out, "best.json"), best_doc)
-    lat = all("latency_ms" in r for r in history)
-    lines = [f"{'gen':>3} {'evaluated':>9} {'best acc':>8} {'MACs':>12}" + (f" {'ms (pred.)':>10}" if lat else "")
-             + "  best architecture (slot-aligned, '-' removed)"]
+    lat = with_latency
+    lines = [f"{'gen':>3} {'evaluated':>9} {'best holdout acc':>16} {'MACs':>12}"
+             + (f" {'ms (pred.)':>10}" if lat else "") + "  best architecture (slot-aligned, '-' removed)"]
     for g in range(generations_done):
         upto = [r for r in history if r["generation"] <= g]
         if not upto:
             continue
         b = _rank(upto)[0]
-        lines.append(f"{g:>3} {len(upto):>9} {b['acc']:>8.4f} {b['macs']:>12,}"
+        lines.append(f"{g:>3} {len(upto):>9} {b['acc']:>16.4f} {b['macs']:>12,}"
                      + (f" {b['latency_ms']:>10.3f}" if lat else "") + f"  {Arch.from_dict(b['arch'])}")
+    fmt = lambda v: "-" if v is None else f"{v:.4f}"   # noqa: E731
+    lines += ["", f"selected on the held-out split ({cfg['holdout_images']} training images never trained on), "
+                  f"reported on the untouched validation split ({cfg['val_images']} images):",
+              f"best: holdout acc {fmt(best['acc'])}, val acc {fmt(val_acc.get(best['index']))}, "
+              f"{best['macs']:,} MACs",
+              f"pareto front ({len(front)} architectures, MAC band [{cfg['band'][0]:,}, {cfg['band'][1]:,}]):",
+              f"{'MACs':>12} {'holdout acc':>11} {'val acc':>8}  architecture"]
+    lines += [f"{r['macs']:>12,} {fmt(r['acc']):>11} {fmt(val_acc.get(r['index'])):>8}  {Arch.from_dict(r['arch'])}"
+              for r in front]
     table = "\n".join(lines) + "\n"
     write_text_atomic(os.path.join(out, "summary.txt"), table)
     if plot:
@@ -270,24 +333,35 @@ def _outputs(out: str, history: List[dict], generations_done: int, cfg: dict, pl
         axes_for = [("macs", 1e-6, "MMACs", front)]
         if with_latency:
             axes_for.append(("latency_ms", 1.0, "predicted latency (ms)", lat_front))
-        fig, axes = plt.subplots(1, len(axes_for), figsize=(6 * len(axes_for), 4), squeeze=False)
+        fig, axes = plt.subplots(1, len(axes_for), figsize=(6.5 * len(axes_for), 4.5), squeeze=False)
         for ax, (key, scale, label, fr) in zip(axes[0], axes_for):
+            if key == "macs":
+                ax.axvspan(cfg["band"][0] * scale, cfg["band"][1] * scale, color="0.92", zorder=0,
+                           label=f"MAC band [{cfg['band'][0] * scale:.3g}, {cfg['band'][1] * scale:.3g}]")
             ax.scatter([r[key] * scale for r in history], [r["acc"] for r in history], s=8, alpha=0.4,
-                       label="evaluated")
-            ax.plot([r[key] * scale for r in fr], [r["acc"] for r in fr], "r.-", label="pareto front")
-            ax.scatter([best[key] * scale], [best["acc"]], marker="*", s=120, c="k", label="best")
+                       label="evaluated (holdout)")
+            ax.plot([r[key] * scale for r in fr], [r["acc"] for r in fr], "r.-", label="pareto front (holdout)")
+            with_val = [r for r in fr if val_acc.get(r["index"]) is not None]
+            ax.plot([r[key] * scale for r in with_val], [val_acc[r["index"]] for r in with_val], "g^--", ms=4,
+                    label="same networks on val")
+            ax.scatter([best[key] * scale], [best["acc"]], marker="*", s=120, c="k", label="best (holdout)")
+            if val_acc.get(best["index"]) is not None:
+                ax.scatter([best[key] * scale], [val_acc[best["index"]]], marker="*", s=120, c="g",
+                           label="best: its val acc")
             ax.set_xlabel(label)
-            ax.set_ylabel("top-1 (search validation)")
+            ax.set_ylabel("top-1")
             if key == "latency_ms":   # the measurement setting: device, threads, batch, dtype
                 ax.set_title(str(cfg.get("latency_setting", "")), fontsize=8)
                 if cfg.get("latency_budget"):
                     ax.axvline(cfg["latency_budget"], color="gray", ls="--", lw=1, label="budget")
-            ax.legend()
+            else:
+                ax.set_title(f"selected on {cfg['holdout_images']} held-out training images, reported on "
+                             f"{cfg['val_images']} val images", fontsize=8)
+            ax.legend(fontsize=7)
         fig.tight_layout()
-        tmp = os.path.join(out, ".tmp-pareto.png")
-        fig.savefig(tmp, dpi=100)
+        from resnas_kernels._atomic import atomic_write
+        atomic_write(os.path.join(out, "pareto.png"), lambda f: fig.savefig(f, format="png", dpi=100), suffix=".png")
         plt.close(fig)
-        os.replace(tmp, os.path.join(out, "pareto.png"))
     return {"best": best_doc, "table": table}
 
 
@@ -325,13 +399,33 @@ class _Shard:
             self.dist.destroy_process_group()
 
 
-def run(args: argparse.Namespace) -> int:
+def _same(name: str, a, b) -> bool:
+    if name in PATH_ARGS and isinstance(a, str) and isinstance(b, str):
+        return a == b or os.path.abspath(a) == os.path.abspath(b)
+    return a == b
+
+
+def _given_args(argv: Sequence[str]) -> Set[str]:
+    """The arguments `argv` names, however spelled (`--gen 3`, `--generations=3`): parsed with a marker as every
+    default, they are the ones without it."""
+    parser, unset = build_parser(), object()
+    parser.set_defaults(**{k: unset for k in vars(build_parser().parse_args(["--out", "-"]))})
+    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
+
+
+def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
+    """`argv`: the command line `args` came from; on --resume, the arguments it does not name come from the saved
+    search (without it, every search argument must equal the saved one)."""
     import torch
+
+    from resnas_kernels._atomic import sweep_stale_temporaries
 
     from .evaluate import CandidateScorer
     from .train import load_supernet
 
     _check_args(args)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available")
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
     state_path = os.path.join(args.out, "state.pt")
@@ -340,29 +434,56 @@ def run(args: argparse.Namespace) -> int:
     if args.resume:
         saved = read_checkpoint(state_path, SEARCH_FORMAT, ("config", "generation", "pending", "history", "rng"))
         was = {**SEARCH_DEFAULTS, **saved["config"]["args"]}
+        given = _given_args(argv) if argv is not None else set(SEARCH_ARGS)
         differ = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (saved: {was[k]!r})"
-                  for k in SEARCH_ARGS if getattr(args, k) != was[k]]
+                  for k in SEARCH_ARGS if k in given and not _same(k, getattr(args, k), was[k])]
         if differ:
             raise ValueError("--resume continues the saved search; these arguments differ from it: "
                              + "; ".join(differ))
+        if "generations" not in was and "generations" not in given:
+            raise ValueError(f"{state_path} predates saved --generations: give the search's --generations again")
+        for k in SEARCH_ARGS + RESUMED_ARGS:
+            if k not in given and k in was:
+                setattr(args, k, was[k])
+        _check_args(args)
     elif os.path.exists(state_path):
         raise ValueError(f"{state_path} exists: pass --resume to continue that search, or choose another --out")
+    if args.supernet is None:
+        raise ValueError("--supernet is required (the checkpoint.pt of `resnas train-supernet`)")
     shard = _Shard()   # after the checks above: its rendezvous means no rank has written anything yet
 
+    if saved is not None and "holdout_images" not in saved["config"]:
+        raise ValueError(f"{state_path} is a search that scored candidates on the validation split (before held-out "
+                         f"selection); it cannot be continued on the held-out split: start a new search")
     model, ckpt = load_supernet(args.supernet, device)
     space = data_mod.space_from_dict(ckpt["space"])
     img_size, num_classes = ckpt["args"]["img_size"], ckpt["num_classes"]
-    data_path = args.data if args.data is not None else ckpt["args"].get("data")
-    _, val = data_mod.load_data(data_path, img_size)
-    if val.num_classes != num_classes:
-        raise ValueError(f"the validation data has {val.num_classes} classes, the supernet {num_classes}")
-    val = val.subset(args.val_subset)
+    run_args = {**data_mod.LEGACY_RUN_ARGS, **ckpt["args"]}
+    data_path = args.data if args.data is not None else run_args.get("data")
+    if data_path is None and saved is None:      # a demo supernet: demo-sized defaults for what was not given
+        given = _given_args(argv) if argv is not None else set(SEARCH_ARGS)
+        for k, v in DEMO_SEARCH_DEFAULTS.items():
+            if k not in given:
+                setattr(args, k, v)
+    holdout_per_class = run_args["holdout_per_class"]
+    if holdout_per_class == 0:
+        holdout_per_class = data_mod.default_holdout(data_path, run_args["demo_data"])
+        print(f"resnas search: warning: {args.supernet} was trained on every training image (no held-out split); "
+              f"candidates are scored on {holdout_per_class} training images per class it has seen, so their "
+              f"accuracies are optimistic (the validation numbers are not)", file=sys.stderr)
+    splits = data_mod.load_splits(data_path, img_size, holdout_per_class, run_args["demo_data"])
+    for name, split in (("held-out", splits.holdout), ("validation", splits.val)):
+        if split.num_classes != num_classes:
+            raise ValueError(f"the {name} data has {split.num_classes} classes, the supernet {num_classes}")
+    holdout, val = splits.holdout.subset(args.val_subset), splits.val
     macs = lambda a: count_macs(a, img_size, num_classes)   # noqa: E731
     lo_space, hi_space = macs(space.min_arch()), macs(space.max_arch())
     constraint = parse_macs(args.macs) if args.macs is not None else (lo_space + hi_space) // 2
     lo, hi = int(args.band * constraint), constraint
     if hi < lo_space or lo > hi_space:
         raise ValueError(f"the MAC band [{lo:,}, {hi:,}] lies outside the space ({lo_space:,} .. {hi_space:,} MACs)")
+    if saved is None:   # before anything is written: a band that holds no architecture leaves no half-made search
+        _random_candidate(space, random.Random(args.seed), macs, lo, hi)
     lut, accept = None, None
     if args.latency_budget is not None or args.latency_lut is not None:
         from .latency import LatencyTable
@@ -379,12 +500,16 @@ def run(args: argparse.Namespace) -> int:
                 raise ValueError(f"--latency-budget {args.latency_budget} ms is below the predicted latency of the "
                                  f"space's smallest network ({fastest:.3f} ms on {lut.setting})")
             accept = lambda a: lut.latency(a) <= args.latency_budget   # noqa: E731
-    cfg = {"args": {k: getattr(args, k) for k in SEARCH_ARGS}, "supernet": os.path.abspath(args.supernet),
+    cfg = {"args": {k: getattr(args, k) for k in SEARCH_ARGS + RESUMED_ARGS},
+           "supernet": os.path.abspath(args.supernet),
            "space": data_mod.space_to_dict(space), "img_size": img_size, "num_classes": num_classes,
-           "val_images": len(val), "macs": constraint, "band": [lo, hi], "latency_budget": args.latency_budget,
+           "holdout_images": len(holdout), "holdout_per_class": holdout_per_class,
+           "holdout_seen_in_training": run_args["holdout_per_class"] == 0, "val_images": len(val), "macs": constraint, "band": [lo, hi], "latency_budget": args.latency_budget,
            "latency_setting": lut.setting if lut is not None else None,
            "latency_lut": os.path.abspath(lut.path) if lut is not None else None}
 
+    if shard.rank == 0:
+        sweep_stale_temporaries(args.out)   # left by a search killed while writing a file
     if saved is not None:
         generation, pending, history = saved["generation"], list(saved["pending"]), list(saved["history"])
         rng = random.Random()
@@ -403,13 +528,19 @@ def run(args: argparse.Namespace) -> int:
         save_checkpoint({"format": SEARCH_FORMAT, "version": VERSION, "config": cfg, "generation": generation,
                          "pending": pending, "history": history, "rng": rng.getstate()}, state_path)
 
-    scorer = CandidateScorer(model, val, device, args.candidates_per_forward, args.images_per_forward)
+    scorer = CandidateScorer(model, holdout, device, args.candidates_per_forward, args.images_per_forward)
     if shard.rank != 0:          # only rank 0 writes; every rank draws the same children from the same RNG
         save = lambda: None      # noqa: E731
+    def expected_total() -> int:
+        """Candidates of the whole search as far as known: a generation can make fewer children than asked for."""
+        later = args.generations - generation - (1 if pending else 0)
+        return (len(history) + len(pending) + (args.population if generation == 0 and not pending else 0)
+                + max(0, later - (1 if generation == 0 and not pending else 0)) * (args.mutations + args.crossovers))
+
     bar = None
     if not args.no_progress and shard.rank == 0:
         from tqdm import tqdm
-        bar = tqdm(desc="search", unit="cand", dynamic_ncols=True, initial=len(history))
+        bar = tqdm(desc="search", unit="cand", dynamic_ncols=True, initial=len(history), total=expected_total())
     while generation < args.generations:
         if not pending:
             if generation == 0:
@@ -421,12 +552,15 @@ def run(args: argparse.Namespace) -> int:
                                          args.crossover_prob, rng, macs, lo, hi, seen, accept)
             pending = [(a.to_dict(), origin) for a, origin in children]
             save()
+            if bar is not None:
+                bar.total = expected_total()
+                bar.refresh()
         while pending:
             chunk = pending[:args.candidates_per_forward * shard.world]   # one forward's worth per rank
             archs = [Arch.from_dict(p[0]) for p in chunk]
             hits = shard.score(scorer, archs)
             recs = [{"index": len(history) + i, "generation": generation, "origin": origin, "arch": d,
-                     "macs": macs(a), "acc": h / len(val), "correct": h,
+                     "macs": macs(a), "acc": h / len(holdout), "correct": h,
                      **({"latency_ms": lut.latency(a)} if lut is not None else {})}
                     for i, ((d, origin), a, h) in enumerate(zip(chunk, archs, hits))]
             history += recs
@@ -448,10 +582,16 @@ def run(args: argparse.Namespace) -> int:
             if args.latency_budget is not None else ""))
     if shard.rank != 0:
         return 0
-    result = _outputs(args.out, history, generation, cfg, not args.no_plot)
+    # The validation split, untouched by training and selection, reports the networks the search returns.
+    reported = report_indices(history)
+    val_hits = CandidateScorer(model, val, device, args.candidates_per_forward, args.images_per_forward).correct(
+        [Arch.from_dict(history[i]["arch"]) for i in reported])
+    result = _outputs(args.out, history, generation, cfg, not args.no_plot,
+                      {i: h / len(val) for i, h in zip(reported, val_hits)})
     print(result["table"], end="")
-    print(f"search: {len(history)} architectures evaluated; best {result['best']['acc']:.4f} at "
-          f"{result['best']['macs']:,} MACs -> {os.path.join(args.out, 'best.json')}")
+    best = result["best"]
+    print(f"search: {len(history)} architectures evaluated; best: holdout acc {best['holdout_acc']:.4f}, val acc "
+          f"{best['val_acc']:.4f} at {best['macs']:,} MACs -> {os.path.join(args.out, 'best.json')}")
     return 0
 
 
@@ -464,10 +604,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
     try:
-        return run(args)
+        return run(args, argv)
     except (ValueError, CheckpointError) as exc:
         print(f"resnas search: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:   # an unwritable --out, a full disk
+        print(f"resnas search: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -108,6 +108,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (ValueError, CheckpointError) as exc:
         print(f"resnas export: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:   # an unwritable --out
+        print(f"resnas export: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
     print(f"export: {args.out} ({Arch.from_dict(meta['arch'])}); load it with "
           f"resnas_kernels.search.export.load_exported({args.out!r}) or timm.create_model({meta['timm_model']!r}, "
           f"arch=..., pretrained=True, pretrained_cfg_overlay=dict(file=...)) as in "

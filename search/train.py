@@ -29,39 +29,51 @@ or importance sorting. `--init` starts from an exported network (`resnas export`
 training checkpoint; without it the net trains from scratch (the paper's retraining). At the end it also writes
 net.pt, a `resnas export` checkpoint that `timm.create_model` loads.
 
-Outputs in --out: checkpoint.pt (atomic, every --ckpt-every steps and at the end), metrics.jsonl (one record per
-step, plus "eval" records: largest and smallest sub-network accuracy at the end of each epoch), config.json.
+Outputs in --out: checkpoint.pt (atomic, at step 0, every --ckpt-every steps, at the end and when Ctrl-C / SIGTERM
+stops the run after its current step), metrics.jsonl (one record per step, plus "eval" records at the end of each
+epoch: largest and smallest sub-network accuracy on the held-out split, or the one network's `acc` on validation for
+train-subnet; the record's `split` names it), config.json. A NaN or
+infinite loss stops the run (`TrainingDiverged`) before anything of that step is saved.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import math
 import os
 import random
+import signal
 import sys
+import threading
 import time
+import warnings
 from typing import List, Optional, Sequence
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
+from resnas_kernels._atomic import sweep_stale_temporaries
 from resnas_kernels.models.vit_resnas import Arch, SearchSpace, ViTResNAS
 
 from . import data as data_mod
 from .augment import Augment, AugmentConfig
-from .checkpoint import (TRAIN_FORMAT, VERSION, CheckpointError, append_jsonl, check_checkpoint, read_checkpoint,
-                         read_jsonl, save_checkpoint, write_json_atomic, write_text_atomic)
+from .checkpoint import (TRAIN_FORMAT, VERSION, CheckpointError, append_jsonl, check_checkpoint, describe_load_error,
+                         read_checkpoint, read_jsonl, save_checkpoint, write_json_atomic, write_text_atomic)
 
 __all__ = ["main", "build_parser", "lr_at", "split_batch", "build_supernet", "load_supernet", "evaluate_arch"]
 
+# Arguments a resumed run takes from the checkpoint unless given again (they may change: they do not alter the weights).
+RESUMED_DEFAULTS = ("ckpt_every",)
+# The LR warm-up's default is at most this fraction (1/N) of the run.
+WARMUP_RUN_FRACTION = 10
 # Arguments that define the training trajectory: on --resume they come from the checkpoint.
 TRAJECTORY_ARGS = ("data", "space", "img_size", "epochs", "batch_size", "archs_per_step", "lr", "min_lr", "warmup_lr",
                    "lr_warmup_epochs", "weight_decay", "label_smoothing", "drop_path", "width_warmup_epochs",
                    "sort_importance", "amp", "seed", "train_subset", "arch", "init", "aa", "hflip", "reprob", "mixup",
-                   "cutmix", "mixup_prob")
+                   "cutmix", "mixup_prob", "demo_data", "holdout_per_class")
 
 
 def build_parser(subnet: bool = False) -> argparse.ArgumentParser:
@@ -78,7 +90,13 @@ def build_parser(subnet: bool = False) -> argparse.ArgumentParser:
                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
         p.set_defaults(arch=None, init=None)
     p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.jsonl, config.json)")
-    p.add_argument("--data", default=None, help="ImageFolder tree with train/ and val/; default: the demo digits")
+    p.add_argument("--data", default=None, help="ImageFolder tree with train/ and val/; default: the demo data")
+    p.add_argument("--demo-data", choices=data_mod.DEMO_DATASETS, default=None,
+                   help="demo dataset without --data: shapes (generated, 16 classes) or digits (sklearn's 8x8)")
+    p.add_argument("--holdout-per-class", type=int, default=None,
+                   help="training images per class held out for the search to score candidates on (never trained "
+                        "on); default 25 with --data (the paper), 50 shapes, 20 digits" +
+                        ("; 0 for train-subnet (the final net trains on all of train/)" if subnet else ""))
     if not subnet:
         p.add_argument("--space", default=None, help="search space: demo | tiny | small (default: demo without "
                                                      "--data, tiny with it)")
@@ -89,10 +107,16 @@ def build_parser(subnet: bool = False) -> argparse.ArgumentParser:
         p.add_argument("--archs-per-step", type=int, default=None,
                        help="K architectures per rank and step, each on a contiguous group (default: batch / 64 per "
                             "rank as the recipe, 2 for the demo)")
-    p.add_argument("--lr", type=float, default=None, help="peak LR (default 5e-4 * batch / 512; demo 1e-3)")
-    p.add_argument("--min-lr", type=float, default=1e-5)
-    p.add_argument("--warmup-lr", type=float, default=1e-6)
-    p.add_argument("--lr-warmup-epochs", type=float, default=None, help="default 5 (recipe), 1 for the demo")
+    p.add_argument("--lr", type=float, default=None,
+                   help="peak LR (default: the recipe's linear scaling 5e-4 * batch / 512, e.g. 1e-3 at batch 1024 "
+                        "and 2.3e-5 at batch 24, so small batches train slowly: raise it by hand; demo 1e-3)")
+    p.add_argument("--min-lr", type=float, default=None, help="LR at the end of the cosine (default lr / 100, the "
+                                                              "recipe's 1e-5 at lr 1e-3)")
+    p.add_argument("--warmup-lr", type=float, default=None, help="LR the warm-up starts from (default lr / 1000, the "
+                                                                 "recipe's 1e-6 at lr 1e-3)")
+    p.add_argument("--lr-warmup-epochs", type=float, default=None,
+                   help=f"linear LR warm-up (default: the recipe's 5 epochs, 1 for the demo, at most "
+                        f"1/{WARMUP_RUN_FRACTION} of a shorter run's --epochs)")
     p.add_argument("--weight-decay", type=float, default=0.05)
     p.add_argument("--label-smoothing", type=float, default=0.1)
     p.add_argument("--drop-path", type=float, default=None, help="default 0.2 tiny, 0.3 small, 0.1 demo")
@@ -100,12 +124,12 @@ def build_parser(subnet: bool = False) -> argparse.ArgumentParser:
         p.set_defaults(space=None, archs_per_step=1, width_warmup_epochs=0, sort_importance=False)
     else:
         p.add_argument("--width-warmup-epochs", type=int, default=None,
-                       help="progressive width warm-up and importance sorting (default 30 recipe, epochs // 4 demo; "
-                            "0 disables both)")
+                       help="progressive width warm-up and importance sorting (default: the recipe's 30 of 120 "
+                            "epochs, at most epochs // 4 in a shorter run and on the demo; 0 disables both)")
         p.add_argument("--no-sort-importance", dest="sort_importance", action="store_false",
                        help="no importance sorting during the width warm-up")
     p.add_argument("--aa", default=None, help="timm RandAugment string or 'none' (default: the recipe's "
-                                          "rand-m9-mstd0.5-inc1 with --data, none on the demo digits)")
+                                          "rand-m9-mstd0.5-inc1 with --data, none on the demo data)")
     p.add_argument("--hflip", type=float, default=None, help="horizontal-flip probability (default 0.5 with --data, "
                                                              "0 demo)")
     p.add_argument("--reprob", type=float, default=None, help="random-erasing probability (default 0.25 with "
@@ -118,20 +142,28 @@ def build_parser(subnet: bool = False) -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--ckpt-every", type=int, default=100, help="checkpoint every N steps (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt (exactly)")
+    p.add_argument("--ckpt-every", type=int, default=None,
+                   help="checkpoint every N steps, at step 0 and at the end (default 100; --resume keeps the run's "
+                        "value unless given)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue from --out/checkpoint.pt (exactly); the run's arguments come from the checkpoint")
     p.add_argument("--stop-at-step", type=int, default=None,
                    help="checkpoint and stop after this many steps (a planned interruption; --resume continues)")
     p.add_argument("--eval-every-epoch", action=argparse.BooleanOptionalAction, default=True,
                    help="evaluate the largest and smallest sub-networks on val at each epoch end")
     p.add_argument("--throttle", type=float, default=0.0, help="sleep this many seconds after each step (testing, "
                                                                "or sharing a busy machine)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar (the per-epoch evaluation lines are still printed)")
     return p
 
 
 def _resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
     demo = a.data is None
+    if a.demo_data is None:
+        a.demo_data = "shapes"
+    if a.holdout_per_class is None:    # the final network (train-subnet) trains on the whole training set
+        a.holdout_per_class = 0 if a.arch is not None else data_mod.default_holdout(a.data, a.demo_data)
     if a.space is None:
         a.space = "demo" if demo else "tiny"
     data_mod.resolve_space(a.space)  # validate the name early
@@ -139,14 +171,22 @@ def _resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
     a.epochs = a.epochs if a.epochs is not None else (15 if demo else 120)
     a.batch_size = a.batch_size if a.batch_size is not None else (64 if demo else 1024)
     a.lr = a.lr if a.lr is not None else (1e-3 if demo else 5e-4 * a.batch_size / 512)
-    a.lr_warmup_epochs = a.lr_warmup_epochs if a.lr_warmup_epochs is not None else (1.0 if demo else 5.0)
+    # The recipe's end and start LRs are 1/100 and 1/1000 of its peak: kept as ratios, so a small batch's small
+    # peak LR still decays (a fixed 1e-5 floor would sit above a batch-8 peak).
+    a.min_lr = a.min_lr if a.min_lr is not None else a.lr / 100
+    a.warmup_lr = a.warmup_lr if a.warmup_lr is not None else a.lr / 1000
+    # Warm-ups are the recipe's epochs, capped to a fraction of a shorter run (5 warm-up epochs would never reach the
+    # peak LR in a 4-epoch run, 30 width warm-up epochs would never train the full space).
+    if a.lr_warmup_epochs is None:
+        a.lr_warmup_epochs = min(1.0 if demo else 5.0, a.epochs / WARMUP_RUN_FRACTION)
     a.drop_path = a.drop_path if a.drop_path is not None else {"tiny": 0.2, "small": 0.3}.get(a.space, 0.1)
     if a.aa is None:
         a.aa = "none" if demo else "rand-m9-mstd0.5-inc1"
     a.hflip = a.hflip if a.hflip is not None else (0.0 if demo else 0.5)
     a.reprob = a.reprob if a.reprob is not None else (0.0 if demo else 0.25)
     a.width_warmup_epochs = (a.width_warmup_epochs if a.width_warmup_epochs is not None
-                             else (a.epochs // 4 if demo else 30))
+                             else (a.epochs // 4 if demo else min(30, a.epochs // 4)))
+    a.ckpt_every = a.ckpt_every if a.ckpt_every is not None else 100
     return a
 
 
@@ -155,7 +195,7 @@ def _check_args(a: argparse.Namespace, world: int) -> None:
         if value is None or value <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
 
-    for name in ("epochs", "batch_size", "lr", "ckpt_every"):
+    for name in ("epochs", "batch_size", "lr", "ckpt_every", "img_size"):
         positive(name, getattr(a, name))
     if a.img_size % 56:
         raise ValueError(f"--img-size must be a multiple of 56 (patch 14, two reductions by 2), got {a.img_size}")
@@ -271,6 +311,8 @@ class _Dist:
         self.enabled = self.world > 1
 
     def init(self, device: torch.device) -> None:
+        if self.enabled and self.rank != 0:
+            warnings.simplefilter("ignore")   # every rank hits the same warnings: rank 0 reports them once
         if self.enabled and not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
 
@@ -343,8 +385,12 @@ def _restore_args(args: argparse.Namespace, saved: dict, given: Sequence[str]) -
     return differ
 
 
-def _given_args(argv: Sequence[str]) -> List[str]:
-    return [a[2:].split("=")[0].replace("-", "_") for a in argv if a.startswith("--")]
+def _given_args(argv: Sequence[str], subnet: bool = False) -> List[str]:
+    """The arguments `argv` names, however spelled (`--epo 3`, `--epochs=3`): parsed with a marker as every default,
+    they are the ones without it."""
+    parser, unset = build_parser(subnet), object()
+    parser.set_defaults(**{k: unset for k in vars(build_parser(subnet).parse_args(argv))})
+    return [k for k, v in vars(parser.parse_args(argv)).items() if v is not unset]
 
 
 def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
@@ -355,13 +401,17 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     ckpt = None
     if args.resume:
         ckpt = read_checkpoint(ckpt_path, TRAIN_FORMAT, ("model", "optimizer", "step", "args", "space"))
-        differ = _restore_args(args, ckpt["args"], _given_args(argv))
+        given = _given_args(argv, subnet=args.arch is not None)
+        differ = _restore_args(args, {**data_mod.LEGACY_RUN_ARGS, **ckpt["args"]}, given)
         if differ:
             raise ValueError("--resume continues the checkpoint's run; these arguments differ from it: "
                              + "; ".join(differ))
         if ckpt.get("world_size", 1) != d.world:
             raise ValueError(f"{ckpt_path} was written by a {ckpt.get('world_size', 1)}-rank run; resume it with the "
                              f"same number of ranks (now {d.world})")
+        for name in RESUMED_DEFAULTS:   # not part of the trajectory, but a resumed run should not lose them
+            if name not in given and ckpt["args"].get(name) is not None:
+                setattr(args, name, ckpt["args"][name])
     elif os.path.exists(ckpt_path):
         raise ValueError(f"{ckpt_path} exists: pass --resume to continue that run, or choose another --out")
     if args.arch is not None:
@@ -370,10 +420,45 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     _check_args(args, d.world)
     amp_dtype = _amp_dtype(args.amp, device)
     d.init(device)
+    if d.rank == 0:
+        sweep_stale_temporaries(args.out)   # left by a run killed while writing a file
     try:
-        return _train(args, d, device, amp_dtype, ckpt, ckpt_path, metrics_path)
+        with _StopOnSignal() as stop:
+            return _train(args, d, device, amp_dtype, ckpt, ckpt_path, metrics_path, stop)
     finally:
         d.close()
+
+
+class TrainingStopped(Exception):
+    """Ctrl-C or SIGTERM: the run finished its step, wrote a checkpoint and stopped; --resume continues it."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN or infinite; the checkpoint on disk is the last good state."""
+
+
+class _StopOnSignal:
+    """SIGINT (Ctrl-C) and SIGTERM while training: finish the current step, checkpoint, stop (`TrainingStopped`).
+    Before the first step (data loading, model building) or on a second signal: stop at once (KeyboardInterrupt;
+    the checkpoint on disk stays the last complete one)."""
+
+    def __init__(self):
+        self.requested, self.armed, self._previous = False, False, {}
+
+    def _handle(self, signum, frame):
+        if self.requested or not self.armed:
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __enter__(self) -> "_StopOnSignal":
+        if threading.current_thread() is threading.main_thread():   # signal handlers live in the main thread
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
 
 def _subnet_defaults(args: argparse.Namespace, ckpt: Optional[dict]) -> None:
@@ -411,7 +496,8 @@ def _read_init(path: str):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001  (a corrupted or foreign file)
-        raise CheckpointError(f"--init {path!r}: cannot be read as a checkpoint: {type(exc).__name__}") from None
+        raise CheckpointError(f"--init {path!r}: cannot be read as a checkpoint: {describe_load_error(exc)}") \
+            from None
 
 
 def _init_subnet(model: ViTResNAS, arch: Arch, path: str, obj, img_size: int, num_classes: int) -> None:
@@ -442,15 +528,25 @@ def _init_subnet(model: ViTResNAS, arch: Arch, path: str, obj, img_size: int, nu
     else:
         raise CheckpointError(f"--init {path!r}: expected a {EXPORT_FORMAT!r} (resnas export) or {TRAIN_FORMAT!r} "
                               f"checkpoint, found {'format ' + repr(fmt) if isinstance(obj, dict) else 'no format'}")
-    model.load_state_dict(state, strict=True)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:
+        raise CheckpointError(f"--init {path!r}: its weights do not fit the --arch network: "
+                              f"{str(exc).strip().splitlines()[-1].strip()}") from None
 
 
-def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> int:
+def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path, stop: "_StopOnSignal") -> int:
     subnet = getattr(args, "subnet_arch", None)     # train-subnet: one fixed architecture
     space = data_mod.resolve_space(args.space) if ckpt is None else data_mod.space_from_dict(ckpt["space"])
-    train, val = data_mod.load_data(args.data, args.img_size)
+    train, holdout, val = data_mod.load_splits(args.data, args.img_size, args.holdout_per_class, args.demo_data)
     train = train.subset(args.train_subset)
+    # The supernet is monitored on the held-out split (validation stays untouched until the search's networks are
+    # reported); a final net (train-subnet, nothing held out) on validation.
+    monitor, monitor_name = (holdout, "holdout") if len(holdout) else (val, "val")
     per_epoch = len(train) // args.batch_size
+    if per_epoch == 0:
+        raise ValueError(f"--batch-size {args.batch_size} exceeds the {len(train)} training images"
+                         + (f" (after holding out {args.holdout_per_class} per class)" if len(holdout) else ""))
     total = per_epoch * args.epochs
     warmup_steps = int(round(args.lr_warmup_epochs * per_epoch))
     local = args.batch_size // d.world
@@ -469,8 +565,12 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
     step = 0
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
+        try:
+            model.load_state_dict(ckpt["model"])
+            opt.load_state_dict(ckpt["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as exc:
+            raise CheckpointError(f"{ckpt_path}: its weights do not fit the network it declares: "
+                                  f"{str(exc).strip().splitlines()[0]}") from None
         if "scaler" in ckpt and ckpt["scaler"]:
             scaler.load_state_dict(ckpt["scaler"])
         step = int(ckpt["step"])
@@ -484,7 +584,11 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
                                                                    "space": data_mod.space_to_dict(space)})
         write_text_atomic(metrics_path, "")
 
+    saved_step = step
+
     def save(finished: bool) -> None:
+        nonlocal saved_step
+        saved_step = step
         if d.rank == 0:
             save_checkpoint({"format": TRAIN_FORMAT, "version": VERSION, "step": step, "finished": finished,
                              "model": model.state_dict(), "optimizer": opt.state_dict(),
@@ -495,15 +599,25 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
                              "subnet_arch": subnet.to_dict() if subnet is not None else None}, ckpt_path)
         d.barrier()
 
+    if ckpt is None:
+        save(finished=False)   # step 0: a run killed before its first periodic checkpoint still resumes
+    command = "train-supernet" if subnet is None else "train-subnet"
     end = total if args.stop_at_step is None else min(total, args.stop_at_step)
+    if d.rank == 0:
+        print(f"{command}: {total} steps ({args.epochs} epoch{'s' if args.epochs > 1 else ''} of {per_epoch}), batch "
+              f"{args.batch_size}, lr "
+              f"{args.lr:.3g} (warm-up {args.lr_warmup_epochs:g} epochs from {args.warmup_lr:.3g}, cosine to "
+              f"{args.min_lr:.3g})" + (f", width warm-up {args.width_warmup_epochs} epochs" if subnet is None else ""),
+              flush=True)
     bar = None
     if d.rank == 0 and not args.no_progress:
         from tqdm import tqdm
-        bar = tqdm(total=total, initial=step, desc="train-supernet", unit="step", dynamic_ncols=True)
+        bar = tqdm(total=total, initial=step, desc=command, unit="step", dynamic_ncols=True)
     model.train()
     net = d.wrap(model, device)   # after loading the checkpoint: DDP's constructor broadcasts rank 0's weights
-    t_last, imgs_since = time.perf_counter(), 0
+    stop.armed = True
     while step < end:
+        t_step = time.perf_counter()   # img_per_s counts the step only, not evaluations, checkpoints or --throttle
         epoch = step // per_epoch
         if step % per_epoch == 0 and args.sort_importance and epoch <= args.width_warmup_epochs \
                 and args.width_warmup_epochs > 0:
@@ -533,28 +647,44 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
         scaler.step(opt)
         scaler.update()
         correct = (logits.argmax(1) == y).sum().item()
-        loss_sum, correct_sum = d.all_reduce_sum([loss.item() * local, correct])
+        # The stop request is reduced with the metrics: every rank stops after the same step.
+        loss_sum, correct_sum, stops = d.all_reduce_sum([loss.item() * local, correct, float(stop.requested)])
+        if not math.isfinite(loss_sum):
+            if bar is not None:
+                bar.close()
+            raise TrainingDiverged(f"the training loss is {loss_sum / args.batch_size} at step {step + 1} (epoch "
+                                   f"{epoch}, lr {lr:.3g}); stopped. {ckpt_path} keeps the last good state (step "
+                                   f"{saved_step}); train again with a lower --lr, or check the data")
         step += 1
-        imgs_since += args.batch_size
-        now = time.perf_counter()
         rec = {"step": step, "epoch": epoch, "lr": lr, "loss": loss_sum / args.batch_size,
-               "acc": correct_sum / args.batch_size, "img_per_s": args.batch_size / max(now - t_last, 1e-9)}
+               "acc": correct_sum / args.batch_size,
+               "img_per_s": args.batch_size / max(time.perf_counter() - t_step, 1e-9)}
         if d.rank == 0:
             append_jsonl(metrics_path, [rec])
         if bar is not None:
             bar.update(1)
             bar.set_postfix(loss=f"{rec['loss']:.3f}", acc=f"{rec['acc']:.3f}", img_s=f"{rec['img_per_s']:.0f}")
-        t_last = now
         if args.eval_every_epoch and (step % per_epoch == 0 or step == total) and d.rank == 0:
-            ev = {"step": step, "epoch": epoch, "eval": True,
-                  "acc_max": evaluate_arch(model, space.max_arch() if subnet is None else model.arch, val, device),
-                  "acc_min": evaluate_arch(model, space.min_arch() if subnet is None else model.arch, val, device)}
+            ev = {"step": step, "epoch": epoch, "eval": True, "split": monitor_name}
+            if subnet is None:
+                ev["acc_max"] = evaluate_arch(model, space.max_arch(), monitor, device)
+                ev["acc_min"] = evaluate_arch(model, space.min_arch(), monitor, device)
+                line = f"largest {ev['acc_max']:.3f}, smallest {ev['acc_min']:.3f}"
+            else:
+                ev["acc"] = evaluate_arch(model, model.arch, monitor, device)
+                line = f"{ev['acc']:.3f}"
             model.train()
             append_jsonl(metrics_path, [ev])
-            if bar is not None:
-                bar.write(f"epoch {epoch}: val acc largest {ev['acc_max']:.3f}, smallest {ev['acc_min']:.3f}")
-        if step % args.ckpt_every == 0 or step == end:
+            (bar.write if bar is not None else functools.partial(print, flush=True))(
+                f"epoch {epoch}: {monitor_name} acc {line}")
+        stopping = stops > 0
+        if step % args.ckpt_every == 0 or step == end or stopping:
             save(finished=step == total)
+        if stopping and step < end:
+            if bar is not None:
+                bar.close()
+            raise TrainingStopped(f"stopped at step {step}/{total} by a signal; {ckpt_path} holds it: continue "
+                                  f"with --resume")
         if args.throttle:
             time.sleep(args.throttle)
     if bar is not None:
@@ -574,7 +704,7 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path) -> 
                                "init": os.path.abspath(args.init) if args.init else None, "step": step})
         print(f"train-subnet: wrote {net_path} (val acc {evaluate_arch(model, model.arch, val, device):.4f})")
     if d.rank == 0:
-        print(f"train-{'supernet' if subnet is None else 'subnet'}: step {step}/{total}, checkpoint {ckpt_path}")
+        print(f"{command}: step {step}/{total}, checkpoint {ckpt_path}")
     return 0
 
 
@@ -597,6 +727,20 @@ def main(argv: Optional[Sequence[str]] = None, subnet: bool = False) -> int:
     except (ValueError, CheckpointError) as exc:
         print(f"{parser.prog}: error: {exc}", file=sys.stderr)
         return 2
+    except TrainingDiverged as exc:
+        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:   # an unwritable --out, a full disk, an unreadable --data
+        print(f"{parser.prog}: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
+              file=sys.stderr)
+        return 1
+    except TrainingStopped as exc:
+        print(f"{parser.prog}: {exc}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print(f"{parser.prog}: interrupted; --resume continues from the last checkpoint in {args.out}, if any",
+              file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

@@ -65,7 +65,7 @@ def test_default_allocator_refaults_and_the_opt_out_keeps_it():
 @pytest.mark.parametrize("command,tuned", [("bench", True), ("train-supernet", True), ("search", True),
                                            ("train-subnet", True), ("info", False), ("export", False)])
 def test_long_running_commands_tune_before_they_start(command, tuned, monkeypatch):
-    from resnas_kernels import cli
+    import resnas_kernels_cli as cli   # the console script's module (resnas_kernels.cli re-exports its main)
     calls = []
     monkeypatch.setattr(cli, "tune_cpu_allocator", lambda: calls.append("tune"))
     monkeypatch.setattr(cli.importlib, "import_module",

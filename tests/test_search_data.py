@@ -50,3 +50,52 @@ def test_space_round_trip_and_names():
         data.resolve_space("huge")
     with pytest.raises(ValueError, match="search-space record"):
         data.space_from_dict({"name": "x"})
+
+
+def test_shapes_generator_is_seeded_and_class_balanced():
+    from resnas_kernels.search import shapes
+    x, y = shapes.generate(40, 56, seed=3)
+    assert x.shape == (40, 3, 56, 56) and x.dtype == torch.uint8 and y.dtype == torch.int64
+    assert torch.bincount(y, minlength=16).tolist() == [3] * 8 + [2] * 8          # 40 = 2 * 16 + 8
+    x2, y2 = shapes.generate(40, 56, seed=3)
+    assert torch.equal(x, x2) and torch.equal(y, y2)
+    x3, _ = shapes.generate(40, 56, seed=4)
+    assert not torch.equal(x, x3)
+    assert x.float().std() > 20                                                    # not blank images
+    with pytest.raises(ValueError, match="n >= 1"):
+        shapes.generate(0)
+
+
+def test_holdout_is_carved_from_train_stratified_disjoint_and_seeded():
+    n, classes = 60, 3
+    ids = torch.arange(n)
+    # every image carries its id in its first pixels, so membership can be read back from the pixels
+    images = torch.zeros(n, 3, 4, 4, dtype=torch.uint8)
+    images[:, 0, 0, 0], images[:, 0, 0, 1] = ids % 256, ids // 256
+    full = data.Split(images, torch.arange(n) % classes, classes)
+    tr, ho = data.carve_holdout(full, 5, seed=7)
+    read = lambda s: set((s.images[:, 0, 0, 0].long() + 256 * s.images[:, 0, 0, 1].long()).tolist())  # noqa: E731
+    assert len(ho) == 15 and len(tr) == 45 and not (read(tr) & read(ho)) and read(tr) | read(ho) == set(range(n))
+    assert torch.bincount(ho.labels, minlength=3).tolist() == [5, 5, 5]
+    assert all(full.labels[i] == lab for i, lab in zip(sorted(read(ho)), ho.labels[torch.argsort(
+        ho.images[:, 0, 0, 0].long() + 256 * ho.images[:, 0, 0, 1].long())].tolist()))
+    tr2, ho2 = data.carve_holdout(full, 5, seed=7)
+    assert torch.equal(ho2.images, ho.images) and torch.equal(tr2.labels, tr.labels)   # deterministic
+    assert read(data.carve_holdout(full, 5, seed=8)[1]) != read(ho)                     # the seed matters
+    assert len(data.carve_holdout(full, 0)[1]) == 0
+    with pytest.raises(ValueError, match="--holdout-per-class 20 leaves no training image"):
+        data.carve_holdout(full, 20)
+    with pytest.raises(ValueError, match="--holdout-per-class"):
+        data.carve_holdout(full, -1)
+
+
+def test_demo_splits_are_disjoint_and_sized():
+    splits = data.load_splits(None, 56, 50)
+    assert (len(splits.train), len(splits.holdout), len(splits.val)) == (16 * 350, 16 * 50, 16 * 50)
+    assert torch.bincount(splits.holdout.labels, minlength=16).tolist() == [50] * 16
+    rows = lambda s: {bytes(x.numpy().tobytes()) for x in s.images}  # noqa: E731
+    train, holdout, val = rows(splits.train), rows(splits.holdout), rows(splits.val)
+    assert not (train & holdout) and not (train & val) and not (holdout & val)
+    again = data.load_splits(None, 56, 50)
+    assert torch.equal(again.holdout.images, splits.holdout.images)
+    assert data.default_holdout(None, "shapes") == 50 and data.default_holdout("/x") == 25

@@ -1,7 +1,8 @@
-"""`resnas search` and `resnas export` on the demo digits: batched scoring with the cached stem equals the plain
+"""`resnas search` and `resnas export` on the demo data (generated shapes): batched scoring with the cached stem equals the plain
 supernet forward and one-model-per-candidate scoring; evolutionary operators respect the MAC band and dedup; the
 search is deterministic and resumes after an interruption with the same history; the end-to-end run (train a few
-steps, search two generations, export, reload through timm) reproduces the accuracy the search recorded."""
+steps, search two generations, export, reload through timm) reproduces the held-out accuracy the search selected on
+and the validation accuracy it reported."""
 import json
 import os
 import random
@@ -12,7 +13,8 @@ import torch
 from resnas_kernels.models.vit_resnas import Arch, count_macs
 from resnas_kernels.search import evaluate, evolution, export, latency, train
 from resnas_kernels.search.checkpoint import CheckpointError, read_jsonl
-from resnas_kernels.search.data import DEMO_SPACE, load_demo, normalize
+from resnas_kernels.search.data import DEMO_SPACE, load_demo, load_splits, normalize
+from resnas_kernels.search.shapes import NUM_CLASSES
 
 SEARCH = ["--generations", "2", "--population", "4", "--parents", "2", "--mutations", "2", "--crossovers", "2",
           "--val-subset", "40", "--candidates-per-forward", "3", "--images-per-forward", "16", "--no-progress",
@@ -20,7 +22,7 @@ SEARCH = ["--generations", "2", "--population", "4", "--parents", "2", "--mutati
 
 
 def _macs(a):
-    return count_macs(a, 56, 10)
+    return count_macs(a, 56, NUM_CLASSES)
 
 
 @pytest.fixture(scope="module")
@@ -100,12 +102,18 @@ def test_search_outputs(searched):
     lo, hi = cfg["band"]
     assert all(lo <= r["macs"] <= hi and r["macs"] == _macs(a) for r, a in zip(history, archs))
     best = json.load(open(os.path.join(searched, "best.json")))
-    assert best["acc"] == max(r["acc"] for r in history)
+    assert best["holdout_acc"] == max(r["acc"] for r in history) and best["selected_on"] == "holdout"
+    assert 0 <= best["val_acc"] <= 1 and best["val_images"] == cfg["val_images"] == 800
+    assert best["holdout_images"] == cfg["holdout_images"] == 40 and best["holdout_per_class"] == 50
     assert Arch.from_dict(best["pruned"]) == Arch.from_dict(best["arch"]).pruned()
     pareto = json.load(open(os.path.join(searched, "pareto.json")))
-    assert pareto and max(r["acc"] for r in pareto) == best["acc"]
+    assert pareto and max(r["holdout_acc"] for r in pareto) == best["holdout_acc"]
+    assert all(0 <= r["val_acc"] <= 1 and "acc" not in r for r in pareto)
+    by_index = {r["index"]: r for r in history}
+    assert all(by_index[r["index"]]["acc"] == r["holdout_acc"] for r in pareto)
     assert os.path.getsize(os.path.join(searched, "pareto.png")) > 1000
-    assert "best acc" in open(os.path.join(searched, "summary.txt")).read()
+    summary = open(os.path.join(searched, "summary.txt")).read()
+    assert "best holdout acc" in summary and f"val acc {best['val_acc']:.4f}" in summary
 
 
 def test_search_is_deterministic_and_resumes_after_interruption(supernet, searched, tmp_path, monkeypatch):
@@ -146,11 +154,13 @@ def test_export_reloads_through_timm_with_the_recorded_accuracy(supernet, search
     net = export.load_exported(net_path)
     assert net.arch == Arch.from_dict(best["pruned"])
     assert json.load(open(str(tmp_path / "net.json")))["timm_model"] == export.TIMM_NAME
-    _, val = load_demo()
-    val = val.subset(best["val_images"])
+    splits = load_splits(None, 56, best["holdout_per_class"])
+    holdout = splits.holdout.subset(best["holdout_images"])
     with torch.no_grad():
-        correct = (net(normalize(val.images)).argmax(1) == val.labels).sum().item()
-    assert correct == round(best["acc"] * len(val))
+        correct = (net(normalize(holdout.images)).argmax(1) == holdout.labels).sum().item()
+        correct_val = (net(normalize(splits.val.images)).argmax(1) == splits.val.labels).sum().item()
+    assert correct == round(best["holdout_acc"] * len(holdout))
+    assert correct_val == round(best["val_acc"] * len(splits.val))
 
 
 def test_search_and_export_bad_inputs(supernet, searched, tmp_path, capsys):
@@ -182,9 +192,9 @@ def test_search_and_export_bad_inputs(supernet, searched, tmp_path, capsys):
 
 def _synthetic_lut(path):
     """A table for this process's setting with made-up, width-dependent latencies for every DEMO_SPACE layer."""
-    setting = latency.LatencyTable(path, "cpu", 56, 10).setting
+    setting = latency.LatencyTable(path, "cpu", 56, NUM_CLASSES).setting
     entries = {}
-    for k in latency._space_keys(DEMO_SPACE, 56, 10):
+    for k in latency._space_keys(DEMO_SPACE, 56, NUM_CLASSES):
         _, f = latency._parse(k)
         entries[k] = round(0.001 * f.get("c", f.get("co", 1)) * f.get("h", 1) + 1e-4 * f.get("m", 0), 6)
     with open(path, "w") as fh:
@@ -195,8 +205,8 @@ def test_search_respects_the_latency_budget_and_reuses_the_table(supernet, tmp_p
     lut_path = str(tmp_path / "lut.json")
     _synthetic_lut(lut_path)
     before = open(lut_path).read()
-    lut = latency.LatencyTable(lut_path, "cpu", 56, 10)
-    macs = lambda a: count_macs(a, 56, 10)   # noqa: E731
+    lut = latency.LatencyTable(lut_path, "cpu", 56, NUM_CLASSES)
+    macs = lambda a: count_macs(a, 56, NUM_CLASSES)   # noqa: E731
     lo_s, hi_s = macs(DEMO_SPACE.min_arch()), macs(DEMO_SPACE.max_arch())
     hi = (lo_s + hi_s) // 2
     pool = evolution.random_population(DEMO_SPACE, 20, random.Random(3), macs, int(0.975 * hi), hi, set())

@@ -21,13 +21,14 @@ Before timing, every provider's forward output must agree with ours.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Tuple
+import functools
+from typing import Callable, Dict, List, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
 import resnas_kernels as rk
-from resnas_kernels.bench.harness import Case, rotating, rotation_copies
+from resnas_kernels.bench.harness import Case, LazyCase, rotating, rotation_copies
 
 # (label, R, stride, H, d, d_v): LeViT-128S's attention layers
 SHAPES: Tuple[Tuple[str, int, int, int, int, int], ...] = (
@@ -150,7 +151,39 @@ def _check_agree(providers_fwd: Dict[str, torch.Tensor], dtype, what: str) -> No
             raise RuntimeError(f"{what}: provider {name!r} differs from 'ours' by {err:.3g}")
 
 
-def cases(ctx) -> List[Case]:
+def _shape(batch: int, label: str, r: int, s: int, h: int, d: int, dv: int) -> str:
+    return f"LeViT-128S {label}: B={batch},H={h},Nq={((r - 1) // s + 1) ** 2},Nk={r * r},d={d},dv={dv},bias=table"
+
+
+def _case(device, dtype, batch: int, label: str, r: int, s: int, h: int, d: int, dv: int, mode: str) -> Case:
+    gen = torch.Generator().manual_seed(0)
+    elem = torch.finfo(dtype).bits // 8
+    idx = rk.levit_bias_index(r, s, device=device)
+    scale = d ** -0.5
+    grad = mode != "infer"
+    table = torch.randn(h, r * r, generator=gen).to(device).requires_grad_(grad)  # fp32, as LeViT keeps it
+    flops, nbytes = _work(batch, r, s, h, d, dv, elem, mode)
+    copies = rotation_copies(nbytes, device)
+    input_sets, dout_sets, split = [], [], None
+    nq = ((r - 1) // s + 1) ** 2
+    for _ in range(copies):
+        tensors, split = _inputs(batch, r, s, h, d, dv, dtype, device, gen, grad)
+        input_sets.append(tensors)
+        dout_sets.append(torch.randn(batch, nq, h * dv, generator=gen).to(device, dtype))
+    providers = _providers(device, table, idx, r, s, scale, mode, input_sets, split, dout_sets)
+    with torch.no_grad():
+        fwd = {"ours": rk.ragged_attention(*split(input_sets[0]), scale=scale, bias_table=table, bias_grid=(r, s)),
+               "sdpa": _sdpa(*split(input_sets[0]), table[:, idx], scale),
+               "naive": _naive(*split(input_sets[0]), table[:, idx], scale)}
+    _check_agree(fwd, dtype, f"ragged_attention {label} {mode}")
+    return Case(name=f"ragged_attention.{mode}", shape=_shape(batch, label, r, s, h, d, dv),
+                dtype=str(dtype).replace("torch.", ""), flops=flops, bytes=nbytes, providers=providers,
+                baseline="ours", op="ragged_attention",
+                backends={"sdpa": "torch-sdpa", "naive": "torch", "flex": "flex_attention"},
+                notes=f"{copies} rotating input set(s); sdpa/naive infer use a cached gathered bias")
+
+
+def cases(ctx) -> List[Union[Case, LazyCase]]:
     device = torch.device(ctx.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -160,36 +193,13 @@ def cases(ctx) -> List[Case]:
     else:
         shapes = SHAPES[:2] if ctx.quick else SHAPES
         batch, modes = (256 if cuda else 16), ("infer", "fwd+bwd")
-    gen = torch.Generator().manual_seed(0)
-    out: List[Case] = []
-    for label, r, s, h, d, dv in shapes:
-        idx = rk.levit_bias_index(r, s, device=device)
-        scale = d ** -0.5
-        for mode in modes:
-            grad = mode != "infer"
-            table = torch.randn(h, r * r, generator=gen).to(device).requires_grad_(grad)  # fp32, as LeViT keeps it
-            flops, nbytes = _work(batch, r, s, h, d, dv, elem, mode)
-            copies = rotation_copies(nbytes, device)
-            input_sets, dout_sets, split = [], [], None
-            nq = ((r - 1) // s + 1) ** 2
-            for _ in range(copies):
-                tensors, split = _inputs(batch, r, s, h, d, dv, dtype, device, gen, grad)
-                input_sets.append(tensors)
-                dout_sets.append(torch.randn(batch, nq, h * dv, generator=gen).to(device, dtype))
-            providers = _providers(device, table, idx, r, s, scale, mode, input_sets, split, dout_sets)
-            with torch.no_grad():
-                fwd = {"ours": rk.ragged_attention(*split(input_sets[0]), scale=scale, bias_table=table,
-                                                   bias_grid=(r, s)),
-                       "sdpa": _sdpa(*split(input_sets[0]), table[:, idx], scale),
-                       "naive": _naive(*split(input_sets[0]), table[:, idx], scale)}
-            _check_agree(fwd, dtype, f"ragged_attention {label} {mode}")
-            shape = f"LeViT-128S {label}: B={batch},H={h},Nq={nq},Nk={r * r},d={d},dv={dv},bias=table"
-            out.append(Case(name=f"ragged_attention.{mode}", shape=shape, dtype=str(dtype).replace("torch.", ""),
-                            flops=flops, bytes=nbytes, providers=providers, baseline="ours", op="ragged_attention",
-                            backends={"sdpa": "torch-sdpa", "naive": "torch", "flex": "flex_attention"},
-                            notes=f"{copies} rotating input set(s); sdpa/naive infer use a cached gathered bias"))
+    providers = ("ours", "sdpa", "naive") + ("flex",) * cuda
+    out: List[Union[Case, LazyCase]] = [
+        LazyCase(f"ragged_attention.{mode}", _shape(batch, *shape), str(dtype).replace("torch.", ""), providers,
+                 functools.partial(_case, device, dtype, batch, *shape, mode))
+        for shape in shapes for mode in modes]
     if cuda and not ctx.smoke:
-        out += _no_bias_cases(device, dtype, elem, batch, shapes, gen)
+        out += _no_bias_cases(device, dtype, elem, batch, shapes, torch.Generator().manual_seed(0))
     return out
 
 

@@ -13,6 +13,7 @@ CPU, fp32 and bf16 on CUDA. Before timing, each shape checks that the three prov
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -20,7 +21,7 @@ import torch.nn.functional as F
 
 import resnas_kernels
 from resnas_kernels import Ragged
-from resnas_kernels.bench.harness import Case, rotating, rotation_copies
+from resnas_kernels.bench.harness import Case, LazyCase, rotating, rotation_copies
 from resnas_kernels.reference import masked_layer_norm
 
 # (tokens N, C_max, widths of the four groups): ViT-ResNAS Tiny stages 1-3 (docs: vit_resnas.md, sr_tiny_mh table)
@@ -90,40 +91,43 @@ def _providers(groups: Ragged, x_sets: List[torch.Tensor], dy_sets: List[torch.T
     return {name: rotating(fwd_bwd(fwd), list(zip(x_sets, dy_sets))) for name, fwd in forwards.items()}
 
 
-def cases(ctx) -> List[Case]:
+def _case(device, dtype: torch.dtype, tokens: int, c_max: int, groups: Ragged, shape: str, mode: str) -> Case:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    elem = torch.finfo(dtype).bits // 8
+    shape_x = (groups.batch, tokens, c_max)
+    mask = groups.mask(c_max)[:, None, :]
+    flops, nbytes = _work(groups, tokens, c_max, elem, mode)
+    copies = rotation_copies(nbytes, device)
+    grad = mode == "fwd+bwd"
+    w = (1 + 0.1 * torch.randn(c_max, generator=gen)).to(device, dtype).requires_grad_(grad)
+    b = (0.1 * torch.randn(c_max, generator=gen)).to(device, dtype).requires_grad_(grad)
+    # Inputs obey the ragged contract: zero beyond each group's width.
+    x_sets = [(torch.randn(shape_x, generator=gen) * mask).to(device, dtype).requires_grad_(grad)
+              for _ in range(copies)]
+    dy_sets = [(torch.randn(shape_x, generator=gen) * mask).to(device, dtype) for _ in range(copies)]
+    providers = _providers(groups, x_sets, dy_sets, w, b, mode)
+    if mode == "fwd":
+        with torch.no_grad():
+            _check_agree({name: fn() for name, fn in providers.items()}, dtype,
+                         f"ragged_layer_norm.fwd {shape} {dtype}")
+    return Case(name=f"ragged_layer_norm.{mode}", shape=shape, dtype=str(dtype).replace("torch.", ""), flops=flops,
+                bytes=nbytes, providers=providers, baseline="ours", op="ragged_layer_norm",
+                notes=f"{copies} rotating input set(s)")
+
+
+def cases(ctx) -> List[LazyCase]:
     device = ctx.device
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" and not ctx.smoke else [])
     per_group = 1 if ctx.smoke else (4 if ctx.quick else 16)
     stages = [(17, 256, (256, 224, 192, 160))] if ctx.smoke else STAGES
     modes = ("fwd",) if ctx.smoke else ("fwd", "fwd+bwd")
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    out: List[Case] = []
+    out: List[LazyCase] = []
     for dtype in dtypes:
-        elem = torch.finfo(dtype).bits // 8
         for tokens, c_max, widths in stages:
             groups = Ragged((per_group,) * len(widths), widths)
-            shape_x = (groups.batch, tokens, c_max)
-            mask = groups.mask(c_max)[:, None, :]
-            weight = (1 + 0.1 * torch.randn(c_max, generator=gen)).to(device, dtype)
-            bias = (0.1 * torch.randn(c_max, generator=gen)).to(device, dtype)
             shape = f"G={len(widths)}x{per_group},N={tokens},C={'/'.join(map(str, widths))}"
             for mode in modes:
-                flops, nbytes = _work(groups, tokens, c_max, elem, mode)
-                copies = rotation_copies(nbytes, device)
-                grad = mode == "fwd+bwd"
-                # Inputs obey the ragged contract: zero beyond each group's width.
-                x_sets = [(torch.randn(shape_x, generator=gen) * mask).to(device, dtype).requires_grad_(grad)
-                          for _ in range(copies)]
-                dy_sets = [(torch.randn(shape_x, generator=gen) * mask).to(device, dtype) for _ in range(copies)]
-                w = weight.detach().clone().requires_grad_(grad)
-                b = bias.detach().clone().requires_grad_(grad)
-                providers = _providers(groups, x_sets, dy_sets, w, b, mode)
-                if mode == "fwd":
-                    with torch.no_grad():
-                        _check_agree({name: fn() for name, fn in providers.items()}, dtype,
-                                     f"ragged_layer_norm.fwd {shape} {dtype}")
-                out.append(Case(name=f"ragged_layer_norm.{mode}", shape=shape,
-                                dtype=str(dtype).replace("torch.", ""), flops=flops, bytes=nbytes,
-                                providers=providers, baseline="ours", op="ragged_layer_norm",
-                                notes=f"{copies} rotating input set(s)"))
+                out.append(LazyCase(f"ragged_layer_norm.{mode}", shape, str(dtype).replace("torch.", ""),
+                                    ("ours", "masked", "loop"),
+                                    functools.partial(_case, device, dtype, tokens, c_max, groups, shape, mode)))
     return out

@@ -20,13 +20,14 @@ fwd+bwd; fp32 on CPU, fp32 and bf16 on CUDA. Before timing, each shape checks th
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 import resnas_kernels
 from resnas_kernels import Ragged
-from resnas_kernels.bench.harness import Case, rotating, rotation_copies
+from resnas_kernels.bench.harness import Case, LazyCase, rotating, rotation_copies
 from resnas_kernels.reference import masked_linear
 from resnas_kernels.reference import ragged_linear as loop_linear
 
@@ -98,17 +99,30 @@ def _work(sizes, k, n, segments, tokens, k_max, n_max, elem, mode) -> Tuple[int,
     return 6 * macs, 2 * (x_bytes + w_bytes + y_bytes) + rows * k_max * elem + n_max * k_max * elem
 
 
-def _case(device, dtype, stage: int, layer: str, groups: int, per_group: int, mode: str, gen,
-          single_group: bool = False) -> Case:
+def _layer(stage: int, layer: str, groups: int, single_group: bool):
+    """(layer shape, k widths, n widths, epilogue) of one case; single_group: the ceiling, one group at full width,
+    no epilogue."""
     shape = layer_shapes(stage, groups)[layer]
+    if single_group:
+        return shape, (shape["k_max"],), (shape["seg"],), "none"
+    return shape, shape["k"], shape["n"], shape["epilogue"]
+
+
+def _label(stage: int, layer: str, groups: int, per_group: int, single_group: bool) -> str:
+    shape, k, n, epilogue = _layer(stage, layer, groups, single_group)
+    segments = shape["segments"]
+    return (f"S{stage}.{layer},G={groups}x{per_group},N={TINY[stage]['tokens']},K={'/'.join(map(str, k))}->"
+            f"{'/'.join(map(str, n))}" + (f"x{segments}" if segments > 1 else "") + f",{epilogue}")
+
+
+def _case(device, dtype, stage: int, layer: str, groups: int, per_group: int, mode: str,
+          single_group: bool = False) -> Case:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    shape, k, n, epilogue = _layer(stage, layer, groups, single_group)
     tokens = TINY[stage]["tokens"]
     sizes = (per_group,) * groups
-    k, n = shape["k"], shape["n"]
-    if single_group:  # the ceiling: one group at full width, no epilogue
-        k, n = (shape["k_max"],), (shape["seg"],)
     k_max, seg, segments = shape["k_max"], shape["seg"], shape["segments"]
     n_max = seg * segments
-    epilogue = "none" if single_group else shape["epilogue"]
     elem = torch.finfo(dtype).bits // 8
     groups_in = Ragged(sizes, k)
     batch = groups_in.batch
@@ -149,8 +163,7 @@ def _case(device, dtype, stage: int, layer: str, groups: int, per_group: int, mo
             return lambda x, dy: torch.autograd.grad(fwd(x), (x, *leaves), dy)
 
         providers = {name: rotating(fwd_bwd(fwd), list(zip(x_sets, dy_sets))) for name, fwd in forwards.items()}
-    label = (f"S{stage}.{layer},G={groups}x{per_group},N={tokens},K={'/'.join(map(str, k))}->"
-             f"{'/'.join(map(str, n))}" + (f"x{segments}" if segments > 1 else "") + f",{epilogue}")
+    label = _label(stage, layer, groups, per_group, single_group)
     if mode == "fwd":
         with torch.no_grad():
             outputs = {name: fwd(x_sets[0]) for name, fwd in forwards.items()}
@@ -161,12 +174,11 @@ def _case(device, dtype, stage: int, layer: str, groups: int, per_group: int, mo
                 notes=f"{copies} rotating input set(s)")
 
 
-def cases(ctx) -> List[Case]:
+def cases(ctx) -> List[LazyCase]:
     device = ctx.device
     cuda = device.type == "cuda"
     smoke = getattr(ctx, "smoke", False)
     dtypes = [torch.float32] + ([torch.bfloat16] if cuda and not smoke else [])
-    gen = torch.Generator(device="cpu").manual_seed(0)
     if smoke:
         plan = [(1, "fc1", 4, 1, "fwd", False)]
     elif ctx.quick:
@@ -179,8 +191,11 @@ def cases(ctx) -> List[Case]:
         plan += [(1, "fc1", 16, 64 if cuda else 16, mode, False) for mode in ("fwd", "fwd+bwd")]
         plan += [(3, layer, 16, 64, mode, False) for layer in ("qkv", "fc1") for mode in ("fwd", "fwd+bwd")]
         plan += [(1, "fc1", 1, 256, "fwd", True), (3, "fc1", 1, 256, "fwd", True)]
-    out: List[Case] = []
+    out: List[LazyCase] = []
     for dtype in dtypes:
         for stage, layer, groups, per_group, mode, single in plan:
-            out.append(_case(device, dtype, stage, layer, groups, per_group, mode, gen, single_group=single))
+            out.append(LazyCase(f"ragged_linear.{mode}", _label(stage, layer, groups, per_group, single),
+                                str(dtype).replace("torch.", ""), ("ours", "masked", "loop") + ("matmul",) * single,
+                                functools.partial(_case, device, dtype, stage, layer, groups, per_group, mode,
+                                                  single_group=single)))
     return out

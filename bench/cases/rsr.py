@@ -23,6 +23,7 @@ active parameter slices (fwd); fwd+bwd adds dy, dx, the parameter gradients and 
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Dict, List, Tuple
 
 import torch
@@ -30,7 +31,7 @@ import torch.nn.functional as F
 
 import resnas_kernels
 from resnas_kernels import Ragged
-from resnas_kernels.bench.harness import Case, rotating, rotation_copies
+from resnas_kernels.bench.harness import Case, LazyCase, rotating, rotation_copies
 from resnas_kernels.reference import masked_residual_spatial_reduction, rsr_output_grid
 
 EPS = 1e-6
@@ -121,7 +122,31 @@ def _providers(groups: Ragged, out_widths, grid, p: Dict[str, torch.Tensor], x_s
     return {name: rotating(fwd_bwd(fwd), list(zip(x_sets, dy_sets))) for name, fwd in forwards.items()}
 
 
-def cases(ctx) -> List[Case]:
+def _case(device, dtype: torch.dtype, groups: Ragged, grid, ci_max: int, co_max: int, out_w, shape: str,
+          mode: str) -> Case:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    elem = torch.finfo(dtype).bits // 8
+    ho, wo = rsr_output_grid(grid)
+    n_in = 1 + grid[0] * grid[1]
+    mask = groups.mask(ci_max)[:, None, :]
+    grad = mode == "fwd+bwd"
+    p = {k: v.requires_grad_(grad) for k, v in _params(ci_max, co_max, ho * wo, gen, device, dtype).items()}
+    flops, nbytes = _work(groups, out_w, grid, ci_max, co_max, elem, mode)
+    copies = rotation_copies(nbytes, device)
+    x_sets = [(torch.randn(groups.batch, n_in, ci_max, generator=gen) * mask).to(device, dtype)
+              .requires_grad_(grad) for _ in range(copies)]
+    dy_sets = [(torch.randn(groups.batch, 1 + ho * wo, co_max, generator=gen)).to(device, dtype)
+               for _ in range(copies)]
+    providers = _providers(groups, out_w, grid, p, x_sets, dy_sets, mode)
+    if mode == "fwd":
+        with torch.no_grad():
+            _check_agree({k: fn() for k, fn in providers.items()}, dtype, f"rsr.fwd {shape} {dtype}")
+    return Case(name=f"residual_spatial_reduction.{mode}", shape=shape, dtype=str(dtype).replace("torch.", ""),
+                flops=flops, bytes=nbytes, providers=providers, baseline="ours", op="residual_spatial_reduction",
+                notes=f"{copies} rotating input set(s); ours = fused chain")
+
+
+def cases(ctx) -> List[LazyCase]:
     device = ctx.device
     dtypes = [torch.float32] + ([torch.bfloat16] if device.type == "cuda" and not ctx.smoke else [])
     if ctx.smoke:
@@ -131,33 +156,16 @@ def cases(ctx) -> List[Case]:
     else:
         per_group, shapes = 64, SHAPES
     modes = ("fwd",) if ctx.smoke else ("fwd", "fwd+bwd")
-    gen = torch.Generator(device="cpu").manual_seed(0)
-    out: List[Case] = []
+    out: List[LazyCase] = []
     for dtype in dtypes:
-        elem = torch.finfo(dtype).bits // 8
         for name, grid, ci_max, co_max, in_w, out_w in shapes:
             groups = Ragged((per_group,) * len(in_w), in_w)
             ho, wo = rsr_output_grid(grid)
-            n_in = 1 + grid[0] * grid[1]
-            mask = groups.mask(ci_max)[:, None, :]
             shape = (f"{name} G={len(in_w)}x{per_group} {grid[0]}x{grid[1]}->{ho}x{wo} "
                      f"C={'/'.join(map(str, in_w))}->{'/'.join(map(str, out_w))}")
             for mode in modes:
-                grad = mode == "fwd+bwd"
-                p = {k: v.requires_grad_(grad) for k, v in _params(ci_max, co_max, ho * wo, gen, device,
-                                                                     dtype).items()}
-                flops, nbytes = _work(groups, out_w, grid, ci_max, co_max, elem, mode)
-                copies = rotation_copies(nbytes, device)
-                x_sets = [(torch.randn(groups.batch, n_in, ci_max, generator=gen) * mask).to(device, dtype)
-                          .requires_grad_(grad) for _ in range(copies)]
-                dy_sets = [(torch.randn(groups.batch, 1 + ho * wo, co_max, generator=gen)).to(device, dtype)
-                           for _ in range(copies)]
-                providers = _providers(groups, out_w, grid, p, x_sets, dy_sets, mode)
-                if mode == "fwd":
-                    with torch.no_grad():
-                        _check_agree({k: fn() for k, fn in providers.items()}, dtype, f"rsr.fwd {shape} {dtype}")
-                out.append(Case(name=f"residual_spatial_reduction.{mode}", shape=shape,
-                                dtype=str(dtype).replace("torch.", ""), flops=flops, bytes=nbytes,
-                                providers=providers, baseline="ours", op="residual_spatial_reduction",
-                                notes=f"{copies} rotating input set(s); ours = fused chain"))
+                out.append(LazyCase(f"residual_spatial_reduction.{mode}", shape, str(dtype).replace("torch.", ""),
+                                    ("ours", "stock", "masked"),
+                                    functools.partial(_case, device, dtype, groups, grid, ci_max, co_max, out_w,
+                                                      shape, mode)))
     return out

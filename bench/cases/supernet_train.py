@@ -16,13 +16,14 @@ sub-networks' MACs x 2 (x 3 for forward + backward); bytes are the supernet weig
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import List
 
 import torch
 import torch.nn.functional as F
 
-from resnas_kernels.bench.harness import Case
+from resnas_kernels.bench.harness import Case, LazyCase
 from resnas_kernels.models.vit_resnas import TINY_SPACE, count_macs
 from resnas_kernels.search.data import DEMO_SPACE, Split
 from resnas_kernels.search.evaluate import CandidateScorer, score_one_model_per_candidate
@@ -31,6 +32,14 @@ from resnas_kernels.search.train import build_supernet, split_batch
 
 def _weight_bytes(model) -> int:
     return int(sum(p.numel() * p.element_size() for p in model.parameters()))
+
+
+def _train_shape(tag: str, img: int, batch: int, groups: int) -> str:
+    return f"{tag} img={img} B={batch} K={groups}"
+
+
+def _search_shape(tag: str, img: int, n_val: int, n_cand: int, per_forward: int) -> str:
+    return f"{tag} img={img} V={n_val} candidates={n_cand} P={per_forward}"
 
 
 def _train_case(space, img, batch, groups, device, tag) -> Case:
@@ -48,7 +57,7 @@ def _train_case(space, img, batch, groups, device, tag) -> Case:
         return fn
 
     macs = sum(count_macs(a, img, 10) * s for a, s in zip(archs, sizes))
-    return Case(name="supernet_train.train", shape=f"{tag} img={img} B={batch} K={groups}", dtype="float32",
+    return Case(name="supernet_train.train", shape=_train_shape(tag, img, batch, groups), dtype="float32",
                 flops=6 * macs, bytes=_weight_bytes(model),
                 providers={"ours": step("ragged"), "masked": step("masked"), "loop": step("loop")},
                 baseline="ours", items=batch, notes="forward + backward, no optimizer step")
@@ -63,7 +72,7 @@ def _search_case(space, img, n_val, n_cand, per_forward, device, tag) -> Case:
     archs = space.sample_groups(n_cand, rng=random.Random(1))
     scorer = CandidateScorer(model, val, device, candidates_per_forward=per_forward, images_per_forward=n_val)
     macs = sum(count_macs(a, img, 10) for a in archs) * n_val
-    return Case(name="search_score.infer", shape=f"{tag} img={img} V={n_val} candidates={n_cand} P={per_forward}",
+    return Case(name="search_score.infer", shape=_search_shape(tag, img, n_val, n_cand, per_forward),
                 dtype="float32", flops=2 * macs, bytes=_weight_bytes(model),
                 providers={"ours": lambda: scorer.correct(archs),
                            "one_model_per_candidate": lambda: score_one_model_per_candidate(
@@ -72,12 +81,23 @@ def _search_case(space, img, n_val, n_cand, per_forward, device, tag) -> Case:
                 notes="stem cached at construction (once per search), images decoded in memory")
 
 
-def cases(ctx) -> List[Case]:
+def _lazy_train(space, img, batch, groups, device, tag) -> LazyCase:
+    return LazyCase("supernet_train.train", _train_shape(tag, img, batch, groups), "float32",
+                    ("ours", "masked", "loop"), functools.partial(_train_case, space, img, batch, groups, device, tag))
+
+
+def _lazy_search(space, img, n_val, n_cand, per_forward, device, tag) -> LazyCase:
+    return LazyCase("search_score.infer", _search_shape(tag, img, n_val, n_cand, per_forward), "float32",
+                    ("ours", "one_model_per_candidate"),
+                    functools.partial(_search_case, space, img, n_val, n_cand, per_forward, device, tag))
+
+
+def cases(ctx) -> List[LazyCase]:
     dev = ctx.device
     small = ctx.quick or ctx.smoke
-    out = [_train_case(DEMO_SPACE, 56, 16 if small else 64, 4, dev, "demo"),
-           _search_case(DEMO_SPACE, 56, 32 if small else 128, 8 if small else 16, 8, dev, "demo")]
+    out = [_lazy_train(DEMO_SPACE, 56, 16 if small else 64, 4, dev, "demo"),
+           _lazy_search(DEMO_SPACE, 56, 32 if small else 128, 8 if small else 16, 8, dev, "demo")]
     if dev.type == "cuda" and not ctx.smoke:
-        out += [_train_case(TINY_SPACE, 224, 64 if small else 128, 4, dev, "tiny"),
-                _search_case(TINY_SPACE, 224, 64 if small else 256, 16, 16, dev, "tiny")]
+        out += [_lazy_train(TINY_SPACE, 224, 64 if small else 128, 4, dev, "tiny"),
+                _lazy_search(TINY_SPACE, 224, 64 if small else 256, 16, 16, dev, "tiny")]
     return out

@@ -9,6 +9,10 @@ Cases:
         masked    mode="masked": the original code's full-width masked formulation (every sample pays the supernet)
         loop      mode="loop": one stock sub-network per group in turn, on sliced views of the shared weights
                   (the AutoFormer / OFA way)
+    supernet_overhead.train     the same step at G = 4 x 1 image, 56 px, in every profile and on every device: so
+                                little work per op that the step time is the op layer's host cost (dispatch,
+                                autograd, metadata); target: ours at least as fast as the loop. Its notes give each
+                                provider's aten + resnas:: dispatcher calls per step (bench/op_count.py).
     vit_resnas_{tiny,small,medium}.infer   the searched nets, eval, no grad. Providers:
         ours      the registered timm model (ragged kernels, one group)
         stock     ViTResNASNet: the same architecture and weights from stock PyTorch modules (nn.Linear, nn.LayerNorm,
@@ -24,17 +28,23 @@ Before timing, each shape checks that the providers agree (eval-mode logits).
 """
 from __future__ import annotations
 
+import functools
 import random
 from typing import List
 
 import torch
 import torch.nn.functional as F
 
-from resnas_kernels.bench.harness import Case
+from resnas_kernels.bench.harness import Case, LazyCase
+from resnas_kernels.bench.op_count import count_op_calls
 from resnas_kernels.models.vit_resnas import (MEDIUM_ARCH, SMALL_ARCH, TINY_ARCH, TINY_SPACE, ViTResNAS,
                                               ViTResNASNet, count_macs)
 
 NUM_GROUPS = 4
+# The overhead-bound step: so little work per op that the time is the op layer's host cost (dispatch, autograd,
+# metadata); its notes carry the aten + resnas calls per step of each provider (bench/op_count.py).
+OVERHEAD_CASE = "supernet_overhead.train"
+OVERHEAD_SHAPE = (NUM_GROUPS, 1, 56)
 SEARCHED = {"tiny": TINY_ARCH, "small": SMALL_ARCH, "medium": MEDIUM_ARCH}
 
 
@@ -44,6 +54,16 @@ def _train_shape(ctx):
     if ctx.device.type == "cuda":
         return NUM_GROUPS, (16 if ctx.quick else 64), 224
     return NUM_GROUPS, (1 if ctx.quick else 8), (112 if ctx.quick else 224)
+
+
+def _supernet_shape(groups: int, per_group: int, img: int) -> str:
+    return f"tiny space, G={groups}x{per_group}, {img}px"
+
+
+def _inference_shape(ctx):
+    if ctx.smoke:
+        return 1, 56
+    return (128 if ctx.device.type == "cuda" else 8) // (4 if ctx.quick else 1), 224
 
 
 def _dtype(ctx) -> torch.dtype:
@@ -66,8 +86,9 @@ def _param_bytes(model: torch.nn.Module, arch, elem: int) -> int:
     return sum(t.numel() for t in model.sliced_state_dict(arch).values() if t.is_floating_point()) * elem
 
 
-def _supernet_case(ctx) -> Case:
-    groups, per_group, img = _train_shape(ctx)
+def _supernet_case(ctx, name: str = "vit_resnas_supernet.train", shape=None) -> Case:
+    """The supernet step at `shape` = (groups, images per group, px) (default: the profile's `_train_shape`)."""
+    groups, per_group, img = shape if shape is not None else _train_shape(ctx)
     device, dtype = ctx.device, _dtype(ctx)
     torch.manual_seed(0)
     model = ViTResNAS(space=TINY_SPACE, img_size=img, drop_path_rate=0.2).to(device, dtype)
@@ -95,20 +116,22 @@ def _supernet_case(ctx) -> Case:
     elem = torch.finfo(dtype).bits // 8
     weights = max(_param_bytes(model, a, elem) for a in archs)  # the union of the groups' slices is the largest one
     share = sum(macs) / (groups * full)
+    notes = (f"sub-networks {', '.join(f'{m / 1e9:.2f}' for m in macs)} GMACs = {share:.0%} of the supernet's "
+             f"{full / 1e9:.2f} GMACs; archs seed 0")
+    if name == OVERHEAD_CASE:
+        notes += "; " + "; ".join(f"{provider} {count_op_calls(step(mode)).summary()}"
+                                  for provider, mode in (("ours", "ragged"), ("masked", "masked"), ("loop", "loop")))
     return Case(
-        name="vit_resnas_supernet.train", shape=f"tiny space, G={groups}x{per_group}, {img}px",
+        name=name, shape=_supernet_shape(groups, per_group, img),
         dtype=str(dtype).replace("torch.", ""), flops=6 * per_group * sum(macs),
         bytes=3 * weights + x.numel() * elem,
         providers={"ours": step("ragged"), "masked": step("masked"), "loop": step("loop")}, baseline="ours",
-        items=x.shape[0], cuda_graph=False,
-        notes=f"sub-networks {', '.join(f'{m / 1e9:.2f}' for m in macs)} GMACs = {share:.0%} of the supernet's "
-              f"{full / 1e9:.2f} GMACs; archs seed 0")
+        items=x.shape[0], cuda_graph=False, notes=notes)
 
 
 def _inference_case(ctx, name: str, arch) -> Case:
     device, dtype = ctx.device, _dtype(ctx)
-    img = 56 if ctx.smoke else 224
-    batch = 1 if ctx.smoke else (128 if device.type == "cuda" else 8) // (4 if ctx.quick else 1)
+    batch, img = _inference_shape(ctx)
     torch.manual_seed(0)
     ours = ViTResNAS(arch, img_size=img).to(device, dtype).eval()
     stock = ViTResNASNet(arch, img_size=img).to(device, dtype).eval()
@@ -130,9 +153,17 @@ def _inference_case(ctx, name: str, arch) -> Case:
                 baseline="ours", items=batch, notes=f"{count_macs(arch) / 1e9:.3f} GMACs at 224")
 
 
-def cases(ctx) -> List[Case]:
-    out = [_supernet_case(ctx)]
+def cases(ctx) -> List[LazyCase]:
+    dtype = str(_dtype(ctx)).replace("torch.", "")
+    groups, per_group, img = _train_shape(ctx)
+    steps = ("ours", "masked", "loop")
+    out = [LazyCase("vit_resnas_supernet.train", _supernet_shape(groups, per_group, img), dtype, steps,
+                    functools.partial(_supernet_case, ctx)),
+           LazyCase(OVERHEAD_CASE, _supernet_shape(*OVERHEAD_SHAPE), dtype, steps,
+                    functools.partial(_supernet_case, ctx, OVERHEAD_CASE, OVERHEAD_SHAPE))]
     # Quick and smoke profiles time the Tiny net only (each model build alone initialises 40-100 M parameters).
     for name, arch in (list(SEARCHED.items())[:1] if (ctx.smoke or ctx.quick) else SEARCHED.items()):
-        out.append(_inference_case(ctx, name, arch))
+        batch, img = _inference_shape(ctx)
+        out.append(LazyCase(f"vit_resnas_{name}.infer", f"B={batch}, {img}px", dtype, ("ours", "stock"),
+                            functools.partial(_inference_case, ctx, name, arch)))
     return out

@@ -7,7 +7,9 @@ launchers, the bridge to the C++ kernels (`csrc/cpu/ragged_attention.cpp`, `csrc
 
 Backends: reference | triton | cpu (C++, fwd + bwd) | cuda (CUDA C++ forward; its backward runs the Triton kernels).
 - triton: a small-N kernel (Nq, Nk <= 64: whole score tile in registers, several samples per program) and tiled
-  online-softmax kernels (longer sequences); fp32 / bf16 / fp16 (fp64 runs the reference on CUDA).
+  online-softmax kernels (longer sequences); fp32 / bf16 / fp16. fp64 runs the reference on the Triton and CUDA
+  backends, as for every op (the kernels compute in fp32). bf16 under TRITON_INTERPRET=1 raises
+  BackendUnavailableError: Triton's interpreter computes bf16 tl.dot wrongly (fp16 and fp32 are right).
 - cuda: a warp-per-query-row forward for Nk <= 256, d_qk, d_v <= 128 (inference); other shapes, and the backward, run
   the Triton kernels.
 - auto on CUDA: the forward runs whichever of the Triton and CUDA C++ forwards was faster for this shape, measured
@@ -36,6 +38,12 @@ Caveats:
 - bf16 / fp16 in Triton: P and dS are rounded to the input dtype for the tensor-core dots (fp32 accumulation, fp32
   softmax), as FlashAttention and SDPA's fused kernels do; tests hold the result to 2x the error of SDPA in that
   dtype (fp16 under the interpreter; bf16 on GPU only: the Triton 3.8 interpreter computes bf16 tl.dot wrongly).
+- When a softmax row is exactly one-hot (P = 1 on one key, 0 elsewhere), the fused backward's score gradient is
+  rounding noise rather than exact zeros: it uses FlashAttention's form dS = P * (dP - rowsum(dO * O)), where plain
+  PyTorch's softmax backward gives exactly 0. Both are correct to rounding.
+- The custom ops check their arguments themselves (`_check_args`: shapes, heads in [0, H_max], sizes summing to B,
+  the bias), so direct `torch.ops.resnas.*` calls and torch.compile's get the public function's errors on every
+  backend. The kernels loop over heads h < H_max only (the launch grid), whatever the metadata says.
 - bias_index values are checked against [0, T) in the op (also under torch.compile; one device sync on CUDA: prefer
   bias_grid there, which computes the index in-kernel). The kernels also mask out-of-range table reads, so even an
   unchecked index can never read out of bounds.
@@ -49,12 +57,13 @@ import torch
 from .. import _ext
 from .._triton import tl, triton
 from ..aot import register_aot
-from ..backend import OpInfo, eager_cpu, get_backend, register_op, resolve_backend, why_unavailable
+from ..backend import (BackendUnavailableError, OpInfo, eager_cpu, get_backend, register_op, resolve_backend,
+                       why_unavailable)
 from ..ragged import Ragged, as_ragged
 from ..reference.attention import levit_bias_index, levit_query_resolution
 from ..reference.layer_norm import compute_dtype
 from ._auto_pick import AutoPicker, bucket, versions
-from ._checks import check_same_device, check_tensor
+from ._checks import check_groups, check_same_device, check_tensor
 
 OP = register_op(OpInfo(
     name="ragged_attention",
@@ -453,7 +462,7 @@ def _use_small(n_q: int, n_k: int) -> bool:
 def _tile(n_q: int, n_k: int) -> Tuple[int, int]:
     """(BLOCK_M, BLOCK_N) of the tiled kernels. Under the interpreter 16 x 16, so small test shapes still span several
     tiles; on GPU 64 x 64 (FlashAttention-2's short-head choice)."""
-    if _ext.triton_interpreting():
+    if _ext.interpreter_tiles():
         return 16, 16
     return 64, 64
 
@@ -792,6 +801,10 @@ _BWD = {"reference": _reference_bwd, "triton": _triton_bwd, "cpu": _ext_bwd, "cu
 # ---------------------------------------------------------------------------------------------------------------------
 def _backend_for(q: torch.Tensor) -> str:
     backend = resolve_backend(OP.name, q.device)
+    if backend == "triton" and q.dtype == torch.bfloat16 and _ext.triton_interpreting():
+        raise BackendUnavailableError(
+            "ragged_attention: bf16 on the Triton backend under TRITON_INTERPRET=1 is refused: Triton's interpreter "
+            "computes bf16 tl.dot wrongly. Use fp16 / fp32 there, or another backend (reference, cpu)")
     # The GPU kernels take fp32 / bf16 / fp16; fp64 (gradient checking) runs the reference there.
     return "reference" if (q.dtype == torch.float64 and backend in ("triton", "cuda")) else backend
 
@@ -812,7 +825,9 @@ def ragged_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias
                          widths: List[int], scale: float, grid: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (out (B, Nq, H_max * d_v), lse (B, H_max, Nq) fp32 / fp64). `grid` is [R, s] or [] (see
     `ragged_attention`); with a grid, bias_index is None."""
-    return _fwd_body(q, k, v, bias_table, bias_index, dense_bias, Ragged(tuple(sizes), tuple(widths)), scale, grid)
+    heads = Ragged(tuple(sizes), tuple(widths))
+    _check_args(q, k, v, heads, scale, bias_table, bias_index, tuple(grid) if grid else None, dense_bias)
+    return _fwd_body(q, k, v, bias_table, bias_index, dense_bias, heads, scale, grid)
 
 
 def _fwd_body(q, k, v, bias_table, bias_index, dense_bias, groups: Ragged, scale: float, grid: List[int]):
@@ -842,8 +857,19 @@ def ragged_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v
     """Returns (dq, dk, dv, dbias_table, ddense_bias): dq/dk/dv contiguous with q/k/v's shapes, zeros on inactive
     heads; dbias_table (H_max, T) in the table's dtype when a table is given and need_table_grad, else an empty (0,)
     tensor; ddense_bias like dense_bias when need_dense_grad, else empty."""
-    return _bwd_body(dout, q, k, v, out, lse, bias_table, bias_index, dense_bias, Ragged(tuple(sizes), tuple(widths)),
-                     scale, grid, need_table_grad, need_dense_grad)
+    heads = Ragged(tuple(sizes), tuple(widths))
+    _check_args(q, k, v, heads, scale, bias_table, bias_index, tuple(grid) if grid else None, dense_bias)
+    batch, n_q, h_max, _ = q.shape
+    for name, t, shape, dtype in (("dout", dout, (batch, n_q, h_max * v.shape[3]), q.dtype),
+                                  ("out", out, (batch, n_q, h_max * v.shape[3]), q.dtype),
+                                  ("lse", lse, (batch, h_max, n_q), compute_dtype(q.dtype))):
+        check_tensor(t, name)
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"{name} must have shape {shape} and dtype {dtype}, got {tuple(t.shape)} {t.dtype}")
+    if not (lse.is_contiguous() and out.is_contiguous()):
+        raise ValueError("out and lse must be contiguous (as the forward returns them)")
+    return _bwd_body(dout, q, k, v, out, lse, bias_table, bias_index, dense_bias, heads, scale, grid,
+                     need_table_grad, need_dense_grad)
 
 
 def _bwd_body(dout, q, k, v, out, lse, bias_table, bias_index, dense_bias, groups: Ragged, scale: float,
@@ -975,6 +1001,16 @@ def _check_bias(q, k, bias_table, bias_index, bias_grid, dense_bias):
         check_same_device(q, dense_bias, "q", "dense_bias")
 
 
+def _check_args(q, k, v, heads: Ragged, scale, bias_table, bias_index, bias_grid, dense_bias,
+                what: str = "widths") -> None:
+    """The argument checks of `ragged_attention`, run again by the custom ops (direct calls, torch.compile)."""
+    _check_qkv(q, k, v)
+    check_groups(heads, q.shape[0], q.shape[2], batch_of="q", width_of="q (dim 2, H_max)", what=what)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (abs(scale) < float("inf")):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    _check_bias(q, k, bias_table, bias_index, bias_grid, dense_bias)
+
+
 def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: Optional[Ragged] = None, *,
                      scale: Optional[float] = None, bias_table: Optional[torch.Tensor] = None,
                      bias_index: Optional[torch.Tensor] = None, bias_grid: Optional[Tuple[int, int]] = None,
@@ -997,12 +1033,9 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: O
     _check_qkv(q, k, v)
     batch, _, h_max, d_qk = q.shape
     heads = as_ragged(heads, batch, h_max)
-    heads.check(batch, h_max, arg="q (dim 2, H_max)", what="heads.widths")
     if scale is None:
         scale = d_qk ** -0.5
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (abs(scale) < float("inf")):
-        raise ValueError(f"scale must be a finite float, got {scale!r}")
-    _check_bias(q, k, bias_table, bias_index, bias_grid, dense_bias)
+    _check_args(q, k, v, heads, scale, bias_table, bias_index, bias_grid, dense_bias, what="heads.widths")
     grid: List[int] = list(bias_grid) if bias_grid is not None else []
     if bias_table is not None:
         bias_table = bias_table.contiguous()

@@ -9,7 +9,10 @@ Backends: reference | triton | cpu (csrc/cpu/ragged_layer_norm.cpp) | cuda (csrc
 Caveats:
 - x and residual must be contiguous with the ragged channels last; rows are flattened to (B * prod(middle), C_max).
 - Statistics (and the saved mean/rstd) are fp32, fp64 for fp64 inputs; y is cast back to x's dtype. weight/bias may
-  be x's dtype or fp32.
+  be x's dtype or fp32. fp64 on the Triton backend runs the reference (the kernels compute in fp32), as for every op.
+- The custom ops check their metadata and shapes themselves (`_check_args`), so direct `torch.ops.resnas.*` calls
+  and torch.compile's get the public function's errors on every backend. The Triton kernels also mask every column
+  by C_max, not only by the group's width: no metadata value can make them address memory outside the tensors.
 - mean/rstd of width-0 rows are stored as 0; those rows are all zeros in y, z and dx.
 - dweight/dbias are deterministic: each program (Triton) or fixed chunk of rows (C++) writes its own partial row,
   and the partials are summed in a fixed order, so two runs give bitwise-equal gradients on the same device.
@@ -28,7 +31,7 @@ from ..aot import register_aot
 from ..backend import OpInfo, register_op, resolve_backend
 from ..ragged import Ragged, as_ragged
 from ..reference.layer_norm import compute_dtype
-from ._checks import check_float_tensor, check_same_device, check_vector
+from ._checks import check_float_tensor, check_groups, check_same_device, check_vector
 
 OP = register_op(OpInfo(
     name="ragged_layer_norm",
@@ -61,8 +64,8 @@ def _ragged_layer_norm_fwd_kernel(X, R, Y, Z, W, B, MEAN, RSTD, TABLE, num_group
     row = tl.program_id(0)
     width = _group_width(TABLE, num_groups, row)
     cols = tl.arange(0, BLOCK_C)
-    active = cols < width
     inside = cols < C_max
+    active = (cols < width) & inside  # also by C_max: a width above it must not read the next row
     offs = row.to(tl.int64) * C_max + cols  # int64: B * N * C can pass 2^31
     x = tl.load(X + offs, mask=active, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
@@ -95,7 +98,7 @@ def _ragged_layer_norm_bwd_kernel(DY, DZ, Z, W, MEAN, RSTD, DX, DW_PART, DB_PART
     for i in range(ROWS_PER_PROGRAM):
         row = pid * ROWS_PER_PROGRAM + i
         width = _group_width(TABLE, num_groups, row)  # 0 for row >= num_rows: nothing is read, only zeros stored
-        active = cols < width
+        active = (cols < width) & inside
         offs = row.to(tl.int64) * C_max + cols
         z = tl.load(Z + offs, mask=active, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=active, other=0.0).to(tl.float32)
@@ -127,7 +130,10 @@ def _num_warps(block_c: int) -> int:
 
 def _rows_per_program(num_rows: int) -> int:
     # Fixed by the row count alone (never by the device) so the dweight summation order is reproducible.
-    return 4 if _ext.triton_interpreting() else (16 if num_rows <= 8192 else 64)
+    return 4 if _ext.interpreter_tiles() else (16 if num_rows <= _MANY_ROWS else 64)
+
+
+_MANY_ROWS = 8192  # module constant so interpreter tests can reach 64 rows per program with few rows
 
 
 def _triton_fwd(x2, r2, weight, bias, groups: Ragged, rows_per_sample: int, eps: float):
@@ -199,13 +205,16 @@ def _reference_fwd(x2, r2, weight, bias, groups: Ragged, rows_per_sample: int, e
     acc = compute_dtype(x2.dtype)
     active = torch.arange(x2.shape[1], device=x2.device)[None, :] < _row_widths(groups, rows_per_sample, x2.device)[:, None]
     # With a residual, z = x + r is rounded to x's dtype before normalising (as the spec and unfused PyTorch do).
-    z = (x2.to(acc) + r2.to(acc)).to(x2.dtype).to(acc) * active if r2 is not None else x2.to(acc) * active
+    # Masked by selection, never by multiplying: NaN or inf beyond a row's width must not leak into it (NaN * 0 = NaN).
+    zero = torch.zeros((), dtype=acc, device=x2.device)
+    z = (x2.to(acc) + r2.to(acc)).to(x2.dtype).to(acc) if r2 is not None else x2.to(acc)
+    z = torch.where(active, z, zero)
     count = active.sum(1, keepdim=True).clamp_min(1).to(acc)
     mean = z.sum(1, keepdim=True) / count
-    diff = (z - mean) * active
+    diff = torch.where(active, z - mean, zero)
     var = (diff * diff).sum(1, keepdim=True) / count
     rstd = torch.where(active.any(1, keepdim=True), torch.rsqrt(var + eps), torch.zeros_like(var))
-    y = (diff * rstd * weight.to(acc) + bias.to(acc)) * active
+    y = torch.where(active, diff * rstd * weight.to(acc) + bias.to(acc), zero)
     z_out = z.to(x2.dtype) if r2 is not None else x2.new_empty((0,))
     return y.to(x2.dtype), z_out, mean.squeeze(1), rstd.squeeze(1)
 
@@ -214,14 +223,15 @@ def _reference_bwd(dy2, dz2, z2, weight, mean, rstd, groups: Ragged, rows_per_sa
     acc = compute_dtype(z2.dtype)
     active = torch.arange(z2.shape[1], device=z2.device)[None, :] < _row_widths(groups, rows_per_sample, z2.device)[:, None]
     count = active.sum(1, keepdim=True).clamp_min(1).to(acc)
-    xhat = (z2.to(acc) - mean.to(acc)[:, None]) * rstd.to(acc)[:, None] * active
-    dy = dy2.to(acc) * active
+    zero = torch.zeros((), dtype=acc, device=z2.device)
+    xhat = torch.where(active, (z2.to(acc) - mean.to(acc)[:, None]) * rstd.to(acc)[:, None], zero)
+    dy = torch.where(active, dy2.to(acc), zero)
     wdy = dy * weight.to(acc)
     c1 = (xhat * wdy).sum(1, keepdim=True) / count
     c2 = wdy.sum(1, keepdim=True) / count
-    dx = (wdy - (xhat * c1 + c2)) * rstd.to(acc)[:, None] * active
+    dx = torch.where(active, (wdy - (xhat * c1 + c2)) * rstd.to(acc)[:, None], zero)
     if dz2 is not None:
-        dx = dx + dz2.to(acc) * active
+        dx = dx + torch.where(active, dz2.to(acc), zero)
     return dx.to(z2.dtype), (dy * xhat).sum(0).to(weight.dtype), dy.sum(0).to(weight.dtype)
 
 
@@ -249,6 +259,42 @@ def _rows(x: torch.Tensor, batch: int) -> int:
     return x.numel() // (batch * x.shape[-1]) if batch and x.shape[-1] else 0
 
 
+def _backend(x: torch.Tensor) -> str:
+    backend = resolve_backend(OP.name, x.device)
+    # fp64 (gradient checking) runs the reference on the Triton backend: the kernels compute in fp32.
+    return "reference" if backend == "triton" and x.dtype == torch.float64 else backend
+
+
+def _check_args(x, residual, weight, bias, groups: Ragged, what: str = "widths") -> None:
+    """The argument checks of `ragged_layer_norm`, run again by the custom op (direct calls, torch.compile)."""
+    check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=2)
+    c_max = x.shape[-1]
+    check_groups(groups, x.shape[0], c_max, batch_of="x", width_of="x", what=what)
+    if residual is not None:
+        check_float_tensor(residual, "residual", _FLOAT_DTYPES, min_dim=2)
+        check_same_device(x, residual, "x", "residual")
+        if residual.shape != x.shape or residual.dtype != x.dtype:
+            raise ValueError(f"residual must match x in shape and dtype: x is {tuple(x.shape)} {x.dtype}, residual is "
+                             f"{tuple(residual.shape)} {residual.dtype}")
+    for name, p in (("weight", weight), ("bias", bias)):
+        check_vector(p, name, c_max, (x.dtype, torch.float32))
+        check_same_device(x, p, "x", name)
+
+
+def _check_bwd_args(dy, dz, z, weight, mean, rstd, groups: Ragged) -> None:
+    check_float_tensor(z, "z", _FLOAT_DTYPES, min_dim=2)
+    c_max = z.shape[-1]
+    check_groups(groups, z.shape[0], c_max, batch_of="z", width_of="z")
+    for name, t in (("dy", dy), ("dz", dz)):
+        if t is not None and (t.shape != z.shape or t.dtype != z.dtype):
+            raise ValueError(f"{name} must match z in shape and dtype: z is {tuple(z.shape)} {z.dtype}, {name} is "
+                             f"{tuple(t.shape)} {t.dtype}")
+    check_vector(weight, "weight", c_max, (z.dtype, torch.float32))
+    rows = z.numel() // c_max if c_max else 0
+    for name, t in (("mean", mean), ("rstd", rstd)):
+        check_vector(t, name, rows, (compute_dtype(z.dtype),))
+
+
 @torch.library.custom_op("resnas::ragged_layer_norm_fwd", mutates_args=())
 def ragged_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
                           sizes: List[int], widths: List[int], eps: float
@@ -256,10 +302,11 @@ def ragged_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], wei
     """Returns (y, z, mean, rstd); z = x + residual (empty without a residual); mean/rstd per row, fp32 (fp64 for
     fp64 inputs)."""
     groups = Ragged(tuple(sizes), tuple(widths))
+    _check_args(x, residual, weight, bias, groups)
     c_max = x.shape[-1]
     x2 = x.reshape(-1, c_max)
     r2 = residual.reshape(-1, c_max) if residual is not None else None
-    impl = _FWD[resolve_backend(OP.name, x.device)]
+    impl = _FWD[_backend(x)]
     y, z, mean, rstd = impl(x2, r2, weight, bias, groups, _rows(x, groups.batch), eps)
     return y.view(x.shape), (z.view(x.shape) if residual is not None else z), mean, rstd
 
@@ -279,8 +326,9 @@ def ragged_layer_norm_bwd(dy: torch.Tensor, dz: Optional[torch.Tensor], z: torch
     """Returns (dx, dweight, dbias). `z` is the normalised input (x + residual when fused); `dz`, the gradient of the
     fused sum output, is added to dx in the same pass."""
     groups = Ragged(tuple(sizes), tuple(widths))
+    _check_bwd_args(dy, dz, z, weight, mean, rstd, groups)
     c_max = z.shape[-1]
-    impl = _BWD[resolve_backend(OP.name, z.device)]
+    impl = _BWD[_backend(z)]
     dx, dw, db = impl(dy.reshape(-1, c_max).contiguous(), dz.reshape(-1, c_max).contiguous() if dz is not None else None,
                       z.reshape(-1, c_max), weight, mean, rstd, groups, _rows(z, groups.batch))
     return dx.view(z.shape), dw, db
@@ -324,18 +372,8 @@ def ragged_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         residual: optional tensor like x; when given, the op normalises x + residual and returns (y, x + residual).
     """
     check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=2)
-    c_max = x.shape[-1]
-    groups = as_ragged(groups, x.shape[0], c_max)
-    groups.check(x.shape[0], c_max, arg="x", what="groups.widths")
-    if residual is not None:
-        check_float_tensor(residual, "residual", _FLOAT_DTYPES, min_dim=2)
-        check_same_device(x, residual, "x", "residual")
-        if residual.shape != x.shape or residual.dtype != x.dtype:
-            raise ValueError(f"residual must match x in shape and dtype: x is {tuple(x.shape)} {x.dtype}, residual is "
-                             f"{tuple(residual.shape)} {residual.dtype}")
-    for name, p in (("weight", weight), ("bias", bias)):
-        check_vector(p, name, c_max, (x.dtype, torch.float32))
-        check_same_device(x, p, "x", name)
+    groups = as_ragged(groups, x.shape[0], x.shape[-1])
+    _check_args(x, residual, weight, bias, groups, what="groups.widths")
     if not isinstance(eps, (int, float)) or not eps > 0:
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     y, z, _, _ = ragged_layer_norm_fwd(x, residual, weight, bias, list(groups.sizes), list(groups.widths), float(eps))

@@ -32,7 +32,12 @@ Caveats:
   requires grad is an error.
 - fp32 on CUDA uses TF32 tensor cores exactly when PyTorch would for matmuls
   (`torch.get_float32_matmul_precision() != "highest"`), else IEEE fp32 dots. fp64 is supported by the reference
-  and C++ backends (gradcheck); the Triton backend runs the reference for fp64.
+  and C++ backends (gradcheck); the Triton backend runs the reference for fp64, as for every op.
+- bf16 on the Triton backend under TRITON_INTERPRET=1 raises BackendUnavailableError: Triton's interpreter computes
+  bf16 `tl.dot` wrongly (off by orders of magnitude), while fp16 and fp32 are right. On a GPU bf16 runs normally.
+- The custom ops check their metadata and shapes themselves (`_check_args`), so direct `torch.ops.resnas.*` calls
+  and torch.compile's get the public function's errors on every backend. The Triton kernels also mask every column
+  by K_max and the segment width, not only by k_g / n_g: no width can make them address memory outside the tensors.
 - Triton tile sizes BLOCK_M x BLOCK_N are chosen on the host (the tile table depends on them); the GPU autotuner picks
   only the reduction chunk of y (BLOCK_K) and dx (BLOCK_N) and launch parameters. dW/db tiling is fixed, so their
   summation order never depends on an autotuning outcome. Not yet run on a GPU: interpreter-tested and compiled
@@ -50,14 +55,14 @@ import torch
 import torch.nn.functional as F
 
 from .. import _ext
-from .._triton import tl, triton
+from .._triton import HAS_TRITON, tl, triton
 from ..aot import register_aot
-from ..backend import OpInfo, eager_cpu, register_op, resolve_backend
-from ..ragged import Ragged, as_ragged
+from ..backend import BackendUnavailableError, OpInfo, eager_cpu, register_op, resolve_backend
+from ..ragged import Ragged
 from ..reference.layer_norm import compute_dtype
 from ..reference.linear import out_width_tuple
 from ..reference.linear import ragged_linear as reference_ragged_linear
-from ._checks import check_float_tensor, check_same_device, check_tensor
+from ._checks import check_float_tensor, check_groups, check_same_device, check_tensor
 
 OP = register_op(OpInfo(
     name="ragged_linear",
@@ -110,7 +115,7 @@ def _ragged_linear_fwd_kernel(X, W, BIAS, RES, SCALE, Y, PRE, TILES, GROUPS, K_m
     cols = col0 + tl.arange(0, BLOCK_N)
     row_ok = rows < row_end
     col_ok = cols < seg_start + seg_width      # a tile never writes into the next segment
-    col_active = cols < seg_start + n_g
+    col_active = (cols < seg_start + n_g) & col_ok  # also by the segment: n_g > seg_width must not read past W
     # Idle tiles (every column beyond n_g) run no K iterations and just store zeros.
     k_len = tl.where(col0 < seg_start + n_g, k_g, 0)
     x_ptrs = X + rows.to(tl.int64)[:, None] * K_max     # int64: rows * K_max can pass 2^31
@@ -118,7 +123,7 @@ def _ragged_linear_fwd_kernel(X, W, BIAS, RES, SCALE, Y, PRE, TILES, GROUPS, K_m
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_len, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_g                                   # never read x or W beyond k_g (masked loads give 0)
+        k_ok = (ks < k_g) & (ks < K_max)                  # never read x or W beyond k_g, nor K_max (masked: 0)
         a = tl.load(x_ptrs + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs + ks[:, None], mask=k_ok[:, None] & col_active[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -186,14 +191,14 @@ def _ragged_linear_dx_kernel(DP, W, DX, TILES, GROUPS, K_max, N_max, seg_width, 
     rows = row0 + tl.arange(0, BLOCK_M)
     ks = k0 + tl.arange(0, BLOCK_K)
     row_ok = rows < row_end
-    k_ok = ks < k_g
+    k_ok = (ks < k_g) & (ks < K_max)
     n_len = tl.where(k0 < k_g, n_g, 0)  # idle tiles (all columns beyond k_g) only store zeros
     dp_ptrs = DP + rows.to(tl.int64)[:, None] * N_max
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for s in range(num_segments):
         for j0 in range(0, n_len, BLOCK_N):
             js = j0 + tl.arange(0, BLOCK_N)
-            j_ok = js < n_g                     # dy beyond n_g may be anything: never read it
+            j_ok = (js < n_g) & (js < seg_width)  # dy beyond n_g may be anything: never read it
             cols = s * seg_width + js
             a = tl.load(dp_ptrs + cols[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
             b = tl.load(W + cols.to(tl.int64)[:, None] * K_max + ks[None, :], mask=j_ok[:, None] & k_ok[None, :],
@@ -237,8 +242,8 @@ def _ragged_linear_dw_kernel(DP, X, DW, DB, GROUPS, num_groups, K_max, N_max, se
         covers = covers & (j0 < n_g)
         lo = tl.maximum(start, split_lo)
         hi = tl.where(covers, tl.minimum(end, split_hi), lo)  # empty loop for groups that do not cover the tile
-        j_ok = js < n_g
-        k_ok = ks < k_g
+        j_ok = (js < n_g) & (js < seg_width)
+        k_ok = (ks < k_g) & (ks < K_max)
         for m0 in range(lo, hi, BLOCK_M):
             ms = m0 + tl.arange(0, BLOCK_M)
             m_ok = ms < hi
@@ -319,9 +324,12 @@ def _gpu_blocks(dtype: torch.dtype, avg_rows: int) -> Tuple[int, int]:
     """Host-side (BLOCK_M, BLOCK_N) of the tile tables on GPU. BLOCK_N = 64: ViT-ResNAS widths (176, 220, 352, ...)
     are multiples of 16 but not of 128, so 64-wide tiles waste the least on partial tiles. BLOCK_M = 128 for half
     types on groups with many rows (more reuse per W tile), else 64 (fp32 tiles use twice the registers)."""
-    if dtype != torch.float32 and avg_rows >= 1024:
+    if dtype != torch.float32 and avg_rows >= _TALL_GROUP_ROWS:
         return 128, 64
     return 64, 64
+
+
+_TALL_GROUP_ROWS = 1024  # module constant so interpreter tests can reach the 128-row tiles with few rows
 
 
 def _autotune_configs(names, values, warps=(4, 8), stages=(3, 4)):
@@ -329,27 +337,43 @@ def _autotune_configs(names, values, warps=(4, 8), stages=(3, 4)):
             for s in stages]
 
 
+def _autotune_spec(kind: str):
+    """(kernel, autotune candidates, autotune key) of an autotuned kernel."""
+    if kind == "fwd":
+        return (_ragged_linear_fwd_kernel, _autotune_configs(("BLOCK_K",), [(32,), (64,)]),
+                ["K_max", "N_max", "seg_width", "BLOCK_M", "BLOCK_N"])
+    if kind == "dx":
+        return (_ragged_linear_dx_kernel, _autotune_configs(("BLOCK_N",), [(32,), (64,)]),
+                ["K_max", "N_max", "seg_width", "BLOCK_M", "BLOCK_K"])
+    if kind == "dw":  # launch parameters only: the row blocking (summation order) stays fixed
+        return (_ragged_linear_dw_kernel, _autotune_configs((), [()]),
+                ["K_max", "N_max", "seg_width", "BLOCK_N", "BLOCK_K", "BLOCK_M"])
+    raise KeyError(kind)
+
+
 @functools.lru_cache(maxsize=None)
 def _tuned(kind: str):
     """The GPU-autotuned variant of a kernel, created on first use: decorating at import would query the CUDA
     driver on machines that have none (and autotuning is meaningless under the interpreter)."""
-    if kind == "fwd":
-        return triton.autotune(_autotune_configs(("BLOCK_K",), [(32,), (64,)]),
-                               key=["K_max", "N_max", "seg_width", "BLOCK_M", "BLOCK_N"])(_ragged_linear_fwd_kernel)
-    if kind == "dx":
-        return triton.autotune(_autotune_configs(("BLOCK_N",), [(32,), (64,)]),
-                               key=["K_max", "N_max", "seg_width", "BLOCK_M", "BLOCK_K"])(_ragged_linear_dx_kernel)
-    if kind == "dw":  # launch parameters only: the row blocking (summation order) stays fixed
-        return triton.autotune(_autotune_configs((), [()]),
-                               key=["K_max", "N_max", "seg_width", "BLOCK_N", "BLOCK_K", "BLOCK_M"]
-                               )(_ragged_linear_dw_kernel)
-    raise KeyError(kind)
+    kernel, configs, key = _autotune_spec(kind)
+    return triton.autotune(configs, key=key)(kernel)
+
+
+def _launch_tuned(kind: str, grid, args, consts) -> None:
+    """Production launch of an autotuned kernel. Under the interpreter (only with `_ext.production_tiles()`) there is
+    no GPU to time candidates on: the pinned candidate runs instead, so tests can execute each one."""
+    if _ext.triton_interpreting():
+        kernel, configs, _ = _autotune_spec(kind)
+        config = _ext.pinned_autotune_config(configs)
+        kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
+    else:
+        _tuned(kind)[grid](*args, **consts)
 
 
 def _split_rows(total_rows: int, dw_tiles: int, block_m: int) -> int:
     """Rows per dW split, from the shapes only (never the device), so the summation order is reproducible.
     Aim for about TARGET programs in all, each reducing at least MIN_BLOCKS row blocks."""
-    target, min_blocks = (8, 1) if _ext.triton_interpreting() else (1024, 8)
+    target, min_blocks = (8, 1) if _ext.interpreter_tiles() else (1024, 8)
     splits = max(1, min(-(-target // max(dw_tiles, 1)), total_rows // (min_blocks * block_m)))
     per_split = -(-total_rows // splits)
     return max(block_m, -(-per_split // block_m) * block_m)
@@ -365,7 +389,7 @@ def _triton_fwd(x2, weight, bias, r2, row_scale, row_counts, in_widths, out_widt
     if rows == 0:
         return y, pre
     device = str(x2.device)
-    interp = _ext.triton_interpreting()
+    interp = _ext.interpreter_tiles()
     if interp:
         block_m, block_n, block_k = _INTERP_BLOCKS["fwd"]
     else:
@@ -382,7 +406,7 @@ def _triton_fwd(x2, weight, bias, r2, row_scale, row_counts, in_widths, out_widt
     if interp:
         _ragged_linear_fwd_kernel[grid](*args, **consts, BLOCK_K=block_k, num_warps=4)
     else:
-        _tuned("fwd")[grid](*args, **consts)
+        _launch_tuned("fwd", grid, args, consts)
     return y, pre
 
 
@@ -392,7 +416,7 @@ def _triton_bwd(dy2, x2, weight, pre2, row_scale, row_counts, in_widths, out_wid
     n_max = weight.shape[0]
     seg_width = n_max // segments
     device = str(x2.device)
-    interp = _ext.triton_interpreting()
+    interp = _ext.interpreter_tiles()
     precision = _precision(x2.dtype)
     groups = _group_table(row_counts, in_widths, out_widths, device)
     dx = torch.empty_like(x2)
@@ -426,7 +450,7 @@ def _triton_bwd(dy2, x2, weight, pre2, row_scale, row_counts, in_widths, out_wid
         if interp:
             _ragged_linear_dx_kernel[(tiles.shape[0],)](*args, **consts, BLOCK_N=block_n, num_warps=4)
         else:
-            _tuned("dx")[(tiles.shape[0],)](*args, **consts)
+            _launch_tuned("dx", (tiles.shape[0],), args, consts)
 
     # (3) dW, db: grouped GEMM over W's tiles, each summing the groups that cover it, per row split.
     block_n, block_k, block_m = _INTERP_BLOCKS["dw"] if interp else (64, 64, 64)
@@ -443,7 +467,7 @@ def _triton_bwd(dy2, x2, weight, pre2, row_scale, row_counts, in_widths, out_wid
     if interp:
         _ragged_linear_dw_kernel[grid](*args, **consts, num_warps=4)
     else:
-        _tuned("dw")[grid](*args, **consts)
+        _launch_tuned("dw", grid, args, consts)
     # Fixed-order sum of the split partials (a plain reduction, no atomics): deterministic.
     dw = dw_part[0] if splits == 1 else dw_part.sum(0).to(weight.dtype)
     if has_bias:
@@ -505,6 +529,24 @@ for _dt, _torch_dt in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16
 register_aot(_ragged_linear_fwd_kernel, _aot_signatures("fp32")[0],
              {"HAS_BIAS": True, "GELU": False, "HAS_RESIDUAL": False, "HAS_ROW_SCALE": False, "SAVE_PRE": False,
               "PRECISION": "ieee", "BLOCK_M": 64, "BLOCK_N": 64, "BLOCK_K": 32})  # fp32 at "highest" precision
+# Every autotune candidate (block, warps, stages) at the largest tiles of each dtype family, so the resource check
+# (`resnas aot --resources`) sees each configuration a GPU may pick: fp32 at 64 x 64, half types at 128 x 64.
+for _dt, _bm in (("fp32", 64), ("bf16", 128)) if HAS_TRITON else ():  # triton.Config needs the real triton
+    _fwd_sig, _, _dx_sig, _dw_sig = _aot_signatures(_dt)
+    for _kind in ("fwd", "dx", "dw"):
+        for _config in _autotune_spec(_kind)[1]:
+            if _kind == "fwd":
+                _kernel, _sig = _ragged_linear_fwd_kernel, _fwd_sig
+                _consts = {"HAS_BIAS": True, "GELU": True, "HAS_RESIDUAL": False, "HAS_ROW_SCALE": False,
+                           "SAVE_PRE": True, "PRECISION": "tf32", "BLOCK_M": _bm, "BLOCK_N": 64}
+            elif _kind == "dx":
+                _kernel, _sig = _ragged_linear_dx_kernel, _dx_sig
+                _consts = {"PRECISION": "tf32", "BLOCK_M": _bm, "BLOCK_K": 64}
+            else:
+                _kernel, _sig = _ragged_linear_dw_kernel, _dw_sig
+                _consts = {"HAS_BIAS": True, "PRECISION": "tf32", "BLOCK_N": 64, "BLOCK_K": 64, "BLOCK_M": 64}
+            register_aot(_kernel, _sig, {**_consts, **_config.kwargs}, num_warps=_config.num_warps,
+                         num_stages=_config.num_stages)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -612,7 +654,12 @@ def _ext_bwd(dy2, x2, weight, pre2, row_scale, row_counts, in_widths, out_widths
 def _triton_or_reference(triton_impl, reference_impl):
     """fp64 goes to the reference: the Triton kernels target tensor-core dtypes (see the caveats above)."""
     def impl(*args):
-        return (reference_impl if args[1].dtype == torch.float64 else triton_impl)(*args)
+        dtype = args[1].dtype
+        if dtype == torch.bfloat16 and _ext.triton_interpreting():
+            raise BackendUnavailableError(
+                "ragged_linear: bf16 on the Triton backend under TRITON_INTERPRET=1 is refused: Triton's interpreter "
+                "computes bf16 tl.dot wrongly. Use fp16 / fp32 there, or another backend (reference, cpu)")
+        return (reference_impl if dtype == torch.float64 else triton_impl)(*args)
     return impl
 
 
@@ -637,7 +684,11 @@ def ragged_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torc
                       in_widths: List[int], out_widths: List[int], segments: int, activation: str,
                       save_pre: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (y, pre). pre = x W^T + b (the GELU input, zeros beyond n_g) when activation == "gelu" and save_pre,
-    else an empty tensor. Arguments are checked by `ragged_linear`; this op trusts them."""
+    else an empty tensor. Arguments are checked as by `ragged_linear` (`_check_args`)."""
+    _check_args(x, weight, bias, residual, row_scale, Ragged(tuple(sizes), tuple(in_widths)), tuple(out_widths),
+                segments)
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     return _fwd_body(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments, activation, save_pre)
 
 
@@ -669,6 +720,14 @@ def ragged_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, p
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dweight, dbias, dresidual); dbias / dresidual are empty without a bias / residual.
     `pre` (the saved GELU input) is required when activation == "gelu"."""
+    _check_args(x, weight, None, None, row_scale, Ragged(tuple(sizes), tuple(in_widths)), tuple(out_widths),
+                segments)
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    if tuple(dy.shape) != out_shape or dy.dtype != x.dtype:
+        raise ValueError(f"dy must have the output's shape {out_shape} and x's dtype {x.dtype}, got "
+                         f"{tuple(dy.shape)} {dy.dtype}")
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
     rps = _rows_per_sample(x)
     k_max, n_max = x.shape[-1], weight.shape[0]
     gelu = activation == "gelu"
@@ -730,26 +789,9 @@ def _check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-def ragged_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_groups: Ragged,
-                  out_widths: Union[Ragged, Sequence[int]], *, segments: int = 1, activation: Optional[str] = None,
-                  residual: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """Each group through the top-left slice of one shared weight; see `resnas_kernels.reference.ragged_linear`.
-
-    Args:
-        x: (B, ..., K_max) contiguous, zero beyond each group's input width (the ragged contract).
-        weight: (N_max, K_max) contiguous shared weight, x's dtype; never copied or sliced into new memory.
-        bias: None or (N_max,), x's dtype.
-        in_groups: `Ragged(sizes, widths)` over dim 0 of x; widths are the input widths k_g <= K_max.
-        out_widths: the output widths n_g (a sequence, or a Ragged with the same sizes), each <= N_max // segments.
-        segments: S; weight and output are S stacked blocks of Nseg = N_max // S rows / columns, each sliced to its
-            first n_g (qkv: S = 3, and y.view(B, N, 3, H_max, d)[:, :, 0] is q, a strided view, no copy).
-        activation: None or "gelu" (exact erf form).
-        residual: optional (B, ..., N_max) like the output: out = residual + row_scale * act(x W^T + b) on the active
-            columns, zeros beyond n_g.
-        row_scale: optional (B,) per-sample scale (drop-path keep mask / keep_prob), x's dtype or fp32; needs residual.
-            It is a constant: it gets no gradient.
-    Returns (B, ..., N_max), exactly zero beyond n_g in every segment.
-    """
+def _check_args(x, weight, bias, residual, row_scale, in_groups: Ragged, n_widths: Tuple[int, ...], segments,
+                what: str = "in_widths") -> None:
+    """The argument checks of `ragged_linear`, run again by the custom ops (direct calls, torch.compile)."""
     check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=2)
     check_tensor(weight, "weight")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.shape[0] < 1 or weight.shape[1] < 1:
@@ -774,17 +816,16 @@ def ragged_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         check_same_device(x, bias, "x", "bias")
         if not bias.is_contiguous():
             raise ValueError("bias must be contiguous")
-    if not isinstance(in_groups, Ragged):
-        raise TypeError(f"in_groups must be a resnas_kernels.Ragged, got {type(in_groups).__name__}")
-    in_groups = as_ragged(in_groups, x.shape[0], k_max)
-    in_groups.check(x.shape[0], k_max, arg="x", what="in_groups.widths")
-    n_widths = out_width_tuple(in_groups, out_widths)
+    check_groups(in_groups, x.shape[0], k_max, batch_of="x", width_of="x", what=what)
+    if len(n_widths) != in_groups.num_groups:
+        raise ValueError(f"out_widths must have one entry per group: {in_groups.num_groups} groups, got "
+                         f"{len(n_widths)} out_widths")
     for g, n in enumerate(n_widths):
+        if n < 0:
+            raise ValueError(f"out_widths[{g}] must be >= 0, got {n}")
         if n > seg_width:
             raise ValueError(f"out_widths[{g}]={n} exceeds the segment width {seg_width} (N_max={n_max} / "
                              f"segments={segments}); out_widths must lie in [0, {seg_width}]")
-    if activation not in (None, "gelu"):
-        raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
     out_shape = (*x.shape[:-1], n_max)
     if residual is not None:
         check_float_tensor(residual, "residual", _FLOAT_DTYPES, min_dim=2)
@@ -793,8 +834,6 @@ def ragged_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             raise ValueError(f"residual must have the output's shape {out_shape} and x's dtype {x.dtype}, got "
                              f"{tuple(residual.shape)} {residual.dtype}")
     if row_scale is not None:
-        if residual is None:
-            raise ValueError("row_scale needs a residual: it scales the branch added to the residual (drop-path)")
         check_tensor(row_scale, "row_scale")
         if row_scale.dim() != 1 or row_scale.shape[0] != x.shape[0]:
             raise ValueError(f"row_scale must have shape ({x.shape[0]},) (one scale per sample), got "
@@ -804,6 +843,39 @@ def ragged_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         check_same_device(x, row_scale, "x", "row_scale")
         if not row_scale.is_contiguous():
             raise ValueError("row_scale must be contiguous")
+
+
+def ragged_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_groups: Ragged,
+                  out_widths: Union[Ragged, Sequence[int]], *, segments: int = 1, activation: Optional[str] = None,
+                  residual: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Each group through the top-left slice of one shared weight; see `resnas_kernels.reference.ragged_linear`.
+
+    Args:
+        x: (B, ..., K_max) contiguous, zero beyond each group's input width (the ragged contract).
+        weight: (N_max, K_max) contiguous shared weight, x's dtype; never copied or sliced into new memory.
+        bias: None or (N_max,), x's dtype.
+        in_groups: `Ragged(sizes, widths)` over dim 0 of x; widths are the input widths k_g <= K_max.
+        out_widths: the output widths n_g (a sequence, or a Ragged with the same sizes), each <= N_max // segments.
+        segments: S; weight and output are S stacked blocks of Nseg = N_max // S rows / columns, each sliced to its
+            first n_g (qkv: S = 3, and y.view(B, N, 3, H_max, d)[:, :, 0] is q, a strided view, no copy).
+        activation: None or "gelu" (exact erf form).
+        residual: optional (B, ..., N_max) like the output: out = residual + row_scale * act(x W^T + b) on the active
+            columns, zeros beyond n_g.
+        row_scale: optional (B,) per-sample scale (drop-path keep mask / keep_prob), x's dtype or fp32; needs residual.
+            It is a constant: it gets no gradient.
+    Returns (B, ..., N_max), exactly zero beyond n_g in every segment.
+    """
+    check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=2)
+    segments = _check_int(segments, "segments", 1)
+    if not isinstance(in_groups, Ragged):
+        raise TypeError(f"in_groups must be a resnas_kernels.Ragged, got {type(in_groups).__name__}")
+    n_widths = out_width_tuple(in_groups, out_widths)
+    _check_args(x, weight, bias, residual, row_scale, in_groups, n_widths, segments, what="in_groups.widths")
+    if activation not in (None, "gelu"):
+        raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
+    if row_scale is not None:
+        if residual is None:
+            raise ValueError("row_scale needs a residual: it scales the branch added to the residual (drop-path)")
         if row_scale.requires_grad:
             raise ValueError("row_scale must not require grad: ragged_linear treats it as a constant (detach it)")
     needs_grad = torch.is_grad_enabled() and any(

@@ -26,6 +26,8 @@ epilogue; on CPU: the C++ kernels, each falling back to its reference when the e
 Caveats:
 - x must be contiguous and zero beyond each group's input width (the ragged contract); the output is exactly zero
   beyond c_out,g. A group with c_in,g = c_out,g = 0 gets all-zero rows and costs no GEMM work.
+- fp64: computed in fp64 on every backend; on the Triton backend every piece runs its reference for fp64 (the
+  kernels compute in fp32), as every op does.
 - Precision: LN statistics, the epilogue's sums and the gradients of pos_embed and the biases are fp32. On CPU the
   conv GEMM also runs in fp32 for fp16 / bf16 x (rounded once); on the im2col + ragged_linear route (CUDA, Triton) the
   GEMMs run in x's dtype with fp32 accumulation, parameters given in fp32 being cast to x's dtype first (as autocast
@@ -52,7 +54,7 @@ from .ragged_layer_norm import ragged_layer_norm
 from .ragged_linear import ragged_linear
 from .rsr_conv import OP as CONV_OP
 from .rsr_conv import rsr_conv
-from .rsr_epilogue import rsr_epilogue
+from .rsr_epilogue import check_shortcut_widths, rsr_epilogue
 from .rsr_im2col import rsr_im2col
 
 OP = register_op(OpInfo(
@@ -78,13 +80,7 @@ def _check_param(t, name: str, shape: Tuple[int, ...], x: torch.Tensor) -> None:
 
 def _check_widths(in_groups: Ragged, out_widths: Sequence[int]) -> Tuple[int, ...]:
     out = in_groups.with_widths(out_widths).widths
-    for g, (ci, co) in enumerate(zip(in_groups.widths, out)):
-        if co < ci:
-            raise ValueError(f"out_widths[{g}]={co} must be >= in_groups.widths[{g}]={ci}: the shortcut carries all "
-                             f"input channels")
-        if ci == 0 and co > 0:
-            raise ValueError(f"in_groups.widths[{g}] is 0 but out_widths[{g}]={co}: a group with no input channels "
-                             f"has nothing to reduce; give it output width 0")
+    check_shortcut_widths(in_groups.widths, out, in_name="in_groups.widths")
     return out
 
 

@@ -25,6 +25,7 @@ Caveats:
 - dweight: groups and blocks accumulate in a fixed order, so it is reproducible run to run at a fixed thread count;
   neither BLAS nor oneDNN promises bit-equality across thread counts (as for ragged_linear's CPU dW). The two routes
   agree to fp32 rounding, not bitwise.
+- The custom ops check their arguments themselves (`_check_args`, sharing `rsr_im2col`'s checks), on every backend.
 - Double backward is not supported.
 """
 from typing import List, Tuple
@@ -34,6 +35,8 @@ import torch
 from ..backend import OpInfo, register_op, resolve_backend
 from ..ragged import Ragged
 from ..reference.layer_norm import compute_dtype
+from ._checks import check_groups, check_tensor
+from .rsr_im2col import _check_args as _check_im2col_args
 from .rsr_im2col import _reference_bwd as _im2col_reference_bwd
 from .rsr_im2col import _reference_fwd as _im2col_reference_fwd
 from .rsr_im2col import conv_out_grid
@@ -101,12 +104,23 @@ _FWD = {"reference": _reference_fwd, "cpu": _ext_fwd}
 _BWD = {"reference": _reference_bwd, "cpu": _ext_bwd}
 
 
+def _check_args(u, weight, groups: Ragged, out_widths, grid, kernel_size, stride, padding, has_cls) -> None:
+    _check_im2col_args(u, groups, grid, has_cls, kernel_size, stride, padding, what="in_widths")
+    check_tensor(weight, "weight")
+    kk = u.shape[2] * kernel_size * kernel_size
+    if weight.dim() != 2 or weight.shape[1] != kk:
+        raise ValueError(f"weight must be 2-D (Co_max, C*k*k) = (Co_max, {kk}), got {tuple(weight.shape)}")
+    check_groups(groups.with_widths(out_widths), u.shape[0], weight.shape[0], batch_of="u",
+                 width_of="weight (dim 0, Co_max)", what="out_widths")
+
+
 @torch.library.custom_op("resnas::rsr_conv_fwd", mutates_args=())
 def rsr_conv_fwd(u: torch.Tensor, weight: torch.Tensor, sizes: List[int], in_widths: List[int],
                  out_widths: List[int], grid: List[int], kernel_size: int, stride: int, padding: int,
                  has_cls: bool) -> torch.Tensor:
     """conv (B, Ho*Wo, Co_max) of u (B, has_cls + H*W, Ci_max) with weight (Co_max, Ci_max*k*k); see the docstring."""
     groups = Ragged(tuple(sizes), tuple(in_widths))
+    _check_args(u, weight, groups, out_widths, grid, kernel_size, stride, padding, has_cls)
     impl = _FWD[resolve_backend(OP.name, u.device)]
     return impl(u, weight, groups, tuple(out_widths), _geometry(grid, kernel_size, stride, padding, has_cls))
 
@@ -123,6 +137,11 @@ def rsr_conv_bwd(dout: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, size
                  has_cls: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """(du, dweight): du like u (zero cls row, zero beyond ci); dweight in fp32 (fp64 for fp64 inputs)."""
     groups = Ragged(tuple(sizes), tuple(in_widths))
+    _check_args(u, weight, groups, out_widths, grid, kernel_size, stride, padding, has_cls)
+    ho, wo = conv_out_grid(grid, kernel_size, stride, padding)
+    check_tensor(dout, "dout")
+    if tuple(dout.shape) != (u.shape[0], ho * wo, weight.shape[0]):
+        raise ValueError(f"dout must have shape {(u.shape[0], ho * wo, weight.shape[0])}, got {tuple(dout.shape)}")
     impl = _BWD[resolve_backend(OP.name, u.device)]
     return impl(dout, u, weight, groups, tuple(out_widths), _geometry(grid, kernel_size, stride, padding, has_cls))
 

@@ -16,6 +16,9 @@ Backends: reference (plain PyTorch) | triton | cpu (csrc/cpu/rsr_epilogue.cpp) |
 Caveats:
 - conv, x and cls must be contiguous and share a dtype; pos_embed / biases may be x's dtype or fp32. Sums are in fp32
   (fp64 for fp64); the output is x's dtype.
+- fp64 on the Triton backend runs the reference, as for every op (the kernels' shortcut gradient is fp32).
+- The custom ops check their arguments themselves (`_check_args`), on every backend; the Triton kernels also mask
+  channels by Ci / Co, not only by the group's widths, so no metadata value can address memory outside the tensors.
 - Backward: dconv / dcls are dout's rows masked to co (a copy: a custom op may not return a view of its input); dx is
   the pooling adjoint (a gather: each input token lies in exactly one window) plus the cls shortcut, masked to ci.
   d(pos_embed), d(conv_bias), d(cls_bias) are batch sums taken per output token with the samples in a fixed order and
@@ -32,6 +35,7 @@ from ..aot import register_aot
 from ..backend import OpInfo, register_op, resolve_backend
 from ..ragged import Ragged
 from ..reference.layer_norm import compute_dtype
+from ._checks import check_float_tensor, check_groups, check_same_device, check_tensor
 from .ragged_layer_norm import _group_width
 
 OP = register_op(OpInfo(
@@ -63,8 +67,8 @@ def _rsr_epilogue_fwd_kernel(CONV, X, POS, BIAS, CLS, CLS_BIAS, OUT, IN_TABLE, O
     ci = _group_width(IN_TABLE, num_groups, b)
     co = _group_width(OUT_TABLE, num_groups, b)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_c = c < ci
-    out_c = c < co
+    in_c = (c < ci) & (c < Ci)  # also by the static bounds: no width can address another token's channels
+    out_c = (c < co) & (c < Co)
     x_base = X + b.to(tl.int64) * n_in * Ci
     if HAS_CLS and r == 0:
         val = tl.load(CLS + b.to(tl.int64) * Co + c, mask=out_c, other=0.0).to(POS.dtype.element_ty)
@@ -105,7 +109,7 @@ def _rsr_epilogue_bwd_kernel(DOUT, DCONV, DX, DCLS, IN_TABLE, OUT_TABLE, num_gro
     ci = _group_width(IN_TABLE, num_groups, b)
     co = _group_width(OUT_TABLE, num_groups, b)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    d = tl.load(DOUT + row.to(tl.int64) * Co + c, mask=c < co, other=0.0)
+    d = tl.load(DOUT + row.to(tl.int64) * Co + c, mask=(c < co) & (c < Co), other=0.0)
     dx_base = DX + b.to(tl.int64) * n_in * Ci
     dx_mask = c < Ci
     dx_val = tl.where(c < ci, d, 0.0)
@@ -140,7 +144,8 @@ def _rsr_epilogue_colsum_kernel(DOUT, SUMS, OUT_TABLE, num_groups, n_out, Co, BL
         end = tl.load(OUT_TABLE + 3 * g + 1)
         co = tl.load(OUT_TABLE + 3 * g + 2)
         for b in range(start, end):
-            acc += tl.load(DOUT + (tl.cast(b, tl.int64) * n_out + r) * Co + c, mask=c < co, other=0.0).to(acc.dtype)
+            acc += tl.load(DOUT + (tl.cast(b, tl.int64) * n_out + r) * Co + c, mask=(c < co) & (c < Co),
+                           other=0.0).to(acc.dtype)
     tl.store(SUMS + r * Co + c, acc, mask=c < Co)
 
 
@@ -222,14 +227,14 @@ def _reference_fwd(conv, x, pos, bias, cls, cls_bias, in_groups: Ragged, out_gro
     acc = compute_dtype(x.dtype)
     img = x[:, n_cls:].to(acc).transpose(1, 2).reshape(B, Ci, H, W)
     pooled = F.avg_pool2d(img, s, s, ceil_mode=True).flatten(2).transpose(1, 2)        # (B, L, Ci)
-    pooled = pooled * _col_mask(in_groups, Ci, x.device)
+    zero = torch.zeros((), dtype=acc, device=x.device)
+    pooled = torch.where(_col_mask(in_groups, Ci, x.device), pooled, zero)  # select: NaN beyond ci must not leak
     patches = conv.to(acc) + bias.to(acc) + pos.to(acc) + F.pad(pooled, (0, Co - Ci))
     rows = [patches]
     if n_cls:
-        shortcut = x[:, :1].to(acc) * _col_mask(in_groups, Ci, x.device)
+        shortcut = torch.where(_col_mask(in_groups, Ci, x.device), x[:, :1].to(acc), zero)
         rows.insert(0, cls.to(acc) + cls_bias.to(acc) + F.pad(shortcut, (0, Co - Ci)))
     out = torch.cat(rows, dim=1)
-    zero = torch.zeros((), dtype=acc, device=x.device)
     return torch.where(_col_mask(out_groups, Co, x.device), out, zero).to(x.dtype)
 
 
@@ -281,6 +286,66 @@ _BWD = {"reference": _reference_bwd, "triton": _triton_bwd, "cpu": _ext_bwd, "cu
 # ---------------------------------------------------------------------------------------------------------------------
 # torch.library custom ops
 # ---------------------------------------------------------------------------------------------------------------------
+def _backend(t: torch.Tensor) -> str:
+    backend = resolve_backend(OP.name, t.device)
+    # fp64 (gradient checking) runs the reference on the Triton backend: the kernels' shortcut gradient is fp32.
+    return "reference" if backend == "triton" and t.dtype == torch.float64 else backend
+
+
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def check_shortcut_widths(in_widths: Sequence[int], out_widths: Sequence[int], in_name: str = "in_widths") -> None:
+    """c_in,g <= c_out,g, and c_out,g = 0 where c_in,g = 0 (shared with `residual_spatial_reduction`'s checks)."""
+    for g, (ci, co) in enumerate(zip(in_widths, out_widths)):
+        if co < ci:
+            raise ValueError(f"out_widths[{g}]={co} must be >= {in_name}[{g}]={ci}: the shortcut carries all "
+                             f"input channels")
+        if ci == 0 and co > 0:
+            raise ValueError(f"{in_name}[{g}] is 0 but out_widths[{g}]={co}: a group with no input channels "
+                             f"has nothing to reduce; give it output width 0")
+
+
+def _check_geometry(grid, stride) -> None:
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)):
+        raise ValueError(f"grid must be a pair of positive ints (H, W), got {grid!r}")
+    if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
+        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+
+
+def _check_args(conv, x, pos_embed, conv_bias, cls, cls_bias, in_groups: Ragged, out_groups: Ragged, grid,
+                stride) -> None:
+    """Shapes, dtypes and metadata of `rsr_epilogue_fwd` (its public caller checks the parameters it is given)."""
+    check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=3)
+    check_float_tensor(conv, "conv", (x.dtype,), min_dim=3)
+    _check_geometry(grid, stride)
+    n_cls = int(cls is not None)
+    ho, wo = pool_out_grid(grid, stride)
+    if x.dim() != 3 or x.shape[1] != n_cls + grid[0] * grid[1]:
+        raise ValueError(f"x must have shape (B, {n_cls} + H*W, Ci) = (B, {n_cls + grid[0] * grid[1]}, Ci) for "
+                         f"grid={tuple(grid)}, got {tuple(x.shape)}")
+    batch, ci_max = x.shape[0], x.shape[2]
+    if conv.dim() != 3 or conv.shape[:2] != (batch, ho * wo) or conv.shape[2] < ci_max:
+        raise ValueError(f"conv must have shape (B, Ho*Wo, Co >= Ci) = ({batch}, {ho * wo}, >= {ci_max}), got "
+                         f"{tuple(conv.shape)}")
+    co_max = conv.shape[2]
+    for name, t, shape in (("pos_embed", pos_embed, (1, ho * wo, co_max)), ("conv_bias", conv_bias, (co_max,)),
+                           ("cls", cls, (batch, 1, co_max)), ("cls_bias", cls_bias, (co_max,))):
+        if t is None:
+            continue
+        check_tensor(t, name)
+        if tuple(t.shape) != shape:
+            raise ValueError(f"{name} must have shape {shape}, got {tuple(t.shape)}")
+        check_same_device(x, t, "x", name)
+    if (cls is None) != (cls_bias is None):
+        raise ValueError("cls and cls_bias must be given together")
+    if cls is not None:
+        check_float_tensor(cls, "cls", (x.dtype,))
+    check_groups(in_groups, batch, ci_max, batch_of="x", width_of="x", what="in_widths")
+    check_groups(out_groups, batch, co_max, batch_of="x", width_of="conv (dim 2, Co)", what="out_widths")
+    check_shortcut_widths(in_groups.widths, out_groups.widths)
+
+
 @torch.library.custom_op("resnas::rsr_epilogue_fwd", mutates_args=())
 def rsr_epilogue_fwd(conv: torch.Tensor, x: torch.Tensor, pos_embed: torch.Tensor, conv_bias: torch.Tensor,
                      cls: Optional[torch.Tensor], cls_bias: Optional[torch.Tensor], sizes: List[int],
@@ -288,7 +353,8 @@ def rsr_epilogue_fwd(conv: torch.Tensor, x: torch.Tensor, pos_embed: torch.Tenso
     """out (B, n + Ho*Wo, Co); see the module docstring. n = 1 when cls is given."""
     in_groups = Ragged(tuple(sizes), tuple(in_widths))
     out_groups = Ragged(tuple(sizes), tuple(out_widths))
-    impl = _FWD[resolve_backend(OP.name, x.device)]
+    _check_args(conv, x, pos_embed, conv_bias, cls, cls_bias, in_groups, out_groups, grid, stride)
+    impl = _FWD[_backend(x)]
     return impl(conv, x, pos_embed, conv_bias, cls, cls_bias, in_groups, out_groups,
                 _geometry(grid, stride, cls is not None))
 
@@ -306,7 +372,17 @@ def rsr_epilogue_bwd(dout: torch.Tensor, sizes: List[int], in_widths: List[int],
     dcls_bias empty without cls."""
     in_groups = Ragged(tuple(sizes), tuple(in_widths))
     out_groups = Ragged(tuple(sizes), tuple(out_widths))
-    impl = _BWD[resolve_backend(OP.name, dout.device)]
+    check_float_tensor(dout, "dout", _FLOAT_DTYPES, min_dim=3)
+    _check_geometry(grid, stride)
+    ho, wo = pool_out_grid(grid, stride)
+    n_out = int(bool(has_cls)) + ho * wo
+    if dout.dim() != 3 or dout.shape[1] != n_out or dout.shape[2] < in_channels:
+        raise ValueError(f"dout must have shape (B, has_cls + Ho*Wo, Co >= in_channels) = (B, {n_out}, >= "
+                         f"{in_channels}), got {tuple(dout.shape)}")
+    check_groups(in_groups, dout.shape[0], in_channels, batch_of="dout", width_of="in_channels", what="in_widths")
+    check_groups(out_groups, dout.shape[0], dout.shape[2], batch_of="dout", width_of="dout (dim 2, Co)",
+                 what="out_widths")
+    impl = _BWD[_backend(dout)]
     return impl(dout, in_groups, out_groups, _geometry(grid, stride, has_cls), in_channels)
 
 

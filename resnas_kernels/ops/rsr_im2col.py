@@ -20,6 +20,9 @@ Caveats:
 - Backward (col2im) is a gather: every input token sums, in a fixed tap order, the columns that read it, so it is
   deterministic; du is zero on the cls row and beyond ci. The reference backward uses F.fold.
 - The column tensor is k*k / stride^2 (~2.25x for 3x3 / 2) the size of u: memory is traded for one plain GEMM.
+- fp64 on the Triton backend runs the reference, as for every op (the col2im kernel accumulates in fp32).
+- The custom ops check their arguments themselves (`_check_args`), on every backend; the Triton kernels also mask
+  channels by C, not only by the group's width, so no metadata value can address memory outside the tensors.
 - Double backward is not supported.
 """
 from typing import List, Sequence, Tuple
@@ -31,7 +34,7 @@ from .._triton import tl, triton
 from ..aot import register_aot
 from ..backend import OpInfo, register_op, resolve_backend
 from ..ragged import Ragged, as_ragged
-from ._checks import check_float_tensor
+from ._checks import check_float_tensor, check_groups
 from .ragged_layer_norm import _group_width
 
 OP = register_op(OpInfo(
@@ -73,7 +76,7 @@ def _rsr_im2col_fwd_kernel(U, COLS, TABLE, num_groups, C, H, W, Wo, L, n_cls, st
     tap = j % (KSIZE * KSIZE)
     ih = oh * stride - padding + tap // KSIZE
     iw = ow * stride - padding + tap % KSIZE
-    valid = (c < ci) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    valid = (c < ci) & (c < C) & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     n_in = n_cls + H * W
     src = (b.to(tl.int64) * n_in + n_cls + ih * W + iw) * C + c
     v = tl.load(U + tl.where(valid, src, 0), mask=valid, other=0.0)  # clamped address: no out-of-range pointer
@@ -104,7 +107,7 @@ def _rsr_im2col_bwd_kernel(DCOLS, DU, TABLE, num_groups, C, H, W, Ho, Wo, L, n_c
             ok = is_patch & ok_h & (pw >= 0) & (pw % stride == 0) & (pw // stride < Wo)
             o = tl.where(ok, (ph // stride) * Wo + pw // stride, 0)
             offs = (b.to(tl.int64) * L + o) * row_len + c * (KSIZE * KSIZE) + kh * KSIZE + kw
-            m = ok & (c < ci)
+            m = ok & (c < ci) & (c < C)
             acc += tl.load(DCOLS + tl.where(m, offs, 0), mask=m, other=0.0).to(tl.float32)
     tl.store(DU + row.to(tl.int64) * C + c, acc.to(DU.dtype.element_ty), mask=c < C)
 
@@ -206,12 +209,50 @@ def _geometry(grid: List[int], kernel_size: int, stride: int, padding: int, has_
             conv_out_grid(grid, kernel_size, stride, padding))
 
 
+def _backend(t: torch.Tensor) -> str:
+    backend = resolve_backend(OP.name, t.device)
+    # fp64 (gradient checking) runs the reference on the Triton backend: the col2im kernel accumulates in fp32.
+    return "reference" if backend == "triton" and t.dtype == torch.float64 else backend
+
+
+def _check_geometry(grid, kernel_size, stride, padding) -> None:
+    if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)):
+        raise ValueError(f"grid must be a pair of positive ints (H, W), got {grid!r}")
+    for name, v, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
+    conv_out_grid(grid, kernel_size, stride, padding)
+
+
+def _check_args(u, groups: Ragged, grid, has_cls, kernel_size, stride, padding, what: str = "widths") -> None:
+    """The argument checks of `rsr_im2col`, run again by the custom op (direct calls, torch.compile)."""
+    check_float_tensor(u, "u", _FLOAT_DTYPES, min_dim=3)
+    if u.dim() != 3:
+        raise ValueError(f"u must have shape (B, tokens, C), got {tuple(u.shape)}")
+    _check_geometry(grid, kernel_size, stride, padding)
+    n = int(bool(has_cls)) + grid[0] * grid[1]
+    if u.shape[1] != n:
+        raise ValueError(f"u has {u.shape[1]} tokens but grid={tuple(grid)} with has_cls={bool(has_cls)} needs {n}")
+    check_groups(groups, u.shape[0], u.shape[2], batch_of="u", width_of="u", what=what)
+
+
+def _check_bwd_args(dcols, groups: Ragged, grid, kernel_size, stride, padding) -> None:
+    check_float_tensor(dcols, "dcols", _FLOAT_DTYPES, min_dim=3)
+    _check_geometry(grid, kernel_size, stride, padding)
+    ho, wo = conv_out_grid(grid, kernel_size, stride, padding)
+    kk = kernel_size * kernel_size
+    if dcols.dim() != 3 or dcols.shape[1] != ho * wo or dcols.shape[2] % kk:
+        raise ValueError(f"dcols must have shape (B, Ho*Wo, C*k*k) = (B, {ho * wo}, C*{kk}), got {tuple(dcols.shape)}")
+    check_groups(groups, dcols.shape[0], dcols.shape[2] // kk, batch_of="dcols", width_of="dcols (C = dim 2 / k*k)")
+
+
 @torch.library.custom_op("resnas::rsr_im2col_fwd", mutates_args=())
 def rsr_im2col_fwd(u: torch.Tensor, sizes: List[int], widths: List[int], grid: List[int], kernel_size: int,
                    stride: int, padding: int, has_cls: bool) -> torch.Tensor:
     """cols (B, Ho*Wo, C*k*k) of u (B, has_cls + H*W, C); see the module docstring."""
     groups = Ragged(tuple(sizes), tuple(widths))
-    impl = _FWD[resolve_backend(OP.name, u.device)]
+    _check_args(u, groups, grid, has_cls, kernel_size, stride, padding)
+    impl = _FWD[_backend(u)]
     return impl(u, groups, _geometry(grid, kernel_size, stride, padding, has_cls))
 
 
@@ -226,7 +267,8 @@ def rsr_im2col_bwd(dcols: torch.Tensor, sizes: List[int], widths: List[int], gri
                    stride: int, padding: int, has_cls: bool) -> torch.Tensor:
     """du (B, has_cls + H*W, C): the adjoint of rsr_im2col_fwd (zero cls row, zero beyond the widths)."""
     groups = Ragged(tuple(sizes), tuple(widths))
-    impl = _BWD[resolve_backend(OP.name, dcols.device)]
+    _check_bwd_args(dcols, groups, grid, kernel_size, stride, padding)
+    impl = _BWD[_backend(dcols)]
     return impl(dcols, groups, _geometry(grid, kernel_size, stride, padding, has_cls))
 
 
@@ -263,16 +305,7 @@ def rsr_im2col(u: torch.Tensor, groups: Ragged, grid: Tuple[int, int], has_cls: 
     check_float_tensor(u, "u", _FLOAT_DTYPES, min_dim=3)
     if u.dim() != 3:
         raise ValueError(f"u must have shape (B, tokens, C), got {tuple(u.shape)}")
-    if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)):
-        raise ValueError(f"grid must be a pair of positive ints (H, W), got {grid!r}")
-    for name, v, low in (("kernel_size", kernel_size, 1), ("stride", stride, 1), ("padding", padding, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {v!r}")
-    conv_out_grid(grid, kernel_size, stride, padding)
-    n = int(bool(has_cls)) + grid[0] * grid[1]
-    if u.shape[1] != n:
-        raise ValueError(f"u has {u.shape[1]} tokens but grid={tuple(grid)} with has_cls={bool(has_cls)} needs {n}")
     groups = as_ragged(groups, u.shape[0], u.shape[2])
-    groups.check(u.shape[0], u.shape[2], arg="u", what="groups.widths")
+    _check_args(u, groups, grid, has_cls, kernel_size, stride, padding, what="groups.widths")
     return rsr_im2col_fwd(u, list(groups.sizes), list(groups.widths), list(grid), kernel_size, stride, padding,
                           bool(has_cls))
