@@ -48,13 +48,13 @@ import torch
 from ..backend import BackendUnavailableError, OpInfo, register_op, resolve_backend
 from ..ragged import Ragged, as_ragged
 from ..reference.rsr import residual_spatial_reduction as _reference_rsr
-from ..reference.rsr import rsr_output_grid
+from ..reference.rsr import check_shortcut_widths, rsr_output_grid
 from ._checks import check_float_tensor, check_same_device, check_tensor
 from .ragged_layer_norm import ragged_layer_norm
 from .ragged_linear import ragged_linear
 from .rsr_conv import OP as CONV_OP
 from .rsr_conv import rsr_conv
-from .rsr_epilogue import check_shortcut_widths, rsr_epilogue
+from .rsr_epilogue import rsr_epilogue
 from .rsr_im2col import rsr_im2col
 
 OP = register_op(OpInfo(

@@ -35,6 +35,7 @@ from ..aot import register_aot
 from ..backend import OpInfo, register_op, resolve_backend
 from ..ragged import Ragged
 from ..reference.layer_norm import compute_dtype
+from ..reference.rsr import check_shortcut_widths
 from ._checks import check_float_tensor, check_groups, check_same_device, check_tensor
 from .ragged_layer_norm import _group_width
 
@@ -293,17 +294,6 @@ def _backend(t: torch.Tensor) -> str:
 
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-
-
-def check_shortcut_widths(in_widths: Sequence[int], out_widths: Sequence[int], in_name: str = "in_widths") -> None:
-    """c_in,g <= c_out,g, and c_out,g = 0 where c_in,g = 0 (shared with `residual_spatial_reduction`'s checks)."""
-    for g, (ci, co) in enumerate(zip(in_widths, out_widths)):
-        if co < ci:
-            raise ValueError(f"out_widths[{g}]={co} must be >= {in_name}[{g}]={ci}: the shortcut carries all "
-                             f"input channels")
-        if ci == 0 and co > 0:
-            raise ValueError(f"{in_name}[{g}] is 0 but out_widths[{g}]={co}: a group with no input channels "
-                             f"has nothing to reduce; give it output width 0")
 
 
 def _check_geometry(grid, stride) -> None:

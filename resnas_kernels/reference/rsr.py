@@ -11,6 +11,17 @@ from ..ragged import Ragged
 from .layer_norm import masked_layer_norm
 
 
+def check_shortcut_widths(in_widths: Sequence[int], out_widths: Sequence[int], in_name: str = "in_widths") -> None:
+    """c_in,g <= c_out,g, and c_out,g = 0 where c_in,g = 0 (the spec's rule, shared with every RSR op's checks)."""
+    for g, (ci, co) in enumerate(zip(in_widths, out_widths)):
+        if co < ci:
+            raise ValueError(f"out_widths[{g}]={co} must be >= {in_name}[{g}]={ci}: the shortcut carries all "
+                             f"input channels")
+        if ci == 0 and co > 0:
+            raise ValueError(f"{in_name}[{g}] is 0 but out_widths[{g}]={co}: a group with no input channels "
+                             f"has nothing to reduce; give it output width 0")
+
+
 def rsr_output_grid(grid: Tuple[int, int], kernel_size: int = 3, stride: int = 2, padding: int = 1) -> Tuple[int, int]:
     """Output grid of the RSR: the conv's output size, which must equal the pooled shortcut's ceil(H / stride).
 
@@ -60,13 +71,7 @@ def residual_spatial_reduction(x: torch.Tensor, in_groups: Ragged, out_widths: S
     The cls token gets no positional embedding. A group with co = 0 outputs zeros; ci = 0 requires co = 0.
     """
     out_groups = in_groups.with_widths(out_widths)
-    for g, (ci, co) in enumerate(zip(in_groups.widths, out_groups.widths)):
-        if co < ci:
-            raise ValueError(f"out_widths[{g}]={co} must be >= in_groups.widths[{g}]={ci}: the shortcut carries all "
-                             f"input channels")
-        if ci == 0 and co > 0:
-            raise ValueError(f"in_groups.widths[{g}] is 0 but out_widths[{g}]={co}: a group with no input channels "
-                             f"has nothing to reduce; give it output width 0")
+    check_shortcut_widths(in_groups.widths, out_groups.widths, in_name="in_groups.widths")
     n_cls = 1 if has_cls else 0
     co_max = conv_weight.shape[0]
     out_grid = rsr_output_grid(grid, kernel_size, stride, padding)
