@@ -141,6 +141,13 @@ def resolve_backend(op_name: str, device: torch.device) -> str:
     return "reference"
 
 
+def resolve_backend_for(op_name: str, t: torch.Tensor) -> str:
+    """`resolve_backend` for the tensor `t` an op computes on. One dtype policy for every op: the Triton kernels
+    accumulate in fp32, so fp64 inputs (gradient checking) run the reference on the Triton backend."""
+    backend = resolve_backend(op_name, t.device)
+    return "reference" if backend == "triton" and t.dtype == torch.float64 else backend
+
+
 def dispatch(op_name: str, device: torch.device, impls: Dict[str, Callable]) -> Callable:
     """The implementation of `op_name` for `device` under the current backend setting."""
     return impls[resolve_backend(op_name, device)]

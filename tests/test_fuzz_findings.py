@@ -107,7 +107,7 @@ def _conv_call(sizes, in_widths, out_widths):
 
 
 BOTH = ("reference", "triton")
-BAD_METADATA = [  # (op call, expected message, backends); the reproducer first
+BAD_METADATA = [  # (op call, expected message, backends); first the out-of-bounds reproducer (width 12, x 8 wide)
     (_ln_call([2], [12]), r"widths\[0\]=12 exceeds the maximum width 8 of x", BOTH),
     (_ln_call([1], [8]), r"sum of group sizes \(1, .*\) must equal the batch size of x \(dim 0: 2\)", BOTH),
     (_ln_call([1, 1], [8]), r"widths must have one entry per group", BOTH),

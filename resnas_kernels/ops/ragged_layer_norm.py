@@ -28,7 +28,7 @@ import torch
 from .. import _ext
 from .._triton import tl, triton
 from ..aot import register_aot
-from ..backend import OpInfo, register_op, resolve_backend
+from ..backend import OpInfo, register_op, resolve_backend_for
 from ..ragged import Ragged, as_ragged
 from ..reference.layer_norm import compute_dtype
 from ._checks import check_float_tensor, check_groups, check_same_device, check_vector
@@ -259,12 +259,6 @@ def _rows(x: torch.Tensor, batch: int) -> int:
     return x.numel() // (batch * x.shape[-1]) if batch and x.shape[-1] else 0
 
 
-def _backend(x: torch.Tensor) -> str:
-    backend = resolve_backend(OP.name, x.device)
-    # fp64 (gradient checking) runs the reference on the Triton backend: the kernels compute in fp32.
-    return "reference" if backend == "triton" and x.dtype == torch.float64 else backend
-
-
 def _check_args(x, residual, weight, bias, groups: Ragged, what: str = "widths") -> None:
     """The argument checks of `ragged_layer_norm`, run again by the custom op (direct calls, torch.compile)."""
     check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=2)
@@ -306,7 +300,7 @@ def ragged_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], wei
     c_max = x.shape[-1]
     x2 = x.reshape(-1, c_max)
     r2 = residual.reshape(-1, c_max) if residual is not None else None
-    impl = _FWD[_backend(x)]
+    impl = _FWD[resolve_backend_for(OP.name, x)]
     y, z, mean, rstd = impl(x2, r2, weight, bias, groups, _rows(x, groups.batch), eps)
     return y.view(x.shape), (z.view(x.shape) if residual is not None else z), mean, rstd
 
@@ -328,7 +322,7 @@ def ragged_layer_norm_bwd(dy: torch.Tensor, dz: Optional[torch.Tensor], z: torch
     groups = Ragged(tuple(sizes), tuple(widths))
     _check_bwd_args(dy, dz, z, weight, mean, rstd, groups)
     c_max = z.shape[-1]
-    impl = _BWD[_backend(z)]
+    impl = _BWD[resolve_backend_for(OP.name, z)]
     dx, dw, db = impl(dy.reshape(-1, c_max).contiguous(), dz.reshape(-1, c_max).contiguous() if dz is not None else None,
                       z.reshape(-1, c_max), weight, mean, rstd, groups, _rows(z, groups.batch))
     return dx.view(z.shape), dw, db

@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .._triton import tl, triton
 from ..aot import register_aot
-from ..backend import OpInfo, register_op, resolve_backend
+from ..backend import OpInfo, register_op, resolve_backend_for
 from ..ragged import Ragged
 from ..reference.layer_norm import compute_dtype
 from ..reference.rsr import check_shortcut_widths
@@ -287,12 +287,6 @@ _BWD = {"reference": _reference_bwd, "triton": _triton_bwd, "cpu": _ext_bwd, "cu
 # ---------------------------------------------------------------------------------------------------------------------
 # torch.library custom ops
 # ---------------------------------------------------------------------------------------------------------------------
-def _backend(t: torch.Tensor) -> str:
-    backend = resolve_backend(OP.name, t.device)
-    # fp64 (gradient checking) runs the reference on the Triton backend: the kernels' shortcut gradient is fp32.
-    return "reference" if backend == "triton" and t.dtype == torch.float64 else backend
-
-
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
@@ -344,7 +338,7 @@ def rsr_epilogue_fwd(conv: torch.Tensor, x: torch.Tensor, pos_embed: torch.Tenso
     in_groups = Ragged(tuple(sizes), tuple(in_widths))
     out_groups = Ragged(tuple(sizes), tuple(out_widths))
     _check_args(conv, x, pos_embed, conv_bias, cls, cls_bias, in_groups, out_groups, grid, stride)
-    impl = _FWD[_backend(x)]
+    impl = _FWD[resolve_backend_for(OP.name, x)]
     return impl(conv, x, pos_embed, conv_bias, cls, cls_bias, in_groups, out_groups,
                 _geometry(grid, stride, cls is not None))
 
@@ -372,7 +366,7 @@ def rsr_epilogue_bwd(dout: torch.Tensor, sizes: List[int], in_widths: List[int],
     check_groups(in_groups, dout.shape[0], in_channels, batch_of="dout", width_of="in_channels", what="in_widths")
     check_groups(out_groups, dout.shape[0], dout.shape[2], batch_of="dout", width_of="dout (dim 2, Co)",
                  what="out_widths")
-    impl = _BWD[_backend(dout)]
+    impl = _BWD[resolve_backend_for(OP.name, dout)]
     return impl(dout, in_groups, out_groups, _geometry(grid, stride, has_cls), in_channels)
 
 

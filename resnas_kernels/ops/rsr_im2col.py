@@ -32,7 +32,7 @@ import torch.nn.functional as F
 
 from .._triton import tl, triton
 from ..aot import register_aot
-from ..backend import OpInfo, register_op, resolve_backend
+from ..backend import OpInfo, register_op, resolve_backend_for
 from ..ragged import Ragged, as_ragged
 from ._checks import check_float_tensor, check_groups
 from .ragged_layer_norm import _group_width
@@ -209,12 +209,6 @@ def _geometry(grid: List[int], kernel_size: int, stride: int, padding: int, has_
             conv_out_grid(grid, kernel_size, stride, padding))
 
 
-def _backend(t: torch.Tensor) -> str:
-    backend = resolve_backend(OP.name, t.device)
-    # fp64 (gradient checking) runs the reference on the Triton backend: the col2im kernel accumulates in fp32.
-    return "reference" if backend == "triton" and t.dtype == torch.float64 else backend
-
-
 def _check_geometry(grid, kernel_size, stride, padding) -> None:
     if not (isinstance(grid, (tuple, list)) and len(grid) == 2 and all(isinstance(v, int) and v > 0 for v in grid)):
         raise ValueError(f"grid must be a pair of positive ints (H, W), got {grid!r}")
@@ -252,7 +246,7 @@ def rsr_im2col_fwd(u: torch.Tensor, sizes: List[int], widths: List[int], grid: L
     """cols (B, Ho*Wo, C*k*k) of u (B, has_cls + H*W, C); see the module docstring."""
     groups = Ragged(tuple(sizes), tuple(widths))
     _check_args(u, groups, grid, has_cls, kernel_size, stride, padding)
-    impl = _FWD[_backend(u)]
+    impl = _FWD[resolve_backend_for(OP.name, u)]
     return impl(u, groups, _geometry(grid, kernel_size, stride, padding, has_cls))
 
 
@@ -268,7 +262,7 @@ def rsr_im2col_bwd(dcols: torch.Tensor, sizes: List[int], widths: List[int], gri
     """du (B, has_cls + H*W, C): the adjoint of rsr_im2col_fwd (zero cls row, zero beyond the widths)."""
     groups = Ragged(tuple(sizes), tuple(widths))
     _check_bwd_args(dcols, groups, grid, kernel_size, stride, padding)
-    impl = _BWD[_backend(dcols)]
+    impl = _BWD[resolve_backend_for(OP.name, dcols)]
     return impl(dcols, groups, _geometry(grid, kernel_size, stride, padding, has_cls))
 
 
