@@ -4,6 +4,7 @@
 // Header-only and free of pybind/Python headers, so op files that include it also build in the plain CMake library.
 #pragma once
 
+#include <ATen/core/Tensor.h>
 #include <c10/util/ArrayRef.h>
 #include <c10/util/Exception.h>
 
@@ -43,6 +44,41 @@ inline GroupTable make_group_table(c10::IntArrayRef row_counts, c10::IntArrayRef
   TORCH_CHECK(table.row_start.back() == num_rows, op, ": sum(row_counts) (", table.row_start.back(),
               ") must equal the number of rows of ", tensor_name, " (", num_rows, ")");
   return table;
+}
+
+// Shape, dtype and device checks of a widths tensor (device metadata, resnas_kernels/ragged.py): int32, (G,), on the
+// device of `like`. Values are not read: CUDA ops clamp them on the device, CPU ops read them in make_group_table.
+inline void check_widths_tensor(const at::Tensor& widths, int64_t num_groups, const at::Tensor& like, const char* op,
+                                const char* widths_name, const char* tensor_name) {
+  TORCH_CHECK_TYPE(widths.scalar_type() == at::kInt, op, ": ", widths_name,
+                   " must be an int32 tensor (device metadata), got ", widths.scalar_type());
+  TORCH_CHECK_VALUE(widths.dim() == 1 && widths.size(0) == num_groups, op, ": ", widths_name, " must have shape (",
+                    num_groups, ",) (one width per group), got ", widths.sizes());
+  TORCH_CHECK_VALUE(widths.device() == like.device(), op, ": ", widths_name, " must be on the same device as ",
+                    tensor_name, ": ", tensor_name, " is on ", like.device(), ", ", widths_name, " is on ",
+                    widths.device());
+}
+
+// make_group_table for a CPU widths tensor: reads the values (no sync on the host) and checks them like host lists.
+inline GroupTable make_group_table(c10::IntArrayRef row_counts, const at::Tensor& widths, int64_t num_rows,
+                                   int64_t max_cols, const char* op, const char* tensor_name,
+                                   const char* widths_name = "widths") {
+  TORCH_CHECK_VALUE(widths.scalar_type() == at::kInt && widths.dim() == 1, op, ": ", widths_name,
+                    " must be a 1-D int32 tensor (device metadata), got ", widths.scalar_type(), " of shape ",
+                    widths.sizes());
+  TORCH_CHECK_VALUE(widths.device().is_cpu(), op, ": ", widths_name, " must be a CPU tensor here, got ",
+                    widths.device());
+  TORCH_CHECK_VALUE(static_cast<size_t>(widths.size(0)) == row_counts.size(), op, ": ", widths_name,
+                    " must have one entry per group: ", row_counts.size(), " groups, ", widths_name, " has shape ",
+                    widths.sizes());
+  const at::Tensor contiguous = widths.contiguous();
+  const int32_t* w = contiguous.data_ptr<int32_t>();
+  std::vector<int64_t> values(w, w + contiguous.numel());
+  for (size_t g = 0; g < values.size(); ++g) {
+    TORCH_CHECK_VALUE(values[g] >= 0 && values[g] <= max_cols, op, ": ", widths_name, "[", g, "]=", values[g],
+                      " must lie in [0, ", max_cols, "] (the bound of ", tensor_name, ")");
+  }
+  return make_group_table(row_counts, c10::IntArrayRef(values), num_rows, max_cols, op, tensor_name);
 }
 
 }  // namespace resnas
