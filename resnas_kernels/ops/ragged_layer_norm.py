@@ -6,13 +6,25 @@ implementations and autograd, and the public function.
 
 Backends: reference | triton | cpu (csrc/cpu/ragged_layer_norm.cpp) | cuda (csrc/cuda/ragged_layer_norm.cu).
 
+Dispatch: the cpu / cuda backends are one C++ op, `torch.ops.resnas.ragged_layer_norm` (csrc/ragged_layer_norm.cpp:
+schema, argument checks, autograd and no-grad forward in C++, calling the device kernels `ext_ragged_layer_norm_fwd /
+_bwd`); the public function only converts its arguments, picks the backend and calls it: one dispatcher hop. Their
+fake kernels are registered here, so torch.compile traces through the C++ autograd. The reference and Triton
+backends run the Python custom ops `resnas::ragged_layer_norm_fwd / _bwd` (Python is needed there anyway).
+
+Metadata: the group sizes are host ints (static: they fix shapes and grids); the widths reach every backend as an
+int32 (G,) tensor on x's device (`Ragged.widths_tensor`), so a new architecture is a new tensor value: torch.compile
+does not recompile and nothing syncs. Width values are checked on the host only when that is free (host widths, CPU
+tensors; CUDA tensors only with `set_validate_metadata(True)`), and never trusted: the reference masks by tensor
+comparisons, the Triton and CUDA kernels clamp every width to [0, C_max] on the device, and the C++ CPU kernels read
+and check the CPU tensor. No widths value can make a kernel address memory outside the tensors.
+
 Caveats:
 - x and residual must be contiguous with the ragged channels last; rows are flattened to (B * prod(middle), C_max).
 - Statistics (and the saved mean/rstd) are fp32, fp64 for fp64 inputs; y is cast back to x's dtype. weight/bias may
   be x's dtype or fp32. fp64 on the Triton backend runs the reference (the kernels compute in fp32), as for every op.
-- The custom ops check their metadata and shapes themselves (`_check_args`), so direct `torch.ops.resnas.*` calls
-  and torch.compile's get the public function's errors on every backend. The Triton kernels also mask every column
-  by C_max, not only by the group's width: no metadata value can make them address memory outside the tensors.
+- The custom ops check their metadata and shapes themselves (`_check_args` in Python, `check_args` in C++), so
+  direct `torch.ops.resnas.*` calls and torch.compile's get the public function's errors on every backend.
 - mean/rstd of width-0 rows are stored as 0; those rows are all zeros in y, z and dx.
 - dweight/dbias are deterministic: each program (Triton) or fixed chunk of rows (C++) writes its own partial row,
   and the partials are summed in a fixed order, so two runs give bitwise-equal gradients on the same device.
@@ -28,10 +40,10 @@ import torch
 from .. import _ext
 from .._triton import tl, triton
 from ..aot import register_aot
-from ..backend import OpInfo, register_op, resolve_backend_for
-from ..ragged import Ragged, as_ragged
+from ..backend import OpInfo, register_op, resolve_backend, resolve_backend_for
+from ..ragged import Ragged, row_starts, validate_metadata
 from ..reference.layer_norm import compute_dtype
-from ._checks import check_float_tensor, check_groups, check_same_device, check_vector
+from ._checks import check_float_tensor, check_groups, check_same_device, check_tensor, check_vector
 
 OP = register_op(OpInfo(
     name="ragged_layer_norm",
@@ -47,25 +59,26 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Triton kernels
 # ---------------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _group_width(TABLE, num_groups, row):
-    """Active width of `row`: TABLE is int32 (G, 3) [row_start, row_end, width]; rows outside every group get 0."""
+def _group_width(ROW_STARTS, WIDTHS, num_groups, row, C_max):
+    """Active width of `row`: group g owns rows [ROW_STARTS[g], ROW_STARTS[g + 1]) (static, cached) and WIDTHS[g]
+    columns (device metadata, clamped to [0, C_max]: never trusted); rows outside every group get 0."""
     width = row * 0
     for g in range(num_groups):
-        start = tl.load(TABLE + 3 * g)
-        end = tl.load(TABLE + 3 * g + 1)
-        w = tl.load(TABLE + 3 * g + 2)
+        start = tl.load(ROW_STARTS + g)
+        end = tl.load(ROW_STARTS + g + 1)
+        w = tl.load(WIDTHS + g)
         width = tl.where((row >= start) & (row < end), w, width)
-    return width
+    return tl.minimum(tl.maximum(width, 0), C_max)
 
 
 @triton.jit
-def _ragged_layer_norm_fwd_kernel(X, R, Y, Z, W, B, MEAN, RSTD, TABLE, num_groups, C_max, eps,
+def _ragged_layer_norm_fwd_kernel(X, R, Y, Z, W, B, MEAN, RSTD, ROW_STARTS, WIDTHS, num_groups, C_max, eps,
                                   HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
-    width = _group_width(TABLE, num_groups, row)
+    width = _group_width(ROW_STARTS, WIDTHS, num_groups, row, C_max)
     cols = tl.arange(0, BLOCK_C)
     inside = cols < C_max
-    active = (cols < width) & inside  # also by C_max: a width above it must not read the next row
+    active = cols < width  # width <= C_max (clamped): a row never reads into the next one
     offs = row.to(tl.int64) * C_max + cols  # int64: B * N * C can pass 2^31
     x = tl.load(X + offs, mask=active, other=0.0).to(tl.float32)
     if HAS_RESIDUAL:
@@ -87,8 +100,9 @@ def _ragged_layer_norm_fwd_kernel(X, R, Y, Z, W, B, MEAN, RSTD, TABLE, num_group
 
 
 @triton.jit
-def _ragged_layer_norm_bwd_kernel(DY, DZ, Z, W, MEAN, RSTD, DX, DW_PART, DB_PART, TABLE, num_groups, num_rows, C_max,
-                                  HAS_DZ: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr, BLOCK_C: tl.constexpr):
+def _ragged_layer_norm_bwd_kernel(DY, DZ, Z, W, MEAN, RSTD, DX, DW_PART, DB_PART, ROW_STARTS, WIDTHS, num_groups,
+                                  num_rows, C_max, HAS_DZ: tl.constexpr, ROWS_PER_PROGRAM: tl.constexpr,
+                                  BLOCK_C: tl.constexpr):
     pid = tl.program_id(0)
     cols = tl.arange(0, BLOCK_C)
     inside = cols < C_max
@@ -97,8 +111,8 @@ def _ragged_layer_norm_bwd_kernel(DY, DZ, Z, W, MEAN, RSTD, DX, DW_PART, DB_PART
     db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for i in range(ROWS_PER_PROGRAM):
         row = pid * ROWS_PER_PROGRAM + i
-        width = _group_width(TABLE, num_groups, row)  # 0 for row >= num_rows: nothing is read, only zeros stored
-        active = (cols < width) & inside
+        width = _group_width(ROW_STARTS, WIDTHS, num_groups, row, C_max)  # 0 for row >= num_rows: nothing is read
+        active = cols < width
         offs = row.to(tl.int64) * C_max + cols
         z = tl.load(Z + offs, mask=active, other=0.0).to(tl.float32)
         dy = tl.load(DY + offs, mask=active, other=0.0).to(tl.float32)
@@ -144,11 +158,11 @@ def _triton_fwd(x2, r2, weight, bias, groups: Ragged, rows_per_sample: int, eps:
     rstd = x2.new_empty((rows,), dtype=compute_dtype(x2.dtype))
     if rows == 0:
         return y, z, mean, rstd
-    table = groups.row_table(rows_per_sample, x2.device)
     block_c = _block_c(c_max)
     _ragged_layer_norm_fwd_kernel[(rows,)](
-        x2, r2 if r2 is not None else x2, y, z if r2 is not None else y, weight, bias, mean, rstd, table,
-        groups.num_groups, c_max, eps, HAS_RESIDUAL=r2 is not None, BLOCK_C=block_c, num_warps=_num_warps(block_c))
+        x2, r2 if r2 is not None else x2, y, z if r2 is not None else y, weight, bias, mean, rstd,
+        row_starts(groups.sizes, rows_per_sample, x2.device), groups.widths_tensor(x2.device), groups.num_groups,
+        c_max, eps, HAS_RESIDUAL=r2 is not None, BLOCK_C=block_c, num_warps=_num_warps(block_c))
     return y, z, mean, rstd
 
 
@@ -160,21 +174,22 @@ def _triton_bwd(dy2, dz2, z2, weight, mean, rstd, groups: Ragged, rows_per_sampl
     dw_part = z2.new_empty((programs, c_max), dtype=torch.float32)
     db_part = z2.new_empty((programs, c_max), dtype=torch.float32)
     if programs:
-        table = groups.row_table(rows_per_sample, z2.device)
         block_c = _block_c(c_max)
         _ragged_layer_norm_bwd_kernel[(programs,)](
-            dy2, dz2 if dz2 is not None else dy2, z2, weight, mean, rstd, dx, dw_part, db_part, table,
-            groups.num_groups, rows, c_max, HAS_DZ=dz2 is not None, ROWS_PER_PROGRAM=per_program, BLOCK_C=block_c,
+            dy2, dz2 if dz2 is not None else dy2, z2, weight, mean, rstd, dx, dw_part, db_part,
+            row_starts(groups.sizes, rows_per_sample, z2.device), groups.widths_tensor(z2.device), groups.num_groups,
+            rows, c_max, HAS_DZ=dz2 is not None, ROWS_PER_PROGRAM=per_program, BLOCK_C=block_c,
             num_warps=_num_warps(block_c))
     return dx, dw_part.sum(0).to(weight.dtype), db_part.sum(0).to(weight.dtype)
 
 
 def _aot_signature(dtype: str, weight_dtype: str):
     fwd = {"X": f"*{dtype}", "R": f"*{dtype}", "Y": f"*{dtype}", "Z": f"*{dtype}", "W": f"*{weight_dtype}",
-           "B": f"*{weight_dtype}", "MEAN": "*fp32", "RSTD": "*fp32", "TABLE": "*i32", "num_groups": "i32",
+           "B": f"*{weight_dtype}", "MEAN": "*fp32", "RSTD": "*fp32", "ROW_STARTS": "*i32", "WIDTHS": "*i32",
+           "num_groups": "i32",
            "C_max": "i32", "eps": "fp32", "HAS_RESIDUAL": "constexpr", "BLOCK_C": "constexpr"}
     bwd = {"DY": f"*{dtype}", "DZ": f"*{dtype}", "Z": f"*{dtype}", "W": f"*{weight_dtype}", "MEAN": "*fp32",
-           "RSTD": "*fp32", "DX": f"*{dtype}", "DW_PART": "*fp32", "DB_PART": "*fp32", "TABLE": "*i32",
+           "RSTD": "*fp32", "DX": f"*{dtype}", "DW_PART": "*fp32", "DB_PART": "*fp32", "ROW_STARTS": "*i32", "WIDTHS": "*i32",
            "num_groups": "i32", "num_rows": "i32", "C_max": "i32", "HAS_DZ": "constexpr",
            "ROWS_PER_PROGRAM": "constexpr", "BLOCK_C": "constexpr"}
     return fwd, bwd
@@ -197,8 +212,9 @@ for _dt, _wdt in (("fp32", "fp32"), ("bf16", "bf16"), ("fp16", "fp32")):
 # Reference backend of the op (explicit statistics and backward formula, plain PyTorch)
 # ---------------------------------------------------------------------------------------------------------------------
 def _row_widths(groups: Ragged, rows_per_sample: int, device) -> torch.Tensor:
-    counts = torch.tensor(groups.row_counts(rows_per_sample), device=device)
-    return torch.repeat_interleave(torch.tensor(groups.widths, device=device), counts)
+    """(rows,) width of every row, from the widths tensor on the device (no host value, no sync). The masks built from
+    it (columns < width) clamp by construction: a negative width selects nothing, one above C_max everything."""
+    return groups.sample_width_tensor(device).repeat_interleave(rows_per_sample)
 
 
 def _reference_fwd(x2, r2, weight, bias, groups: Ragged, rows_per_sample: int, eps: float):
@@ -238,14 +254,43 @@ def _reference_bwd(dy2, dz2, z2, weight, mean, rstd, groups: Ragged, rows_per_sa
 # ---------------------------------------------------------------------------------------------------------------------
 # C++ backends (csrc/cpu, csrc/cuda): same contract on 2-D rows with per-group row counts
 # ---------------------------------------------------------------------------------------------------------------------
+# The public function calls torch.ops.resnas.ragged_layer_norm (C++ checks and autograd) for these backends; the custom
+# ops below reach the device kernels directly only when called themselves with the cpu / cuda backend forced.
 def _ext_fwd(x2, r2, weight, bias, groups: Ragged, rows_per_sample: int, eps: float):
-    return torch.ops.resnas.ext_ragged_layer_norm_fwd(x2, r2, weight, bias, list(groups.row_counts(rows_per_sample)),
-                                                      list(groups.widths), eps)
+    return torch.ops.resnas.ext_ragged_layer_norm_fwd(x2, r2, weight, bias, groups.row_counts(rows_per_sample),
+                                                      groups.widths_tensor(x2.device), eps)
 
 
 def _ext_bwd(dy2, dz2, z2, weight, mean, rstd, groups: Ragged, rows_per_sample: int):
     return torch.ops.resnas.ext_ragged_layer_norm_bwd(dy2, dz2, z2, weight, mean, rstd,
-                                                      list(groups.row_counts(rows_per_sample)), list(groups.widths))
+                                                      groups.row_counts(rows_per_sample), groups.widths_tensor(z2.device))
+
+
+def _stats_like(x: torch.Tensor, rows: int) -> torch.Tensor:
+    return x.new_empty((rows,), dtype=compute_dtype(x.dtype))
+
+
+def _ext_fwd_fake(x, residual, weight, bias, row_counts, widths, eps):
+    z = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
+    return x.new_empty(x.shape), z, _stats_like(x, x.shape[0]), _stats_like(x, x.shape[0])
+
+
+def _ext_bwd_fake(dy, dz, z, weight, mean, rstd, row_counts, widths):
+    return z.new_empty(z.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
+
+
+_ext_fakes_registered = False
+
+
+def _register_ext_fakes() -> None:
+    """Fake kernels of the ext_* ops, which torch.compile meets inside resnas::ragged_layer_norm's C++ autograd. They
+    can only be registered once the extension has defined the ops: `_backend` calls this when it first picks a C++
+    backend (the extension loads lazily, when such a backend is first resolved)."""
+    global _ext_fakes_registered
+    if not _ext_fakes_registered:
+        torch.library.register_fake("resnas::ext_ragged_layer_norm_fwd")(_ext_fwd_fake)
+        torch.library.register_fake("resnas::ext_ragged_layer_norm_bwd")(_ext_bwd_fake)
+        _ext_fakes_registered = True
 
 
 _FWD = {"reference": _reference_fwd, "triton": _triton_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd}
@@ -264,6 +309,8 @@ def _check_args(x, residual, weight, bias, groups: Ragged, what: str = "widths")
     check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=2)
     c_max = x.shape[-1]
     check_groups(groups, x.shape[0], c_max, batch_of="x", width_of="x", what=what)
+    if groups.on_device:
+        check_same_device(x, groups.widths, "x", what)
     if residual is not None:
         check_float_tensor(residual, "residual", _FLOAT_DTYPES, min_dim=2)
         check_same_device(x, residual, "x", "residual")
@@ -279,6 +326,8 @@ def _check_bwd_args(dy, dz, z, weight, mean, rstd, groups: Ragged) -> None:
     check_float_tensor(z, "z", _FLOAT_DTYPES, min_dim=2)
     c_max = z.shape[-1]
     check_groups(groups, z.shape[0], c_max, batch_of="z", width_of="z")
+    if groups.on_device:
+        check_same_device(z, groups.widths, "z", "widths")
     for name, t in (("dy", dy), ("dz", dz)):
         if t is not None and (t.shape != z.shape or t.dtype != z.dtype):
             raise ValueError(f"{name} must match z in shape and dtype: z is {tuple(z.shape)} {z.dtype}, {name} is "
@@ -291,11 +340,11 @@ def _check_bwd_args(dy, dz, z, weight, mean, rstd, groups: Ragged) -> None:
 
 @torch.library.custom_op("resnas::ragged_layer_norm_fwd", mutates_args=())
 def ragged_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
-                          sizes: List[int], widths: List[int], eps: float
+                          sizes: List[int], widths: torch.Tensor, eps: float
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (y, z, mean, rstd); z = x + residual (empty without a residual); mean/rstd per row, fp32 (fp64 for
-    fp64 inputs)."""
-    groups = Ragged(tuple(sizes), tuple(widths))
+    fp64 inputs). `widths`: int32 (G,) on x's device."""
+    groups = Ragged(tuple(sizes), widths)
     _check_args(x, residual, weight, bias, groups)
     c_max = x.shape[-1]
     x2 = x.reshape(-1, c_max)
@@ -309,17 +358,16 @@ def ragged_layer_norm_fwd(x: torch.Tensor, residual: Optional[torch.Tensor], wei
 def _(x, residual, weight, bias, sizes, widths, eps):
     rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
     z = x.new_empty(x.shape) if residual is not None else x.new_empty((0,))
-    stats = compute_dtype(x.dtype)
-    return x.new_empty(x.shape), z, x.new_empty((rows,), dtype=stats), x.new_empty((rows,), dtype=stats)
+    return x.new_empty(x.shape), z, _stats_like(x, rows), _stats_like(x, rows)
 
 
 @torch.library.custom_op("resnas::ragged_layer_norm_bwd", mutates_args=())
 def ragged_layer_norm_bwd(dy: torch.Tensor, dz: Optional[torch.Tensor], z: torch.Tensor, weight: torch.Tensor,
-                          mean: torch.Tensor, rstd: torch.Tensor, sizes: List[int], widths: List[int]
+                          mean: torch.Tensor, rstd: torch.Tensor, sizes: List[int], widths: torch.Tensor
                           ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dweight, dbias). `z` is the normalised input (x + residual when fused); `dz`, the gradient of the
     fused sum output, is added to dx in the same pass."""
-    groups = Ragged(tuple(sizes), tuple(widths))
+    groups = Ragged(tuple(sizes), widths)
     _check_bwd_args(dy, dz, z, weight, mean, rstd, groups)
     c_max = z.shape[-1]
     impl = _BWD[resolve_backend_for(OP.name, z)]
@@ -336,15 +384,15 @@ def _(dy, dz, z, weight, mean, rstd, sizes, widths):
 def _setup_context(ctx, inputs, output):
     x, residual, weight, bias, sizes, widths, eps = inputs
     _, z, mean, rstd = output
-    ctx.save_for_backward(z if residual is not None else x, weight, mean, rstd)
+    ctx.save_for_backward(z if residual is not None else x, weight, mean, rstd, widths)
     ctx.has_residual = residual is not None
-    ctx.sizes, ctx.widths = sizes, widths
+    ctx.sizes = sizes
 
 
 def _backward(ctx, dy, dz, _dmean, _drstd):
-    z, weight, mean, rstd = ctx.saved_tensors
+    z, weight, mean, rstd, widths = ctx.saved_tensors
     dz = dz if ctx.has_residual else None
-    dx, dw, db = ragged_layer_norm_bwd(dy, dz, z, weight, mean, rstd, ctx.sizes, ctx.widths)
+    dx, dw, db = ragged_layer_norm_bwd(dy, dz, z, weight, mean, rstd, ctx.sizes, widths)
     return dx, (dx if ctx.has_residual else None), dw, db, None, None, None
 
 
@@ -354,6 +402,20 @@ ragged_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 # ---------------------------------------------------------------------------------------------------------------------
 # Public function
 # ---------------------------------------------------------------------------------------------------------------------
+@torch.compiler.assume_constant_result
+def _backend(device: torch.device, dtype: torch.dtype) -> str:
+    """The backend of a call on x's device and dtype (`resolve_backend_for`). torch.compile runs it once, when it
+    traces, and bakes the answer into the graph (backend resolution loads the extension: not traceable); a backend
+    forced later applies to eager calls and to graphs compiled after it. Registers the ext_* fake kernels as soon as
+    a C++ backend is picked, so that tracing finds them."""
+    backend = resolve_backend(OP.name, device)
+    if backend == "triton" and dtype == torch.float64:
+        backend = "reference"  # resolve_backend_for's dtype rule: the Triton kernels compute in fp32
+    if (backend == "cpu" or backend == "cuda") and not _ext_fakes_registered:
+        _register_ext_fakes()
+    return backend
+
+
 def ragged_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: Optional[Ragged] = None,
                       eps: float = 1e-6, residual: Optional[torch.Tensor] = None):
     """LayerNorm over each group's first c_g channels, zeros beyond; see `resnas_kernels.reference.ragged_layer_norm`.
@@ -361,14 +423,35 @@ def ragged_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
     Args:
         x: (B, ..., C_max) contiguous, zero beyond each group's width (the ragged contract).
         weight, bias: (C_max,) shared affine parameters; group g uses their first c_g entries.
-        groups: `Ragged(sizes, widths)` over dim 0 of x; None means one group at full width.
+        groups: `Ragged(sizes, widths)` over dim 0 of x; None means one group at full width. The widths may be host
+            ints or an int32 (G,) tensor on x's device (device metadata: no sync, no recompile per architecture).
+            Values outside [0, C_max] raise where they can be read for free (host ints, CPU tensors); on CUDA they
+            are clamped to [0, C_max] by the kernels (`set_validate_metadata(True)` checks them, at a sync per call).
         eps: added to the variance.
         residual: optional tensor like x; when given, the op normalises x + residual and returns (y, x + residual).
     """
-    check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=2)
-    groups = as_ragged(groups, x.shape[0], x.shape[-1])
-    _check_args(x, residual, weight, bias, groups, what="groups.widths")
-    if not isinstance(eps, (int, float)) or not eps > 0:
+    # Kept lean: on the C++ backends every argument check runs once, in C++ (csrc/ragged_layer_norm.cpp), with the
+    # messages of the Python checks the other backends run below.
+    check_tensor(x, "x")
+    if groups is None:
+        if x.dim() < 2:
+            check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=2)
+        groups = Ragged.uniform(x.shape[0], x.shape[-1])
+    elif not isinstance(groups, Ragged):
+        raise TypeError(f"groups must be a resnas_kernels.Ragged, got {type(groups).__name__}")
+    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
         raise ValueError(f"eps must be a positive float, got {eps!r}")
-    y, z, _, _ = ragged_layer_norm_fwd(x, residual, weight, bias, list(groups.sizes), list(groups.widths), float(eps))
+    backend = _backend(x.device, x.dtype)
+    if backend == "cpu" or backend == "cuda":
+        if groups.on_device and validate_metadata():  # the debug switch: check CUDA values too (syncs)
+            groups.check(x.shape[0], x.shape[-1], arg="x", what="groups.widths", device=x.device)
+        y, z = torch.ops.resnas.ragged_layer_norm(x, weight, bias, groups.sizes, groups.widths_tensor(x.device),
+                                                  float(eps), residual)
+        return y if residual is None else (y, z)
+    check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=2)
+    _check_args(x, residual, weight, bias, groups, what="groups.widths")
+    if not eps > 0:
+        raise ValueError(f"eps must be a positive float, got {eps!r}")
+    y, z, _, _ = ragged_layer_norm_fwd(x, residual, weight, bias, list(groups.sizes), groups.widths_tensor(x.device),
+                                       float(eps))
     return y if residual is None else (y, z)
