@@ -59,7 +59,21 @@ _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 # Triton kernels
 # ---------------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _group_width(ROW_STARTS, WIDTHS, num_groups, row, C_max):
+def _group_width(TABLE, num_groups, row):
+    """Active width of `row`: TABLE is int32 (G, 3) [row_start, row_end, width]; rows outside every group get 0.
+    Not used here any more: the RSR kernels (rsr_epilogue.py, rsr_im2col.py) import it; it goes once they read
+    device widths themselves."""
+    width = row * 0
+    for g in range(num_groups):
+        start = tl.load(TABLE + 3 * g)
+        end = tl.load(TABLE + 3 * g + 1)
+        w = tl.load(TABLE + 3 * g + 2)
+        width = tl.where((row >= start) & (row < end), w, width)
+    return width
+
+
+@triton.jit
+def _row_width(ROW_STARTS, WIDTHS, num_groups, row, C_max):
     """Active width of `row`: group g owns rows [ROW_STARTS[g], ROW_STARTS[g + 1]) (static, cached) and WIDTHS[g]
     columns (device metadata, clamped to [0, C_max]: never trusted); rows outside every group get 0."""
     width = row * 0
@@ -75,7 +89,7 @@ def _group_width(ROW_STARTS, WIDTHS, num_groups, row, C_max):
 def _ragged_layer_norm_fwd_kernel(X, R, Y, Z, W, B, MEAN, RSTD, ROW_STARTS, WIDTHS, num_groups, C_max, eps,
                                   HAS_RESIDUAL: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0)
-    width = _group_width(ROW_STARTS, WIDTHS, num_groups, row, C_max)
+    width = _row_width(ROW_STARTS, WIDTHS, num_groups, row, C_max)
     cols = tl.arange(0, BLOCK_C)
     inside = cols < C_max
     active = cols < width  # width <= C_max (clamped): a row never reads into the next one
@@ -111,7 +125,7 @@ def _ragged_layer_norm_bwd_kernel(DY, DZ, Z, W, MEAN, RSTD, DX, DW_PART, DB_PART
     db_acc = tl.zeros((BLOCK_C,), dtype=tl.float32)
     for i in range(ROWS_PER_PROGRAM):
         row = pid * ROWS_PER_PROGRAM + i
-        width = _group_width(ROW_STARTS, WIDTHS, num_groups, row, C_max)  # 0 for row >= num_rows: nothing is read
+        width = _row_width(ROW_STARTS, WIDTHS, num_groups, row, C_max)  # 0 for row >= num_rows: nothing is read
         active = cols < width
         offs = row.to(tl.int64) * C_max + cols
         z = tl.load(Z + offs, mask=active, other=0.0).to(tl.float32)
