@@ -33,6 +33,7 @@ Caveats:
   so forward statistics and backward agree even on near-constant rows in fp16/bf16.
 - Double backward is not supported.
 """
+import functools
 from typing import List, Optional, Tuple
 
 import torch
@@ -40,7 +41,7 @@ import torch
 from .. import _ext
 from .._triton import tl, triton
 from ..aot import register_aot
-from ..backend import OpInfo, register_op, resolve_backend, resolve_backend_for
+from ..backend import OpInfo, get_backend, register_op, resolve_backend, resolve_backend_for
 from ..ragged import Ragged, row_starts, validate_metadata
 from ..reference.layer_norm import compute_dtype
 from ._checks import check_float_tensor, check_groups, check_same_device, check_tensor, check_vector
@@ -293,18 +294,18 @@ def _ext_bwd_fake(dy, dz, z, weight, mean, rstd, row_counts, widths):
     return z.new_empty(z.shape), weight.new_empty(weight.shape), weight.new_empty(weight.shape)
 
 
-_ext_fakes_registered = False
+_cxx_op = None  # torch.ops.resnas.ragged_layer_norm.default once the extension is loaded (an overload: cheaper to call)
 
 
-def _register_ext_fakes() -> None:
-    """Fake kernels of the ext_* ops, which torch.compile meets inside resnas::ragged_layer_norm's C++ autograd. They
-    can only be registered once the extension has defined the ops: `_backend` calls this when it first picks a C++
-    backend (the extension loads lazily, when such a backend is first resolved)."""
-    global _ext_fakes_registered
-    if not _ext_fakes_registered:
+def _bind_cxx_op() -> None:
+    """Looks up the C++ op and registers the fake kernels of the ext_* ops, which torch.compile meets inside its C++
+    autograd. Both need the extension's ops defined: `_resolve_backend` calls this when it first picks a C++ backend
+    (the extension loads lazily, when such a backend is first resolved)."""
+    global _cxx_op
+    if _cxx_op is None:
         torch.library.register_fake("resnas::ext_ragged_layer_norm_fwd")(_ext_fwd_fake)
         torch.library.register_fake("resnas::ext_ragged_layer_norm_bwd")(_ext_bwd_fake)
-        _ext_fakes_registered = True
+        _cxx_op = torch.ops.resnas.ragged_layer_norm.default
 
 
 _FWD = {"reference": _reference_fwd, "triton": _triton_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd}
@@ -420,14 +421,28 @@ ragged_layer_norm_fwd.register_autograd(_backward, setup_context=_setup_context)
 def _backend(device: torch.device, dtype: torch.dtype) -> str:
     """The backend of a call on x's device and dtype (`resolve_backend_for`). torch.compile runs it once, when it
     traces, and bakes the answer into the graph (backend resolution loads the extension: not traceable); a backend
-    forced later applies to eager calls and to graphs compiled after it. Registers the ext_* fake kernels as soon as
-    a C++ backend is picked, so that tracing finds them."""
+    forced later applies to eager calls and to graphs compiled after it."""
+    return _resolve_backend(get_backend(), device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    # Cached per requested backend (set_backend / RESNAS_BACKEND, read again inside), device and dtype: the answer
+    # depends on nothing else that changes in a process (what is built and importable is fixed once loaded).
+    # A forced backend that cannot run raises, which is not cached.
     backend = resolve_backend(OP.name, device)
     if backend == "triton" and dtype == torch.float64:
         backend = "reference"  # resolve_backend_for's dtype rule: the Triton kernels compute in fp32
-    if (backend == "cpu" or backend == "cuda") and not _ext_fakes_registered:
-        _register_ext_fakes()
+    if backend == "cpu" or backend == "cuda":
+        _bind_cxx_op()
     return backend
+
+
+@functools.lru_cache(maxsize=256)
+def _host_widths_tensor(widths: Tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """`Ragged.widths_tensor(device)` of host widths (the same cached tensor), looked up by the widths tuple and the
+    device as they are: hashing a Ragged and formatting the device name cost more than the C++ op's checks."""
+    return Ragged((0,) * len(widths), widths).widths_tensor(device)
 
 
 def ragged_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: Optional[Ragged] = None,
@@ -453,14 +468,14 @@ def ragged_layer_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
         groups = Ragged.uniform(x.shape[0], x.shape[-1])
     elif not isinstance(groups, Ragged):
         raise TypeError(f"groups must be a resnas_kernels.Ragged, got {type(groups).__name__}")
-    if not isinstance(eps, (int, float)) or isinstance(eps, bool):
+    if not isinstance(eps, (int, float)):
         raise ValueError(f"eps must be a positive float, got {eps!r}")
     backend = _backend(x.device, x.dtype)
     if backend == "cpu" or backend == "cuda":
         if groups.on_device and validate_metadata():  # the debug switch: check CUDA values too (syncs)
             groups.check(x.shape[0], x.shape[-1], arg="x", what="groups.widths", device=x.device)
-        y, z = torch.ops.resnas.ragged_layer_norm(x, weight, bias, groups.sizes, groups.widths_tensor(x.device),
-                                                  float(eps), residual)
+        widths = groups.widths if groups.on_device else _host_widths_tensor(groups.widths, x.device)
+        y, z = _cxx_op(x, weight, bias, groups.sizes, widths, float(eps), residual)
         return y if residual is None else (y, z)
     check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=2)
     _check_args(x, residual, weight, bias, groups, what="groups.widths")
