@@ -247,6 +247,16 @@ std::tuple<at::Tensor, at::Tensor> ragged_layer_norm_autograd(const at::Tensor& 
                                                               const at::Tensor& widths, double eps,
                                                               const std::optional<at::Tensor>& residual) {
   check_args(x, weight, bias, sizes, widths, eps, residual);
+  const bool has_residual = residual.has_value() && residual->defined();
+  const bool needs_graph = at::GradMode::is_enabled() &&
+                           (x.requires_grad() || weight.requires_grad() || bias.requires_grad() ||
+                            (has_residual && residual->requires_grad()));
+  if (!needs_graph) {
+    // Nothing to differentiate: the forward alone, without the autograd node Function::apply would allocate.
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [y, z, mean, rstd] = forward_rows(x, weight, bias, rows_of(x, sizes), widths, eps, residual);
+    return {y, z};
+  }
   const variable_list out = RaggedLayerNormFunction::apply(x, weight, bias, sizes, widths, eps, residual);
   return {out[0], out[1]};
 }

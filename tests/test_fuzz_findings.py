@@ -158,10 +158,12 @@ class _Guards:
     def __init__(self):
         self.ranges = []
         self.hits = []
+        self.buffers = []  # kept alive: a freed guard region could be reused by a legitimate allocation
 
     def tensor(self, *shape, dtype=torch.float32):
         n = int(np.prod(shape))
         buf = torch.full((n + self.GUARD,), float("nan"), dtype=dtype)
+        self.buffers.append(buf)
         t = buf[:n].view(shape)
         t.copy_(torch.randn(shape, dtype=dtype))
         start = buf.data_ptr() + n * buf.element_size()
