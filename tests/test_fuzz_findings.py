@@ -73,7 +73,7 @@ def test_triton_rsr_fp64_gradients_match_the_reference():
 # 2a. The registered custom ops check their metadata on every backend
 # ---------------------------------------------------------------------------------------------------------------------
 def _ln_call(sizes, widths):
-    x = torch.randn(2, 3, 8)
+    x, widths = torch.randn(2, 3, 8), torch.tensor(widths, dtype=torch.int32)
     return lambda: torch.ops.resnas.ragged_layer_norm_fwd(x, None, torch.ones(8), torch.zeros(8), sizes, widths, 1e-6)
 
 
@@ -108,7 +108,7 @@ def _conv_call(sizes, in_widths, out_widths):
 
 BOTH = ("reference", "triton")
 BAD_METADATA = [  # (op call, expected message, backends); first the out-of-bounds reproducer (width 12, x 8 wide)
-    (_ln_call([2], [12]), r"widths\[0\]=12 exceeds the maximum width 8 of x", BOTH),
+    (_ln_call([2], [12]), r"widths\[0\]=12 must lie in \[0, 8\] \(the bound of x\)", BOTH),
     (_ln_call([1], [8]), r"sum of group sizes \(1, .*\) must equal the batch size of x \(dim 0: 2\)", BOTH),
     (_ln_call([1, 1], [8]), r"widths must have one entry per group", BOTH),
     (_linear_call([2], [9], [6]), r"in_widths\[0\]=9 exceeds the maximum width 8 of x", BOTH),
@@ -134,12 +134,13 @@ def test_custom_ops_check_their_metadata(backend, call, match):
 def test_custom_op_backwards_check_their_metadata():
     x = torch.randn(2, 3, 8)
     w, b = torch.ones(8), torch.zeros(8)
-    _, _, mean, rstd = torch.ops.resnas.ragged_layer_norm_fwd(x, None, w, b, [2], [8], 1e-6)
+    width_8, width_9 = torch.tensor([8], dtype=torch.int32), torch.tensor([9], dtype=torch.int32)
+    _, _, mean, rstd = torch.ops.resnas.ragged_layer_norm_fwd(x, None, w, b, [2], width_8, 1e-6)
     with rk.use_backend("reference"):
-        with pytest.raises(ValueError, match=r"widths\[0\]=9 exceeds the maximum width 8 of z"):
-            torch.ops.resnas.ragged_layer_norm_bwd(torch.ones_like(x), None, x, w, mean, rstd, [2], [9])
+        with pytest.raises(ValueError, match=r"widths\[0\]=9 must lie in \[0, 8\] \(the bound of z\)"):
+            torch.ops.resnas.ragged_layer_norm_bwd(torch.ones_like(x), None, x, w, mean, rstd, [2], width_9)
         with pytest.raises(ValueError, match=r"mean must have shape \(6,\)"):
-            torch.ops.resnas.ragged_layer_norm_bwd(torch.ones_like(x), None, x, w, mean[:5], rstd, [2], [8])
+            torch.ops.resnas.ragged_layer_norm_bwd(torch.ones_like(x), None, x, w, mean[:5], rstd, [2], width_8)
         with pytest.raises(ValueError, match=r"dcols must have shape"):
             torch.ops.resnas.rsr_im2col_bwd(torch.zeros(1, 5, 72), [1], [8], [4, 4], 3, 2, 1, True)
         with pytest.raises(ValueError, match=r"out_widths\[0\]=13 exceeds the maximum width 12 of dout"):
@@ -157,10 +158,12 @@ class _Guards:
     def __init__(self):
         self.ranges = []
         self.hits = []
+        self.buffers = []  # kept alive: a freed guard region could be reused by a legitimate allocation
 
     def tensor(self, *shape, dtype=torch.float32):
         n = int(np.prod(shape))
         buf = torch.full((n + self.GUARD,), float("nan"), dtype=dtype)
+        self.buffers.append(buf)
         t = buf[:n].view(shape)
         t.copy_(torch.randn(shape, dtype=dtype))
         start = buf.data_ptr() + n * buf.element_size()
@@ -266,8 +269,9 @@ def test_reference_backend_ignores_nan_beyond_the_width():
     dy = torch.randn(3, 4, 8)
     dy[2, :, 5:] = float("nan")
     with rk.use_backend("reference"):
-        y, _, mean, rstd = ln_mod.ragged_layer_norm_fwd(x, None, w, b, [2, 1], [8, 5], 1e-6)
-        dx, dw, db = ln_mod.ragged_layer_norm_bwd(dy, None, x, w, mean, rstd, [2, 1], [8, 5])
+        widths = torch.tensor([8, 5], dtype=torch.int32)
+        y, _, mean, rstd = ln_mod.ragged_layer_norm_fwd(x, None, w, b, [2, 1], widths, 1e-6)
+        dx, dw, db = ln_mod.ragged_layer_norm_bwd(dy, None, x, w, mean, rstd, [2, 1], widths)
     torch.testing.assert_close(y[2, :, :5], F.layer_norm(x[2, :, :5], (5,), w[:5], b[:5], 1e-6))
     assert (y[2, :, 5:] == 0).all() and (dx[2, :, 5:] == 0).all()
     assert all(torch.isfinite(t).all() for t in (y, dx, dw, db))

@@ -122,8 +122,8 @@ def _check(kernel_fn, reference_fn, inputs, label: str, candidate: int = 0) -> N
 def test_layer_norm_production_tiles(launches, monkeypatch):
     """BLOCK_C 256 / 1024 / 2048 (C_max 200 / 700 / 1100: partial column blocks), 16 and 64 rows per backward program
     (25 rows: partial row blocks; the 64-row switch is lowered so few rows reach it), with and without residual."""
-    for many_rows in (ln_mod._MANY_ROWS, 16):
-        monkeypatch.setattr(ln_mod, "_MANY_ROWS", many_rows)
+    for many_rows in (ln_mod.triton_kernels._MANY_ROWS, 16):
+        monkeypatch.setattr(ln_mod.triton_kernels, "_MANY_ROWS", many_rows)
         for c_max in (200, 700, 1100):
             groups = Ragged((2, 0, 1, 1, 1), (c_max, 7, 0, c_max - 3, 1))
             x = torch.randn(5, 5, c_max) * groups.mask(c_max)[:, None, :]

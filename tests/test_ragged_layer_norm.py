@@ -4,6 +4,7 @@ Backends: reference, triton (interpreter on CPU; real kernels on GPU), cpu (C++)
 The C++ backends must be present unless the environment says the extension was deliberately not built
 (RESNAS_EXPECT_EXT=0): a missing extension is a failure, not a skip.
 """
+import importlib
 import os
 
 import pytest
@@ -15,6 +16,8 @@ import resnas_kernels as rk
 from resnas_kernels import Ragged, _ext
 from resnas_kernels import reference as ref
 from resnas_kernels.ops.ragged_layer_norm import ragged_layer_norm_bwd, ragged_layer_norm_fwd
+
+ln_mod = importlib.import_module("resnas_kernels.ops.ragged_layer_norm")  # the package re-exports the function's name
 
 from _oracle import assert_close_to_oracle
 
@@ -197,8 +200,9 @@ def test_weight_gradients_are_deterministic(backend, device):
         for threads in (1, 2) if device == "cpu" else (None, None):
             if threads:
                 torch.set_num_threads(threads)
-            _, _, mean, rstd = ragged_layer_norm_fwd(x, None, w, b, list(g.sizes), list(g.widths), 1e-6)
-            results.append(ragged_layer_norm_bwd(dy, None, x, w, mean, rstd, list(g.sizes), list(g.widths)))
+            widths = g.widths_tensor(device)
+            _, _, mean, rstd = ragged_layer_norm_fwd(x, None, w, b, list(g.sizes), widths, 1e-6)
+            results.append(ragged_layer_norm_bwd(dy, None, x, w, mean, rstd, list(g.sizes), widths))
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     for a, b_ in zip(*results):
         assert torch.equal(a, b_), "gradients differ bitwise between two runs (or thread counts)"
@@ -211,7 +215,7 @@ def test_opcheck(backend):
     with rk.use_backend(backend):
         for residual in (None, r):
             args = (x.requires_grad_(), residual, w.requires_grad_(), b.requires_grad_(), list(g.sizes),
-                    list(g.widths), 1e-6)
+                    g.widths_tensor("cpu"), 1e-6)
             torch.library.opcheck(ragged_layer_norm_fwd, args)
 
 
@@ -321,3 +325,144 @@ class TestBadInput:
     def test_groups_type(self):
         with pytest.raises(TypeError, match="groups must be a resnas_kernels.Ragged"):
             rk.ragged_layer_norm(self.x, self.w, self.b, [(2, 2), (8, 5)])
+
+    def test_eps_type(self):
+        with pytest.raises(ValueError, match="eps must be a positive float, got 'x'"):
+            rk.ragged_layer_norm(self.x, self.w, self.b, self.g, eps="x")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Device metadata: the widths as an int32 tensor on x's device (what a supernet passes), through every backend
+# ---------------------------------------------------------------------------------------------------------------------
+def _device_groups(sizes, widths, device) -> Ragged:
+    return Ragged(sizes, torch.tensor(widths, dtype=torch.int32, device=device))
+
+
+@pytest.mark.parametrize("backend,device", ALL_BACKENDS)
+@pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[3]], ids=lambda c: f"G{len(c[0])}-N{c[2]}-C{c[3]}")
+@pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
+def test_device_widths_match_reference(backend, device, case, residual):
+    """The same op with its widths as a tensor: forward and backward against the fp64 oracle (host widths)."""
+    _require(backend, device)
+    sizes, widths, n, c = case
+    g, x, r, w, b = _inputs(sizes, widths, n, c, torch.float32, device, residual)
+    dy = torch.randn(x.shape, dtype=torch.float64, device=device)
+    dz = torch.randn(x.shape, dtype=torch.float64, device=device)
+    with rk.use_backend(backend):
+        outs, grads = _run(rk.ragged_layer_norm, _device_groups(sizes, widths, device), x, r, w, b, dy, dz)
+    oracle_outs, oracle_grads = _run(ref.ragged_layer_norm, g, *(t.double() if t is not None else None
+                                                                 for t in (x, r, w, b)), dy, dz)
+    same_outs, same_grads = _run(ref.ragged_layer_norm, g, x, r, w, b, dy, dz)
+    for name, a, o, s in zip(("y", "z"), outs, oracle_outs, same_outs):
+        assert_close_to_oracle(a, o, s, f"{backend}:{name}")
+    names = ("dx", "dweight", "dbias") if r is None else ("dx", "dresidual", "dweight", "dbias")
+    for name, a, o, s in zip(names, grads, oracle_grads, same_grads):
+        assert_close_to_oracle(a, o, s, f"{backend}:{name}", factor=3.0)
+    outside = ~g.mask(c, device=device)[:, None, :].expand_as(x)
+    for name, t in zip(("y", "z", "dx"), (*outs, grads[0])):
+        assert (t[outside] == 0).all(), f"{backend}: {name} is not exactly zero beyond the widths"
+
+
+class TestBadDeviceWidths:
+    """A widths tensor of the wrong dtype, device, length or values gets a clear error on every backend."""
+
+    def setup_method(self):
+        self.x = torch.randn(4, 3, 8)
+        self.w = torch.ones(8)
+        self.b = torch.zeros(8)
+
+    @pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
+    @pytest.mark.parametrize("widths,match", [
+        ([8, 9], r"groups.widths\[1\]=9 .*\[0, 8\]"),
+        ([-1, 3], r"groups.widths\[0\]=-1 must lie in \[0, 8\]"),
+    ], ids=["above-bound", "negative"])
+    def test_values_outside_the_bound(self, backend, widths, match):
+        _require(backend, "cpu")
+        with rk.use_backend(backend), pytest.raises(ValueError, match=match):
+            rk.ragged_layer_norm(self.x, self.w, self.b, _device_groups((2, 2), widths, "cpu"))
+
+    @pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
+    def test_device(self, backend):
+        _require(backend, "cpu")
+        groups = Ragged((2, 2), torch.tensor([8, 5], dtype=torch.int32, device="meta"))
+        with rk.use_backend(backend), pytest.raises(
+                ValueError, match="groups.widths must be on the same device as x: x is on cpu, groups.widths is on meta"):
+            rk.ragged_layer_norm(self.x, self.w, self.b, groups)
+
+    def test_dtype_and_length_are_refused_by_ragged(self):
+        with pytest.raises(TypeError, match="widths must be an int32 tensor"):
+            Ragged((2, 2), torch.tensor([8, 5]))
+        with pytest.raises(ValueError, match="widths must have one entry per group"):
+            Ragged((2, 2), torch.tensor([8, 5, 1], dtype=torch.int32))
+
+    @pytest.mark.parametrize("backend", ["reference", "cpu"])
+    def test_dtype_and_length_at_the_ops(self, backend):
+        """Direct op calls, which no Ragged validated: the Python custom op and the C++ op check them too."""
+        _require(backend, "cpu")
+        long_widths, three = torch.tensor([8, 5]), torch.tensor([8, 5, 1], dtype=torch.int32)
+        with rk.use_backend(backend):
+            with pytest.raises(TypeError, match="widths must be an int32 tensor"):
+                ragged_layer_norm_fwd(self.x, None, self.w, self.b, [2, 2], long_widths, 1e-6)
+            with pytest.raises(ValueError, match="widths must have one entry per group"):
+                ragged_layer_norm_fwd(self.x, None, self.w, self.b, [2, 2], three, 1e-6)
+        if backend == "cpu":
+            op = torch.ops.resnas.ragged_layer_norm
+            with pytest.raises(TypeError, match="groups.widths must be an int32 tensor .*got dtype torch.int64"):
+                op(self.x, self.w, self.b, [2, 2], long_widths, 1e-6)
+            with pytest.raises(ValueError, match=r"groups.widths must have shape \(2,\) .*got \(3,\)"):
+                op(self.x, self.w, self.b, [2, 2], three, 1e-6)
+
+
+@pytest.mark.skipif(not _ext.triton_interpreting(), reason="watches the Triton interpreter's memory accesses")
+def test_out_of_range_widths_are_clamped_inside_the_tensors(monkeypatch):
+    """Launchers and the reference never trust the widths: -3 acts as 0 and 12 as C_max = 8, and no load or store of
+    the Triton kernels leaves its tensors (the guard regions after each tensor stay untouched)."""
+    from test_fuzz_findings import _watch_memory
+
+    groups = _device_groups((2, 1), (12, -3), "cpu")  # unchecked: as a direct launch would pass them
+    clamped = Ragged((2, 1), (8, 0))
+    with _watch_memory(monkeypatch) as mem:
+        x, r, w, b = mem.tensor(6, 8), mem.tensor(6, 8), mem.tensor(8), mem.tensor(8)
+        dy, dz = mem.tensor(6, 8), mem.tensor(6, 8)
+        y, z, mean, rstd = ln_mod._triton_fwd(x, r, w, b, groups, 2, 1e-6)
+        grads = ln_mod._triton_bwd(dy, dz, z, w, mean, rstd, groups, 2)
+    want = ln_mod._reference_fwd(x, r, w, b, clamped, 2, 1e-6)
+    for got, expected in zip((y, z, mean, rstd), want):
+        torch.testing.assert_close(got, expected)
+    for got, expected in zip(grads, ln_mod._reference_bwd(dy, dz, z, w, mean, rstd, clamped, 2)):
+        torch.testing.assert_close(got, expected)
+    # The reference backend clamps by its masks too.
+    for got, expected in zip(ln_mod._reference_fwd(x, r, w, b, groups, 2, 1e-6), want):
+        torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compiles_once_for_any_widths_tensor(backend):
+    """torch.compile(fullgraph=True) of a block calling the op with the widths as a tensor argument: four different
+    architectures (widths values) run one compiled graph, forward and backward, equal to eager."""
+    _require(backend, "cpu")
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    sizes, c = (2, 1, 1), 24
+
+    def block(x, r, w, b, widths):
+        y, z = rk.ragged_layer_norm(x, w, b, Ragged(sizes, widths), residual=r)
+        return y * 2 + z
+
+    torch._dynamo.reset()
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(block, backend=counter, fullgraph=True)
+    with rk.use_backend(backend):
+        for widths in ((24, 0, 7), (5, 24, 1), (13, 13, 13), (0, 0, 24)):
+            g, x, r, w, b = _inputs(sizes, widths, 3, c, torch.float32, "cpu", residual=True)
+            widths_t = torch.tensor(widths, dtype=torch.int32)
+            leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+            out = compiled(*leaves, widths_t)
+            grads = torch.autograd.grad(out.sum(), leaves)
+            eager_leaves = [t.clone().requires_grad_() for t in (x, r, w, b)]
+            expected = block(*eager_leaves, widths_t)
+            expected_grads = torch.autograd.grad(expected.sum(), eager_leaves)
+            torch.testing.assert_close(out, expected)
+            for got, want in zip(grads, expected_grads):
+                torch.testing.assert_close(got, want)
+    assert counter.frame_count == 1, f"compiled {counter.frame_count} times for 4 widths tensors"

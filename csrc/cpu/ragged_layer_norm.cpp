@@ -287,9 +287,10 @@ void sum_partials(const acc_t* part, int64_t chunks, int64_t cols, acc_t* out) {
 
 LayerNormFwdOut ragged_layer_norm_fwd_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
                                           const at::Tensor& weight, const at::Tensor& bias,
-                                          c10::IntArrayRef row_counts, c10::IntArrayRef widths, double eps) {
-  const GroupTable table = detail::check_fwd_args(x_in, residual_in, weight, bias, row_counts, widths, eps,
-                                                  at::kCPU, kFwdName);
+                                          c10::IntArrayRef row_counts, const at::Tensor& widths, double eps) {
+  detail::check_fwd_args(x_in, residual_in, weight, bias, eps, at::kCPU, kFwdName);
+  // Reads and checks the widths: a CPU tensor costs no sync, so bad values get an error rather than a clamp.
+  const GroupTable table = make_group_table(row_counts, widths, x_in.size(0), x_in.size(1), kFwdName, "x");
   const bool has_residual = residual_in.has_value() && residual_in->defined();
   const at::Tensor x = x_in.contiguous();
   const at::Tensor residual = has_residual ? residual_in->contiguous() : at::Tensor();
@@ -316,9 +317,9 @@ LayerNormFwdOut ragged_layer_norm_fwd_cpu(const at::Tensor& x_in, const std::opt
 LayerNormBwdOut ragged_layer_norm_bwd_cpu(const at::Tensor& dy_in, const std::optional<at::Tensor>& dz_in,
                                           const at::Tensor& z_in, const at::Tensor& weight, const at::Tensor& mean_in,
                                           const at::Tensor& rstd_in, c10::IntArrayRef row_counts,
-                                          c10::IntArrayRef widths) {
-  const GroupTable table = detail::check_bwd_args(dy_in, dz_in, z_in, weight, mean_in, rstd_in, row_counts, widths,
-                                                  at::kCPU, kBwdName);
+                                          const at::Tensor& widths) {
+  detail::check_bwd_args(dy_in, dz_in, z_in, weight, mean_in, rstd_in, at::kCPU, kBwdName);
+  const GroupTable table = make_group_table(row_counts, widths, z_in.size(0), z_in.size(1), kBwdName, "z");
   const bool has_dz = dz_in.has_value() && dz_in->defined();
   const at::Tensor z = z_in.contiguous(), dy = dy_in.contiguous();
   const at::Tensor dz = has_dz ? dz_in->contiguous() : at::Tensor();
@@ -355,10 +356,10 @@ LayerNormBwdOut ragged_layer_norm_bwd_cpu(const at::Tensor& dy_in, const std::op
 TORCH_LIBRARY_FRAGMENT(resnas, m) {
   m.def(
       "ext_ragged_layer_norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor bias, int[] row_counts, "
-      "int[] widths, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
+      "Tensor widths, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
   m.def(
       "ext_ragged_layer_norm_bwd(Tensor dy, Tensor? dz, Tensor z, Tensor weight, Tensor mean, Tensor rstd, "
-      "int[] row_counts, int[] widths) -> (Tensor, Tensor, Tensor)");
+      "int[] row_counts, Tensor widths) -> (Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(resnas, CPU, m) {

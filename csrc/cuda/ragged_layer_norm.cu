@@ -11,10 +11,13 @@
 // - Backward: each warp handles a fixed run of `rows_per_warp` rows (a function of the row count only), keeps its
 //   dweight/dbias sums in registers and writes them as one partial row; `sum_partials_kernel` then adds the partial
 //   rows in a fixed order. No float atomics: dweight/dbias are bitwise reproducible run to run.
-// - Group lookup: the row_counts/widths are passed by value (a `LaunchGroups` kernel argument of at most
-//   kMaxGroupsPerLaunch groups, read with compile-time indices so they stay in the constant bank). Batches with more
-//   groups are processed with one launch per run of kMaxGroupsPerLaunch groups (groups own contiguous rows). No
-//   device-side table, hence no host-to-device copy and no sync per call.
+// - Group lookup: the group row ends are host ints (static: they fix the grids) passed by value (a `LaunchGroups`
+//   kernel argument of at most kMaxGroupsPerLaunch groups, read with compile-time indices so they stay in the constant
+//   bank); the widths are device metadata (an int32 tensor) that each warp loads from global memory and clamps to
+//   [0, C_max]: the host never reads them (no sync; a CUDA graph replays with new widths), and no value can address
+//   memory outside the tensors. Batches with more groups are processed with one launch per run of
+//   kMaxGroupsPerLaunch groups (groups own contiguous rows). Grids cover every row of the static bounds; rows of
+//   width 0 only write zeros.
 // - Statistics and all arithmetic are fp32 (fp64 for fp64 inputs); weight/bias are converted to that dtype on the
 //   host first (a no-op for fp32 parameters).
 // - w * dy is rounded once with __fmul_rn / __dmul_rn so that its sum (c2) and its use in dx cancel exactly where they
@@ -38,6 +41,7 @@
 #include <initializer_list>
 #include <limits>
 #include <type_traits>
+#include <vector>
 
 #include "../ragged_layer_norm.h"
 
@@ -59,23 +63,26 @@ constexpr int64_t register_max_cols() {
 }
 
 // The groups of one launch. Rows [row_begin, row_end[num_groups - 1]) are covered; group g of the launch ends at
-// row_end[g] (absolute row index) and uses width[g] columns.
+// row_end[g] (absolute row index) and uses widths[g] columns (device memory, clamped to [0, bound]).
 struct LaunchGroups {
   int64_t row_begin;
   int64_t row_end[kMaxGroupsPerLaunch];
-  int32_t width[kMaxGroupsPerLaunch];
+  const int32_t* widths;  // the launch's first group's entry of the widths tensor
   int32_t num_groups;
+  int32_t bound;          // C_max: the widest a row can be
 };
 
-// Width of `row`: the first group of the launch whose end lies beyond the row (empty groups end where they start, so
-// they are never picked). The unrolled loop uses constant indices, which keeps `groups` in the parameter space.
+// Width of `row`: that of the first group of the launch whose end lies beyond the row (empty groups end where they
+// start, so they are never picked), clamped to [0, C_max]. The unrolled loop uses constant indices, which keeps the
+// row ends in the parameter space; the one width load per row hits L1 / L2 after the first warp of the group.
 __device__ __forceinline__ int row_width(const LaunchGroups& groups, int64_t row) {
-  int width = 0;
+  int group = 0;
 #pragma unroll
   for (int g = kMaxGroupsPerLaunch - 1; g >= 0; --g) {
-    if (g < groups.num_groups && row < groups.row_end[g]) width = groups.width[g];
+    if (g < groups.num_groups && row < groups.row_end[g]) group = g;
   }
-  return width;
+  const int width = __ldg(groups.widths + group);
+  return width < 0 ? 0 : (width > groups.bound ? groups.bound : width);
 }
 
 // Butterfly sum: every lane ends with the same bits (a + b == b + a), so all lanes agree on mean and rstd.
@@ -236,7 +243,7 @@ __global__ void __launch_bounds__(kThreads)
 // Backward
 // ---------------------------------------------------------------------------------------------------------------------
 // Warp `w` of the launch handles rows [w * rows_per_warp, (w + 1) * rows_per_warp) of the launch and writes partial row
-// part_base + w (part_cols = max width columns) of dw_part / db_part.
+// part_base + w (part_cols = C_max columns) of dw_part / db_part.
 template <typename scalar_t, int VEC, int PACKS, bool HAS_DZ>
 __global__ void __launch_bounds__(kThreads)
     bwd_warp_kernel(const scalar_t* __restrict__ dy, const scalar_t* __restrict__ dz, const scalar_t* __restrict__ z,
@@ -410,19 +417,19 @@ __global__ void __launch_bounds__(kWarpSize * kSumSlices)
 // Host side
 // ---------------------------------------------------------------------------------------------------------------------
 // Calls fn(groups, num_rows) for each run of at most kMaxGroupsPerLaunch consecutive groups that owns at least a row.
+// `row_start` (size G + 1) are the groups' first rows; `widths` the device pointer of the int32 (G,) widths tensor.
 template <typename Fn>
-void for_each_launch(const GroupTable& table, Fn&& fn) {
-  const int64_t G = table.num_groups();
+void for_each_launch(const std::vector<int64_t>& row_start, const int32_t* widths, int64_t C, Fn&& fn) {
+  const int64_t G = static_cast<int64_t>(row_start.size()) - 1;
   for (int64_t g0 = 0; g0 < G; g0 += kMaxGroupsPerLaunch) {
     const int64_t g1 = std::min<int64_t>(G, g0 + kMaxGroupsPerLaunch);
     LaunchGroups groups{};
-    groups.row_begin = table.row_start[g0];
+    groups.row_begin = row_start[g0];
+    groups.widths = widths + g0;
     groups.num_groups = static_cast<int32_t>(g1 - g0);
-    for (int64_t g = g0; g < g1; ++g) {
-      groups.row_end[g - g0] = table.row_start[g + 1];
-      groups.width[g - g0] = static_cast<int32_t>(table.widths[g]);
-    }
-    const int64_t num_rows = table.row_start[g1] - table.row_start[g0];
+    groups.bound = static_cast<int32_t>(std::min<int64_t>(C, std::numeric_limits<int32_t>::max()));
+    for (int64_t g = g0; g < g1; ++g) groups.row_end[g - g0] = row_start[g + 1];
+    const int64_t num_rows = row_start[g1] - row_start[g0];
     if (num_rows > 0) fn(groups, num_rows);
   }
 }
@@ -477,9 +484,11 @@ unsigned int blocks_for(int64_t warps) {
 
 LayerNormFwdOut ragged_layer_norm_fwd_cuda(const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
                                            const at::Tensor& weight, const at::Tensor& bias,
-                                           c10::IntArrayRef row_counts, c10::IntArrayRef widths, double eps) {
-  const GroupTable table = detail::check_fwd_args(x_in, residual_in, weight, bias, row_counts, widths, eps,
-                                                  at::kCUDA, kFwdName);
+                                           c10::IntArrayRef row_counts, const at::Tensor& widths, double eps) {
+  detail::check_fwd_args(x_in, residual_in, weight, bias, eps, at::kCUDA, kFwdName);
+  check_widths_tensor(widths, static_cast<int64_t>(row_counts.size()), x_in, kFwdName, "widths", "x");
+  const std::vector<int64_t> row_start = detail::row_starts(row_counts, x_in.size(0), kFwdName, "x");
+  const at::Tensor widths_c = widths.contiguous();
   const bool has_residual = residual_in.has_value() && residual_in->defined();
   const c10::cuda::OptionalCUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -510,7 +519,8 @@ LayerNormFwdOut ragged_layer_norm_fwd_cuda(const at::Tensor& x_in, const std::op
     acc_t* mean_ptr = mean.mutable_data_ptr<acc_t>();
     acc_t* rstd_ptr = rstd.mutable_data_ptr<acc_t>();
     const acc_t eps_acc = static_cast<acc_t>(eps);
-    for_each_launch(table, [&](const LaunchGroups& groups, int64_t num_rows) {
+    for_each_launch(row_start, widths_c.const_data_ptr<int32_t>(), C, [&](const LaunchGroups& groups,
+                                                                           int64_t num_rows) {
       const unsigned int blocks = blocks_for(num_rows);  // one warp per row
       if (C > register_max_cols<acc_t>()) {
         if (has_residual) {
@@ -544,9 +554,11 @@ LayerNormFwdOut ragged_layer_norm_fwd_cuda(const at::Tensor& x_in, const std::op
 LayerNormBwdOut ragged_layer_norm_bwd_cuda(const at::Tensor& dy_in, const std::optional<at::Tensor>& dz_in,
                                            const at::Tensor& z_in, const at::Tensor& weight, const at::Tensor& mean_in,
                                            const at::Tensor& rstd_in, c10::IntArrayRef row_counts,
-                                           c10::IntArrayRef widths) {
-  const GroupTable table = detail::check_bwd_args(dy_in, dz_in, z_in, weight, mean_in, rstd_in, row_counts, widths,
-                                                  at::kCUDA, kBwdName);
+                                           const at::Tensor& widths) {
+  detail::check_bwd_args(dy_in, dz_in, z_in, weight, mean_in, rstd_in, at::kCUDA, kBwdName);
+  check_widths_tensor(widths, static_cast<int64_t>(row_counts.size()), z_in, kBwdName, "widths", "z");
+  const std::vector<int64_t> row_start = detail::row_starts(row_counts, z_in.size(0), kBwdName, "z");
+  const at::Tensor widths_c = widths.contiguous();
   const bool has_dz = dz_in.has_value() && dz_in->defined();
   const c10::cuda::OptionalCUDAGuard guard(z_in.device());
   const at::Tensor z = z_in.contiguous(), dy = dy_in.contiguous();
@@ -557,9 +569,11 @@ LayerNormBwdOut ragged_layer_norm_bwd_cuda(const at::Tensor& dy_in, const std::o
   at::Tensor dx = at::empty({rows, C}, z.options());
   at::Tensor dw = at::empty({C}, z.options().dtype(stats));
   at::Tensor db = at::empty({C}, z.options().dtype(stats));
-  const int64_t part_cols = table.max_width;
-  if (rows == 0 || C == 0 || part_cols == 0) {
-    // No active column anywhere: dx is all zeros (possibly empty), and so are dweight/dbias.
+  // Partial rows span C_max, the static bound (the widths are not read on the host); columns beyond a row's width
+  // accumulate nothing and sum to 0.
+  const int64_t part_cols = C;
+  if (rows == 0 || C == 0) {
+    // No column anywhere: dx is empty or all zeros, and so are dweight/dbias.
     dx.zero_();
     dw.zero_();
     db.zero_();
@@ -567,7 +581,8 @@ LayerNormBwdOut ragged_layer_norm_bwd_cuda(const at::Tensor& dy_in, const std::o
   }
   const int64_t rows_per_warp = bwd_rows_per_warp(rows);
   int64_t num_parts = 0;
-  for_each_launch(table, [&](const LaunchGroups&, int64_t num_rows) {
+  const int32_t* widths_ptr = widths_c.const_data_ptr<int32_t>();
+  for_each_launch(row_start, widths_ptr, C, [&](const LaunchGroups&, int64_t num_rows) {
     num_parts += (num_rows + rows_per_warp - 1) / rows_per_warp;
   });
   at::Tensor dw_part = at::empty({num_parts, part_cols}, z.options().dtype(stats));
@@ -586,7 +601,7 @@ LayerNormBwdOut ragged_layer_norm_bwd_cuda(const at::Tensor& dy_in, const std::o
     acc_t* dw_part_ptr = dw_part.mutable_data_ptr<acc_t>();
     acc_t* db_part_ptr = db_part.mutable_data_ptr<acc_t>();
     int64_t part_base = 0;
-    for_each_launch(table, [&](const LaunchGroups& groups, int64_t num_rows) {
+    for_each_launch(row_start, widths_ptr, C, [&](const LaunchGroups& groups, int64_t num_rows) {
       const int64_t warps = (num_rows + rows_per_warp - 1) / rows_per_warp;
       const unsigned int blocks = blocks_for(warps);
       if (C > register_max_cols<acc_t>()) {

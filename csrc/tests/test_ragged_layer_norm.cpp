@@ -41,10 +41,15 @@ int g_checks = 0;
   } while (0)
 
 using FwdFn = resnas::LayerNormFwdOut(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
-                                      const at::Tensor&, c10::IntArrayRef, c10::IntArrayRef, double);
+                                      const at::Tensor&, c10::IntArrayRef, const at::Tensor&, double);
 using BwdFn = resnas::LayerNormBwdOut(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                                       const at::Tensor&, const at::Tensor&, const at::Tensor&, c10::IntArrayRef,
-                                      c10::IntArrayRef);
+                                      const at::Tensor&);
+
+// The int32 widths tensor the ops take (device metadata), on `device`.
+at::Tensor widths_tensor(const std::vector<int64_t>& widths, at::Device device = at::kCPU) {
+  return at::tensor(widths, at::kLong).to(at::kInt).to(device);
+}
 
 c10::TypedOperatorHandle<FwdFn> fwd_op() {
   return c10::Dispatcher::singleton().findSchemaOrThrow("resnas::ext_ragged_layer_norm_fwd", "").typed<FwdFn>();
@@ -251,8 +256,9 @@ void run_case(const Case& c, at::ScalarType dtype, bool fp32_params, bool with_r
   const at::Tensor w = at::randn({c.C}, at::kDouble).to(pdtype).to(device);
   const at::Tensor b = at::randn({c.C}, at::kDouble).to(pdtype).to(device);
   const std::optional<at::Tensor> res = with_residual ? std::optional<at::Tensor>(r) : std::nullopt;
+  const at::Tensor widths = widths_tensor(c.widths, device);  // device metadata, as the Python layer passes it
 
-  auto [y, z, mean, rstd] = fwd_op().call(x, res, w, b, c.row_counts, c.widths, eps);
+  auto [y, z, mean, rstd] = fwd_op().call(x, res, w, b, c.row_counts, widths, eps);
   const at::ScalarType stats = dtype == at::kDouble ? at::kDouble : at::kFloat;
   EXPECT(y.scalar_type() == dtype && y.sizes() == x.sizes(), "%s: y is %s", tag.c_str(), toString(y.scalar_type()));
   EXPECT(mean.scalar_type() == stats && rstd.scalar_type() == stats && mean.numel() == rows && rstd.numel() == rows,
@@ -285,7 +291,7 @@ void run_case(const Case& c, at::ScalarType dtype, bool fp32_params, bool with_r
   const at::Tensor dy = at::randn({rows, c.C}, at::kDouble).to(dtype).to(device);
   const at::Tensor dz = at::randn({rows, c.C}, at::kDouble).to(dtype).to(device);
   const std::optional<at::Tensor> dz_opt = with_residual ? std::optional<at::Tensor>(dz) : std::nullopt;
-  auto [dx, dw, db] = bwd_op().call(dy, dz_opt, z_saved, w, mean, rstd, c.row_counts, c.widths);
+  auto [dx, dw, db] = bwd_op().call(dy, dz_opt, z_saved, w, mean, rstd, c.row_counts, widths);
   EXPECT(dx.scalar_type() == dtype && dx.sizes() == x.sizes(), "%s: dx dtype/shape", tag.c_str());
   EXPECT(dw.scalar_type() == pdtype && db.scalar_type() == pdtype && dw.numel() == c.C && db.numel() == c.C,
         "%s: dweight/dbias dtype/shape", tag.c_str());
@@ -307,8 +313,8 @@ void run_case(const Case& c, at::ScalarType dtype, bool fp32_params, bool with_r
   const int saved_threads = at::get_num_threads();
   for (int threads : {1, 2, 3}) {
     if (device.is_cpu()) at::set_num_threads(threads);
-    auto [y2, z2, mean2, rstd2] = fwd_op().call(x, res, w, b, c.row_counts, c.widths, eps);
-    auto [dx2, dw2, db2] = bwd_op().call(dy, dz_opt, z_saved, w, mean, rstd, c.row_counts, c.widths);
+    auto [y2, z2, mean2, rstd2] = fwd_op().call(x, res, w, b, c.row_counts, widths, eps);
+    auto [dx2, dw2, db2] = bwd_op().call(dy, dz_opt, z_saved, w, mean, rstd, c.row_counts, widths);
     EXPECT(at::equal(y, y2) && at::equal(mean, mean2) && at::equal(rstd, rstd2) && at::equal(z, z2),
           "%s: forward not bitwise reproducible with %d threads", tag.c_str(), threads);
     EXPECT(at::equal(dx, dx2) && at::equal(dw, dw2) && at::equal(db, db2),
@@ -318,7 +324,7 @@ void run_case(const Case& c, at::ScalarType dtype, bool fp32_params, bool with_r
   at::set_num_threads(saved_threads);
 
   if (device.is_cpu()) {  // the dispatcher routes to exactly this function
-    auto direct = resnas::ragged_layer_norm_fwd_cpu(x, res, w, b, c.row_counts, c.widths, eps);
+    auto direct = resnas::ragged_layer_norm_fwd_cpu(x, res, w, b, c.row_counts, widths, eps);
     EXPECT(at::equal(std::get<0>(direct), y), "%s: dispatcher and direct call differ", tag.c_str());
   }
 }
@@ -338,19 +344,20 @@ void expect_error(const std::string& what, const std::string& needle, const std:
 void run_error_checks() {
   const at::Tensor x = at::randn({6, 8});
   const at::Tensor w = at::randn({8}), b = at::randn({8});
-  const std::vector<int64_t> rc{2, 4}, wd{8, 3};
+  const std::vector<int64_t> rc{2, 4};
+  const at::Tensor wd = widths_tensor({8, 3});
   expect_error("width beyond C_max", "widths[1]=9",
-               [&] { fwd_op().call(x, std::nullopt, w, b, rc, std::vector<int64_t>{8, 9}, 1e-5); });
+               [&] { fwd_op().call(x, std::nullopt, w, b, rc, widths_tensor({8, 9}), 1e-5); });
   expect_error("negative width", "widths[0]",
-               [&] { fwd_op().call(x, std::nullopt, w, b, rc, std::vector<int64_t>{-1, 3}, 1e-5); });
+               [&] { fwd_op().call(x, std::nullopt, w, b, rc, widths_tensor({-1, 3}), 1e-5); });
   expect_error("row sum", "sum(row_counts)",
                [&] { fwd_op().call(x, std::nullopt, w, b, std::vector<int64_t>{2, 3}, wd, 1e-5); });
   expect_error("negative rows", "row_counts[0]",
                [&] { fwd_op().call(x, std::nullopt, w, b, std::vector<int64_t>{-2, 8}, wd, 1e-5); });
   expect_error("group count", "one entry per group",
-               [&] { fwd_op().call(x, std::nullopt, w, b, rc, std::vector<int64_t>{8}, 1e-5); });
+               [&] { fwd_op().call(x, std::nullopt, w, b, rc, widths_tensor({8}), 1e-5); });
   expect_error("no groups", "at least one group",
-               [&] { fwd_op().call(x.slice(0, 0, 0), std::nullopt, w, b, {}, {}, 1e-5); });
+               [&] { fwd_op().call(x.slice(0, 0, 0), std::nullopt, w, b, {}, widths_tensor({}), 1e-5); });
   expect_error("weight shape", "weight must have shape (8,)",
                [&] { fwd_op().call(x, std::nullopt, at::randn({7}), b, rc, wd, 1e-5); });
   expect_error("bias dtype", "bias must have dtype",
@@ -372,8 +379,10 @@ void run_error_checks() {
                [&] { bwd_op().call(x, std::nullopt, x, w, mean.slice(0, 0, 5), rstd, rc, wd); });
   expect_error("rstd dtype", "rstd must have dtype",
                [&] { bwd_op().call(x, std::nullopt, x, w, mean, rstd.to(at::kDouble), rc, wd); });
+  expect_error("widths dtype", "widths must be a 1-D int32 tensor",
+               [&] { fwd_op().call(x, std::nullopt, w, b, rc, wd.to(at::kLong), 1e-5); });
   expect_error("bwd widths", "widths[0]=9",
-               [&] { bwd_op().call(x, std::nullopt, x, w, mean, rstd, rc, std::vector<int64_t>{9, 1}); });
+               [&] { bwd_op().call(x, std::nullopt, x, w, mean, rstd, rc, widths_tensor({9, 1})); });
 }
 
 std::vector<Case> cases() {
