@@ -519,8 +519,8 @@ def test_torch_compile_serves_new_widths_tensors_without_recompiling(backend):
     for k_widths, n_widths in (((12, 7, 3), (8, 5, 2)), ((5, 12, 0), (3, 8, 8)), ((9, 9, 12), (0, 6, 1))):
         in_groups, hidden_groups = Ragged(sizes, _widths(k_widths)), Ragged(sizes, _widths(n_widths))
         mask = in_groups.mask(k_max)[:, None, :]
-        x, r = inp.x * mask, torch.randn(3, tokens, k_max) * mask
-        dy = torch.randn(3, tokens, k_max)
+        x, r = inp.x * mask, torch.randn(4, tokens, k_max) * mask
+        dy = torch.randn(4, tokens, k_max)
         results = []
         for fn in (compiled, mlp):
             leaves = [t.clone().requires_grad_() for t in (x, inp.w, inp.b, w2, b2, r)]

@@ -66,7 +66,8 @@ from torch._subclasses.fake_tensor import is_fake
 from .. import _ext
 from .._triton import HAS_TRITON, tl, triton
 from ..aot import register_aot
-from ..backend import BackendUnavailableError, OpInfo, get_backend, register_op, resolve_backend_for, use_backend
+from ..backend import (BackendUnavailableError, OpInfo, get_backend, register_op, resolve_backend_for, use_backend,
+                       why_unavailable)
 from ..ragged import WIDTH_DTYPE, Ragged, row_starts, validate_metadata
 from ..reference.layer_norm import compute_dtype
 from ._checks import check_float_tensor, check_same_device, check_tensor
@@ -887,7 +888,8 @@ def _check_args(x, weight, bias, residual, row_scale, sizes, in_widths: torch.Te
 # ---------------------------------------------------------------------------------------------------------------------
 @functools.lru_cache(maxsize=1024)
 def _host_widths_tensor(sizes: Tuple[int, ...], widths: tuple, device: torch.device) -> torch.Tensor:
-    """Host out_widths -> int32 device tensor, validated (one int >= 0 per group) on first use, then cached."""
+    """Host widths -> int32 device tensor, validated (one int >= 0 per group) on first use, then cached (keyed by the
+    device object: cheaper per call than `Ragged.widths_tensor`'s)."""
     return Ragged(sizes, widths).widths_tensor(device)
 
 
@@ -907,6 +909,13 @@ def _out_widths_tensor(in_groups: Ragged, out_widths, device: torch.device) -> t
         if all(isinstance(w, Hashable) for w in out_widths):
             raise
         return in_groups.with_widths(out_widths).widths_tensor(device)  # unhashable entries: let Ragged name them
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_op_ready() -> bool:
+    """Whether the C++ op can run CPU tensors: fixed once the extension has loaded (cached, so that the common call
+    skips the general `resolve_backend_for`, a few microseconds)."""
+    return why_unavailable(OP, "cpu", torch.device("cpu")) is None
 
 
 @torch.compiler.assume_constant_result
@@ -950,10 +959,14 @@ def ragged_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
     if not isinstance(in_groups, Ragged):
         raise TypeError(f"in_groups must be a resnas_kernels.Ragged, got {type(in_groups).__name__}")
     device = x.device
-    in_widths = in_groups.widths_tensor(device)
+    in_widths = in_groups.widths if in_groups.on_device else _host_widths_tensor(in_groups.sizes, in_groups.widths,
+                                                                                    device)
     n_widths = _out_widths_tensor(in_groups, out_widths, device)
+    requested = get_backend()
     if torch.compiler.is_compiling():
-        backend = _backend_when_traced(get_backend(), device, x.dtype)
+        backend = _backend_when_traced(requested, device, x.dtype)
+    elif device.type == "cpu" and requested in ("auto", "cpu") and _cpp_op_ready():
+        backend = "cpu"
     else:
         backend = resolve_backend_for(OP.name, x)
     if backend == "cpu":  # one hop: checks, autograd and kernels in C++
