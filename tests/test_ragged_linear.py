@@ -720,6 +720,31 @@ def test_cpu_dense_and_almost_dense_calls_match_the_oracle(spec, epilogue):
     check_against_oracle("cpu", make_inputs(ragged, **EPILOGUES[epilogue]), f"ragged-{epilogue}")
 
 
+def test_cpp_path_makes_one_op_call_and_no_tensor_views():
+    """The cpu backend's forward + backward cross the dispatcher a handful of times whatever the groups and tiles:
+    one resnas::ragged_linear call, its two kernels, their output allocations; the GEMMs run on raw pointers, so no
+    view (narrow / slice / as_strided) or matmul op is dispatched per group or tile."""
+    _require("cpu")
+    from resnas_kernels.bench.op_count import count_op_calls
+
+    spec = Spec((3, 0, 2, 1, 2), (20, 33, 0, 44, 7), (24, 7, 5, 0, 13), 5, 44, 24, segments=3)
+    inp = make_inputs(spec, activation="gelu", residual=True, row_scale=True)
+    x, w = inp.x.requires_grad_(), inp.w.requires_grad_()
+
+    def step():
+        y = rk.ragged_linear(x, w, inp.b, inp.groups, spec.n_widths, segments=3, activation="gelu", residual=inp.r,
+                             row_scale=inp.s)
+        torch.autograd.grad(y, (x, w), torch.ones_like(y))
+
+    step()  # the first call copies the host widths to cached tensors
+    calls = count_op_calls(step)
+    names = dict(calls.top_aten)
+    assert calls.resnas == 3, calls.summary()
+    assert not {"aten::narrow", "aten::slice", "aten::as_strided", "aten::mm", "aten::addmm"} & set(names), \
+        calls.summary()
+    assert calls.aten <= 10, calls.summary()  # ones_like and the kernels' output allocations
+
+
 def test_cpp_op_without_grad_and_in_inference_mode_equals_the_autograd_forward():
     """resnas::ragged_linear runs its Autograd kernel (grad), the same forward without a graph (no grad) and its
     CompositeExplicitAutograd kernel (inference mode, below autograd): bitwise the same y."""
