@@ -280,17 +280,24 @@ struct Layout {
 };
 
 // The values of a CPU widths tensor (any stride), each checked against [0, bound]; messages name the public
-// function's argument (`name`), as `resnas_kernels.ragged_linear` reports them.
+// function's argument (`name`), as `resnas_kernels.ragged_linear` reports them. `segments` > 0: output widths, bound
+// by the segment width; else input widths, bound by K_max.
 std::vector<int64_t> width_values(const at::Tensor& widths, int64_t groups, int64_t bound, const at::Tensor& x,
-                                  const char* op, const char* arg, const char* name, const std::string& exceeds) {
+                                  const char* op, const char* arg, const char* name, int64_t segments = 0) {
   check_widths_tensor(widths, groups, x, op, arg, "x");
   const auto w = widths.accessor<int32_t, 1>();
   std::vector<int64_t> values(groups);
   for (int64_t g = 0; g < groups; ++g) {
     values[g] = w[g];
     TORCH_CHECK_VALUE(values[g] >= 0, op, ": ", name, "[", g, "]=", values[g], " must be >= 0");
-    TORCH_CHECK_VALUE(values[g] <= bound, op, ": ", name, "[", g, "]=", values[g], " exceeds ", exceeds, "; ", name,
-                      " (", arg, ") must lie in [0, ", bound, "]");
+    if (segments > 0) {
+      TORCH_CHECK_VALUE(values[g] <= bound, op, ": ", name, "[", g, "]=", values[g], " exceeds the segment width ",
+                        bound, " (N_max=", bound * segments, " / segments=", segments, "); ", name, " (", arg,
+                        ") must lie in [0, ", bound, "]");
+    } else {
+      TORCH_CHECK_VALUE(values[g] <= bound, op, ": ", name, "[", g, "]=", values[g], " exceeds the maximum width ",
+                        bound, " of x; ", name, " (", arg, ") must lie in [0, ", bound, "]");
+    }
   }
   return values;
 }
@@ -328,12 +335,9 @@ Layout check_layout(const at::Tensor& x, const at::Tensor& weight, c10::IntArray
   TORCH_CHECK_VALUE(samples == batch, op, ": sum of group sizes (", samples, ", sizes=", sizes,
                     ") must equal the batch size of x (dim 0: ", batch, ")");
   const int64_t groups = static_cast<int64_t>(sizes.size());
-  const std::vector<int64_t> k = width_values(in_widths, groups, l.k_max, x, op, "in_widths", "in_groups.widths",
-                                              "the maximum width " + std::to_string(l.k_max) + " of x");
+  const std::vector<int64_t> k = width_values(in_widths, groups, l.k_max, x, op, "in_widths", "in_groups.widths");
   const std::vector<int64_t> n =
-      width_values(out_widths, groups, l.seg_width, x, op, "out_widths", "out_widths",
-                   "the segment width " + std::to_string(l.seg_width) + " (N_max=" + std::to_string(l.n_max) +
-                       " / segments=" + std::to_string(segments) + ")");
+      width_values(out_widths, groups, l.seg_width, x, op, "out_widths", "out_widths", segments);
   l.in = make_group_table(row_counts, k, l.rows, l.k_max, op, "x");
   l.out = make_group_table(row_counts, n, l.rows, l.seg_width, op, "a weight segment (N_max / segments)");
   l.out_shape = x.sizes().vec();
