@@ -79,8 +79,8 @@ def _ln_call(sizes, widths):
 
 def _linear_call(sizes, in_widths, out_widths):
     x, w = torch.randn(2, 3, 8), torch.randn(6, 8)
-    return lambda: torch.ops.resnas.ragged_linear_fwd(x, w, None, None, None, sizes, in_widths, out_widths, 1,
-                                                      "none", False)
+    in_w, out_w = (torch.tensor(v, dtype=torch.int32) for v in (in_widths, out_widths))
+    return lambda: torch.ops.resnas.ragged_linear_fwd(x, w, None, None, None, sizes, in_w, out_w, 1, "none", False)
 
 
 def _attention_call(sizes, heads):
@@ -222,9 +222,10 @@ def test_linear_kernels_mask_by_k_max_and_segment(monkeypatch):
     with _watch_memory(monkeypatch) as mem:
         x, w = mem.tensor(6, 8), mem.tensor(8, 8)
         # k_g = 13 > K_max = 8, n_g = 11 > the segment width 8
-        y, _ = lin_mod._triton_fwd(x, w, None, None, None, rows, (13,), (11,), 1, 2, False, False)
-        dx, dw, _, _ = lin_mod._triton_bwd(mem.tensor(6, 8), x, w, None, None, rows, (13,), (11,), 1, 2, False,
-                                           False, False)
+        k_w, n_w = torch.tensor([13], dtype=torch.int32), torch.tensor([11], dtype=torch.int32)
+        y, _ = lin_mod._triton_fwd(x, w, None, None, None, rows, k_w, n_w, 1, 2, False, False)
+        dx, dw, _, _ = lin_mod._triton_bwd(mem.tensor(6, 8), x, w, None, None, rows, k_w, n_w, 1, 2, False, False,
+                                           False)
     assert all(torch.isfinite(t).all() for t in (y, dx, dw))
 
 

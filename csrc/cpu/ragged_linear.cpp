@@ -1,20 +1,34 @@
-// Ragged (variable-width) linear on CPU: resnas::ext_ragged_linear_fwd / _bwd.
+// Ragged (variable-width) linear on CPU: the public op resnas::ragged_linear (schema, argument checks, autograd) and
+// its kernels resnas::ext_ragged_linear_fwd / _bwd.
 //
-// Schema (semantics: `_reference_fwd` / `_reference_bwd` in resnas_kernels/ops/ragged_linear.py):
-//   ext_ragged_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? row_scale,
-//                         int[] row_counts, int[] in_widths, int[] out_widths, int segments, int rows_per_sample,
-//                         bool gelu, bool save_pre) -> (Tensor y, Tensor pre)
-//   ext_ragged_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor? pre, Tensor? row_scale, int[] row_counts,
-//                         int[] in_widths, int[] out_widths, int segments, int rows_per_sample, bool gelu,
-//                         bool has_bias, bool has_residual) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dres)
-//   x: (rows, K_max); weight: (N_max, K_max) viewed as `segments` blocks of Nseg = N_max / segments rows; group g owns
-//   row_counts[g] consecutive rows, reads x[:, :k_g] and, in each segment s, weight[s*Nseg : s*Nseg + n_g, :k_g].
-//   y: (rows, N_max), zero beyond n_g in every segment; pre = x W^T + b (GELU input) when save_pre, else (0,).
+// Schemas (semantics: `_reference_fwd` / `_reference_bwd` in resnas_kernels/ops/ragged_linear.py):
+//   ragged_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? row_scale, int[] sizes,
+//                 Tensor in_widths, Tensor out_widths, int segments=1, str? activation=None) -> Tensor
+//     What `resnas_kernels.ragged_linear` calls on the cpu backend: one dispatcher hop. Its Autograd kernel checks the
+//     arguments (ValueError / TypeError naming them as the public function does) and runs a
+//     torch::autograd::Function over the two kernels below, through the dispatcher (so torch.compile traces them with
+//     their Python fake implementations); below autograd (inference mode) a CompositeExplicitAutograd kernel runs
+//     the checks and the forward alone.
+//   ext_ragged_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? row_scale, int[] sizes,
+//                         Tensor in_widths, Tensor out_widths, int segments, bool gelu, bool save_pre)
+//                         -> (Tensor y, Tensor pre)
+//   ext_ragged_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor? pre, Tensor? row_scale, int[] sizes,
+//                         Tensor in_widths, Tensor out_widths, int segments, bool gelu, bool has_bias,
+//                         bool has_residual) -> (Tensor dx, Tensor dweight, Tensor dbias, Tensor dres)
+//   x: (B, ..., K_max), flattened to rows of K_max values; group g owns the rows of its sizes[g] samples, reads
+//   x[:, :k_g] and, in each segment s, weight[s*Nseg : s*Nseg + n_g, :k_g] (Nseg = N_max / segments). in_widths /
+//   out_widths are the int32 (G,) widths k_g / n_g (device metadata; CPU tensors here, whose values the kernels read
+//   and check: a width outside [0, K_max] / [0, Nseg] is a ValueError, so no width addresses memory outside the
+//   tensors). y: (B, ..., N_max), zero beyond n_g in every segment; pre = x W^T + b (the GELU input) when save_pre,
+//   else (0,).
 //
 // Design and caveats:
-// - No weight copies: every GEMM is one BLAS call (at::mm_out / addmm_out) on strided views: x.narrow(cols),
-//   W.narrow(rows / cols) and the output narrowed to the block's rows and active columns (row stride N_max). ATen
-//   hands such views to BLAS with their leading dimensions.
+// - No weight copies and no tensor views: every GEMM is one BLAS call on raw pointers with leading dimensions (x's
+//   first k_g columns, W's rows / columns of a segment, the output's active columns, row stride N_max). A step of a
+//   supernet makes thousands of these GEMMs; as ATen views (narrow / slice / as_strided + addmm per group and tile)
+//   they were ~40k dispatcher calls per step. fp32 / fp64 call the BLAS that PyTorch links (sgemm_ / dgemm_), fp16 /
+//   bf16 the BLAS's half-input, fp32-output GEMMs (products accumulated and kept in fp32, one rounding at the end);
+//   a PyTorch build without those symbols falls back to ATen's matmul on wrapped blocks (`aten_gemm`).
 // - Scheduling: each phase is ONE parallel region over tasks; the threads claim tasks from a shared counter, most
 //   expensive first, and the BLAS calls inside run single-threaded (BLAS does not nest inside an OpenMP region).
 //   Versus multithreaded BLAS per group, the threads do not synchronise once per small GEMM (which on a shared or
@@ -22,53 +36,80 @@
 //   thread slowed by another process simply claims fewer tasks. Tasks are fixed by the shapes and own their outputs,
 //   so results do not depend on the schedule or the thread count.
 // - Forward, per tile (group, row block of 256..1024 rows, the group's rows cut into equal parts; a wide single-segment
-//   output also in column parts with taller row blocks, `fwd_tasks`): mm_out per segment (one call over all segments
-//   for a group of full segment width) into the output (or the pre-activation buffer when it is kept), then the whole
-//   epilogue (bias, save pre, exact GELU, row scale, residual) and the zeros beyond n_g.
-//   Without GELU / residual / saved pre (fp32 / fp64), addmm_out writes y with the bias folded in and only the tails
-//   beyond n_g are written after it (no epilogue pass).
+//   output also in column parts with taller row blocks, `fwd_tasks`): one GEMM per segment (one over all segments
+//   for a group of full segment width) into the output (or the pre-activation buffer when it is kept; an fp32
+//   scratch block for half types), then the whole epilogue (bias, save pre, exact GELU, row scale, residual) and the
+//   zeros beyond n_g. Without GELU / residual / saved pre (fp32 / fp64), the GEMM accumulates onto y pre-filled with
+//   the bias and only the tails beyond n_g are written after it (no epilogue pass).
+//   Dense calls (fp32 / fp64, every group with rows at k_g = K_max and n_g = Nseg: a searched net's layers) run one
+//   multithreaded GEMM over all rows instead, as F.linear does (the per-block GEMMs repack W once per block, ~25%
+//   slower on one full-width group), then the epilogue in row blocks.
 // - Exact GELU for fp32 / half types uses an erfc approximation written to vectorise under `omp simd` (std::erf
 //   does not, and was ~15x slower here): Numerical Recipes' Chebyshev erfc (fractional error < 1.2e-7) with a
 //   Cody-Waite exp; |error| of gelu(x) <= ~1.1e-7 * max(1, |x|). fp64 uses std::erf / std::exp (gradcheck).
 // - Backward prologue (only with a residual, row scale or GELU): dresidual (dy on the active columns, 0 elsewhere) and
 //   dpre = dy * row_scale * gelu'(pre), formed block by block in scratch memory, never as a rows x N_max buffer.
-//   dx = sum over segments of dpre_s @ W_s (mm_out then addmm_out into the strided dx view), zeros beyond k_g.
+//   dx = sum over segments of dpre_s @ W_s (GEMMs into dx's first k_g columns), zeros beyond k_g.
 //   Two ways to get dW / db, both deterministic and independent of the thread count (no atomics; every sum has an
 //   order fixed by the shapes):
 //   * fused (W of <= kFusedMaxWeight elements, fp32 / fp64; the S1 layers): the rows are cut into <= 16 chunks; a
-//     chunk's task walks its 256-row blocks and per block runs prologue, dx and its partial dW / db (addmm into the
+//     chunk's task walks its 256-row blocks and per block runs prologue, dx and its partial dW / db (a GEMM into the
 //     chunk's copy of W) from the same cache-hot block; a last pass sums the partials in chunk order. dy, pre and x
 //     are read once.
 //   * tiled (larger W, or fp16 / bf16): per tile of dW (256 or 128 rows of one segment x all or part of K_max,
 //     `weight_tile_rows`) the tile owner sums dpre_g^T x_g over the groups that cover it, in group order (with a
 //     prologue, the tile forms its strip of dpre 2048 rows at a time in scratch: gelu' is evaluated twice, but no
-//     dpre buffer is written and re-read); for fp16 / bf16 each product is formed by BLAS in the input dtype and
-//     added to an fp32 tile. Tiles of the first column block also sum db (fp64 running column sums, rows in order).
-//     The dx blocks and the dW tiles are one pool of tasks.
-// - One op boundary per call: everything above runs inside one dispatcher call.
+//     dpre buffer is written and re-read); fp16 / bf16 products accumulate into an fp32 tile. Tiles of the first
+//     column block also sum db (fp64 running column sums, rows in order). The dx blocks and the dW tiles are one
+//     pool of tasks.
+// - Scratch memory comes from ATen's CPU allocator directly (no tensors): the kernels make no dispatcher calls
+//   besides allocating their outputs.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <c10/core/CPUAllocator.h>
+#include <torch/autograd.h>
 #include <torch/library.h>
 
 #include <algorithm>
 #include <atomic>
-#include <numeric>
+#include <climits>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <numeric>
 #include <optional>
+#include <sstream>
+#include <string>
 #include <tuple>
 #include <type_traits>
 #include <vector>
 
 #include "../ragged.h"
 
+// The BLAS that PyTorch links (MKL on x86 wheels) exports these; weak, so that a build of PyTorch without them still
+// loads this library and takes ATen's matmul instead (`aten_gemm`).
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+void dgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const double* alpha,
+            const double* a, const int* lda, const double* b, const int* ldb, const double* beta, double* c,
+            const int* ldc) __attribute__((weak));
+// MKL's half-input GEMMs with fp32 output (CBLAS layout / transpose enums passed as their int values).
+void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                            int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
+                          int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+}
+
 namespace resnas {
 namespace {
 
+constexpr const char* kOpName = "ragged_linear";
 constexpr const char* kFwdName = "ext_ragged_linear_fwd";
 constexpr const char* kBwdName = "ext_ragged_linear_bwd";
 
@@ -130,16 +171,102 @@ inline double gelu_grad(double h) {
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
-// Argument checks (the Python op checks too; these guard direct torch.ops calls)
+// GEMM on raw pointers: C (m x n) = op(A) op(B) + beta C, every matrix row-major with its leading dimension
+// (op(A) = A^T when trans_a). fp32 / fp64: C has the inputs' type; fp16 / bf16: C is fp32.
+// ---------------------------------------------------------------------------------------------------------------------
+// Below C++20's std::make_unique_for_overwrite: uninitialised scratch memory from ATen's CPU allocator.
+template <typename T>
+class Scratch {
+ public:
+  explicit Scratch(int64_t n) : ptr_(c10::GetCPUAllocator()->allocate(std::max<int64_t>(n, 1) * sizeof(T))) {}
+  T* get() const { return static_cast<T*>(ptr_.get()); }
+
+ private:
+  c10::DataPtr ptr_;
+};
+
+inline int blas_int(int64_t v) {
+  TORCH_CHECK(v <= INT_MAX, "ragged_linear: a GEMM dimension of ", v, " does not fit the BLAS's 32-bit integers");
+  return static_cast<int>(v);
+}
+
+// The fallback when the BLAS symbols are absent: ATen's matmul on tensors wrapping the blocks (no operand copies
+// for fp32 / fp64). Costs a few dispatcher calls per GEMM, which the BLAS path avoids.
+template <typename in_t, typename out_t>
+void aten_gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const in_t* a, int64_t lda,
+               const in_t* b, int64_t ldb, out_t beta, out_t* c, int64_t ldc) {
+  const auto in_opts = at::TensorOptions().dtype(c10::CppTypeToScalarType<in_t>::value);
+  const auto out_type = c10::CppTypeToScalarType<out_t>::value;
+  at::Tensor A = at::from_blob(const_cast<in_t*>(a), {trans_a ? k : m, trans_a ? m : k}, {lda, 1}, in_opts);
+  at::Tensor B = at::from_blob(const_cast<in_t*>(b), {trans_b ? n : k, trans_b ? k : n}, {ldb, 1}, in_opts);
+  at::Tensor C = at::from_blob(c, {m, n}, {ldc, 1}, at::TensorOptions().dtype(out_type));
+  const at::Tensor product = at::mm((trans_a ? A.t() : A).to(out_type), (trans_b ? B.t() : B).to(out_type));
+  if (beta == out_t(0)) {
+    C.copy_(product);
+  } else {
+    C.mul_(beta).add_(product);
+  }
+}
+
+template <typename in_t, typename out_t>
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const in_t* a, int64_t lda, const in_t* b,
+          int64_t ldb, out_t beta, out_t* c, int64_t ldc) {
+  if (m == 0 || n == 0) return;
+  if (k == 0) {  // an empty product: C = beta C
+    for (int64_t i = 0; i < m; ++i) {
+      out_t* row = c + i * ldc;
+      for (int64_t j = 0; j < n; ++j) row[j] = beta == out_t(0) ? out_t(0) : beta * row[j];
+    }
+    return;
+  }
+  // Row-major C = op(A) op(B) is column-major C^T = op(B)^T op(A)^T: the same call with the operands swapped.
+  const int M = blas_int(n), N = blas_int(m), K = blas_int(k), LDA = blas_int(ldb), LDB = blas_int(lda),
+            LDC = blas_int(ldc);
+  const char TA = trans_b ? 'T' : 'N', TB = trans_a ? 'T' : 'N';
+  if constexpr (std::is_same_v<in_t, float> && std::is_same_v<out_t, float>) {
+    if (sgemm_ != nullptr) {
+      const float one = 1.0f;
+      sgemm_(&TA, &TB, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
+      return;
+    }
+  } else if constexpr (std::is_same_v<in_t, double>) {
+    if (dgemm_ != nullptr) {
+      const double one = 1.0;
+      dgemm_(&TA, &TB, &M, &N, &K, &one, b, &LDA, a, &LDB, &beta, c, &LDC);
+      return;
+    }
+  } else {
+    constexpr int kColMajor = 102, kNoTrans = 111, kTrans = 112;
+    const auto half_gemm = std::is_same_v<in_t, at::BFloat16> ? cblas_gemm_bf16bf16f32 : cblas_gemm_f16f16f32;
+    if (half_gemm != nullptr) {
+      half_gemm(kColMajor, trans_b ? kTrans : kNoTrans, trans_a ? kTrans : kNoTrans, M, N, K, 1.0f,
+                reinterpret_cast<const uint16_t*>(b), LDA, reinterpret_cast<const uint16_t*>(a), LDB, beta, c, LDC);
+      return;
+    }
+  }
+  aten_gemm<in_t, out_t>(trans_a, trans_b, m, n, k, a, lda, b, ldb, beta, c, ldc);
+}
+
+// rows x cols block of `value` at p (leading dimension ld).
+template <typename T>
+inline void fill_block(T* p, int64_t rows, int64_t cols, int64_t ld, T value) {
+  if (cols <= 0) return;
+  for (int64_t r = 0; r < rows; ++r) std::fill(p + r * ld, p + r * ld + cols, value);
+}
+
+// ---------------------------------------------------------------------------------------------------------------------
+// Kernel argument checks (the public op checks everything first, `check_public_args`; these guard direct calls of
+// the ext_* ops and read the widths' values)
 // ---------------------------------------------------------------------------------------------------------------------
 bool is_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
-void check_matrix(const at::Tensor& t, const char* name, const char* op) {
+inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
+
+void check_float_cpu(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(t.dim() == 2, op, ": ", name, " must be 2-D, got shape ", t.sizes());
   TORCH_CHECK(is_float(t.scalar_type()), op, ": ", name, " must be float32/float64/float16/bfloat16, got ",
               t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
@@ -149,57 +276,101 @@ struct Layout {
   GroupTable in;   // rows and k_g
   GroupTable out;  // rows and n_g
   int64_t rows, k_max, n_max, segments, seg_width, rows_per_sample;
+  std::vector<int64_t> out_shape;  // x's shape with N_max last
 };
 
-Layout check_layout(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef row_counts,
-                    c10::IntArrayRef in_widths, c10::IntArrayRef out_widths, int64_t segments, int64_t rows_per_sample,
-                    const std::optional<at::Tensor>& row_scale, const char* op) {
-  check_matrix(x, "x", op);
-  check_matrix(weight, "weight", op);
+// The values of a CPU widths tensor (any stride), each checked against [0, bound]; messages name the public
+// function's argument (`name`), as `resnas_kernels.ragged_linear` reports them. `segments` > 0: output widths, bound
+// by the segment width; else input widths, bound by K_max.
+std::vector<int64_t> width_values(const at::Tensor& widths, int64_t groups, int64_t bound, const at::Tensor& x,
+                                  const char* op, const char* arg, const char* name, int64_t segments = 0) {
+  check_widths_tensor(widths, groups, x, op, arg, "x");
+  const auto w = widths.accessor<int32_t, 1>();
+  std::vector<int64_t> values(groups);
+  for (int64_t g = 0; g < groups; ++g) {
+    values[g] = w[g];
+    TORCH_CHECK_VALUE(values[g] >= 0, op, ": ", name, "[", g, "]=", values[g], " must be >= 0");
+    if (segments > 0) {
+      TORCH_CHECK_VALUE(values[g] <= bound, op, ": ", name, "[", g, "]=", values[g], " exceeds the segment width ",
+                        bound, " (N_max=", bound * segments, " / segments=", segments, "); ", name, " (", arg,
+                        ") must lie in [0, ", bound, "]");
+    } else {
+      TORCH_CHECK_VALUE(values[g] <= bound, op, ": ", name, "[", g, "]=", values[g], " exceeds the maximum width ",
+                        bound, " of x; ", name, " (", arg, ") must lie in [0, ", bound, "]");
+    }
+  }
+  return values;
+}
+
+Layout check_layout(const at::Tensor& x, const at::Tensor& weight, c10::IntArrayRef sizes, const at::Tensor& in_widths,
+                    const at::Tensor& out_widths, int64_t segments, const std::optional<at::Tensor>& row_scale,
+                    const char* op) {
+  check_float_cpu(x, "x", op);
+  check_float_cpu(weight, "weight", op);
+  TORCH_CHECK(x.dim() >= 2, op, ": x must have at least 2 dims, got shape ", x.sizes());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D, got shape ", weight.sizes());
   TORCH_CHECK(weight.scalar_type() == x.scalar_type(), op, ": weight must have x's dtype ", x.scalar_type(),
               ", got ", weight.scalar_type());
-  TORCH_CHECK(weight.size(1) == x.size(1), op, ": weight must have shape (N_max, ", x.size(1),
-              ") (K_max = x.size(1)), got ", weight.sizes());
+  TORCH_CHECK(weight.size(1) == x.size(-1) && weight.size(1) >= 1, op, ": weight must have shape (N_max, ",
+              x.size(-1), ") (K_max = x.size(-1) >= 1), got ", weight.sizes());
   TORCH_CHECK(segments >= 1 && weight.size(0) % segments == 0, op, ": segments=", segments,
               " must be >= 1 and divide N_max = ", weight.size(0));
-  TORCH_CHECK(rows_per_sample >= 1, op, ": rows_per_sample must be >= 1, got ", rows_per_sample);
+  TORCH_CHECK(!sizes.empty(), op, ": sizes must name at least one group, got an empty list");
   Layout l;
-  l.rows = x.size(0);
-  l.k_max = x.size(1);
+  l.k_max = x.size(-1);
+  l.rows = x.numel() / l.k_max;
   l.n_max = weight.size(0);
   l.segments = segments;
   l.seg_width = l.n_max / segments;
-  l.rows_per_sample = rows_per_sample;
-  l.in = make_group_table(row_counts, in_widths, l.rows, l.k_max, op, "x");
-  l.out = make_group_table(row_counts, out_widths, l.rows, l.seg_width, op, "a weight segment (N_max / segments)");
-  if (row_scale.has_value() && row_scale->defined()) {
+  const int64_t batch = x.size(0);
+  l.rows_per_sample = batch > 0 && l.rows > 0 ? l.rows / batch : 1;
+  TORCH_CHECK(l.rows <= INT_MAX, op, ": ", l.rows, " rows do not fit the BLAS's 32-bit integers");
+  std::vector<int64_t> row_counts;
+  int64_t samples = 0;
+  for (const int64_t s : sizes) {
+    TORCH_CHECK_VALUE(s >= 0, op, ": sizes must be >= 0, got ", sizes);
+    row_counts.push_back(s * l.rows_per_sample);
+    samples += s;
+  }
+  TORCH_CHECK_VALUE(samples == batch, op, ": sum of group sizes (", samples, ", sizes=", sizes,
+                    ") must equal the batch size of x (dim 0: ", batch, ")");
+  const int64_t groups = static_cast<int64_t>(sizes.size());
+  const std::vector<int64_t> k = width_values(in_widths, groups, l.k_max, x, op, "in_widths", "in_groups.widths");
+  const std::vector<int64_t> n =
+      width_values(out_widths, groups, l.seg_width, x, op, "out_widths", "out_widths", segments);
+  l.in = make_group_table(row_counts, k, l.rows, l.k_max, op, "x");
+  l.out = make_group_table(row_counts, n, l.rows, l.seg_width, op, "a weight segment (N_max / segments)");
+  l.out_shape = x.sizes().vec();
+  l.out_shape.back() = l.n_max;
+  if (present(row_scale)) {
     const at::Tensor& s = *row_scale;
-    TORCH_CHECK(s.dim() == 1 && s.size(0) * rows_per_sample == l.rows, op, ": row_scale must have shape (",
-                l.rows / rows_per_sample, ",) (one scale per sample), got ", s.sizes());
+    TORCH_CHECK(s.dim() == 1 && s.size(0) == batch, op, ": row_scale must have shape (", batch,
+                ",) (one scale per sample), got ", s.sizes());
     TORCH_CHECK(s.scalar_type() == x.scalar_type() || s.scalar_type() == at::kFloat, op,
                 ": row_scale must have x's dtype or float32, got ", s.scalar_type());
-    TORCH_CHECK(s.device() == x.device(), op, ": row_scale must be on x's device");
+    TORCH_CHECK(s.device() == x.device() && s.is_contiguous(), op, ": row_scale must be contiguous, on x's device");
   }
   return l;
 }
 
 void check_like(const std::optional<at::Tensor>& t, const char* name, at::IntArrayRef shape, at::ScalarType dtype,
                 const char* op) {
-  if (!t.has_value() || !t->defined()) return;
-  check_matrix(*t, name, op);
+  if (!present(t)) return;
+  check_float_cpu(*t, name, op);
   TORCH_CHECK(t->sizes() == shape && t->scalar_type() == dtype, op, ": ", name, " must have shape ", shape,
               " and dtype ", dtype, ", got ", t->sizes(), " ", t->scalar_type());
 }
 
-inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
-
-// Per-sample scale as acc_t (row_scale is x's dtype or fp32): converted once, B values.
+// A float vector as acc_t values (bias: x's dtype; row_scale: x's dtype or fp32), converted once.
 template <typename acc_t>
-std::vector<acc_t> scales_of(const std::optional<at::Tensor>& row_scale) {
-  if (!present(row_scale)) return {};
-  const at::Tensor s = row_scale->to(c10::CppTypeToScalarType<acc_t>::value).contiguous();
-  const acc_t* p = s.const_data_ptr<acc_t>();
-  return std::vector<acc_t>(p, p + s.numel());
+std::vector<acc_t> values_of(const std::optional<at::Tensor>& t) {
+  if (!present(t)) return {};
+  std::vector<acc_t> out(static_cast<size_t>(t->numel()));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, t->scalar_type(), "ragged_linear", [&] {
+    const scalar_t* p = t->const_data_ptr<scalar_t>();
+    for (size_t i = 0; i < out.size(); ++i) out[i] = static_cast<acc_t>(p[i]);
+  });
+  return out;
 }
 
 // ---------------------------------------------------------------------------------------------------------------------
@@ -245,11 +416,7 @@ void run_tasks(const std::vector<double>& cost, const F& fn) {
   std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return cost[a] > cost[b]; });
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
   std::atomic<int64_t> next{0};
-  // The ATen calls inside run on OpenMP worker threads: give them the caller's thread-local state (grad mode and
-  // dispatch-key exclusions: the op runs below autograd, so mm_out must not see tensors' requires_grad).
-  const at::ThreadLocalState caller_state;
-  at::parallel_for(0, threads, 1, [&](int64_t begin, int64_t end) {
-    at::ThreadLocalStateGuard state_guard(caller_state);
+  at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) fn(order[i]);
   });
 }
@@ -263,10 +430,11 @@ struct FwdTask {
   int64_t g, row0, row1, c0, c1;
 };
 
-template <typename scalar_t, typename acc_t>
-void fwd_epilogue(const Layout& l, const FwdTask& t, bool has_gemm, const scalar_t* gemm_out, const acc_t* bias,
-                  const scalar_t* residual, const acc_t* scales, bool gelu_on, scalar_t* pre, scalar_t* y,
-                  acc_t* v) {
+// The GEMM output of row r is at gemm_out + (r - gemm_row0) * N_max (the output itself, or a scratch block).
+template <typename scalar_t, typename acc_t, typename gemm_t>
+void fwd_epilogue(const Layout& l, const FwdTask& t, bool has_gemm, const gemm_t* gemm_out, int64_t gemm_row0,
+                  const acc_t* bias, const scalar_t* residual, const acc_t* scales, bool gelu_on, scalar_t* pre,
+                  scalar_t* y, acc_t* v) {
   const int64_t n = t.c1 - t.c0, N = l.n_max, S = l.segments, seg = l.seg_width;
   const bool tails = t.c1 == l.out.widths[t.g];
   const int64_t tail0 = l.out.widths[t.g] - t.c0;  // first column beyond n_g, relative to c0
@@ -275,7 +443,7 @@ void fwd_epilogue(const Layout& l, const FwdTask& t, bool has_gemm, const scalar
     for (int64_t s = 0; s < S; ++s) {
       const int64_t off = row * N + s * seg + t.c0;
       if (has_gemm) {
-        const scalar_t* h = gemm_out + off;
+        const gemm_t* h = gemm_out + (row - gemm_row0) * N + s * seg + t.c0;
 #pragma omp simd
         for (int64_t j = 0; j < n; ++j) v[j] = static_cast<acc_t>(h[j]);
       } else {  // k_g = 0: the product is empty, only the bias remains
@@ -418,93 +586,133 @@ int64_t weight_tile_cols(int64_t row_tiles, int64_t k_max) {
   return ((k_max + parts - 1) / parts + 63) / 64 * 64;
 }
 
+// Dense call: every group with rows uses the whole weight (k_g = K_max, n_g = Nseg).
+bool is_dense(const Layout& l) {
+  if (l.rows == 0) return false;
+  for (int64_t g = 0; g < l.in.num_groups(); ++g) {
+    if (l.in.rows(g) > 0 && (l.in.widths[g] != l.k_max || l.out.widths[g] != l.seg_width)) return false;
+  }
+  return true;
+}
+
+template <typename scalar_t, typename acc_t>
+void fwd_kernel(const Layout& l, const scalar_t* x, const scalar_t* w, const acc_t* bias, const scalar_t* residual,
+                const acc_t* scales, bool gelu_on, scalar_t* pre, scalar_t* y) {
+  constexpr bool half = !std::is_same_v<scalar_t, acc_t>;
+  const int64_t N = l.n_max, K = l.k_max, S = l.segments, seg = l.seg_width;
+  // No GELU / residual / pre (fp32 / fp64): the GEMM accumulates onto y pre-filled with the bias, and only the tails
+  // beyond n_g are written after it. Saves a read + write pass over y, which on wide, short-K layers (S1: 65k rows x
+  // 768) cost ~40% on top of the GEMM.
+  const bool plain = !half && !gelu_on && residual == nullptr && pre == nullptr;
+  scalar_t* gemm_dst = pre != nullptr ? pre : y;  // fp32 / fp64: the pre-activation buffer when it is kept, else y
+  const auto epilogue_cost = [&](const FwdTask& t) {
+    return static_cast<double>(t.row1 - t.row0) * static_cast<double>(S) *
+           static_cast<double>((t.c1 - t.c0) + (t.c1 == l.out.widths[t.g] ? seg - l.out.widths[t.g] : 0));
+  };
+
+  if constexpr (!half) {
+    if (is_dense(l)) {  // one multithreaded GEMM over all rows (outside any parallel region), as F.linear
+      if (plain && bias != nullptr) {
+        for (int64_t r = 0; r < l.rows; ++r) std::copy(bias, bias + N, y + r * N);
+      }
+      gemm<scalar_t, acc_t>(false, true, l.rows, N, K, x, K, w, K, plain && bias != nullptr ? 1 : 0, gemm_dst, N);
+      if (plain) return;
+      std::vector<FwdTask> tasks;
+      std::vector<double> cost;
+      for (const RowTask& t : row_tasks(l, row_block(l.rows))) {
+        tasks.push_back({t.g, t.row0, t.row1, 0, seg});
+        cost.push_back(epilogue_cost(tasks.back()));
+      }
+      run_tasks(cost, [&](int64_t i) {
+        std::vector<acc_t> buf(static_cast<size_t>(seg));
+        fwd_epilogue<scalar_t, acc_t, scalar_t>(l, tasks[i], true, gemm_dst, 0, bias, residual, scales, gelu_on, pre,
+                                                y, buf.data());
+      });
+      return;
+    }
+  }
+
+  const std::vector<FwdTask> tasks = fwd_tasks(l);
+  std::vector<double> cost;
+  for (const FwdTask& t : tasks) {  // GEMM MACs plus the epilogue's elements
+    cost.push_back(static_cast<double>(t.row1 - t.row0) * static_cast<double>(S) *
+                       static_cast<double>(l.in.widths[t.g] * (t.c1 - t.c0)) + epilogue_cost(t));
+  }
+  run_tasks(cost, [&](int64_t i) {
+    const FwdTask& t = tasks[i];
+    const int64_t k = l.in.widths[t.g], n = l.out.widths[t.g], rows = t.row1 - t.row0;
+    const bool has_gemm = k > 0 && t.c1 > t.c0;
+    // A group of full segment width covers every segment contiguously: one GEMM over all of them (tiles with
+    // several segments always span all n_g columns).
+    const bool whole = S > 1 && n == seg;
+    const int64_t calls = whole ? 1 : S, width = whole ? N : t.c1 - t.c0;
+    const scalar_t* xb = x + t.row0 * K;
+    if constexpr (!half) {
+      if (has_gemm && plain) {
+        for (int64_t s = 0; s < calls; ++s) {
+          const int64_t col = s * seg + t.c0;
+          scalar_t* out = y + t.row0 * N + col;
+          if (bias != nullptr) {
+            for (int64_t r = 0; r < rows; ++r) std::copy(bias + col, bias + col + width, out + r * N);
+          }
+          gemm<scalar_t, acc_t>(false, true, rows, width, k, xb, K, w + col * K, K, bias != nullptr ? 1 : 0, out, N);
+        }
+        if (n < seg && t.c1 == n) {
+          for (int64_t s = 0; s < S; ++s) fill_block(y + t.row0 * N + s * seg + n, rows, seg - n, N, scalar_t(0));
+        }
+        return;
+      }
+    }
+    // The GEMM output: in place for fp32 / fp64, an fp32 scratch block of the tile's rows for half types.
+    Scratch<acc_t> block(half && has_gemm ? rows * N : 0);
+    acc_t* h = nullptr;
+    int64_t h_row0 = 0;
+    if constexpr (half) {
+      h = block.get();
+      h_row0 = t.row0;
+    } else {
+      h = gemm_dst;
+    }
+    if (has_gemm) {
+      for (int64_t s = 0; s < calls; ++s) {
+        const int64_t col = s * seg + t.c0;
+        gemm<scalar_t, acc_t>(false, true, rows, width, k, xb, K, w + col * K, K, 0, h + (t.row0 - h_row0) * N + col,
+                              N);
+      }
+    }
+    std::vector<acc_t> buf(static_cast<size_t>(std::max<int64_t>(t.c1 - t.c0, 1)));
+    fwd_epilogue<scalar_t, acc_t, acc_t>(l, t, has_gemm, h, h_row0, bias, residual, scales, gelu_on, pre, y,
+                                         buf.data());
+  });
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> ragged_linear_fwd_cpu(
     const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& row_scale,
-    c10::IntArrayRef row_counts, c10::IntArrayRef in_widths, c10::IntArrayRef out_widths, int64_t segments,
-    int64_t rows_per_sample, bool gelu_on, bool save_pre) {
-  const Layout l = check_layout(x, weight, row_counts, in_widths, out_widths, segments, rows_per_sample, row_scale,
-                                kFwdName);
+    const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& row_scale, c10::IntArrayRef sizes,
+    const at::Tensor& in_widths, const at::Tensor& out_widths, int64_t segments, bool gelu_on, bool save_pre) {
+  const Layout l = check_layout(x, weight, sizes, in_widths, out_widths, segments, row_scale, kFwdName);
   if (present(bias)) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == l.n_max && bias->scalar_type() == x.scalar_type() &&
-                    bias->device() == x.device(),
-                kFwdName, ": bias must be a (", l.n_max, ",) ", x.scalar_type(), " tensor on x's device, got ",
-                bias->sizes(), " ", bias->scalar_type());
+                    bias->device() == x.device() && bias->is_contiguous(),
+                kFwdName, ": bias must be a contiguous (", l.n_max, ",) ", x.scalar_type(),
+                " tensor on x's device, got ", bias->sizes(), " ", bias->scalar_type());
   }
-  check_like(residual, "residual", {l.rows, l.n_max}, x.scalar_type(), kFwdName);
+  check_like(residual, "residual", l.out_shape, x.scalar_type(), kFwdName);
   TORCH_CHECK(!present(row_scale) || present(residual), kFwdName, ": row_scale needs a residual");
 
-  at::Tensor y = at::empty({l.rows, l.n_max}, x.options());
-  at::Tensor pre = save_pre ? at::empty({l.rows, l.n_max}, x.options()) : at::empty({0}, x.options());
-  at::Tensor gemm_out = save_pre ? pre : y;  // the GEMM writes the pre-activation buffer when it is kept, else y
-  const std::vector<FwdTask> tasks = fwd_tasks(l);
-  std::vector<double> cost;
-  for (const FwdTask& t : tasks) {  // GEMM MACs plus the epilogue's elements
-    const double rows = static_cast<double>(t.row1 - t.row0);
-    cost.push_back(rows * static_cast<double>(l.segments) *
-                   (static_cast<double>(l.in.widths[t.g] * (t.c1 - t.c0)) + (t.c1 - t.c0) +
-                    (t.c1 == l.out.widths[t.g] ? l.seg_width - l.out.widths[t.g] : 0)));
-  }
+  at::Tensor y = at::empty(l.out_shape, x.options());
+  at::Tensor pre = save_pre ? at::empty(l.out_shape, x.options()) : at::empty({0}, x.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kFwdName, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const at::ScalarType acc_type = c10::CppTypeToScalarType<acc_t>::value;
-    const at::Tensor b = present(bias) ? bias->to(acc_type).contiguous() : at::Tensor();  // N_max values, once
-    const std::vector<acc_t> scales = scales_of<acc_t>(row_scale);
-    // fp16 / bf16 keep the epilogue path: it adds the bias in fp32 after the GEMM (one rounding).
-    const bool plain =
-        !gelu_on && !present(residual) && !save_pre && (!present(bias) || std::is_same_v<acc_t, scalar_t>);
-    run_tasks(cost, [&](int64_t i) {
-      const FwdTask& t = tasks[i];
-      const int64_t k = l.in.widths[t.g], n = l.out.widths[t.g], rows = t.row1 - t.row0;
-      const bool has_gemm = k > 0 && t.c1 > t.c0;
-      // A group of full segment width covers every segment contiguously: one GEMM over all of them (tiles with
-      // several segments always span all n_g columns).
-      const bool whole = l.segments > 1 && n == l.seg_width;
-      const int64_t calls = whole ? 1 : l.segments, width = whole ? l.n_max : t.c1 - t.c0;
-      if (has_gemm && plain) {
-        // No GELU / residual / pre: the GEMM writes y directly, the bias folded in as addmm's beta = 1 term, and
-        // only the tails beyond n_g are written afterwards. Saves a read + write pass over y, which on wide,
-        // short-K layers (S1: 65k rows x 768) cost ~40% on top of the GEMM.
-        const at::Tensor xb = x.narrow(0, t.row0, rows).narrow(1, 0, k);
-        for (int64_t s = 0; s < calls; ++s) {
-          const int64_t col = s * l.seg_width + t.c0;
-          at::Tensor out = y.narrow(0, t.row0, rows).narrow(1, col, width);
-          const at::Tensor ws = weight.narrow(0, col, width).narrow(1, 0, k).t();
-          if (present(bias)) {
-            at::addmm_out(out, bias->narrow(0, col, width).unsqueeze(0).expand({rows, width}), xb, ws);
-          } else {
-            at::mm_out(out, xb, ws);
-          }
-        }
-        if (n < l.seg_width && t.c1 == n) {
-          scalar_t* yp = y.mutable_data_ptr<scalar_t>();
-          for (int64_t row = t.row0; row < t.row1; ++row) {
-            for (int64_t s = 0; s < l.segments; ++s) {
-              scalar_t* o = yp + row * l.n_max + s * l.seg_width;
-              std::fill(o + n, o + l.seg_width, scalar_t(0));
-            }
-          }
-        }
-        return;
-      }
-      if (has_gemm) {
-        const at::Tensor xb = x.narrow(0, t.row0, rows).narrow(1, 0, k);
-        for (int64_t s = 0; s < calls; ++s) {
-          const int64_t col = s * l.seg_width + t.c0;
-          at::Tensor out = gemm_out.narrow(0, t.row0, rows).narrow(1, col, width);
-          at::mm_out(out, xb, weight.narrow(0, col, width).narrow(1, 0, k).t());
-        }
-      }
-      std::vector<acc_t> buf(static_cast<size_t>(std::max<int64_t>(t.c1 - t.c0, 1)));
-      fwd_epilogue<scalar_t, acc_t>(l, t, has_gemm, gemm_out.const_data_ptr<scalar_t>(),
-                                    b.defined() ? b.const_data_ptr<acc_t>() : nullptr,
-                                    present(residual) ? residual->const_data_ptr<scalar_t>() : nullptr,
-                                    scales.empty() ? nullptr : scales.data(), gelu_on,
-                                    save_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr,
-                                    y.mutable_data_ptr<scalar_t>(), buf.data());
-    });
+    const std::vector<acc_t> b = values_of<acc_t>(bias);  // N_max values, once
+    const std::vector<acc_t> scales = values_of<acc_t>(row_scale);
+    fwd_kernel<scalar_t, acc_t>(l, x.const_data_ptr<scalar_t>(), weight.const_data_ptr<scalar_t>(),
+                                b.empty() ? nullptr : b.data(),
+                                present(residual) ? residual->const_data_ptr<scalar_t>() : nullptr,
+                                scales.empty() ? nullptr : scales.data(), gelu_on,
+                                save_pre ? pre.mutable_data_ptr<scalar_t>() : nullptr, y.mutable_data_ptr<scalar_t>());
   });
   return {y, pre};
 }
@@ -514,43 +722,54 @@ namespace {
 // ---------------------------------------------------------------------------------------------------------------------
 // Backward
 // ---------------------------------------------------------------------------------------------------------------------
+template <typename scalar_t, typename acc_t>
 struct BwdArgs {
   const Layout& l;
-  const at::Tensor& dy;
-  const at::Tensor& x;
-  const at::Tensor& weight;
-  at::Tensor& dx;
-  at::Tensor& dw;  // acc dtype (fp32 for half types)
-  at::Tensor& db;  // fp64, N_max values or empty
-  bool has_bias, has_residual, write_dpre;
+  const scalar_t* dy;
+  const scalar_t* x;
+  const scalar_t* w;
+  scalar_t* dx;
+  acc_t* dw;   // N_max x K_max, acc dtype (an fp32 buffer for half types)
+  double* db;  // N_max fp64 sums, or null without a bias
+  bool has_residual, write_dpre;
 };
 
-// dx of one row block: sum over segments of dpre_s @ W_s into x's first k_g columns, zeros beyond k_g.
-// dps(c0, w) is the block's dpre on columns [c0, c0 + w) (a strided view). A group of full segment width reads all
-// segments as one GEMM (its dpre columns and W rows are contiguous then).
-template <typename DpsFn>
-void dx_block(const BwdArgs& a, const RowTask& t, const DpsFn& dps) {
+// dx of one row block: sum over segments of dpre_s @ W_s into x's first k_g columns, zeros beyond k_g. dps is the
+// block's dpre (or dy) at its first row, leading dimension ld. A group of full segment width reads all segments as
+// one GEMM (its dpre columns and W rows are contiguous then). Half types sum in an fp32 block, rounded once.
+template <typename scalar_t, typename acc_t>
+void dx_block(const BwdArgs<scalar_t, acc_t>& a, const RowTask& t, const scalar_t* dps, int64_t ld) {
+  constexpr bool half = !std::is_same_v<scalar_t, acc_t>;
   const Layout& l = a.l;
-  const int64_t k = l.in.widths[t.g], n = l.out.widths[t.g], rows = t.row1 - t.row0;
-  at::Tensor dxb = a.dx.narrow(0, t.row0, rows);
-  if (k == 0 || n == 0) {
-    dxb.zero_();  // no product: x gets no gradient from this group
+  const int64_t K = l.k_max, k = l.in.widths[t.g], n = l.out.widths[t.g], rows = t.row1 - t.row0;
+  scalar_t* dxb = a.dx + t.row0 * K;
+  if (k == 0 || n == 0) {  // no product: x gets no gradient from this group
+    fill_block(dxb, rows, K, K, scalar_t(0));
     return;
   }
-  at::Tensor dxk = dxb.narrow(1, 0, k);
+  Scratch<acc_t> block(half ? rows * k : 0);
+  acc_t* out = nullptr;
+  int64_t out_ld = K;
+  if constexpr (half) {
+    out = block.get();
+    out_ld = k;
+  } else {
+    out = dxb;
+  }
   if (n == l.seg_width) {
-    at::mm_out(dxk, dps(0, l.n_max), a.weight.narrow(1, 0, k));
+    gemm<scalar_t, acc_t>(false, false, rows, k, l.n_max, dps, ld, a.w, K, 0, out, out_ld);
   } else {
     for (int64_t s = 0; s < l.segments; ++s) {
-      const at::Tensor ws = a.weight.narrow(0, s * l.seg_width, n).narrow(1, 0, k);
-      if (s == 0) {
-        at::mm_out(dxk, dps(0, n), ws);
-      } else {
-        at::addmm_out(dxk, dxk, dps(s * l.seg_width, n), ws);
-      }
+      gemm<scalar_t, acc_t>(false, false, rows, k, n, dps + s * l.seg_width, ld, a.w + s * l.seg_width * K, K,
+                            s == 0 ? 0 : 1, out, out_ld);
     }
   }
-  if (k < l.k_max) dxb.narrow(1, k, l.k_max - k).zero_();
+  if constexpr (half) {
+    for (int64_t r = 0; r < rows; ++r) {
+      for (int64_t j = 0; j < k; ++j) dxb[r * K + j] = static_cast<scalar_t>(out[r * k + j]);
+    }
+  }
+  fill_block(dxb + k, rows, K - k, K, scalar_t(0));
 }
 
 // Cuts `cost` into `parts` contiguous runs of about equal total; returns the parts + 1 boundaries.
@@ -583,14 +802,14 @@ constexpr int64_t kFusedMaxWeight = int64_t(1) << 18;
 constexpr int64_t kFusedBlock = 256;
 constexpr int64_t kFusedChunks = 16;
 
-template <typename scalar_t, typename acc_t>
-void bwd_fused(const BwdArgs& a, const scalar_t* pre_p, const acc_t* scales, scalar_t* dres_p) {
+template <typename scalar_t>
+void bwd_fused(const BwdArgs<scalar_t, scalar_t>& a, const scalar_t* pre_p, const scalar_t* scales, scalar_t* dres_p) {
   const Layout& l = a.l;
   const int64_t N = l.n_max, K = l.k_max, S = l.segments, seg = l.seg_width;
   const std::vector<RowTask> blocks = row_tasks(l, kFusedBlock);
   if (blocks.empty()) {
-    a.dw.zero_();
-    if (a.has_bias) a.db.zero_();
+    std::fill(a.dw, a.dw + N * K, scalar_t(0));
+    if (a.db != nullptr) std::fill(a.db, a.db + N, 0.0);
     return;
   }
   std::vector<double> bcost;
@@ -604,56 +823,50 @@ void bwd_fused(const BwdArgs& a, const scalar_t* pre_p, const acc_t* scales, sca
   for (int64_t c = 0; c < chunks; ++c) {
     for (int64_t b = bounds[c]; b < bounds[c + 1]; ++b) ccost[c] += bcost[b];
   }
-  at::Tensor partial = at::empty({chunks, N, K}, a.dw.options());
-  std::vector<double> db_part(a.has_bias ? chunks * N : 0, 0.0);
-  const scalar_t* dy_p = a.dy.const_data_ptr<scalar_t>();
+  Scratch<scalar_t> partial(chunks * N * K);
+  std::vector<double> db_part(a.db != nullptr ? chunks * N : 0, 0.0);
   run_tasks(ccost, [&](int64_t c) {
-    at::Tensor part = partial[c];
-    part.zero_();  // here rather than at allocation: the owning thread touches its pages first
-    at::Tensor scratch = a.write_dpre ? at::empty({kFusedBlock, N}, a.x.options()) : at::Tensor();
-    scalar_t* scratch_p = a.write_dpre ? scratch.mutable_data_ptr<scalar_t>() : nullptr;
+    scalar_t* part = partial.get() + c * N * K;
+    std::fill(part, part + N * K, scalar_t(0));  // here rather than at allocation: the owning thread touches it first
+    Scratch<scalar_t> scratch(a.write_dpre ? kFusedBlock * N : 0);
     for (int64_t b = bounds[c]; b < bounds[c + 1]; ++b) {
       const RowTask& t = blocks[b];
       const int64_t k = l.in.widths[t.g], n = l.out.widths[t.g], rows = t.row1 - t.row0;
       if (a.has_residual || a.write_dpre) {
-        bwd_prologue<scalar_t, acc_t>(l, t, dy_p, pre_p, scales, dres_p, scratch_p, t.row0);
+        bwd_prologue<scalar_t, scalar_t>(l, t, a.dy, pre_p, scales, dres_p, a.write_dpre ? scratch.get() : nullptr,
+                                         t.row0);
       }
-      const at::Tensor src = a.write_dpre ? scratch.narrow(0, 0, rows) : a.dy.narrow(0, t.row0, rows);
-      const auto dps = [&](int64_t c0, int64_t w) { return src.narrow(1, c0, w); };
-      dx_block(a, t, dps);
+      const scalar_t* src = a.write_dpre ? scratch.get() : a.dy + t.row0 * N;  // row stride N either way
+      dx_block(a, t, src, N);
       if (n == 0) continue;
       if (k > 0) {
-        const at::Tensor xb = a.x.narrow(0, t.row0, rows).narrow(1, 0, k);
         for (int64_t s = 0; s < S; ++s) {
-          at::Tensor sub = part.narrow(0, s * seg, n).narrow(1, 0, k);
-          at::addmm_out(sub, sub, dps(s * seg, n).t(), xb);
+          gemm<scalar_t, scalar_t>(true, false, n, k, rows, src + s * seg, N, a.x + t.row0 * K, K, 1,
+                                   part + s * seg * K, K);
         }
       }
-      if (a.has_bias) {
-        const scalar_t* base = src.const_data_ptr<scalar_t>();
-        for (int64_t s = 0; s < S; ++s) column_sums(base + s * seg, rows, n, N, db_part.data() + c * N + s * seg);
+      if (a.db != nullptr) {
+        for (int64_t s = 0; s < S; ++s) column_sums(src + s * seg, rows, n, N, db_part.data() + c * N + s * seg);
       }
     }
   });
   // dW = sum of the partials in chunk order (each element the same order whatever the thread splitting W's rows).
-  acc_t* dw_p = a.dw.mutable_data_ptr<acc_t>();
-  const acc_t* part_p = partial.const_data_ptr<acc_t>();
+  const scalar_t* part_p = partial.get();
   at::parallel_for(0, N, 8, [&](int64_t r0, int64_t r1) {
     const int64_t len = (r1 - r0) * K;
-    acc_t* out = dw_p + r0 * K;
+    scalar_t* out = a.dw + r0 * K;
     std::copy(part_p + r0 * K, part_p + r0 * K + len, out);
     for (int64_t c = 1; c < chunks; ++c) {
-      const acc_t* p = part_p + c * N * K + r0 * K;
+      const scalar_t* p = part_p + c * N * K + r0 * K;
 #pragma omp simd
       for (int64_t i = 0; i < len; ++i) out[i] += p[i];
     }
   });
-  if (a.has_bias) {
-    double* dbp = a.db.mutable_data_ptr<double>();
+  if (a.db != nullptr) {
     for (int64_t j = 0; j < N; ++j) {
       double v = 0;
       for (int64_t c = 0; c < chunks; ++c) v += db_part[c * N + j];
-      dbp[j] = v;
+      a.db[j] = v;
     }
   }
 }
@@ -665,43 +878,39 @@ void bwd_fused(const BwdArgs& a, const scalar_t* pre_p, const acc_t* scales, sca
 //   running column sums over the rows in order). Without GELU / row scale dpre is dy itself (one GEMM per group over
 //   all its rows); with them the tile forms its strip of dpre for kStripRows rows at a time in a scratch block and
 //   adds one GEMM per strip. The strips recompute gelu' once more (dx computed it too), which is cheaper than
-//   writing and re-reading a rows x N_max dpre buffer. fp16 / bf16: each product is formed by BLAS in the input
-//   dtype and added to the fp32 tile (one rounding per group or strip).
+//   writing and re-reading a rows x N_max dpre buffer. fp16 / bf16 products accumulate into the fp32 tile.
 constexpr int64_t kStripRows = 2048;  // a group of up to 2048 rows is one GEMM per tile (S3: 1088 rows)
 
 template <typename scalar_t, typename acc_t>
-void bwd_tiled(const BwdArgs& a, const scalar_t* pre_p, const acc_t* scales, scalar_t* dres_p) {
+void bwd_tiled(const BwdArgs<scalar_t, acc_t>& a, const scalar_t* pre_p, const acc_t* scales, scalar_t* dres_p) {
   const Layout& l = a.l;
-  const bool half = a.dw.scalar_type() != a.x.scalar_type();
-  const scalar_t* dy_p = a.dy.const_data_ptr<scalar_t>();
+  const int64_t N = l.n_max, K = l.k_max;
 
   const std::vector<RowTask> tasks = row_tasks(l, row_block(l.rows));
   std::vector<double> cost;
   for (const RowTask& t : tasks) {
     const double rows = static_cast<double>(t.row1 - t.row0);
-    cost.push_back(rows * (static_cast<double>(l.in.widths[t.g] * l.out.widths[t.g] * l.segments) + l.n_max +
-                           l.k_max));
+    cost.push_back(rows * (static_cast<double>(l.in.widths[t.g] * l.out.widths[t.g] * l.segments) + N + K));
   }
   const auto dx_task = [&](int64_t i) {
     const RowTask& t = tasks[i];
     const int64_t rows = t.row1 - t.row0;
-    at::Tensor scratch = a.write_dpre ? at::empty({rows, l.n_max}, a.x.options()) : at::Tensor();
+    Scratch<scalar_t> scratch(a.write_dpre ? rows * N : 0);
     if (a.has_residual || a.write_dpre) {
-      bwd_prologue<scalar_t, acc_t>(l, t, dy_p, pre_p, scales, dres_p,
-                                    a.write_dpre ? scratch.mutable_data_ptr<scalar_t>() : nullptr, t.row0);
+      bwd_prologue<scalar_t, acc_t>(l, t, a.dy, pre_p, scales, dres_p, a.write_dpre ? scratch.get() : nullptr,
+                                    t.row0);
     }
-    const at::Tensor src = a.write_dpre ? scratch : a.dy.narrow(0, t.row0, rows);
-    dx_block(a, t, [&](int64_t c0, int64_t w) { return src.narrow(1, c0, w); });
+    dx_block(a, t, a.write_dpre ? scratch.get() : a.dy + t.row0 * N, N);
   };
 
   std::vector<WeightTask> wtasks;
   std::vector<double> wcost;
   const int64_t tile_rows = weight_tile_rows(l.segments, l.seg_width);
-  const int64_t tile_cols = weight_tile_cols(l.segments * ((l.seg_width + tile_rows - 1) / tile_rows), l.k_max);
+  const int64_t tile_cols = weight_tile_cols(l.segments * ((l.seg_width + tile_rows - 1) / tile_rows), K);
   for (int64_t s = 0; s < l.segments; ++s) {
     for (int64_t j0 = 0; j0 < l.seg_width; j0 += tile_rows) {
-      for (int64_t c0 = 0; c0 < l.k_max; c0 += tile_cols) {
-        WeightTask t{s, j0, std::min(j0 + tile_rows, l.seg_width), c0, std::min(c0 + tile_cols, l.k_max)};
+      for (int64_t c0 = 0; c0 < K; c0 += tile_cols) {
+        WeightTask t{s, j0, std::min(j0 + tile_rows, l.seg_width), c0, std::min(c0 + tile_cols, K)};
         double c = 1;
         for (int64_t g = 0; g < l.in.num_groups(); ++g) {
           const int64_t n = std::min(l.out.widths[g], t.j1) - t.j0, k = std::min(l.in.widths[g], t.c1) - t.c0;
@@ -718,11 +927,11 @@ void bwd_tiled(const BwdArgs& a, const scalar_t* pre_p, const acc_t* scales, sca
   const auto dw_task = [&](int64_t i) {
     const WeightTask& t = wtasks[i];
     const int64_t w0 = t.s * l.seg_width + t.j0;  // first row of W in this tile
-    at::Tensor tile = a.dw.narrow(0, w0, t.j1 - t.j0).narrow(1, t.c0, t.c1 - t.c0);
-    tile.zero_();
-    double* dbp = a.has_bias && t.c0 == 0 ? a.db.mutable_data_ptr<double>() + w0 : nullptr;
+    acc_t* tile = a.dw + w0 * K + t.c0;
+    fill_block(tile, t.j1 - t.j0, t.c1 - t.c0, K, acc_t(0));
+    double* dbp = a.db != nullptr && t.c0 == 0 ? a.db + w0 : nullptr;
     if (dbp != nullptr) std::fill(dbp, dbp + (t.j1 - t.j0), 0.0);
-    at::Tensor strip;
+    std::optional<Scratch<scalar_t>> strip;
     for (int64_t g = 0; g < l.in.num_groups(); ++g) {
       const int64_t rows = l.in.rows(g), row0 = l.in.row_start[g];
       const int64_t n = std::min(l.out.widths[g], t.j1) - t.j0, k = std::min(l.in.widths[g], t.c1) - t.c0;
@@ -731,24 +940,18 @@ void bwd_tiled(const BwdArgs& a, const scalar_t* pre_p, const acc_t* scales, sca
       const int64_t parts = a.write_dpre ? (rows + kStripRows - 1) / kStripRows : 1;
       for (int64_t p = 0; p < parts; ++p) {
         const int64_t r0 = row0 + rows * p / parts, r1 = row0 + rows * (p + 1) / parts;
-        at::Tensor dps;
+        const scalar_t* dps = nullptr;
+        int64_t ld = N;
         if (a.write_dpre) {
-          if (!strip.defined()) strip = at::empty({strip_rows * (t.j1 - t.j0)}, a.x.options());
-          dps = strip.narrow(0, 0, (r1 - r0) * n).view({r1 - r0, n});
-          dpre_strip<scalar_t, acc_t>(l, r0, r1, w0, n, dy_p, pre_p, scales, dps.mutable_data_ptr<scalar_t>());
+          if (!strip) strip.emplace(strip_rows * (t.j1 - t.j0));
+          dpre_strip<scalar_t, acc_t>(l, r0, r1, w0, n, a.dy, pre_p, scales, strip->get());
+          dps = strip->get();
+          ld = n;
         } else {
-          dps = a.dy.narrow(0, r0, r1 - r0).narrow(1, w0, n);
+          dps = a.dy + r0 * N + w0;
         }
-        if (k > 0) {
-          const at::Tensor xg = a.x.narrow(0, r0, r1 - r0).narrow(1, t.c0, k);
-          at::Tensor sub = tile.narrow(0, 0, n).narrow(1, 0, k);
-          if (half) {
-            sub.add_(at::mm(dps.t(), xg));
-          } else {
-            at::addmm_out(sub, sub, dps.t(), xg);
-          }
-        }
-        if (dbp != nullptr) column_sums(dps.const_data_ptr<scalar_t>(), r1 - r0, n, dps.stride(0), dbp);
+        if (k > 0) gemm<scalar_t, acc_t>(true, false, n, k, r1 - r0, dps, ld, a.x + r0 * K + t.c0, K, 1, tile, K);
+        if (dbp != nullptr) column_sums(dps, r1 - r0, n, ld, dbp);
       }
     }
   };
@@ -759,57 +962,284 @@ void bwd_tiled(const BwdArgs& a, const scalar_t* pre_p, const acc_t* scales, sca
   run_tasks(all, [&](int64_t i) { i < nx ? dx_task(i) : dw_task(i - nx); });
 }
 
+template <typename scalar_t>
+void bwd_kernel(const Layout& l, const at::Tensor& dy, const at::Tensor& x, const at::Tensor& weight,
+                const std::optional<at::Tensor>& pre, const std::optional<at::Tensor>& row_scale, bool gelu_on,
+                bool has_bias, bool has_residual, at::Tensor& dx, at::Tensor& dw, at::Tensor& db, at::Tensor& dres) {
+  using acc_t = at::opmath_type<scalar_t>;
+  constexpr bool half = !std::is_same_v<scalar_t, acc_t>;
+  const std::vector<acc_t> scales = values_of<acc_t>(row_scale);
+  const acc_t* sp = scales.empty() ? nullptr : scales.data();
+  const scalar_t* pre_p = gelu_on ? pre->const_data_ptr<scalar_t>() : nullptr;
+  scalar_t* dres_p = has_residual ? dres.mutable_data_ptr<scalar_t>() : nullptr;
+  // fp32 accumulator for half types (products accumulate in fp32, one rounding at the end); fp32 / fp64 in place.
+  Scratch<acc_t> dw_acc(half ? l.n_max * l.k_max : 0);
+  std::vector<double> db_sum(has_bias ? l.n_max : 0);
+  acc_t* dw_p = nullptr;
+  if constexpr (half) {
+    dw_p = dw_acc.get();
+  } else {
+    dw_p = dw.mutable_data_ptr<scalar_t>();
+  }
+  const BwdArgs<scalar_t, acc_t> args{l, dy.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(),
+                                      weight.const_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(), dw_p,
+                                      has_bias ? db_sum.data() : nullptr, has_residual,
+                                      gelu_on || present(row_scale)};
+  if constexpr (!half) {
+    if (l.n_max * l.k_max <= kFusedMaxWeight) {
+      bwd_fused<scalar_t>(args, pre_p, sp, dres_p);
+    } else {
+      bwd_tiled<scalar_t, acc_t>(args, pre_p, sp, dres_p);
+    }
+  } else {
+    bwd_tiled<scalar_t, acc_t>(args, pre_p, sp, dres_p);
+    scalar_t* out = dw.mutable_data_ptr<scalar_t>();
+    at::parallel_for(0, l.n_max * l.k_max, 4096, [&](int64_t i0, int64_t i1) {
+      for (int64_t i = i0; i < i1; ++i) out[i] = static_cast<scalar_t>(dw_p[i]);
+    });
+  }
+  scalar_t* dbp = has_bias ? db.mutable_data_ptr<scalar_t>() : nullptr;
+  for (size_t j = 0; j < db_sum.size(); ++j) dbp[j] = static_cast<scalar_t>(db_sum[j]);
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> ragged_linear_bwd_cpu(
     const at::Tensor& dy_in, const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& pre,
-    const std::optional<at::Tensor>& row_scale, c10::IntArrayRef row_counts, c10::IntArrayRef in_widths,
-    c10::IntArrayRef out_widths, int64_t segments, int64_t rows_per_sample, bool gelu_on, bool has_bias,
-    bool has_residual) {
-  const Layout l = check_layout(x, weight, row_counts, in_widths, out_widths, segments, rows_per_sample, row_scale,
-                                kBwdName);
+    const std::optional<at::Tensor>& row_scale, c10::IntArrayRef sizes, const at::Tensor& in_widths,
+    const at::Tensor& out_widths, int64_t segments, bool gelu_on, bool has_bias, bool has_residual) {
+  const Layout l = check_layout(x, weight, sizes, in_widths, out_widths, segments, row_scale, kBwdName);
+  TORCH_CHECK(dy_in.defined(), kBwdName, ": dy must be a tensor, got None");
   const at::Tensor dy = dy_in.contiguous();
-  check_like(dy, "dy", {l.rows, l.n_max}, x.scalar_type(), kBwdName);
+  check_like(dy, "dy", l.out_shape, x.scalar_type(), kBwdName);
   TORCH_CHECK(!gelu_on || present(pre), kBwdName, ": gelu=True needs the saved pre-activation `pre`");
-  if (gelu_on) check_like(pre, "pre", {l.rows, l.n_max}, x.scalar_type(), kBwdName);
+  if (gelu_on) check_like(pre, "pre", l.out_shape, x.scalar_type(), kBwdName);
 
-  const bool half = x.scalar_type() == at::kHalf || x.scalar_type() == at::kBFloat16;
-  at::Tensor dres = has_residual ? at::empty({l.rows, l.n_max}, x.options()) : at::empty({0}, x.options());
-  at::Tensor dx = at::empty({l.rows, l.k_max}, x.options());
-  // fp32 accumulator for half types (each group's product is added with one rounding); fp32 / fp64 in place.
-  at::Tensor dw = at::empty({l.n_max, l.k_max}, x.options().dtype(half ? at::kFloat : x.scalar_type()));
-  at::Tensor db = at::empty({has_bias ? l.n_max : 0}, x.options().dtype(at::kDouble));
-  const BwdArgs args{l, dy, x, weight, dx, dw, db, has_bias, has_residual, gelu_on || present(row_scale)};
-
+  at::Tensor dres = has_residual ? at::empty(l.out_shape, x.options()) : at::empty({0}, x.options());
+  at::Tensor dx = at::empty(x.sizes(), x.options());
+  at::Tensor dw = at::empty({l.n_max, l.k_max}, weight.options());
+  at::Tensor db = at::empty({has_bias ? l.n_max : 0}, weight.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kBwdName, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<acc_t> scales = scales_of<acc_t>(row_scale);
-    const acc_t* sp = scales.empty() ? nullptr : scales.data();
-    const scalar_t* pre_p = gelu_on ? pre->const_data_ptr<scalar_t>() : nullptr;
-    scalar_t* dres_p = has_residual ? dres.mutable_data_ptr<scalar_t>() : nullptr;
-    if (!half && l.n_max * l.k_max <= kFusedMaxWeight) {
-      bwd_fused<scalar_t, acc_t>(args, pre_p, sp, dres_p);
-    } else {
-      bwd_tiled<scalar_t, acc_t>(args, pre_p, sp, dres_p);
-    }
+    bwd_kernel<scalar_t>(l, dy, x, weight, pre, row_scale, gelu_on, has_bias, has_residual, dx, dw, db, dres);
   });
-  return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type()), dres};
+  return {dx, dw, db, dres};
 }
 
+// ---------------------------------------------------------------------------------------------------------------------
+// The public op: argument checks, autograd, registration
+// ---------------------------------------------------------------------------------------------------------------------
+namespace {
+
+// "torch.float32", as Python prints dtypes (the messages match resnas_kernels.ops.ragged_linear's).
+std::string dtype_name(at::ScalarType t) { return "torch." + std::string(c10::getDtypeNames(t).first); }
+
+// "(4, 3, 6)" / "(6,)", as Python prints shapes.
+std::string shape_str(c10::IntArrayRef shape) {
+  std::ostringstream s;
+  s << "(";
+  for (size_t i = 0; i < shape.size(); ++i) s << (i ? ", " : "") << shape[i];
+  s << (shape.size() == 1 ? ",)" : ")");
+  return s.str();
+}
+
+void check_public_float(const at::Tensor& t, const char* name, int64_t min_dim) {
+  TORCH_CHECK_TYPE(is_float(t.scalar_type()), name, " must have dtype in ['torch.float32', 'torch.float16', "
+                   "'torch.bfloat16', 'torch.float64'], got ", dtype_name(t.scalar_type()));
+  TORCH_CHECK_VALUE(t.dim() >= min_dim, name, " must have at least ", min_dim, " dims, got shape ",
+                    shape_str(t.sizes()));
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (shape ", shape_str(t.sizes()), ", strides ",
+                    shape_str(t.strides()), "); call .contiguous() first");
+}
+
+void check_same_device(const at::Tensor& x, const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device() == x.device(), name, " must be on the same device as x: x is on ", x.device(), ", ",
+                    name, " is on ", t.device());
+}
+
+// Everything `resnas_kernels.ragged_linear` promises to check, with its messages; no widths values are read (the
+// kernels read and check those: CPU tensors here). Returns whether the activation is GELU.
+bool check_public_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                       const std::optional<at::Tensor>& residual, const std::optional<at::Tensor>& row_scale,
+                       c10::IntArrayRef sizes, const at::Tensor& in_widths, const at::Tensor& out_widths,
+                       int64_t segments, std::optional<c10::string_view> activation) {
+  check_public_float(x, "x", 2);
+  TORCH_CHECK_VALUE(segments >= 1, "segments must be an int >= 1, got ", segments);
+  const int64_t k_max = x.size(-1);
+  TORCH_CHECK_VALUE(weight.dim() == 2 && weight.size(1) == k_max && weight.size(0) >= 1 && weight.size(1) >= 1,
+                    "weight must have shape (N_max >= 1, K_max) with K_max = x.shape[-1] = ", k_max,
+                    " >= 1, got ", shape_str(weight.sizes()));
+  TORCH_CHECK_TYPE(weight.scalar_type() == x.scalar_type(), "weight must have x's dtype ",
+                   dtype_name(x.scalar_type()), ", got ", dtype_name(weight.scalar_type()),
+                   " (cast it before the call)");
+  check_same_device(x, weight, "weight");
+  TORCH_CHECK_VALUE(weight.is_contiguous(), "weight must be contiguous (row-major (N_max, K_max)), got strides ",
+                    shape_str(weight.strides()));
+  const int64_t n_max = weight.size(0);
+  TORCH_CHECK_VALUE(n_max % segments == 0, "segments=", segments, " must divide N_max = weight.shape[0] = ", n_max);
+  if (present(bias)) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n_max, "bias must have shape (", n_max,
+                      ",) (N_max = weight.shape[0]), got ", shape_str(bias->sizes()));
+    TORCH_CHECK_TYPE(bias->scalar_type() == x.scalar_type(), "bias must have x's dtype ", dtype_name(x.scalar_type()),
+                     ", got ", dtype_name(bias->scalar_type()));
+    check_same_device(x, *bias, "bias");
+    TORCH_CHECK_VALUE(bias->is_contiguous(), "bias must be contiguous");
+  }
+  TORCH_CHECK_VALUE(!sizes.empty(), "sizes must name at least one group, got an empty sequence");
+  int64_t samples = 0;
+  for (size_t g = 0; g < sizes.size(); ++g) {
+    TORCH_CHECK_VALUE(sizes[g] >= 0, "sizes[", g, "] must be >= 0, got ", sizes[g]);
+    samples += sizes[g];
+  }
+  TORCH_CHECK_VALUE(samples == x.size(0), "sum of group sizes (", samples, ", sizes=", shape_str(sizes),
+                    ") must equal the batch size of x (dim 0: ", x.size(0), ")");
+  const int64_t groups = static_cast<int64_t>(sizes.size());
+  check_widths_tensor(in_widths, groups, x, kOpName, "in_widths", "x");
+  check_widths_tensor(out_widths, groups, x, kOpName, "out_widths", "x");
+  if (present(residual)) {
+    check_public_float(*residual, "residual", 2);
+    check_same_device(x, *residual, "residual");
+    std::vector<int64_t> out_shape = x.sizes().vec();
+    out_shape.back() = n_max;
+    TORCH_CHECK_VALUE(residual->sizes() == c10::IntArrayRef(out_shape) && residual->scalar_type() == x.scalar_type(),
+                      "residual must have the output's shape ", shape_str(out_shape), " and x's dtype ",
+                      dtype_name(x.scalar_type()), ", got ", shape_str(residual->sizes()), " ",
+                      dtype_name(residual->scalar_type()));
+  }
+  if (present(row_scale)) {
+    TORCH_CHECK_VALUE(row_scale->dim() == 1 && row_scale->size(0) == x.size(0), "row_scale must have shape (",
+                      x.size(0), ",) (one scale per sample), got ", shape_str(row_scale->sizes()));
+    TORCH_CHECK_TYPE(row_scale->scalar_type() == x.scalar_type() || row_scale->scalar_type() == at::kFloat,
+                     "row_scale must have dtype ", dtype_name(x.scalar_type()), " or torch.float32, got ",
+                     dtype_name(row_scale->scalar_type()));
+    check_same_device(x, *row_scale, "row_scale");
+    TORCH_CHECK_VALUE(row_scale->is_contiguous(), "row_scale must be contiguous");
+  }
+  const bool gelu_on = activation.has_value() && *activation == "gelu";
+  TORCH_CHECK_VALUE(!activation.has_value() || gelu_on, "activation must be None or 'gelu', got '",
+                    activation.has_value() ? std::string(*activation) : std::string(), "'");
+  if (present(row_scale)) {
+    TORCH_CHECK_VALUE(present(residual),
+                      "row_scale needs a residual: it scales the branch added to the residual (drop-path)");
+    TORCH_CHECK_VALUE(!row_scale->requires_grad(),
+                      "row_scale must not require grad: ragged_linear treats it as a constant (detach it)");
+  }
+  return gelu_on;
+}
+
+using FwdFn = std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                                 const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                                 c10::IntArrayRef, const at::Tensor&, const at::Tensor&, int64_t, bool,
+                                                 bool);
+using BwdFn = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+    const at::Tensor&, const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+    const std::optional<at::Tensor>&, c10::IntArrayRef, const at::Tensor&, const at::Tensor&, int64_t, bool, bool,
+    bool);
+
+// The kernels through the dispatcher: a fake tensor (torch.compile) reaches their Python fake implementations.
+const c10::TypedOperatorHandle<FwdFn>& fwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("resnas::ext_ragged_linear_fwd", "").typed<FwdFn>();
+  return op;
+}
+
+const c10::TypedOperatorHandle<BwdFn>& bwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton().findSchemaOrThrow("resnas::ext_ragged_linear_bwd", "").typed<BwdFn>();
+  return op;
+}
+
+class RaggedLinearFunction : public torch::autograd::Function<RaggedLinearFunction> {
+ public:
+  static at::Tensor forward(torch::autograd::AutogradContext* ctx, const at::Tensor& x, const at::Tensor& weight,
+                            const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                            const std::optional<at::Tensor>& row_scale, c10::IntArrayRef sizes,
+                            const at::Tensor& in_widths, const at::Tensor& out_widths, int64_t segments, bool gelu_on) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    // GELU's backward needs its input: saved (one store of the output's size) rather than recomputed (a GEMM).
+    auto [y, pre] = fwd_op().call(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments,
+                                  gelu_on, gelu_on);
+    ctx->save_for_backward({x, weight, pre, present(row_scale) ? *row_scale : at::Tensor(), in_widths, out_widths});
+    ctx->saved_data["sizes"] = sizes.vec();
+    ctx->saved_data["segments"] = segments;
+    ctx->saved_data["gelu"] = gelu_on;
+    ctx->saved_data["has_bias"] = present(bias);
+    ctx->saved_data["has_residual"] = present(residual);
+    return y;
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    TORCH_CHECK(!at::GradMode::is_enabled(), "ragged_linear: double backward is not supported");
+    const auto saved = ctx->get_saved_variables();
+    const bool gelu_on = ctx->saved_data["gelu"].toBool();
+    const bool has_bias = ctx->saved_data["has_bias"].toBool();
+    const bool has_residual = ctx->saved_data["has_residual"].toBool();
+    const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
+    const std::optional<at::Tensor> pre = gelu_on ? std::optional<at::Tensor>(saved[2]) : std::nullopt;
+    const std::optional<at::Tensor> row_scale = saved[3].defined() ? std::optional<at::Tensor>(saved[3]) : std::nullopt;
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dx, dw, db, dres] = bwd_op().call(grads[0], saved[0], saved[1], pre, row_scale, sizes, saved[4], saved[5],
+                                            ctx->saved_data["segments"].toInt(), gelu_on, has_bias, has_residual);
+    // One gradient per forward argument: x, weight, bias, residual; none for row_scale and the metadata.
+    return {dx, dw, has_bias ? db : at::Tensor(), has_residual ? dres : at::Tensor(), at::Tensor(), at::Tensor(),
+            at::Tensor(), at::Tensor(), at::Tensor(), at::Tensor()};
+  }
+};
+
+bool requires_grad(const std::optional<at::Tensor>& t) { return present(t) && t->requires_grad(); }
+
+at::Tensor ragged_linear_autograd(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                                  const std::optional<at::Tensor>& residual,
+                                  const std::optional<at::Tensor>& row_scale, c10::IntArrayRef sizes,
+                                  const at::Tensor& in_widths, const at::Tensor& out_widths, int64_t segments,
+                                  std::optional<c10::string_view> activation) {
+  const bool gelu_on =
+      check_public_args(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments, activation);
+  if (!at::GradMode::is_enabled() ||
+      !(x.requires_grad() || weight.requires_grad() || requires_grad(bias) || requires_grad(residual))) {
+    at::AutoDispatchBelowADInplaceOrView guard;  // no autograd node to record
+    return std::get<0>(fwd_op().call(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments,
+                                     gelu_on, false));
+  }
+  return RaggedLinearFunction::apply(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments,
+                                     gelu_on);
+}
+
+// Below autograd (inference mode, or a trace that has already handled autograd): the checks and the forward.
+at::Tensor ragged_linear_forward_only(const at::Tensor& x, const at::Tensor& weight,
+                                      const std::optional<at::Tensor>& bias, const std::optional<at::Tensor>& residual,
+                                      const std::optional<at::Tensor>& row_scale, c10::IntArrayRef sizes,
+                                      const at::Tensor& in_widths, const at::Tensor& out_widths, int64_t segments,
+                                      std::optional<c10::string_view> activation) {
+  const bool gelu_on =
+      check_public_args(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments, activation);
+  return std::get<0>(fwd_op().call(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments,
+                                   gelu_on, false));
+}
+
+}  // namespace
 }  // namespace resnas
 
 TORCH_LIBRARY_FRAGMENT(resnas, m) {
   m.def(
-      "ext_ragged_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? row_scale, "
-      "int[] row_counts, int[] in_widths, int[] out_widths, int segments, int rows_per_sample, bool gelu, "
-      "bool save_pre) -> (Tensor, Tensor)");
+      "ragged_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? row_scale, int[] sizes, "
+      "Tensor in_widths, Tensor out_widths, int segments=1, str? activation=None) -> Tensor");
   m.def(
-      "ext_ragged_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor? pre, Tensor? row_scale, int[] row_counts, "
-      "int[] in_widths, int[] out_widths, int segments, int rows_per_sample, bool gelu, bool has_bias, "
-      "bool has_residual) -> (Tensor, Tensor, Tensor, Tensor)");
+      "ext_ragged_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? row_scale, "
+      "int[] sizes, Tensor in_widths, Tensor out_widths, int segments, bool gelu, bool save_pre) -> (Tensor, Tensor)");
+  m.def(
+      "ext_ragged_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor? pre, Tensor? row_scale, int[] sizes, "
+      "Tensor in_widths, Tensor out_widths, int segments, bool gelu, bool has_bias, bool has_residual) "
+      "-> (Tensor, Tensor, Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(resnas, CPU, m) {
   m.impl("ext_ragged_linear_fwd", &resnas::ragged_linear_fwd_cpu);
   m.impl("ext_ragged_linear_bwd", &resnas::ragged_linear_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(resnas, Autograd, m) { m.impl("ragged_linear", &resnas::ragged_linear_autograd); }
+
+TORCH_LIBRARY_IMPL(resnas, CompositeExplicitAutograd, m) {
+  m.impl("ragged_linear", &resnas::ragged_linear_forward_only);
 }

@@ -3,24 +3,34 @@
     y[rows of g, s*Nseg : s*Nseg + n_g] = epilogue(x[rows of g, :k_g] @ W[s*Nseg : s*Nseg + n_g, :k_g]^T + b[...])
 
 Spec: `resnas_kernels.reference.ragged_linear` (the oracle). This file holds the whole op: Triton kernels and
-launchers, the bridge to the C++ CPU kernel (csrc/cpu/ragged_linear.cpp), the `torch.library` custom ops with their
-fake implementations and autograd, and the public function.
+launchers, the explicit PyTorch backend, the fake implementations of the C++ kernels (csrc/cpu/ragged_linear.cpp),
+the `torch.library` custom ops of the Python backends with their fake implementations and autograd, and the public
+function.
 
 Backends: reference | triton | cpu. (No CUDA C++ kernel: on CUDA tensors the Triton kernels are the fast path.)
+- cpu: the public function makes one call, `torch.ops.resnas.ragged_linear`, registered in C++ with its argument
+  checks and autograd (one dispatcher hop; no Python between the call and the kernels).
+- reference / triton: the Python custom op `resnas::ragged_linear_fwd` (checks, autograd) over the kernels below.
+
+Metadata: the group sizes are static host ints; the widths k_g / n_g are int32 (G,) tensors on x's device (host
+widths are turned into cached device copies). No backend reads them on the host for CUDA tensors: grids come from
+the static bounds and the kernels clamp each width to [0, K_max] / [0, Nseg], so no width addresses memory outside
+the tensors. CPU widths are read (free) and checked on the host with the errors of the public function.
 
 Triton kernels (all deterministic, no atomics anywhere):
-- forward: tile-list scheduling. The host builds, once per (metadata, tile size), an int32 table of
-  (group, first row, first output column) tiles, busy tiles first, then "idle" tiles that lie entirely beyond n_g and
-  only store zeros (the contract needs those zeros; storing them is cheaper than a separate memset launch). Tiles
-  never straddle a group's rows or a segment's columns. fp32 accumulation; epilogue bias -> pre-activation (saved
-  for GELU backward) -> exact GELU -> row scale -> + residual, zeros beyond n_g.
+- forward: a 2-D grid of (row block, output column tile). The row blocks come from a static table of
+  (group, first row), built once per group sizes; the column tiles cover every segment up to its static width. A
+  tile that lies entirely beyond n_g runs no K loop and only stores zeros (the contract needs those zeros; storing
+  them is cheaper than a separate memset launch), so the work is proportional to sum(b_g * k_g * n_g). Tiles never
+  straddle a group's rows or a segment's columns. fp32 accumulation; epilogue bias -> pre-activation (saved for GELU
+  backward) -> exact GELU -> row scale -> + residual, zeros beyond n_g.
 - backward: (1) a ragged elementwise prologue, only when there is a residual or GELU: dresidual = dy masked to the
-  active columns and dpre = dy * row_scale * gelu'(pre) on the active columns; (2) dx as the same tile-list grouped
-  GEMM (dx = dpre @ W slice, summed over the segments); (3) dW and db as a grouped GEMM over W's tiles: tile (i, j)
-  loops over the groups g with i*BN < n_g and j*BK < k_g in a fixed order, accumulating in registers. For
-  parallelism the rows are cut into a fixed number of row splits chosen from the shapes only (never the device),
-  each split writes fp32 partials, and the partials are summed in a fixed order, so two runs give bitwise-equal
-  dW and db.
+  active columns and dpre = dy * row_scale * gelu'(pre) on the active columns; (2) dx as the same (row block,
+  column tile) grouped GEMM (dx = dpre @ W slice, summed over the segments); (3) dW and db as a grouped GEMM over
+  W's tiles: tile (i, j) loops over the groups g with i*BN < n_g and j*BK < k_g in a fixed order, accumulating in
+  registers. For parallelism the rows are cut into a fixed number of row splits chosen from the shapes only (never
+  the device), each split writes fp32 partials, and the partials are summed in a fixed order, so two runs give
+  bitwise-equal dW and db.
 
 Caveats:
 - x, residual and weight must be contiguous, row-major, with the ragged dimension last; weight and bias must have
@@ -36,39 +46,37 @@ Caveats:
 - bf16 on the Triton backend under TRITON_INTERPRET=1 raises BackendUnavailableError: Triton's interpreter computes
   bf16 `tl.dot` wrongly (off by orders of magnitude), while fp16 and fp32 are right. On a GPU bf16 runs normally.
 - The custom ops check their metadata and shapes themselves (`_check_args`), so direct `torch.ops.resnas.*` calls
-  and torch.compile's get the public function's errors on every backend. The Triton kernels also mask every column
-  by K_max and the segment width, not only by k_g / n_g: no width can make them address memory outside the tensors.
-- Triton tile sizes BLOCK_M x BLOCK_N are chosen on the host (the tile table depends on them); the GPU autotuner picks
-  only the reduction chunk of y (BLOCK_K) and dx (BLOCK_N) and launch parameters. dW/db tiling is fixed, so their
-  summation order never depends on an autotuning outcome. Not yet run on a GPU: interpreter-tested and compiled
-  ahead of time for sm_80/sm_90 only; block sizes and autotune configs are untuned guesses.
+  and torch.compile's get the public function's errors on every backend.
+- Triton tile sizes BLOCK_M x BLOCK_N are chosen on the host (the row-block table depends on them); the GPU
+  autotuner picks only the reduction chunk of y (BLOCK_K) and dx (BLOCK_N) and launch parameters. dW/db tiling is
+  fixed, so their summation order never depends on an autotuning outcome. Not yet run on a GPU: interpreter-tested
+  and compiled ahead of time for sm_80/sm_90 only; block sizes and autotune configs are untuned guesses.
 - k_g = 0 gives act(bias) on the group's rows (an empty product is zero); n_g = 0 gives zeros and costs no GEMM work.
 - Double backward is not supported.
-- cpu backend, dense calls (every group with rows has k_g = K_max and n_g = the segment width, fp32 / fp64): the
-  forward is one multithreaded BLAS GEMM plus ATen epilogue ops (`_dense_fwd`), like F.linear; the backward is still
-  the C++ kernel (deterministic dW whatever the thread count).
+- cpu backend: see csrc/cpu/ragged_linear.cpp (dense calls take one multithreaded GEMM, like F.linear).
 """
 import functools
+from collections.abc import Hashable
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
+from torch._subclasses.fake_tensor import is_fake
 
 from .. import _ext
 from .._triton import HAS_TRITON, tl, triton
 from ..aot import register_aot
-from ..backend import BackendUnavailableError, OpInfo, eager_cpu, register_op, resolve_backend
-from ..ragged import Ragged
+from ..backend import (BackendUnavailableError, OpInfo, get_backend, register_op, resolve_backend_for, use_backend,
+                       why_unavailable)
+from ..ragged import WIDTH_DTYPE, Ragged, row_starts, validate_metadata
 from ..reference.layer_norm import compute_dtype
-from ..reference.linear import out_width_tuple
-from ..reference.linear import ragged_linear as reference_ragged_linear
-from ._checks import check_float_tensor, check_groups, check_same_device, check_tensor
+from ._checks import check_float_tensor, check_same_device, check_tensor
 
 OP = register_op(OpInfo(
     name="ragged_linear",
     backends=("triton", "cpu"),
     auto_cuda=("triton",),
-    ext_ops=("ext_ragged_linear_fwd", "ext_ragged_linear_bwd"),
+    ext_ops=("ragged_linear", "ext_ragged_linear_fwd", "ext_ragged_linear_bwd"),
 ))
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -93,29 +101,32 @@ def _gelu_grad(h):
 
 
 @triton.jit
-def _ragged_linear_fwd_kernel(X, W, BIAS, RES, SCALE, Y, PRE, TILES, GROUPS, K_max, N_max, seg_width,
-                              rows_per_sample, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
+def _ragged_linear_fwd_kernel(X, W, BIAS, RES, SCALE, Y, PRE, ROW_BLOCKS, ROW_STARTS, IN_W, OUT_W, K_max, N_max,
+                              seg_width, col_tiles, rows_per_sample, HAS_BIAS: tl.constexpr, GELU: tl.constexpr,
                               HAS_RESIDUAL: tl.constexpr, HAS_ROW_SCALE: tl.constexpr, SAVE_PRE: tl.constexpr,
                               PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                               BLOCK_K: tl.constexpr):
-    """One (BLOCK_M rows) x (BLOCK_N output columns) tile of one group, from TILES[program] = (g, row0, col0).
+    """One (BLOCK_M rows) x (BLOCK_N output columns) tile: row block ROW_BLOCKS[program 0] = (g, row0), column tile
+    program 1 (col_tiles per segment).
 
-    GROUPS is int32 (G, 4): [row_start, row_end, k_g, n_g]. Column c of y belongs to segment c // seg_width and is
-    active for group g iff c % seg_width < n_g; W row c produces it.
+    Group g owns rows [ROW_STARTS[g], ROW_STARTS[g+1]); IN_W[g] / OUT_W[g] are its widths k_g / n_g, clamped to
+    [0, K_max] / [0, seg_width]. Column c of y belongs to segment c // seg_width and is active for group g iff
+    c % seg_width < n_g; W row c produces it.
     """
-    tile = tl.program_id(0)
-    g = tl.load(TILES + 3 * tile)
-    row0 = tl.load(TILES + 3 * tile + 1)
-    col0 = tl.load(TILES + 3 * tile + 2)
-    row_end = tl.load(GROUPS + 4 * g + 1)
-    k_g = tl.load(GROUPS + 4 * g + 2)
-    n_g = tl.load(GROUPS + 4 * g + 3)
-    seg_start = (col0 // seg_width) * seg_width
+    block = tl.program_id(0)
+    col_tile = tl.program_id(1)
+    g = tl.load(ROW_BLOCKS + 2 * block)
+    row0 = tl.load(ROW_BLOCKS + 2 * block + 1)
+    row_end = tl.load(ROW_STARTS + g + 1)
+    k_g = tl.minimum(tl.maximum(tl.load(IN_W + g), 0), K_max)
+    n_g = tl.minimum(tl.maximum(tl.load(OUT_W + g), 0), seg_width)
+    seg_start = (col_tile // col_tiles) * seg_width
+    col0 = seg_start + (col_tile % col_tiles) * BLOCK_N
     rows = row0 + tl.arange(0, BLOCK_M)
     cols = col0 + tl.arange(0, BLOCK_N)
     row_ok = rows < row_end
     col_ok = cols < seg_start + seg_width      # a tile never writes into the next segment
-    col_active = (cols < seg_start + n_g) & col_ok  # also by the segment: n_g > seg_width must not read past W
+    col_active = cols < seg_start + n_g          # n_g <= seg_width: never past the segment
     # Idle tiles (every column beyond n_g) run no K iterations and just store zeros.
     k_len = tl.where(col0 < seg_start + n_g, k_g, 0)
     x_ptrs = X + rows.to(tl.int64)[:, None] * K_max     # int64: rows * K_max can pass 2^31
@@ -123,7 +134,7 @@ def _ragged_linear_fwd_kernel(X, W, BIAS, RES, SCALE, Y, PRE, TILES, GROUPS, K_m
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, k_len, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = (ks < k_g) & (ks < K_max)                  # never read x or W beyond k_g, nor K_max (masked: 0)
+        k_ok = ks < k_g                                   # never read x or W beyond k_g <= K_max (masked: 0)
         a = tl.load(x_ptrs + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b = tl.load(w_ptrs + ks[:, None], mask=k_ok[:, None] & col_active[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=PRECISION)
@@ -145,7 +156,8 @@ def _ragged_linear_fwd_kernel(X, W, BIAS, RES, SCALE, Y, PRE, TILES, GROUPS, K_m
 
 
 @triton.jit
-def _ragged_linear_bwd_prologue_kernel(DY, PRE, SCALE, DR, DP, GROUPS, num_groups, num_rows, N_max, seg_width,
+def _ragged_linear_bwd_prologue_kernel(DY, PRE, SCALE, DR, DP, ROW_STARTS, OUT_W, num_groups, num_rows, N_max,
+                                       seg_width,
                                        rows_per_sample, GELU: tl.constexpr, HAS_ROW_SCALE: tl.constexpr,
                                        WRITE_DR: tl.constexpr, WRITE_DP: tl.constexpr, BLOCK_R: tl.constexpr,
                                        BLOCK_C: tl.constexpr):
@@ -156,9 +168,9 @@ def _ragged_linear_bwd_prologue_kernel(DY, PRE, SCALE, DR, DP, GROUPS, num_group
     col_ok = cols < N_max
     n_row = rows * 0  # output width of each row's group (0 for rows past the end)
     for g in range(num_groups):
-        start = tl.load(GROUPS + 4 * g)
-        end = tl.load(GROUPS + 4 * g + 1)
-        n_g = tl.load(GROUPS + 4 * g + 3)
+        start = tl.load(ROW_STARTS + g)
+        end = tl.load(ROW_STARTS + g + 1)
+        n_g = tl.minimum(tl.maximum(tl.load(OUT_W + g), 0), seg_width)
         n_row = tl.where((rows >= start) & (rows < end), n_g, n_row)
     active = ((cols % seg_width)[None, :] < n_row[:, None]) & row_ok[:, None] & col_ok[None, :]
     offs = rows.to(tl.int64)[:, None] * N_max + cols[None, :]
@@ -176,29 +188,29 @@ def _ragged_linear_bwd_prologue_kernel(DY, PRE, SCALE, DR, DP, GROUPS, num_group
 
 
 @triton.jit
-def _ragged_linear_dx_kernel(DP, W, DX, TILES, GROUPS, K_max, N_max, seg_width, num_segments,
+def _ragged_linear_dx_kernel(DP, W, DX, ROW_BLOCKS, ROW_STARTS, IN_W, OUT_W, K_max, N_max, seg_width, num_segments,
                              PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
                              BLOCK_N: tl.constexpr):
-    """dx tile (BLOCK_M rows x BLOCK_K input columns) of one group: sum over segments s of
-    dpre[rows, s*Nseg : s*Nseg + n_g] @ W[s*Nseg : s*Nseg + n_g, cols]; zeros beyond k_g."""
-    tile = tl.program_id(0)
-    g = tl.load(TILES + 3 * tile)
-    row0 = tl.load(TILES + 3 * tile + 1)
-    k0 = tl.load(TILES + 3 * tile + 2)
-    row_end = tl.load(GROUPS + 4 * g + 1)
-    k_g = tl.load(GROUPS + 4 * g + 2)
-    n_g = tl.load(GROUPS + 4 * g + 3)
+    """dx tile (BLOCK_M rows of row block ROW_BLOCKS[program 0] x BLOCK_K input columns, program 1) of one group:
+    sum over segments s of dpre[rows, s*Nseg : s*Nseg + n_g] @ W[s*Nseg : s*Nseg + n_g, cols]; zeros beyond k_g."""
+    block = tl.program_id(0)
+    g = tl.load(ROW_BLOCKS + 2 * block)
+    row0 = tl.load(ROW_BLOCKS + 2 * block + 1)
+    k0 = tl.program_id(1) * BLOCK_K
+    row_end = tl.load(ROW_STARTS + g + 1)
+    k_g = tl.minimum(tl.maximum(tl.load(IN_W + g), 0), K_max)
+    n_g = tl.minimum(tl.maximum(tl.load(OUT_W + g), 0), seg_width)
     rows = row0 + tl.arange(0, BLOCK_M)
     ks = k0 + tl.arange(0, BLOCK_K)
     row_ok = rows < row_end
-    k_ok = (ks < k_g) & (ks < K_max)
+    k_ok = ks < k_g
     n_len = tl.where(k0 < k_g, n_g, 0)  # idle tiles (all columns beyond k_g) only store zeros
     dp_ptrs = DP + rows.to(tl.int64)[:, None] * N_max
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for s in range(num_segments):
         for j0 in range(0, n_len, BLOCK_N):
             js = j0 + tl.arange(0, BLOCK_N)
-            j_ok = (js < n_g) & (js < seg_width)  # dy beyond n_g may be anything: never read it
+            j_ok = js < n_g  # dy beyond n_g may be anything: never read it
             cols = s * seg_width + js
             a = tl.load(dp_ptrs + cols[None, :], mask=row_ok[:, None] & j_ok[None, :], other=0.0)
             b = tl.load(W + cols.to(tl.int64)[:, None] * K_max + ks[None, :], mask=j_ok[:, None] & k_ok[None, :],
@@ -209,7 +221,8 @@ def _ragged_linear_dx_kernel(DP, W, DX, TILES, GROUPS, K_max, N_max, seg_width, 
 
 
 @triton.jit
-def _ragged_linear_dw_kernel(DP, X, DW, DB, GROUPS, num_groups, K_max, N_max, seg_width, rows_per_split,
+def _ragged_linear_dw_kernel(DP, X, DW, DB, ROW_STARTS, IN_W, OUT_W, num_groups, K_max, N_max, seg_width,
+                             rows_per_split,
                              HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr, BLOCK_N: tl.constexpr,
                              BLOCK_K: tl.constexpr, BLOCK_M: tl.constexpr):
     """One (BLOCK_N rows of W) x (BLOCK_K columns of W) tile of dW for one row split, summed over the groups that
@@ -232,18 +245,18 @@ def _ragged_linear_dw_kernel(DP, X, DW, DB, GROUPS, num_groups, K_max, N_max, se
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for g in range(num_groups):
-        start = tl.load(GROUPS + 4 * g)
-        end = tl.load(GROUPS + 4 * g + 1)
-        k_g = tl.load(GROUPS + 4 * g + 2)
-        n_g = tl.load(GROUPS + 4 * g + 3)
+        start = tl.load(ROW_STARTS + g)
+        end = tl.load(ROW_STARTS + g + 1)
+        k_g = tl.minimum(tl.maximum(tl.load(IN_W + g), 0), K_max)
+        n_g = tl.minimum(tl.maximum(tl.load(OUT_W + g), 0), seg_width)
         covers = pid_k * BLOCK_K < k_g
         if HAS_BIAS:
             covers = covers | (pid_k == 0)     # db needs groups with k_g = 0 too (their y is the bias)
         covers = covers & (j0 < n_g)
         lo = tl.maximum(start, split_lo)
         hi = tl.where(covers, tl.minimum(end, split_hi), lo)  # empty loop for groups that do not cover the tile
-        j_ok = (js < n_g) & (js < seg_width)
-        k_ok = (ks < k_g) & (ks < K_max)
+        j_ok = js < n_g
+        k_ok = ks < k_g
         for m0 in range(lo, hi, BLOCK_M):
             ms = m0 + tl.arange(0, BLOCK_M)
             m_ok = ms < hi
@@ -274,39 +287,20 @@ def _to_device(table: torch.Tensor, device: str) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=512)
-def _group_table(row_counts: Tuple[int, ...], in_widths: Tuple[int, ...], out_widths: Tuple[int, ...],
-                 device: str) -> torch.Tensor:
-    """int32 (G, 4) [row_start, row_end, k_g, n_g], cached per metadata and device (no copy in steady state)."""
+def _row_blocks(row_counts: Tuple[int, ...], block_m: int, device: str) -> torch.Tensor:
+    """int32 (RB, 2) [group, first row] of every BLOCK_M-row block, row blocks never crossing groups: the static axis
+    of the forward / dx grids (the other axis covers the output / input columns up to their static bound). Depends on
+    the group sizes only, so one table serves every architecture; cached per (sizes, tile, device)."""
     entries, start = [], 0
-    for rows, k, n in zip(row_counts, in_widths, out_widths):
-        entries.append((start, start + rows, k, n))
+    for g, rows in enumerate(row_counts):
+        entries.extend((g, row0) for row0 in range(start, start + rows, block_m))
         start += rows
-    return _to_device(torch.tensor(entries, dtype=torch.int32), device)
+    return _to_device(torch.tensor(entries, dtype=torch.int32).reshape(-1, 2), device)
 
 
-@functools.lru_cache(maxsize=512)
-def _tile_table(row_counts: Tuple[int, ...], widths: Tuple[int, ...], segments: int, seg_width: int, block_m: int,
-                block_n: int, device: str) -> torch.Tensor:
-    """int32 (T, 3) [group, row0, col0]: every (BLOCK_M x BLOCK_N) output tile, busy tiles first (col0 within the
-    active width of its segment), then the idle tiles that only store zeros; row-block-major within each part. Row
-    tiles never cross groups and column tiles never cross segments. Built with vectorised host ops (a supernet sees
-    new widths every step, so this runs once per layer per step), cached per (metadata, tile size, device)."""
-    rows = torch.tensor(row_counts, dtype=torch.int64)
-    widths_t = torch.tensor(widths, dtype=torch.int64)
-    starts = torch.cumsum(rows, 0) - rows
-    blocks = (rows + block_m - 1) // block_m                        # row blocks per group
-    group_of_block = torch.repeat_interleave(torch.arange(len(row_counts)), blocks)
-    first_block = torch.cumsum(blocks, 0) - blocks
-    local = torch.arange(int(blocks.sum())) - first_block[group_of_block]
-    row0 = starts[group_of_block] + local * block_m
-    j0 = torch.arange(0, seg_width, block_n)                        # column tiles within a segment
-    col0 = (torch.arange(segments)[:, None] * seg_width + j0[None, :]).reshape(-1)
-    j0 = j0.repeat(segments)
-    busy = j0[None, :] < widths_t[group_of_block][:, None]          # (row blocks, column tiles)
-    table = torch.stack([group_of_block[:, None].expand_as(busy), row0[:, None].expand_as(busy),
-                         col0[None, :].expand_as(busy)], dim=-1)
-    table = torch.cat([table[busy], table[~busy]]).to(torch.int32).reshape(-1, 3)
-    return _to_device(table, device)
+def _row_starts_of(row_counts, device: str) -> torch.Tensor:
+    """int32 (G + 1,) first row of every group: `ragged.row_starts` with one row per "sample" (cached)."""
+    return row_starts(tuple(row_counts), 1, device)
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -381,6 +375,8 @@ def _split_rows(total_rows: int, dw_tiles: int, block_m: int) -> int:
 
 def _triton_fwd(x2, weight, bias, r2, row_scale, row_counts, in_widths, out_widths, segments, rows_per_sample,
                 gelu, save_pre):
+    """x2: (rows, K_max); row_counts: host ints; in_widths / out_widths: int32 (G,) tensors on x2's device, never
+    read on the host (the kernels clamp them to K_max / the segment width)."""
     rows, k_max = x2.shape
     n_max = weight.shape[0]
     seg_width = n_max // segments
@@ -394,15 +390,16 @@ def _triton_fwd(x2, weight, bias, r2, row_scale, row_counts, in_widths, out_widt
         block_m, block_n, block_k = _INTERP_BLOCKS["fwd"]
     else:
         block_m, block_n = _gpu_blocks(x2.dtype, rows // max(1, sum(1 for r in row_counts if r)))
-    groups = _group_table(row_counts, in_widths, out_widths, device)
-    tiles = _tile_table(row_counts, out_widths, segments, seg_width, block_m, block_n, device)
+    blocks = _row_blocks(tuple(row_counts), block_m, device)
+    col_tiles = triton.cdiv(seg_width, block_n)
     args = (x2, weight, bias if bias is not None else x2, r2 if r2 is not None else x2,
-            row_scale if row_scale is not None else x2, y, pre if save_pre else y, tiles, groups, k_max, n_max,
-            seg_width, rows_per_sample)
+            row_scale if row_scale is not None else x2, y, pre if save_pre else y, blocks,
+            _row_starts_of(row_counts, device), in_widths, out_widths, k_max, n_max, seg_width, col_tiles,
+            rows_per_sample)
     consts = dict(HAS_BIAS=bias is not None, GELU=gelu, HAS_RESIDUAL=r2 is not None,
                   HAS_ROW_SCALE=row_scale is not None, SAVE_PRE=save_pre, PRECISION=_precision(x2.dtype),
                   BLOCK_M=block_m, BLOCK_N=block_n)
-    grid = (tiles.shape[0],)
+    grid = (blocks.shape[0], segments * col_tiles)
     if interp:
         _ragged_linear_fwd_kernel[grid](*args, **consts, BLOCK_K=block_k, num_warps=4)
     else:
@@ -418,7 +415,7 @@ def _triton_bwd(dy2, x2, weight, pre2, row_scale, row_counts, in_widths, out_wid
     device = str(x2.device)
     interp = _ext.interpreter_tiles()
     precision = _precision(x2.dtype)
-    groups = _group_table(row_counts, in_widths, out_widths, device)
+    starts = _row_starts_of(row_counts, device)
     dx = torch.empty_like(x2)
     dr = torch.empty_like(dy2) if has_residual else dy2.new_empty((0,))
 
@@ -431,26 +428,25 @@ def _triton_bwd(dy2, x2, weight, pre2, row_scale, row_counts, in_widths, out_wid
         grid = (triton.cdiv(rows, block_r), triton.cdiv(n_max, block_c))
         _ragged_linear_bwd_prologue_kernel[grid](
             dy2, pre2 if gelu else dy2, row_scale if row_scale is not None else dy2, dr if has_residual else dp_buf,
-            dp_buf, groups, len(row_counts), rows, n_max, seg_width, rows_per_sample, GELU=gelu,
+            dp_buf, starts, out_widths, len(row_counts), rows, n_max, seg_width, rows_per_sample, GELU=gelu,
             HAS_ROW_SCALE=row_scale is not None, WRITE_DR=has_residual, WRITE_DP=write_dp, BLOCK_R=block_r,
             BLOCK_C=block_c, num_warps=4)
         dp = dp_buf
 
-    # (2) dx: tile-list grouped GEMM over (rows, input columns).
+    # (2) dx: grouped GEMM over (row blocks, input column tiles); tiles beyond k_g (or with n_g = 0) store zeros.
     if rows:
         if interp:
             block_m, block_k, block_n = _INTERP_BLOCKS["dx"]
         else:
             block_m, block_k = _gpu_blocks(x2.dtype, rows // max(1, sum(1 for r in row_counts if r)))
-        # A dx tile is busy iff k0 < k_g and the group has output columns to reduce over.
-        busy_widths = tuple(k if n else 0 for k, n in zip(in_widths, out_widths))
-        tiles = _tile_table(row_counts, busy_widths, 1, k_max, block_m, block_k, device)
-        args = (dp, weight, dx, tiles, groups, k_max, n_max, seg_width, segments)
+        blocks = _row_blocks(tuple(row_counts), block_m, device)
+        grid = (blocks.shape[0], triton.cdiv(k_max, block_k))
+        args = (dp, weight, dx, blocks, starts, in_widths, out_widths, k_max, n_max, seg_width, segments)
         consts = dict(PRECISION=precision, BLOCK_M=block_m, BLOCK_K=block_k)
         if interp:
-            _ragged_linear_dx_kernel[(tiles.shape[0],)](*args, **consts, BLOCK_N=block_n, num_warps=4)
+            _ragged_linear_dx_kernel[grid](*args, **consts, BLOCK_N=block_n, num_warps=4)
         else:
-            _launch_tuned("dx", (tiles.shape[0],), args, consts)
+            _launch_tuned("dx", grid, args, consts)
 
     # (3) dW, db: grouped GEMM over W's tiles, each summing the groups that cover it, per row split.
     block_n, block_k, block_m = _INTERP_BLOCKS["dw"] if interp else (64, 64, 64)
@@ -461,7 +457,8 @@ def _triton_bwd(dy2, x2, weight, pre2, row_scale, row_counts, in_widths, out_wid
     part_dtype = weight.dtype if splits == 1 else torch.float32
     dw_part = weight.new_empty((splits, n_max, k_max), dtype=part_dtype)
     db_part = weight.new_empty((splits, n_max), dtype=part_dtype) if has_bias else dw_part
-    args = (dp, x2, dw_part, db_part, groups, len(row_counts), k_max, n_max, seg_width, per_split)
+    args = (dp, x2, dw_part, db_part, starts, in_widths, out_widths, len(row_counts), k_max, n_max, seg_width,
+            per_split)
     consts = dict(HAS_BIAS=has_bias, PRECISION=precision, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_M=block_m)
     grid = (n_tiles, k_tiles, splits)
     if interp:
@@ -479,20 +476,22 @@ def _triton_bwd(dy2, x2, weight, pre2, row_scale, row_counts, in_widths, out_wid
 
 def _aot_signatures(dt: str):
     fwd = {"X": f"*{dt}", "W": f"*{dt}", "BIAS": f"*{dt}", "RES": f"*{dt}", "SCALE": "*fp32", "Y": f"*{dt}",
-           "PRE": f"*{dt}", "TILES": "*i32", "GROUPS": "*i32", "K_max": "i32", "N_max": "i32", "seg_width": "i32",
-           "rows_per_sample": "i32", "HAS_BIAS": "constexpr", "GELU": "constexpr", "HAS_RESIDUAL": "constexpr",
-           "HAS_ROW_SCALE": "constexpr", "SAVE_PRE": "constexpr", "PRECISION": "constexpr", "BLOCK_M": "constexpr",
-           "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+           "PRE": f"*{dt}", "ROW_BLOCKS": "*i32", "ROW_STARTS": "*i32", "IN_W": "*i32", "OUT_W": "*i32",
+           "K_max": "i32", "N_max": "i32", "seg_width": "i32", "col_tiles": "i32", "rows_per_sample": "i32",
+           "HAS_BIAS": "constexpr", "GELU": "constexpr", "HAS_RESIDUAL": "constexpr", "HAS_ROW_SCALE": "constexpr",
+           "SAVE_PRE": "constexpr", "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+           "BLOCK_K": "constexpr"}
     prologue = {"DY": f"*{dt}", "PRE": f"*{dt}", "SCALE": "*fp32", "DR": f"*{dt}", "DP": f"*{dt}",
-                "GROUPS": "*i32", "num_groups": "i32", "num_rows": "i32", "N_max": "i32", "seg_width": "i32",
-                "rows_per_sample": "i32", "GELU": "constexpr", "HAS_ROW_SCALE": "constexpr", "WRITE_DR": "constexpr",
-                "WRITE_DP": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
-    dx = {"DP": f"*{dt}", "W": f"*{dt}", "DX": f"*{dt}", "TILES": "*i32", "GROUPS": "*i32", "K_max": "i32",
-          "N_max": "i32", "seg_width": "i32", "num_segments": "i32", "PRECISION": "constexpr",
-          "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "BLOCK_N": "constexpr"}
-    dw = {"DP": f"*{dt}", "X": f"*{dt}", "DW": "*fp32", "DB": "*fp32", "GROUPS": "*i32", "num_groups": "i32",
-          "K_max": "i32", "N_max": "i32", "seg_width": "i32", "rows_per_split": "i32", "HAS_BIAS": "constexpr",
-          "PRECISION": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "BLOCK_M": "constexpr"}
+                "ROW_STARTS": "*i32", "OUT_W": "*i32", "num_groups": "i32", "num_rows": "i32", "N_max": "i32",
+                "seg_width": "i32", "rows_per_sample": "i32", "GELU": "constexpr", "HAS_ROW_SCALE": "constexpr",
+                "WRITE_DR": "constexpr", "WRITE_DP": "constexpr", "BLOCK_R": "constexpr", "BLOCK_C": "constexpr"}
+    dx = {"DP": f"*{dt}", "W": f"*{dt}", "DX": f"*{dt}", "ROW_BLOCKS": "*i32", "ROW_STARTS": "*i32",
+          "IN_W": "*i32", "OUT_W": "*i32", "K_max": "i32", "N_max": "i32", "seg_width": "i32", "num_segments": "i32",
+          "PRECISION": "constexpr", "BLOCK_M": "constexpr", "BLOCK_K": "constexpr", "BLOCK_N": "constexpr"}
+    dw = {"DP": f"*{dt}", "X": f"*{dt}", "DW": "*fp32", "DB": "*fp32", "ROW_STARTS": "*i32", "IN_W": "*i32",
+          "OUT_W": "*i32", "num_groups": "i32", "K_max": "i32", "N_max": "i32", "seg_width": "i32",
+          "rows_per_split": "i32", "HAS_BIAS": "constexpr", "PRECISION": "constexpr", "BLOCK_N": "constexpr",
+          "BLOCK_K": "constexpr", "BLOCK_M": "constexpr"}
     return fwd, prologue, dx, dw
 
 
@@ -550,7 +549,7 @@ for _dt, _bm in (("fp32", 64), ("bf16", 128)) if HAS_TRITON else ():  # triton.C
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Reference backend of the op (explicit per-group formulas, plain PyTorch)
+# Reference backend of the op (explicit per-group formulas, plain PyTorch, widths as tensors)
 # ---------------------------------------------------------------------------------------------------------------------
 def _gelu_grad_torch(h: torch.Tensor) -> torch.Tensor:
     return 0.5 * (1.0 + torch.erf(h * _SQRT1_2)) + h * torch.exp(-0.5 * h * h) * _INV_SQRT_2PI
@@ -563,19 +562,41 @@ def _spans(row_counts):
         start += rows
 
 
+def _group_masks(in_widths, out_widths, g: int, k_max: int, segments: int, seg_width: int):
+    """(K_max,) / (N_max,) bool masks of group g's active input columns and output columns (every segment), from the
+    widths tensors on the device (no host read), each width clamped to its bound."""
+    device = in_widths.device
+    k_mask = torch.arange(k_max, device=device) < in_widths[g].clamp(0, k_max)
+    n_mask = torch.arange(segments * seg_width, device=device) % seg_width < out_widths[g].clamp(0, seg_width)
+    return k_mask, n_mask
+
+
 def _reference_fwd(x2, weight, bias, r2, row_scale, row_counts, in_widths, out_widths, segments, rows_per_sample,
                    gelu, save_pre):
+    """Per group: F.linear of its rows through W masked to its (n_g, k_g) slice, in x's dtype. `torch.where`, not a
+    product with the mask, so that whatever lies beyond the widths (even NaN) is never used."""
     rows, k_max = x2.shape
-    batch = rows // rows_per_sample if rows_per_sample else 0
-    groups = Ragged(tuple(r // rows_per_sample if rows_per_sample else 0 for r in row_counts), tuple(in_widths))
-    x3 = x2.view(batch, rows_per_sample, k_max)
-    r3 = r2.view(batch, rows_per_sample, weight.shape[0]) if r2 is not None else None
     n_max = weight.shape[0]
-    y = reference_ragged_linear(x3, weight, bias, groups, out_widths, segments=segments,
-                                activation="gelu" if gelu else None, residual=r3, row_scale=row_scale)
-    pre = (reference_ragged_linear(x3, weight, bias, groups, out_widths, segments=segments).reshape(rows, n_max)
-           if save_pre else x2.new_empty((0,)))
-    return y.reshape(rows, n_max), pre
+    seg_width = n_max // segments
+    y = x2.new_zeros((rows, n_max))
+    pre = x2.new_zeros((rows, n_max)) if save_pre else x2.new_empty((0,))
+    for g, (start, end) in enumerate(_spans(row_counts)):
+        if start == end:
+            continue
+        k_mask, n_mask = _group_masks(in_widths, out_widths, g, k_max, segments, seg_width)
+        xg = torch.where(k_mask, x2[start:end], 0)
+        wg = torch.where(n_mask[:, None] & k_mask[None, :], weight, 0)
+        h = F.linear(xg, wg, None if bias is None else torch.where(n_mask, bias, 0))
+        if save_pre:
+            pre[start:end] = h
+        a = F.gelu(h) if gelu else h
+        if r2 is not None:
+            if row_scale is not None:
+                sample = torch.arange(start, end, device=x2.device) // rows_per_sample
+                a = row_scale.to(a.dtype)[sample][:, None] * a
+            a = torch.where(n_mask, r2[start:end], 0) + a
+        y[start:end] = torch.where(n_mask, a, 0)
+    return y, pre
 
 
 def _reference_bwd(dy2, x2, weight, pre2, row_scale, row_counts, in_widths, out_widths, segments, rows_per_sample,
@@ -588,67 +609,26 @@ def _reference_bwd(dy2, x2, weight, pre2, row_scale, row_counts, in_widths, out_
     dw = torch.zeros((n_max, k_max), dtype=acc, device=x2.device)
     db = torch.zeros((n_max,), dtype=acc, device=x2.device)
     dr = torch.zeros((rows, n_max), dtype=dy2.dtype, device=x2.device) if has_residual else dy2.new_empty((0,))
-    xa, wa, dya = x2.to(acc), weight.to(acc), dy2.to(acc)
-    for (start, end), k, n in zip(_spans(row_counts), in_widths, out_widths):
-        for s in range(segments):
-            cols = slice(s * seg_width, s * seg_width + n)
-            d = dya[start:end, cols]
-            if has_residual:
-                dr[start:end, cols] = dy2[start:end, cols]
-            if row_scale is not None:
-                sample = torch.arange(start, end, device=x2.device) // rows_per_sample
-                d = d * row_scale.to(acc)[sample][:, None]
-            if gelu:
-                d = d * _gelu_grad_torch(pre2[start:end, cols].to(acc))
-            dx[start:end, :k] += d @ wa[cols, :k]
-            dw[cols, :k] += d.t() @ xa[start:end, :k]
-            db[cols] += d.sum(0)
+    wa = weight.to(acc)
+    for g, (start, end) in enumerate(_spans(row_counts)):
+        if start == end:
+            continue
+        k_mask, n_mask = _group_masks(in_widths, out_widths, g, k_max, segments, seg_width)
+        d = torch.where(n_mask, dy2[start:end].to(acc), 0)
+        if has_residual:
+            dr[start:end] = torch.where(n_mask, dy2[start:end], 0)
+        if row_scale is not None:
+            sample = torch.arange(start, end, device=x2.device) // rows_per_sample
+            d = d * row_scale.to(acc)[sample][:, None]
+        if gelu:
+            d = d * _gelu_grad_torch(torch.where(n_mask, pre2[start:end].to(acc), 0))
+        xg = torch.where(k_mask, x2[start:end].to(acc), 0)
+        wg = torch.where(n_mask[:, None] & k_mask[None, :], wa, 0)
+        dx[start:end] = torch.where(k_mask, d @ wg, 0)
+        dw += d.t() @ xg
+        db += d.sum(0)
     db = db.to(weight.dtype) if has_bias else weight.new_empty((0,))
     return dx.to(x2.dtype), dw.to(weight.dtype), db, dr
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# C++ backend (csrc/cpu/ragged_linear.cpp): same contract on 2-D rows with per-group row counts
-# ---------------------------------------------------------------------------------------------------------------------
-def _is_dense(x2, weight, row_counts, in_widths, out_widths, segments) -> bool:
-    """Every group that has rows uses the whole weight (k_g = K_max, n_g = the segment width): a plain linear."""
-    k_max, seg_width = x2.shape[1], weight.shape[0] // segments
-    return x2.shape[0] > 0 and all(rows == 0 or (k == k_max and n == seg_width)
-                                   for rows, k, n in zip(row_counts, in_widths, out_widths))
-
-
-def _dense_fwd(x2, weight, bias, r2, row_scale, rows_per_sample, gelu, save_pre):
-    """The forward of a dense call (`_is_dense`): one multithreaded BLAS GEMM over all rows, as F.linear does, then
-    the epilogue with ATen ops. The C++ kernel's row blocks (sized from the shapes, single-threaded BLAS each) repack
-    W once per block, which on one full-width group is ~25% slower than one GEMM; with ragged groups they are what
-    makes the slices cheap, so only dense calls (a searched net's layers) take this path."""
-    h = torch.addmm(bias, x2, weight.t()) if bias is not None else torch.mm(x2, weight.t())
-    pre = h if save_pre else x2.new_empty((0,))
-    y = F.gelu(h) if gelu else h
-    if r2 is not None:
-        if row_scale is None:
-            y = r2 + y
-        else:  # one scale per sample, in fp32 like the kernels' epilogue
-            scale = row_scale.to(y.dtype).repeat_interleave(rows_per_sample).unsqueeze(1)
-            y = torch.addcmul(r2, y, scale)
-    return y, pre
-
-
-def _ext_fwd(x2, weight, bias, r2, row_scale, row_counts, in_widths, out_widths, segments, rows_per_sample, gelu,
-             save_pre):
-    # fp32 / fp64 only: for fp16 / bf16 the kernel adds the bias and applies GELU in fp32 before one rounding.
-    if (x2.dtype in (torch.float32, torch.float64) and (bias is None or bias.dtype == x2.dtype)
-            and _is_dense(x2, weight, row_counts, in_widths, out_widths, segments)):
-        return _dense_fwd(x2, weight, bias, r2, row_scale, rows_per_sample, gelu, save_pre)
-    return torch.ops.resnas.ext_ragged_linear_fwd(x2, weight, bias, r2, row_scale, list(row_counts), list(in_widths),
-                                                  list(out_widths), segments, rows_per_sample, gelu, save_pre)
-
-
-def _ext_bwd(dy2, x2, weight, pre2, row_scale, row_counts, in_widths, out_widths, segments, rows_per_sample, gelu,
-             has_bias, has_residual):
-    return torch.ops.resnas.ext_ragged_linear_bwd(dy2, x2, weight, pre2, row_scale, list(row_counts),
-                                                  list(in_widths), list(out_widths), segments, rows_per_sample, gelu,
-                                                  has_bias, has_residual)
 
 
 def _triton_or_reference(triton_impl, reference_impl):
@@ -663,12 +643,41 @@ def _triton_or_reference(triton_impl, reference_impl):
     return impl
 
 
-_FWD = {"reference": _reference_fwd, "triton": _triton_or_reference(_triton_fwd, _reference_fwd), "cpu": _ext_fwd}
-_BWD = {"reference": _reference_bwd, "triton": _triton_or_reference(_triton_bwd, _reference_bwd), "cpu": _ext_bwd}
+_FWD = {"reference": _reference_fwd, "triton": _triton_or_reference(_triton_fwd, _reference_fwd)}
+_BWD = {"reference": _reference_bwd, "triton": _triton_or_reference(_triton_bwd, _reference_bwd)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# torch.library custom ops (opaque to torch.compile, with fake implementations and autograd)
+# C++ backend (csrc/cpu/ragged_linear.cpp): resnas::ragged_linear (checks + autograd in C++) over the ext_* kernels,
+# whose fake implementations live here so that torch.compile traces through the C++ autograd
+# ---------------------------------------------------------------------------------------------------------------------
+def _ext_fwd_fake(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments, gelu, save_pre):
+    out_shape = (*x.shape[:-1], weight.shape[0])
+    return x.new_empty(out_shape), (x.new_empty(out_shape) if save_pre else x.new_empty((0,)))
+
+
+def _ext_bwd_fake(dy, x, weight, pre, row_scale, sizes, in_widths, out_widths, segments, gelu, has_bias,
+                  has_residual):
+    db = weight.new_empty((weight.shape[0],)) if has_bias else weight.new_empty((0,))
+    dr = dy.new_empty(dy.shape) if has_residual else dy.new_empty((0,))
+    return x.new_empty(x.shape), weight.new_empty(weight.shape), db, dr
+
+
+def _op_fake(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments=1, activation=None):
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+# The ops exist once the extension is loaded; registering here (import time) rather than on first use keeps the
+# registration out of any torch.compile trace.
+if _ext.extension_available() and all(hasattr(torch.ops.resnas, name) for name in OP.ext_ops):
+    torch.library.register_fake("resnas::ext_ragged_linear_fwd")(_ext_fwd_fake)
+    torch.library.register_fake("resnas::ext_ragged_linear_bwd")(_ext_bwd_fake)
+    torch.library.register_fake("resnas::ragged_linear")(_op_fake)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# torch.library custom ops of the reference and Triton backends (opaque to torch.compile, with fake implementations
+# and autograd). On the cpu backend they run the C++ kernels, for direct calls (tests, opcheck).
 # ---------------------------------------------------------------------------------------------------------------------
 def _rows_per_sample(x: torch.Tensor) -> int:
     return x.numel() // (x.shape[0] * x.shape[-1]) if x.shape[0] and x.shape[-1] else 1
@@ -681,27 +690,25 @@ def _row_counts(sizes: List[int], rows_per_sample: int) -> Tuple[int, ...]:
 @torch.library.custom_op("resnas::ragged_linear_fwd", mutates_args=())
 def ragged_linear_fwd(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor],
                       residual: Optional[torch.Tensor], row_scale: Optional[torch.Tensor], sizes: List[int],
-                      in_widths: List[int], out_widths: List[int], segments: int, activation: str,
+                      in_widths: torch.Tensor, out_widths: torch.Tensor, segments: int, activation: str,
                       save_pre: bool) -> Tuple[torch.Tensor, torch.Tensor]:
     """Returns (y, pre). pre = x W^T + b (the GELU input, zeros beyond n_g) when activation == "gelu" and save_pre,
-    else an empty tensor. Arguments are checked as by `ragged_linear` (`_check_args`)."""
-    _check_args(x, weight, bias, residual, row_scale, Ragged(tuple(sizes), tuple(in_widths)), tuple(out_widths),
-                segments)
+    else an empty tensor. in_widths / out_widths: int32 (G,) on x's device. Arguments are checked as by
+    `ragged_linear` (`_check_args`)."""
+    _check_args(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments)
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    return _fwd_body(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments, activation, save_pre)
-
-
-def _fwd_body(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments, activation, save_pre):
-    """The body of `ragged_linear_fwd`; eager CPU calls without gradients run it without the op's dispatch."""
+    gelu = activation == "gelu"
+    backend = resolve_backend_for(OP.name, x)
+    if backend == "cpu":
+        return torch.ops.resnas.ext_ragged_linear_fwd(x, weight, bias, residual, row_scale, sizes, in_widths,
+                                                      out_widths, segments, gelu, gelu and save_pre)
     rps = _rows_per_sample(x)
     k_max, n_max = x.shape[-1], weight.shape[0]
-    gelu = activation == "gelu"
-    impl = _FWD[resolve_backend(OP.name, x.device)]
-    y, pre = impl(x.reshape(-1, k_max), weight, bias,
-                  residual.reshape(-1, n_max) if residual is not None else None, row_scale,
-                  _row_counts(sizes, rps), tuple(in_widths), tuple(out_widths), segments, rps, gelu,
-                  gelu and save_pre)
+    y, pre = _FWD[backend](x.reshape(-1, k_max), weight, bias,
+                           residual.reshape(-1, n_max) if residual is not None else None, row_scale,
+                           _row_counts(sizes, rps), in_widths.contiguous(), out_widths.contiguous(), segments, rps,
+                           gelu, gelu and save_pre)
     out_shape = (*x.shape[:-1], n_max)
     return y.view(out_shape), (pre.view(out_shape) if gelu and save_pre else pre)
 
@@ -715,29 +722,32 @@ def _(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segmen
 
 @torch.library.custom_op("resnas::ragged_linear_bwd", mutates_args=())
 def ragged_linear_bwd(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, pre: Optional[torch.Tensor],
-                      row_scale: Optional[torch.Tensor], sizes: List[int], in_widths: List[int],
-                      out_widths: List[int], segments: int, activation: str, has_bias: bool, has_residual: bool
+                      row_scale: Optional[torch.Tensor], sizes: List[int], in_widths: torch.Tensor,
+                      out_widths: torch.Tensor, segments: int, activation: str, has_bias: bool, has_residual: bool
                       ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dx, dweight, dbias, dresidual); dbias / dresidual are empty without a bias / residual.
     `pre` (the saved GELU input) is required when activation == "gelu"."""
-    _check_args(x, weight, None, None, row_scale, Ragged(tuple(sizes), tuple(in_widths)), tuple(out_widths),
-                segments)
+    _check_args(x, weight, None, None, row_scale, sizes, in_widths, out_widths, segments)
     out_shape = (*x.shape[:-1], weight.shape[0])
     if tuple(dy.shape) != out_shape or dy.dtype != x.dtype:
         raise ValueError(f"dy must have the output's shape {out_shape} and x's dtype {x.dtype}, got "
                          f"{tuple(dy.shape)} {dy.dtype}")
     if activation not in _ACTIVATIONS:
         raise ValueError(f"activation must be one of {_ACTIVATIONS}, got {activation!r}")
-    rps = _rows_per_sample(x)
-    k_max, n_max = x.shape[-1], weight.shape[0]
     gelu = activation == "gelu"
     if gelu and (pre is None or pre.numel() != dy.numel()):
         raise RuntimeError("ragged_linear_bwd: activation='gelu' needs the saved pre-activation; run the forward "
                            "with save_pre=True when gradients are needed")
-    impl = _BWD[resolve_backend(OP.name, x.device)]
-    dx, dw, db, dr = impl(dy.reshape(-1, n_max).contiguous(), x.reshape(-1, k_max), weight,
-                          pre.reshape(-1, n_max) if gelu else None, row_scale, _row_counts(sizes, rps),
-                          tuple(in_widths), tuple(out_widths), segments, rps, gelu, has_bias, has_residual)
+    backend = resolve_backend_for(OP.name, x)
+    if backend == "cpu":
+        return torch.ops.resnas.ext_ragged_linear_bwd(dy, x, weight, pre if gelu else None, row_scale, sizes,
+                                                      in_widths, out_widths, segments, gelu, has_bias, has_residual)
+    rps = _rows_per_sample(x)
+    k_max, n_max = x.shape[-1], weight.shape[0]
+    dx, dw, db, dr = _BWD[backend](dy.reshape(-1, n_max).contiguous(), x.reshape(-1, k_max), weight,
+                                   pre.reshape(-1, n_max) if gelu else None, row_scale, _row_counts(sizes, rps),
+                                   in_widths.contiguous(), out_widths.contiguous(), segments, rps, gelu, has_bias,
+                                   has_residual)
     return dx.view(x.shape), dw, db, (dr.view(dy.shape) if has_residual else dr)
 
 
@@ -752,8 +762,8 @@ def _setup_context(ctx, inputs, output):
     x, weight, bias, residual, row_scale, sizes, in_widths, out_widths, segments, activation, save_pre = inputs
     _, pre = output
     gelu_saved = activation == "gelu" and save_pre
-    ctx.save_for_backward(x, weight, pre if gelu_saved else None, row_scale)
-    ctx.meta = (sizes, in_widths, out_widths, segments, activation)
+    ctx.save_for_backward(x, weight, pre if gelu_saved else None, row_scale, in_widths, out_widths)
+    ctx.meta = (sizes, segments, activation)
     ctx.has_bias, ctx.has_residual = bias is not None, residual is not None
     ctx.missing_pre = activation == "gelu" and not save_pre
     # `pre` is an internal output that gets no gradient: without this, autograd would allocate and zero-fill a
@@ -762,7 +772,7 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, dy, _dpre):
-    x, weight, pre, row_scale = ctx.saved_tensors
+    x, weight, pre, row_scale, in_widths, out_widths = ctx.saved_tensors
     if dy is None:  # only `pre` was used downstream; y gets a zero gradient
         dy = x.new_zeros((*x.shape[:-1], weight.shape[0]))
     if ctx.missing_pre:
@@ -770,7 +780,7 @@ def _backward(ctx, dy, _dpre):
                            "cannot be differentiated; ragged_linear(...) sets save_pre when gradients are needed")
     if ctx.needs_input_grad[4]:
         raise RuntimeError("row_scale gets no gradient from ragged_linear (a drop-path scale is a constant); detach it")
-    sizes, in_widths, out_widths, segments, activation = ctx.meta
+    sizes, segments, activation = ctx.meta
     dx, dw, db, dr = ragged_linear_bwd(dy, x, weight, pre, row_scale, sizes, in_widths, out_widths, segments,
                                        activation, ctx.has_bias, ctx.has_residual)
     return (dx, dw, db if ctx.has_bias else None, dr if ctx.has_residual else None, None, None, None, None, None,
@@ -781,7 +791,7 @@ ragged_linear_fwd.register_autograd(_backward, setup_context=_setup_context)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Public function
+# Argument checks of the Python path (the C++ op checks the same in C++, with the same messages)
 # ---------------------------------------------------------------------------------------------------------------------
 def _check_int(value, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not hasattr(value, "__index__") or int(value) < minimum:
@@ -789,9 +799,36 @@ def _check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-def _check_args(x, weight, bias, residual, row_scale, in_groups: Ragged, n_widths: Tuple[int, ...], segments,
-                what: str = "in_widths") -> None:
-    """The argument checks of `ragged_linear`, run again by the custom ops (direct calls, torch.compile)."""
+def _width_values(widths: torch.Tensor) -> Optional[List[int]]:
+    """Host values of a widths tensor when reading them costs no device sync (CPU; or the debug switch), else None.
+    Never while tracing (fake tensors have no values)."""
+    if widths.device.type != "cpu" and not validate_metadata():
+        return None
+    if torch.compiler.is_compiling() or is_fake(widths):
+        return None
+    return widths.tolist()
+
+
+def _check_widths(widths, num_groups: int, x: torch.Tensor, bound: int, name: str, exceeds: str) -> None:
+    """dtype, shape and device of a widths tensor, and its values when they are host-readable (`_width_values`)."""
+    if not isinstance(widths, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor (device metadata), got {type(widths).__name__}")
+    if widths.dtype != WIDTH_DTYPE:
+        raise TypeError(f"{name} must be an int32 tensor (device metadata), got dtype {widths.dtype}")
+    if widths.dim() != 1 or widths.shape[0] != num_groups:
+        raise ValueError(f"{name} must have shape ({num_groups},) (one width per group), got {tuple(widths.shape)}")
+    if widths.device != x.device:
+        raise ValueError(f"{name} must be on the same device as x: x is on {x.device}, {name} is on {widths.device}")
+    for g, w in enumerate(_width_values(widths) or ()):
+        if w < 0:
+            raise ValueError(f"{name}[{g}] must be >= 0, got {w}")
+        if w > bound:
+            raise ValueError(f"{name}[{g}]={w} exceeds {exceeds}; {name} must lie in [0, {bound}]")
+
+
+def _check_args(x, weight, bias, residual, row_scale, sizes, in_widths: torch.Tensor, out_widths: torch.Tensor,
+                segments, in_name: str = "in_widths") -> None:
+    """The argument checks of `ragged_linear`, run by the custom ops (direct calls, torch.compile's)."""
     check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=2)
     check_tensor(weight, "weight")
     if weight.dim() != 2 or weight.shape[1] != x.shape[-1] or weight.shape[0] < 1 or weight.shape[1] < 1:
@@ -816,16 +853,17 @@ def _check_args(x, weight, bias, residual, row_scale, in_groups: Ragged, n_width
         check_same_device(x, bias, "x", "bias")
         if not bias.is_contiguous():
             raise ValueError("bias must be contiguous")
-    check_groups(in_groups, x.shape[0], k_max, batch_of="x", width_of="x", what=what)
-    if len(n_widths) != in_groups.num_groups:
-        raise ValueError(f"out_widths must have one entry per group: {in_groups.num_groups} groups, got "
-                         f"{len(n_widths)} out_widths")
-    for g, n in enumerate(n_widths):
-        if n < 0:
-            raise ValueError(f"out_widths[{g}] must be >= 0, got {n}")
-        if n > seg_width:
-            raise ValueError(f"out_widths[{g}]={n} exceeds the segment width {seg_width} (N_max={n_max} / "
-                             f"segments={segments}); out_widths must lie in [0, {seg_width}]")
+    sizes = tuple(sizes)
+    if not sizes:
+        raise ValueError("sizes must name at least one group, got an empty sequence")
+    if any(s < 0 for s in sizes):
+        raise ValueError(f"sizes must be >= 0, got {sizes}")
+    if sum(sizes) != x.shape[0]:
+        raise ValueError(f"sum of group sizes ({sum(sizes)}, sizes={sizes}) must equal the batch size of x "
+                         f"(dim 0: {x.shape[0]})")
+    _check_widths(in_widths, len(sizes), x, k_max, in_name, f"the maximum width {k_max} of x")
+    _check_widths(out_widths, len(sizes), x, seg_width, "out_widths",
+                  f"the segment width {seg_width} (N_max={n_max} / segments={segments})")
     out_shape = (*x.shape[:-1], n_max)
     if residual is not None:
         check_float_tensor(residual, "residual", _FLOAT_DTYPES, min_dim=2)
@@ -845,17 +883,63 @@ def _check_args(x, weight, bias, residual, row_scale, in_groups: Ragged, n_width
             raise ValueError("row_scale must be contiguous")
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Public function
+# ---------------------------------------------------------------------------------------------------------------------
+@functools.lru_cache(maxsize=1024)
+def _host_widths_tensor(sizes: Tuple[int, ...], widths: tuple, device: torch.device) -> torch.Tensor:
+    """Host widths -> int32 device tensor, validated (one int >= 0 per group) on first use, then cached (keyed by the
+    device object: cheaper per call than `Ragged.widths_tensor`'s)."""
+    return Ragged(sizes, widths).widths_tensor(device)
+
+
+def _out_widths_tensor(in_groups: Ragged, out_widths, device: torch.device) -> torch.Tensor:
+    if isinstance(out_widths, Ragged):
+        if out_widths.sizes != in_groups.sizes:
+            raise ValueError(f"out_widths and in_groups must split the batch into the same groups: "
+                             f"out_widths.sizes={out_widths.sizes} vs in_groups.sizes={in_groups.sizes}")
+        return out_widths.widths_tensor(device)
+    if isinstance(out_widths, torch.Tensor):
+        return out_widths
+    if type(out_widths) is not tuple:
+        out_widths = tuple(out_widths)
+    try:
+        return _host_widths_tensor(in_groups.sizes, out_widths, device)
+    except TypeError:
+        if all(isinstance(w, Hashable) for w in out_widths):
+            raise
+        return in_groups.with_widths(out_widths).widths_tensor(device)  # unhashable entries: let Ragged name them
+
+
+@functools.lru_cache(maxsize=None)
+def _cpp_op_ready() -> bool:
+    """Whether the C++ op can run CPU tensors: fixed once the extension has loaded (cached, so that the common call
+    skips the general `resolve_backend_for`, a few microseconds)."""
+    return why_unavailable(OP, "cpu", torch.device("cpu")) is None
+
+
+@torch.compiler.assume_constant_result
+def _backend_when_traced(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """`resolve_backend_for` under torch.compile, run once at trace time: Dynamo cannot trace the extension's lazy
+    import. The caller reads the backend setting (`requested`), so Dynamo guards it: a new setting recompiles."""
+    with use_backend(requested):
+        return resolve_backend_for(OP.name, torch.empty(0, device=device, dtype=dtype))
+
+
 def ragged_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], in_groups: Ragged,
-                  out_widths: Union[Ragged, Sequence[int]], *, segments: int = 1, activation: Optional[str] = None,
-                  residual: Optional[torch.Tensor] = None, row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
+                  out_widths: Union[Ragged, torch.Tensor, Sequence[int]], *, segments: int = 1,
+                  activation: Optional[str] = None, residual: Optional[torch.Tensor] = None,
+                  row_scale: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Each group through the top-left slice of one shared weight; see `resnas_kernels.reference.ragged_linear`.
 
     Args:
         x: (B, ..., K_max) contiguous, zero beyond each group's input width (the ragged contract).
         weight: (N_max, K_max) contiguous shared weight, x's dtype; never copied or sliced into new memory.
         bias: None or (N_max,), x's dtype.
-        in_groups: `Ragged(sizes, widths)` over dim 0 of x; widths are the input widths k_g <= K_max.
-        out_widths: the output widths n_g (a sequence, or a Ragged with the same sizes), each <= N_max // segments.
+        in_groups: `Ragged(sizes, widths)` over dim 0 of x; widths are the input widths k_g <= K_max, host ints or an
+            int32 (G,) tensor on x's device.
+        out_widths: the output widths n_g, each <= N_max // segments: a sequence of ints, an int32 (G,) tensor on x's
+            device, or a Ragged with the same sizes (host or device widths).
         segments: S; weight and output are S stacked blocks of Nseg = N_max // S rows / columns, each sliced to its
             first n_g (qkv: S = 3, and y.view(B, N, 3, H_max, d)[:, :, 0] is q, a strided view, no copy).
         activation: None or "gelu" (exact erf form).
@@ -864,13 +948,34 @@ def ragged_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
         row_scale: optional (B,) per-sample scale (drop-path keep mask / keep_prob), x's dtype or fp32; needs residual.
             It is a constant: it gets no gradient.
     Returns (B, ..., N_max), exactly zero beyond n_g in every segment.
+
+    Widths tensors are device metadata: a new architecture is a new tensor value (torch.compile does not recompile).
+    Their values are checked on the host when that costs no device sync (host ints, CPU tensors; CUDA only under
+    `set_validate_metadata(True)`); every backend clamps them to [0, K_max] / [0, Nseg] anyway, so no value addresses
+    memory outside the tensors.
     """
-    check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=2)
-    segments = _check_int(segments, "segments", 1)
+    if not isinstance(x, torch.Tensor):
+        check_tensor(x, "x")
     if not isinstance(in_groups, Ragged):
         raise TypeError(f"in_groups must be a resnas_kernels.Ragged, got {type(in_groups).__name__}")
-    n_widths = out_width_tuple(in_groups, out_widths)
-    _check_args(x, weight, bias, residual, row_scale, in_groups, n_widths, segments, what="in_groups.widths")
+    device = x.device
+    in_widths = in_groups.widths if in_groups.on_device else _host_widths_tensor(in_groups.sizes, in_groups.widths,
+                                                                                    device)
+    n_widths = _out_widths_tensor(in_groups, out_widths, device)
+    requested = get_backend()
+    if torch.compiler.is_compiling():
+        backend = _backend_when_traced(requested, device, x.dtype)
+    elif device.type == "cpu" and requested in ("auto", "cpu") and _cpp_op_ready():
+        backend = "cpu"
+    else:
+        backend = resolve_backend_for(OP.name, x)
+    if backend == "cpu":  # one hop: checks, autograd and kernels in C++
+        return torch.ops.resnas.ragged_linear(x, weight, bias, residual, row_scale, in_groups.sizes, in_widths,
+                                              n_widths, segments, activation)
+    check_float_tensor(x, "x", _FLOAT_DTYPES, min_dim=2)
+    segments = _check_int(segments, "segments", 1)
+    _check_args(x, weight, bias, residual, row_scale, in_groups.sizes, in_widths, n_widths, segments,
+                in_name="in_groups.widths")
     if activation not in (None, "gelu"):
         raise ValueError(f"activation must be None or 'gelu', got {activation!r}")
     if row_scale is not None:
@@ -880,8 +985,5 @@ def ragged_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Te
             raise ValueError("row_scale must not require grad: ragged_linear treats it as a constant (detach it)")
     needs_grad = torch.is_grad_enabled() and any(
         t is not None and t.requires_grad for t in (x, weight, bias, residual))
-    args = (x, weight, bias, residual, row_scale, list(in_groups.sizes), list(in_groups.widths), list(n_widths),
-            segments, activation or "none", activation == "gelu" and needs_grad)
-    if not needs_grad and eager_cpu(x, weight):
-        return _fwd_body(*args)[0]  # no autograd node to record: skip the op's dispatch (~40 us, a small layer's cost)
-    return ragged_linear_fwd(*args)[0]
+    return ragged_linear_fwd(x, weight, bias, residual, row_scale, list(in_groups.sizes), in_widths, n_widths,
+                             segments, activation or "none", activation == "gelu" and needs_grad)[0]
