@@ -339,7 +339,7 @@ def test_widths_tensor_errors():
         call(_wt(g.widths), _wt((8, 4, 4)))
     with pytest.raises(ValueError, match="in_groups.widths must be on the same device as x"):
         call(_wt(g.widths).to("meta"), _wt(co_w))
-    with pytest.raises(ValueError, match="out_widths must be on the same device as x"):
+    with pytest.raises(ValueError, match="out_widths must be on the same device as"):
         call(_wt(g.widths), _wt(co_w).to("meta"))
     with pytest.raises(ValueError, match=r"in_groups.widths\[1\]=7 must lie in \[0, 6\]"):
         call(_wt((6, 7)), _wt((8, 8)))

@@ -191,7 +191,7 @@ ConvArgs check_conv(const at::Tensor& u, const at::Tensor& weight, c10::IntArray
   TORCH_CHECK(weight.device() == u.device(), op, ": weight must be on u's device ", u.device(), ", got ",
               weight.device());
   a.co_max = weight.size(0);
-  a.out = rsr_group_table(sizes, out_widths, u, a.co_max, op, "out_widths", "weight (out channels)");
+  a.out = rsr_detail::rsr_group_table(sizes, out_widths, u, a.co_max, op, "out_widths", "weight (out channels)");
   return a;
 }
 

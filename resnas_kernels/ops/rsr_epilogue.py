@@ -320,7 +320,7 @@ def check_shortcut(in_groups: Ragged, out_groups: Ragged, in_name: str = "in_wid
             widths.append(groups.widths)
             continue
         t = groups.widths
-        if (t.device.type != "cpu" and not validate_metadata()) or is_fake(t) or torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (t.device.type != "cpu" and not validate_metadata()) or is_fake(t):
             return
         widths.append(t.tolist())
     check_shortcut_widths(widths[0], widths[1], in_name=in_name)
