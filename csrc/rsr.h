@@ -3,17 +3,22 @@
 // csrc/cuda/rsr_epilogue.cu) kernels. Python side and exact semantics: resnas_kernels/ops/rsr_im2col.py and rsr_epilogue.py (`_reference_*`).
 //
 // Schemas (defined in the CPU files, which every build compiles). `sizes` are samples per group (dim 0), not rows:
-//   resnas::ext_rsr_im2col_fwd(Tensor u, int[] sizes, int[] widths, int[] grid, int kernel_size, int stride,
+// static host ints that fix every shape and grid. Widths are data: int32 (G,) tensors on the activations' device.
+// CPU kernels read and check their values (free on the host); CUDA kernels read them on the device, never on the
+// host (no sync, graph-capturable), and clamp each to its bound (the tensor's channel count), so no value can address
+// memory outside the tensors. Argument errors are ValueError / TypeError (TORCH_CHECK_VALUE / _TYPE) where they name
+// metadata.
+//   resnas::ext_rsr_im2col_fwd(Tensor u, int[] sizes, Tensor widths, int[] grid, int kernel_size, int stride,
 //                              int padding, bool has_cls) -> Tensor cols
 //       u (B, has_cls + H*W, C) -> cols (B, Ho*Wo, C*k*k); column c*k*k + kh*k + kw of output token (oh, ow) holds
 //       u[b, has_cls + ih*W + iw, c] with ih = oh*stride - padding + kh (0 outside the grid: the conv's zero padding);
 //       zero for c >= widths[g]. Channel-major / tap-minor, the order of F.unfold and of conv_weight.view(Co, -1), so
 //       group g's conv weight W[:co, :ci] is the top-left block [:co, :ci*k*k] of that 2-D view.
-//   resnas::ext_rsr_im2col_bwd(Tensor dcols, int[] sizes, int[] widths, int[] grid, int kernel_size, int stride,
+//   resnas::ext_rsr_im2col_bwd(Tensor dcols, int[] sizes, Tensor widths, int[] grid, int kernel_size, int stride,
 //                              int padding, bool has_cls) -> Tensor du
 //       The adjoint (col2im) written as a gather: each input token sums, in a fixed tap order, the columns that read
 //       it. du (B, has_cls + H*W, C) is zero on the cls row and beyond widths[g].
-//   resnas::ext_rsr_conv_fwd(Tensor u, Tensor weight, int[] sizes, int[] in_widths, int[] out_widths, int[] grid,
+//   resnas::ext_rsr_conv_fwd(Tensor u, Tensor weight, int[] sizes, Tensor in_widths, Tensor out_widths, int[] grid,
 //                            int kernel_size, int stride, int padding, bool has_cls) -> Tensor conv       (CPU only)
 //       conv (B, Ho*Wo, Co) = the bias-free conv of u's patch tokens with weight = conv_weight.view(Co, C*k*k) (u's
 //       dtype or fp32): group
@@ -22,7 +27,7 @@
 //   resnas::ext_rsr_conv_bwd(Tensor dout, Tensor u, Tensor weight, ...same...) -> (Tensor du, Tensor dweight)
 //       du (B, has_cls + H*W, C) zero on the cls row and beyond ci; dweight (Co, C*k*k) in fp32 (fp64 for fp64).
 //   resnas::ext_rsr_epilogue_fwd(Tensor conv, Tensor x, Tensor pos_embed, Tensor conv_bias, Tensor? cls,
-//                                Tensor? cls_bias, int[] sizes, int[] in_widths, int[] out_widths, int[] grid,
+//                                Tensor? cls_bias, int[] sizes, Tensor in_widths, Tensor out_widths, int[] grid,
 //                                int stride) -> Tensor out
 //       conv (B, L, Co) with L = Ho*Wo, Ho = ceil(H / stride); x (B, n + H*W, Ci) raw input, n = 1 when cls is given;
 //       cls (B, 1, Co) the cls token's linear output (no bias). For c < co (zero beyond):
@@ -30,7 +35,7 @@
 //         out[b, 0, c]     = cls[b, 0, c] + cls_bias[c] + (c < ci ? x[b, 0, c] : 0)
 //       avgpool: stride x stride windows without padding; a window cut by the grid's edge (odd grids, ceil_mode)
 //       averages only the tokens inside the grid.
-//   resnas::ext_rsr_epilogue_bwd(Tensor dout, int[] sizes, int[] in_widths, int[] out_widths, int[] grid, int stride,
+//   resnas::ext_rsr_epilogue_bwd(Tensor dout, int[] sizes, Tensor in_widths, Tensor out_widths, int[] grid, int stride,
 //                                bool has_cls, int in_channels)
 //       -> (Tensor dconv, Tensor dx, Tensor dpos, Tensor dconv_bias, Tensor dcls, Tensor dcls_bias)
 //       dconv / dcls: dout's patch / cls rows masked to co; dx (B, n + H*W, in_channels): the pooling's adjoint plus
@@ -126,19 +131,36 @@ inline void check_same(const at::Tensor& t, const char* name, const at::Tensor& 
               t.device());
 }
 
+// Group table over the samples of `like` (dim 0) from a widths tensor. CPU: the values are read and checked against
+// `bound` (free on the host). CUDA: only dtype / shape / device are checked and the table's widths stay 0: the
+// values live on the device and are read there by the kernels (clamped to the bound), never on the host.
+inline GroupTable rsr_group_table(c10::IntArrayRef sizes, const at::Tensor& widths, const at::Tensor& like,
+                                  int64_t bound, const char* op, const char* widths_name, const char* tensor_name) {
+  TORCH_CHECK_TYPE(widths.defined(), op, ": ", widths_name, " must be an int32 tensor, got None");
+  check_widths_tensor(widths, static_cast<int64_t>(sizes.size()), like, op, widths_name, tensor_name);
+  if (widths.device().is_cpu())
+    return make_group_table(sizes, widths, like.size(0), bound, op, tensor_name, widths_name);
+  const std::vector<int64_t> unread(sizes.size(), 0);
+  return make_group_table(sizes, c10::IntArrayRef(unread), like.size(0), bound, op, tensor_name);
+}
+
 // Per-group in/out widths over samples: in_widths[g] <= out_widths[g] (the shortcut carries every input channel).
 struct RsrGroups {
-  GroupTable in;   // sample table (rows = samples) with the input widths
+  GroupTable in;   // sample table (rows = samples) with the input widths (values on CPU only)
   GroupTable out;  // same samples, output widths
 };
 
-inline RsrGroups make_rsr_groups(c10::IntArrayRef sizes, c10::IntArrayRef in_widths, c10::IntArrayRef out_widths,
-                                 int64_t batch, int64_t ci_max, int64_t co_max, const char* op) {
-  RsrGroups g{make_group_table(sizes, in_widths, batch, ci_max, op, "x (in_widths)"),
-              make_group_table(sizes, out_widths, batch, co_max, op, "the output (out_widths)")};
-  for (size_t i = 0; i < in_widths.size(); ++i) {
-    TORCH_CHECK(out_widths[i] >= in_widths[i], op, ": out_widths[", i, "]=", out_widths[i],
-                " must be >= in_widths[", i, "]=", in_widths[i], " (the shortcut carries all input channels)");
+inline RsrGroups make_rsr_groups(c10::IntArrayRef sizes, const at::Tensor& in_widths, const at::Tensor& out_widths,
+                                 const at::Tensor& like, const char* like_name, int64_t ci_max, int64_t co_max,
+                                 const char* op) {
+  RsrGroups g{rsr_group_table(sizes, in_widths, like, ci_max, op, "in_widths", like_name),
+              rsr_group_table(sizes, out_widths, like, co_max, op, "out_widths", "the output (channels)")};
+  if (in_widths.device().is_cpu()) {  // values known on the host: the shortcut rule (CUDA kernels need no such rule)
+    for (int64_t i = 0; i < g.in.num_groups(); ++i) {
+      TORCH_CHECK_VALUE(g.out.widths[i] >= g.in.widths[i], op, ": out_widths[", i, "]=", g.out.widths[i],
+                        " must be >= in_widths[", i, "]=", g.in.widths[i],
+                        " (the shortcut carries all input channels)");
+    }
   }
   return g;
 }
@@ -151,18 +173,18 @@ struct Im2colArgs {
   int64_t channels;   // C (u's last dimension)
 };
 
-inline Im2colArgs check_im2col_fwd(const at::Tensor& u, c10::IntArrayRef sizes, c10::IntArrayRef widths,
+inline Im2colArgs check_im2col_fwd(const at::Tensor& u, c10::IntArrayRef sizes, const at::Tensor& widths,
                                    c10::IntArrayRef grid, int64_t k, int64_t stride, int64_t padding, bool has_cls,
                                    at::DeviceType device, const char* op) {
   check_tokens_tensor(u, "u", device, op);
   Im2colArgs a{conv_geometry(grid, k, stride, padding, has_cls, op), {}, u.size(2)};
   TORCH_CHECK(u.size(1) == a.geo.in_tokens(), op, ": u has ", u.size(1), " tokens but grid (", a.geo.H, ", ", a.geo.W,
               ") with has_cls=", (has_cls ? "True" : "False"), " needs ", a.geo.in_tokens());
-  a.groups = make_group_table(sizes, widths, u.size(0), a.channels, op, "u");
+  a.groups = rsr_group_table(sizes, widths, u, a.channels, op, "widths", "u");
   return a;
 }
 
-inline Im2colArgs check_im2col_bwd(const at::Tensor& dcols, c10::IntArrayRef sizes, c10::IntArrayRef widths,
+inline Im2colArgs check_im2col_bwd(const at::Tensor& dcols, c10::IntArrayRef sizes, const at::Tensor& widths,
                                    c10::IntArrayRef grid, int64_t k, int64_t stride, int64_t padding, bool has_cls,
                                    at::DeviceType device, const char* op) {
   check_tokens_tensor(dcols, "dcols", device, op);
@@ -172,7 +194,7 @@ inline Im2colArgs check_im2col_bwd(const at::Tensor& dcols, c10::IntArrayRef siz
   TORCH_CHECK(dcols.size(2) % a.geo.taps() == 0, op, ": dcols' last dimension (", dcols.size(2),
               ") must be a multiple of kernel_size^2 = ", a.geo.taps());
   a.channels = dcols.size(2) / a.geo.taps();
-  a.groups = make_group_table(sizes, widths, dcols.size(0), a.channels, op, "dcols (channels)");
+  a.groups = rsr_group_table(sizes, widths, dcols, a.channels, op, "widths", "dcols (channels)");
   return a;
 }
 
@@ -185,8 +207,8 @@ struct EpilogueArgs {
 inline EpilogueArgs check_epilogue_fwd(const at::Tensor& conv, const at::Tensor& x, const at::Tensor& pos_embed,
                                        const at::Tensor& conv_bias, const std::optional<at::Tensor>& cls,
                                        const std::optional<at::Tensor>& cls_bias, c10::IntArrayRef sizes,
-                                       c10::IntArrayRef in_widths, c10::IntArrayRef out_widths, c10::IntArrayRef grid,
-                                       int64_t stride, at::DeviceType device, const char* op) {
+                                       const at::Tensor& in_widths, const at::Tensor& out_widths,
+                                       c10::IntArrayRef grid, int64_t stride, at::DeviceType device, const char* op) {
   check_tokens_tensor(x, "x", device, op);
   check_tokens_tensor(conv, "conv", device, op);
   check_same(conv, "conv", x, "x", op);
@@ -212,12 +234,12 @@ inline EpilogueArgs check_epilogue_fwd(const at::Tensor& conv, const at::Tensor&
     check_same(*cls, "cls", x, "x", op);
     check_param(*cls_bias, "cls_bias", {a.co_max}, x, op);
   }
-  a.groups = make_rsr_groups(sizes, in_widths, out_widths, x.size(0), a.ci_max, a.co_max, op);
+  a.groups = make_rsr_groups(sizes, in_widths, out_widths, x, "x", a.ci_max, a.co_max, op);
   return a;
 }
 
-inline EpilogueArgs check_epilogue_bwd(const at::Tensor& dout, c10::IntArrayRef sizes, c10::IntArrayRef in_widths,
-                                       c10::IntArrayRef out_widths, c10::IntArrayRef grid, int64_t stride,
+inline EpilogueArgs check_epilogue_bwd(const at::Tensor& dout, c10::IntArrayRef sizes, const at::Tensor& in_widths,
+                                       const at::Tensor& out_widths, c10::IntArrayRef grid, int64_t stride,
                                        bool has_cls, int64_t in_channels, at::DeviceType device, const char* op) {
   check_tokens_tensor(dout, "dout", device, op);
   EpilogueArgs a;
@@ -229,46 +251,40 @@ inline EpilogueArgs check_epilogue_bwd(const at::Tensor& dout, c10::IntArrayRef 
               " needs ", a.geo.n_cls + a.geo.out_patches());
   TORCH_CHECK(in_channels >= 0 && in_channels <= a.co_max, op, ": in_channels must lie in [0, ", a.co_max,
               "] (dout's channels), got ", in_channels);
-  a.groups = make_rsr_groups(sizes, in_widths, out_widths, dout.size(0), a.ci_max, a.co_max, op);
+  a.groups = make_rsr_groups(sizes, in_widths, out_widths, dout, "in_channels", a.ci_max, a.co_max, op);
   return a;
 }
 
 }  // namespace rsr_detail
 
 // ---- CUDA launch metadata ------------------------------------------------------------------------------------------
-// Groups are passed to CUDA kernels by value (no host-to-device copy, so launches never sync and can be captured in
-// CUDA graphs), at most kRsrMaxGroupsPerLaunch per launch; a batch with more groups is processed in chunks of
-// consecutive groups (groups own contiguous samples).
+// The static part of the groups (where each group's samples end) is passed to CUDA kernels by value, at most
+// kRsrMaxGroupsPerLaunch groups per launch (a batch with more groups is processed in chunks of consecutive groups:
+// groups own contiguous samples). The widths stay in device memory (int32 tensors) and are read by the kernels,
+// clamped to the static bounds. No host-to-device copy and no host read: launches never sync, a captured CUDA graph
+// replays with new widths written into the same tensors.
 constexpr int kRsrMaxGroupsPerLaunch = 32;
 
 struct RsrGroupChunk {
   int64_t sample_begin = 0;                       // first sample of the chunk
   int64_t sample_end[kRsrMaxGroupsPerLaunch];     // exclusive end sample of each group of the chunk (absolute)
-  int32_t in_w[kRsrMaxGroupsPerLaunch];
-  int32_t out_w[kRsrMaxGroupsPerLaunch];
+  int32_t group_begin = 0;                        // index of the chunk's first group in the widths tensors
   int32_t count = 0;
   int64_t samples() const { return count ? sample_end[count - 1] - sample_begin : 0; }
 };
 
 // Chunks of at most kRsrMaxGroupsPerLaunch consecutive groups, in group order (empty chunks included: callers skip
-// chunks without samples, except where a kernel must run anyway).
-inline std::vector<RsrGroupChunk> rsr_group_chunks(const GroupTable& in, const GroupTable& out) {
+// chunks without samples, except where a kernel must run anyway). Uses the row starts only.
+inline std::vector<RsrGroupChunk> rsr_group_chunks(const GroupTable& table) {
   std::vector<RsrGroupChunk> chunks;
-  const int64_t G = in.num_groups();
+  const int64_t G = table.num_groups();
   for (int64_t g0 = 0; g0 < G; g0 += kRsrMaxGroupsPerLaunch) {
     RsrGroupChunk c;
-    c.sample_begin = in.row_start[g0];
+    c.sample_begin = table.row_start[g0];
+    c.group_begin = static_cast<int32_t>(g0);
     const int64_t g1 = std::min<int64_t>(G, g0 + kRsrMaxGroupsPerLaunch);
-    for (int64_t g = g0; g < g1; ++g) {
-      c.sample_end[g - g0] = in.row_start[g + 1];
-      c.in_w[g - g0] = static_cast<int32_t>(in.widths[g]);
-      c.out_w[g - g0] = static_cast<int32_t>(out.widths[g]);
-    }
-    for (int64_t g = g1 - g0; g < kRsrMaxGroupsPerLaunch; ++g) {
-      c.sample_end[g] = c.sample_end[g1 - g0 - 1];
-      c.in_w[g] = 0;
-      c.out_w[g] = 0;
-    }
+    for (int64_t g = g0; g < g1; ++g) c.sample_end[g - g0] = table.row_start[g + 1];
+    for (int64_t g = g1 - g0; g < kRsrMaxGroupsPerLaunch; ++g) c.sample_end[g] = c.sample_end[g1 - g0 - 1];
     c.count = static_cast<int32_t>(g1 - g0);
     chunks.push_back(c);
   }
@@ -276,35 +292,40 @@ inline std::vector<RsrGroupChunk> rsr_group_chunks(const GroupTable& in, const G
 }
 
 #if defined(__CUDACC__)
-// (in width, out width) of `sample`, which must lie in the chunk. Unrolled with compile-time indices so the table
-// stays in the kernel-parameter bank (no local-memory copy).
-__device__ __forceinline__ void rsr_chunk_widths(const RsrGroupChunk& chunk, int64_t sample, int& ci, int& co) {
-  ci = 0;
-  co = 0;
+// A width read from device memory, clamped to [0, bound]: whatever the tensor holds, no access leaves the tensors.
+__device__ __forceinline__ int rsr_clamped_width(const int32_t* widths, int64_t g, int64_t bound) {
+  return static_cast<int>(min(max(static_cast<int64_t>(widths[g]), int64_t(0)), bound));
+}
+
+// (in width, out width) of `sample`, which must lie in the chunk, clamped to [0, ci_bound] / [0, co_bound]. The group
+// search is unrolled with compile-time indices so the chunk stays in the kernel-parameter bank.
+__device__ __forceinline__ void rsr_chunk_widths(const RsrGroupChunk& chunk, int64_t sample, const int32_t* in_widths,
+                                                 const int32_t* out_widths, int64_t ci_bound, int64_t co_bound,
+                                                 int& ci, int& co) {
+  int local = 0;
 #pragma unroll
   for (int g = kRsrMaxGroupsPerLaunch - 1; g >= 0; --g) {
-    if (g < chunk.count && sample < chunk.sample_end[g]) {
-      ci = chunk.in_w[g];
-      co = chunk.out_w[g];
-    }
+    if (g < chunk.count && sample < chunk.sample_end[g]) local = g;
   }
+  ci = rsr_clamped_width(in_widths, chunk.group_begin + local, ci_bound);
+  co = rsr_clamped_width(out_widths, chunk.group_begin + local, co_bound);
 }
 #endif
 
 // CPU entry points (csrc/cpu/rsr_im2col.cpp, csrc/cpu/rsr_epilogue.cpp); the conv's are local to rsr_im2col.cpp.
-at::Tensor rsr_im2col_fwd_cpu(const at::Tensor& u, c10::IntArrayRef sizes, c10::IntArrayRef widths,
+at::Tensor rsr_im2col_fwd_cpu(const at::Tensor& u, c10::IntArrayRef sizes, const at::Tensor& widths,
                               c10::IntArrayRef grid, int64_t kernel_size, int64_t stride, int64_t padding,
                               bool has_cls);
-at::Tensor rsr_im2col_bwd_cpu(const at::Tensor& dcols, c10::IntArrayRef sizes, c10::IntArrayRef widths,
+at::Tensor rsr_im2col_bwd_cpu(const at::Tensor& dcols, c10::IntArrayRef sizes, const at::Tensor& widths,
                               c10::IntArrayRef grid, int64_t kernel_size, int64_t stride, int64_t padding,
                               bool has_cls);
 at::Tensor rsr_epilogue_fwd_cpu(const at::Tensor& conv, const at::Tensor& x, const at::Tensor& pos_embed,
                                 const at::Tensor& conv_bias, const std::optional<at::Tensor>& cls,
                                 const std::optional<at::Tensor>& cls_bias, c10::IntArrayRef sizes,
-                                c10::IntArrayRef in_widths, c10::IntArrayRef out_widths, c10::IntArrayRef grid,
+                                const at::Tensor& in_widths, const at::Tensor& out_widths, c10::IntArrayRef grid,
                                 int64_t stride);
-RsrEpilogueBwdOut rsr_epilogue_bwd_cpu(const at::Tensor& dout, c10::IntArrayRef sizes, c10::IntArrayRef in_widths,
-                                       c10::IntArrayRef out_widths, c10::IntArrayRef grid, int64_t stride,
+RsrEpilogueBwdOut rsr_epilogue_bwd_cpu(const at::Tensor& dout, c10::IntArrayRef sizes, const at::Tensor& in_widths,
+                                       const at::Tensor& out_widths, c10::IntArrayRef grid, int64_t stride,
                                        bool has_cls, int64_t in_channels);
 
 }  // namespace resnas

@@ -90,20 +90,23 @@ def _attention_call(sizes, heads):
 
 def _im2col_call(sizes, widths):
     u = torch.randn(1, 17, 8)
-    return lambda: torch.ops.resnas.rsr_im2col_fwd(u, sizes, widths, [4, 4], 3, 2, 1, True)
+    return lambda: torch.ops.resnas.rsr_im2col_fwd(u, sizes, torch.tensor(widths, dtype=torch.int32), [4, 4], 3, 2, 1,
+                                                   True)
 
 
 def _epilogue_call(sizes, in_widths, out_widths):
     conv, x = torch.randn(1, 4, 12), torch.randn(1, 17, 8)
     return lambda: torch.ops.resnas.rsr_epilogue_fwd(conv, x, torch.zeros(1, 4, 12), torch.zeros(12),
-                                                     torch.zeros(1, 1, 12), torch.zeros(12), sizes, in_widths,
-                                                     out_widths, [4, 4], 2)
+                                                     torch.zeros(1, 1, 12), torch.zeros(12), sizes,
+                                                     torch.tensor(in_widths, dtype=torch.int32),
+                                                     torch.tensor(out_widths, dtype=torch.int32), [4, 4], 2)
 
 
 def _conv_call(sizes, in_widths, out_widths):
     u = torch.randn(1, 17, 8)
-    return lambda: torch.ops.resnas.rsr_conv_fwd(u, torch.randn(12, 72), sizes, in_widths, out_widths, [4, 4], 3, 2,
-                                                 1, True)
+    return lambda: torch.ops.resnas.rsr_conv_fwd(u, torch.randn(12, 72), sizes,
+                                                 torch.tensor(in_widths, dtype=torch.int32),
+                                                 torch.tensor(out_widths, dtype=torch.int32), [4, 4], 3, 2, 1, True)
 
 
 BOTH = ("reference", "triton")
@@ -116,10 +119,10 @@ BAD_METADATA = [  # (op call, expected message, backends); first the out-of-boun
     (_linear_call([3], [8], [6]), r"must equal the batch size of x", BOTH),
     (_attention_call([3], [3]), r"widths\[0\]=3 exceeds the maximum width 2 of q \(dim 2, H_max\)", BOTH),
     (_attention_call([2], [2]), r"must equal the batch size of q \(dim 0: 3\)", BOTH),
-    (_im2col_call([1], [9]), r"widths\[0\]=9 exceeds the maximum width 8 of u", BOTH),
-    (_epilogue_call([1], [8], [13]), r"out_widths\[0\]=13 exceeds the maximum width 12 of conv", BOTH),
-    (_epilogue_call([1], [9], [12]), r"in_widths\[0\]=9 exceeds the maximum width 8 of x", BOTH),
-    (_conv_call([1], [8], [13]), r"out_widths\[0\]=13 exceeds the maximum width 12 of weight", ("reference",)),
+    (_im2col_call([1], [9]), r"widths\[0\]=9 must lie in \[0, 8\] \(the bound of u\)", BOTH),
+    (_epilogue_call([1], [8], [13]), r"out_widths\[0\]=13 must lie in \[0, 12\] \(the bound of conv", BOTH),
+    (_epilogue_call([1], [9], [12]), r"in_widths\[0\]=9 must lie in \[0, 8\] \(the bound of x\)", BOTH),
+    (_conv_call([1], [8], [13]), r"out_widths\[0\]=13 must lie in \[0, 12\] \(the bound of weight", ("reference",)),
 ]
 
 
@@ -142,9 +145,11 @@ def test_custom_op_backwards_check_their_metadata():
         with pytest.raises(ValueError, match=r"mean must have shape \(6,\)"):
             torch.ops.resnas.ragged_layer_norm_bwd(torch.ones_like(x), None, x, w, mean[:5], rstd, [2], width_8)
         with pytest.raises(ValueError, match=r"dcols must have shape"):
-            torch.ops.resnas.rsr_im2col_bwd(torch.zeros(1, 5, 72), [1], [8], [4, 4], 3, 2, 1, True)
-        with pytest.raises(ValueError, match=r"out_widths\[0\]=13 exceeds the maximum width 12 of dout"):
-            torch.ops.resnas.rsr_epilogue_bwd(torch.zeros(1, 5, 12), [1], [8], [13], [4, 4], 2, True, 8)
+            torch.ops.resnas.rsr_im2col_bwd(torch.zeros(1, 5, 72), [1], torch.tensor([8], dtype=torch.int32), [4, 4], 3,
+                                            2, 1, True)
+        with pytest.raises(ValueError, match=r"out_widths\[0\]=13 must lie in \[0, 12\] \(the bound of dout"):
+            torch.ops.resnas.rsr_epilogue_bwd(torch.zeros(1, 5, 12), [1], torch.tensor([8], dtype=torch.int32),
+                                              torch.tensor([13], dtype=torch.int32), [4, 4], 2, True, 8)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -281,7 +286,9 @@ def test_reference_backend_ignores_nan_beyond_the_width():
     xr[:, :, 5:] = float("nan")
     with rk.use_backend("reference"):
         out = torch.ops.resnas.rsr_epilogue_fwd(torch.randn(1, 4, 8), xr, torch.zeros(1, 4, 8), torch.zeros(8),
-                                                torch.zeros(1, 1, 8), torch.zeros(8), [1], [5], [8], [4, 4], 2)
+                                                torch.zeros(1, 1, 8), torch.zeros(8), [1],
+                                                torch.tensor([5], dtype=torch.int32),
+                                                torch.tensor([8], dtype=torch.int32), [4, 4], 2)
     assert torch.isfinite(out).all()
 
 

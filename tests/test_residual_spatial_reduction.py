@@ -190,8 +190,8 @@ def test_fused_chain_on_reference_sub_ops_matches_stock_modules():
     g, co_w, x, params, dy = _make(**RAGGED, grid=grid, has_cls=True, seed=3)
 
     def fn(x, prm):
-        return _fused(x, g, co_w, *(prm[n] for n in PARAMS[:5]), prm["cls_weight"], prm["cls_bias"], grid, True,
-                      1e-6, 3, 2, 1)
+        return _fused(x, g, g.with_widths(co_w), *(prm[n] for n in PARAMS[:5]), prm["cls_weight"], prm["cls_bias"],
+                      grid, True, 1e-6, 3, 2, 1)
 
     _check_against_stock("reference", g, co_w, x, params, dy, grid, True, fn=fn)
 
@@ -286,10 +286,145 @@ def test_property_random_groups_cpu(data):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Widths as data: int32 tensors (device metadata) through every backend, and one compiled graph for every architecture
+# ---------------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
+@pytest.mark.parametrize("grid,has_cls", [((5, 5), True), ((4, 3), False)], ids=["5x5-cls", "4x3-nocls"])
+@pytest.mark.parametrize("out_as", ["tensor", "ragged"])
+def test_device_widths_match_stock_modules(backend, grid, has_cls, out_as):
+    """Ragged(sizes, int32 tensor) and out_widths as a tensor (or a Ragged of one) through the public op, forward and
+    backward, against the stock modules on host widths: odd grids, an empty group, a width-0 group, co = ci."""
+    _require(backend)
+    g, co_w, x, params, dy = _make((2, 0, 1, 1), (6, 3, 4, 0), (9, 5, 4, 0), 6, 10, grid, has_cls,
+                                   seed=17 + grid[1])
+    dev_groups = Ragged(g.sizes, _wt(g.widths))
+    dev_out = _wt(co_w) if out_as == "tensor" else dev_groups.with_widths(_wt(co_w))
+    _check_against_stock(backend, g, co_w, x, params, dy, grid, has_cls,
+                         fn=_fused_call(dev_groups, dev_out, grid, has_cls))
+
+
+def test_device_widths_layer():
+    """The module with device widths derives its default out_widths on the device (no host value)."""
+    _require("cpu")
+    torch.manual_seed(0)
+    m = ResidualSpatialReduction(6, 10, grid=(4, 4), has_cls=True)
+    g = Ragged((2, 1), (6, 0))
+    x = torch.randn(3, 17, 6) * g.mask(6)[:, None]
+    with rk.use_backend("cpu"):
+        expected = m(x, g)
+        got = m(x, Ragged(g.sizes, _wt(g.widths)))
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_widths_tensor_errors():
+    """Bad widths tensors get a clear error naming the argument: dtype, length, device, values above the bound or
+    against the shortcut rule (CPU tensors: their values are free to read)."""
+    _require("cpu")
+    grid = (4, 4)
+    g, co_w, x, params, _ = _make((1, 1), (6, 4), (8, 4), 6, 10, grid, True)
+    sizes = g.sizes
+
+    def call(in_w, out_w):
+        with rk.use_backend("cpu"):
+            return rk.residual_spatial_reduction(x, Ragged(sizes, in_w) if isinstance(in_w, torch.Tensor) else in_w,
+                                                 out_w, **params, grid=grid)
+
+    with pytest.raises(TypeError, match="widths must be an int32 tensor"):
+        call(_wt(g.widths).long(), _wt(co_w))
+    with pytest.raises(TypeError, match="widths must be an int32 tensor"):
+        call(_wt(g.widths), _wt(co_w).long())
+    with pytest.raises(ValueError, match=r"widths must have one entry per group: len\(sizes\)=2"):
+        call(_wt((6, 4, 4)), _wt(co_w))
+    with pytest.raises(ValueError, match=r"widths must have one entry per group"):
+        call(_wt(g.widths), _wt((8, 4, 4)))
+    with pytest.raises(ValueError, match="in_groups.widths must be on the same device as x"):
+        call(_wt(g.widths).to("meta"), _wt(co_w))
+    with pytest.raises(ValueError, match="out_widths must be on the same device as"):
+        call(_wt(g.widths), _wt(co_w).to("meta"))
+    with pytest.raises(ValueError, match=r"in_groups.widths\[1\]=7 must lie in \[0, 6\]"):
+        call(_wt((6, 7)), _wt((8, 8)))
+    with pytest.raises(ValueError, match=r"out_widths\[0\]=11 must lie in \[0, 10\]"):
+        call(_wt(g.widths), _wt((11, 4)))
+    with pytest.raises(ValueError, match=r"out_widths\[1\]=3 must be >= in_groups.widths\[1\]=4"):
+        call(_wt(g.widths), _wt((8, 3)))
+    with pytest.raises(ValueError, match=r"in_groups.widths\[1\] is 0 but out_widths\[1\]=4"):
+        call(_wt((6, 0)), _wt((8, 4)))
+    # the custom ops check too (direct torch.ops calls)
+    u = torch.zeros(2, 17, 6)
+    with pytest.raises(ValueError, match=r"widths\[0\]=7 must lie in \[0, 6\] \(the bound of u\)"):
+        rsr_im2col_fwd(u, [1, 1], _wt((7, 1)), [4, 4], 3, 2, 1, True)
+    with pytest.raises(TypeError, match="widths must be an int32 tensor"):
+        rsr_im2col_fwd(u, [1, 1], _wt((6, 1)).short(), [4, 4], 3, 2, 1, True)
+    with pytest.raises(ValueError, match="widths must have one entry per group"):
+        rsr_conv_fwd(u, torch.zeros(10, 54), [1, 1], _wt((6,)), _wt((8, 4)), [4, 4], 3, 2, 1, True)
+
+
+def test_cpu_path_is_one_cxx_op_per_piece():
+    """On the C++ backend each piece is one C++-registered op (autograd in C++): the Python custom ops never run."""
+    _require("cpu")
+    from torch.profiler import profile
+
+    g, co_w, x, params, dy = _make((2, 1), (6, 4), (8, 4), 6, 10, (4, 4), True)
+    with rk.use_backend("cpu"), profile() as prof:
+        out, _ = _run(_fused_call(Ragged(g.sizes, _wt(g.widths)), _wt(co_w), (4, 4), True), x, params, dy)
+    names = {e.key for e in prof.key_averages()}
+    assert {"resnas::rsr_conv", "resnas::rsr_epilogue", "resnas::ext_rsr_conv_bwd",
+            "resnas::ext_rsr_epilogue_bwd"} <= names, sorted(n for n in names if "resnas" in n)
+    assert not names & {"resnas::rsr_conv_fwd", "resnas::rsr_conv_bwd", "resnas::rsr_epilogue_fwd",
+                        "resnas::rsr_epilogue_bwd"}
+
+
+def _compile_case(seed):
+    """Three architectures over the same group sizes (incl. a width-0 group and co = ci), one input each."""
+    archs = [((6, 4, 5), (10, 4, 8)), ((3, 6, 0), (3, 10, 0)), ((5, 2, 6), (9, 7, 6))]
+    sizes, grid = (2, 1, 1), (5, 4)
+    _, _, x, params, dy = _make(sizes, archs[0][0], archs[0][1], 6, 10, grid, True, seed=seed)
+    return sizes, grid, archs, x, params, dy
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compiles_once_for_every_architecture(backend):
+    """torch.compile(fullgraph=True) of forward + backward: new widths tensors are new values, not new constants, so
+    three architectures run through one compiled graph, each equal to eager."""
+    _require(backend)
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    sizes, grid, archs, x, params, dy = _compile_case(seed=23)
+
+    def forward(x, in_w, out_w, *prm):
+        return rk.residual_spatial_reduction(x, Ragged(sizes, in_w), out_w, *prm, grid=grid, has_cls=True)
+
+    def run(fn, xi, in_w, out_w):
+        leaves = [xi.detach().clone().requires_grad_()] + [params[n].detach().clone().requires_grad_()
+                                                           for n in PARAMS]
+        out = fn(leaves[0], in_w, out_w, *leaves[1:])
+        (out * dy.to(out.dtype)).sum().backward()
+        return out.detach(), [t.grad for t in leaves]
+
+    counter = CompileCounterWithBackend("aot_eager")
+    torch._dynamo.reset()
+    compiled = torch.compile(forward, fullgraph=True, backend=counter)
+    with rk.use_backend(backend):
+        for ci, co in archs:
+            xi = x * Ragged(sizes, ci).mask(6)[:, None]
+            eager_out, eager_grads = run(forward, xi, _wt(ci), _wt(co))
+            out, grads = run(compiled, xi, _wt(ci), _wt(co))
+            torch.testing.assert_close(out, eager_out, rtol=1e-6, atol=1e-6)
+            for name, a, b in zip(("x",) + PARAMS, grads, eager_grads):
+                torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6, msg=lambda m: f"d{name}: {m}")
+    assert counter.frame_count == 1, f"{counter.frame_count} compilations for {len(archs)} architectures"
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # The sub-ops on every backend against their reference backends (fp64 oracle, tolerance rule)
 # ---------------------------------------------------------------------------------------------------------------------
 SUB_BACKENDS = ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu),
                 pytest.param("triton-cuda", marks=pytest.mark.gpu)]
+
+
+def _wt(widths, device="cpu") -> torch.Tensor:
+    """Widths as the custom ops take them: an int32 tensor on the activations' device."""
+    return torch.tensor(list(widths), dtype=torch.int32, device=device)
 
 
 def _sub_backend(backend):
@@ -319,10 +454,10 @@ def test_im2col_matches_reference(backend, grid, has_cls, k, s, p):
     # Backward (col2im as a gather) against F.fold in fp64.
     dcols = torch.randn(cols.shape, dtype=torch.float64, device=device)
     with rk.use_backend(backend):
-        du = rsr_im2col_bwd(dcols.to(u.dtype), list(g.sizes), list(g.widths), list(grid), k, s, p, has_cls)
+        du = rsr_im2col_bwd(dcols.to(u.dtype), list(g.sizes), _wt(g.widths, device), list(grid), k, s, p, has_cls)
     with rk.use_backend("reference"):
-        oracle = rsr_im2col_bwd(dcols, list(g.sizes), list(g.widths), list(grid), k, s, p, has_cls)
-        same = rsr_im2col_bwd(dcols.to(u.dtype), list(g.sizes), list(g.widths), list(grid), k, s, p, has_cls)
+        oracle = rsr_im2col_bwd(dcols, list(g.sizes), _wt(g.widths, device), list(grid), k, s, p, has_cls)
+        same = rsr_im2col_bwd(dcols.to(u.dtype), list(g.sizes), _wt(g.widths, device), list(grid), k, s, p, has_cls)
     assert_close_to_oracle(du, oracle, same, f"{backend}:du", factor=3.0)
     assert (du[:, :int(has_cls)] == 0).all()
     assert (du[~g.mask(5, device=device)[:, None, :].expand_as(du)] == 0).all()
@@ -345,7 +480,7 @@ def test_conv_matches_reference_cpu(dtype, grid, has_cls, k, s, p, route, monkey
     g, co_w, u, prm, _ = _make((20, 0, 1, 3, 2), (6, 5, 4, 5, 0), (9, 7, 4, 5, 0), 6, 10, grid, has_cls, dtype=dtype,
                                k=k, s=s, p=p, seed=5)
     w2d = prm["conv_weight"].reshape(10, -1)
-    args = (list(g.sizes), list(g.widths), list(co_w), list(grid), k, s, p, has_cls)
+    args = (list(g.sizes), _wt(g.widths), _wt(co_w), list(grid), k, s, p, has_cls)
     with rk.use_backend("cpu"):
         out = rsr_conv_fwd(u, w2d, *args)
     with rk.use_backend("reference"):
@@ -374,7 +509,7 @@ def test_conv_cpu_routes_and_determinism(grid, fwd_onednn, bwd_onednn, monkeypat
 
     g, co_w, u, prm, _ = _make((3, 0, 1, 2), (6, 5, 4, 5), (9, 7, 4, 5), 6, 10, grid, True, seed=7)
     w2d = prm["conv_weight"].reshape(10, -1)
-    args = (list(g.sizes), list(g.widths), list(co_w), list(grid), 3, 2, 1, True)
+    args = (list(g.sizes), _wt(g.widths), _wt(co_w), list(grid), 3, 2, 1, True)
     dout = torch.randn(u.shape[0], (grid[0] // 2) * (grid[1] // 2), 10)
 
     def run():
@@ -430,7 +565,7 @@ def _epilogue_inputs(grid, has_cls, device, dtype=torch.float32, s=2, seed=0):
 def test_epilogue_matches_reference(backend, grid, has_cls, s):
     backend, device = _sub_backend(backend)
     in_g, out_w, t = _epilogue_inputs(grid, has_cls, device, s=s)
-    args = (list(in_g.sizes), list(in_g.widths), list(out_w), list(grid), s)
+    args = (list(in_g.sizes), _wt(in_g.widths, device), _wt(out_w, device), list(grid), s)
     with rk.use_backend(backend):
         out = rsr_epilogue_fwd(*t.values(), *args)
     with rk.use_backend("reference"):
@@ -439,7 +574,7 @@ def test_epilogue_matches_reference(backend, grid, has_cls, s):
     assert_close_to_oracle(out, oracle, same, f"{backend}:out")
     assert (out[~in_g.with_widths(out_w).mask(8, device=device)[:, None, :].expand_as(out)] == 0).all()
     dout = torch.randn(out.shape, dtype=torch.float64, device=device)
-    bargs = (list(in_g.sizes), list(in_g.widths), list(out_w), list(grid), s, has_cls, 5)
+    bargs = (list(in_g.sizes), _wt(in_g.widths, device), _wt(out_w, device), list(grid), s, has_cls, 5)
     with rk.use_backend(backend):
         grads = rsr_epilogue_bwd(dout.float(), *bargs)
     with rk.use_backend("reference"):
@@ -460,7 +595,7 @@ def test_sub_op_fp64_gradcheck_cpu(op):
             assert torch.autograd.gradcheck(lambda u: rsr_im2col(u * mask, g, (5, 4), True), (u.requires_grad_(),))
         else:
             in_g, out_w, t = _epilogue_inputs((5, 3), True, "cpu", dtype=torch.float64)
-            args = (list(in_g.sizes), list(in_g.widths), list(out_w), [5, 3], 2)
+            args = (list(in_g.sizes), _wt(in_g.widths), _wt(out_w), [5, 3], 2)
             leaves = tuple(v.requires_grad_() for v in t.values())
             assert torch.autograd.gradcheck(lambda *v: rsr_epilogue_fwd(*v, *args), leaves)
 
@@ -473,20 +608,25 @@ def test_opcheck(backend, has_cls):
     g, _, u, _, _ = _make((2, 1), (4, 3), (4, 3), 4, 4, grid, has_cls)
     in_g, out_w, t = _epilogue_inputs(grid, has_cls, "cpu")
     with rk.use_backend(backend):
-        torch.library.opcheck(rsr_im2col_fwd, (u.requires_grad_(), list(g.sizes), list(g.widths), list(grid), 3, 2,
+        torch.library.opcheck(rsr_im2col_fwd, (u.requires_grad_(), list(g.sizes), _wt(g.widths), list(grid), 3, 2,
                                                1, has_cls))
-        cols = rsr_im2col_fwd(u.detach(), list(g.sizes), list(g.widths), list(grid), 3, 2, 1, has_cls)
-        torch.library.opcheck(rsr_im2col_bwd, (cols, list(g.sizes), list(g.widths), list(grid), 3, 2, 1, has_cls))
+        cols = rsr_im2col_fwd(u.detach(), list(g.sizes), _wt(g.widths), list(grid), 3, 2, 1, has_cls)
+        torch.library.opcheck(rsr_im2col_bwd, (cols, list(g.sizes), _wt(g.widths), list(grid), 3, 2, 1, has_cls))
         w2d = torch.randn(6, 4 * 9, requires_grad=True)
-        conv_args = (list(g.sizes), list(g.widths), [6, 3], list(grid), 3, 2, 1, has_cls)
+        conv_args = (list(g.sizes), _wt(g.widths), _wt([6, 3]), list(grid), 3, 2, 1, has_cls)
         torch.library.opcheck(rsr_conv_fwd, (u, w2d, *conv_args))
         dconv = torch.randn(g.batch, 6, 6)
         torch.library.opcheck(rsr_conv_bwd, (dconv, u.detach(), w2d.detach(), *conv_args))
-        args = (list(in_g.sizes), list(in_g.widths), list(out_w), list(grid), 2)
+        args = (list(in_g.sizes), _wt(in_g.widths), _wt(out_w), list(grid), 2)
         leaves = tuple(v.requires_grad_() if v is not None else None for v in t.values())
         torch.library.opcheck(rsr_epilogue_fwd, (*leaves, *args))
         dout = torch.randn(in_g.batch, int(has_cls) + 6, 8)
         torch.library.opcheck(rsr_epilogue_bwd, (dout, *args[:-1], 2, has_cls, 5))
+        if backend == "cpu":  # the C++-registered public ops (C++ autograd, Python fake kernels)
+            torch.library.opcheck(torch.ops.resnas.rsr_im2col.default, (u, list(g.sizes), _wt(g.widths), list(grid),
+                                                                        3, 2, 1, has_cls))
+            torch.library.opcheck(torch.ops.resnas.rsr_conv.default, (u, w2d, *conv_args))
+            torch.library.opcheck(torch.ops.resnas.rsr_epilogue.default, (*leaves, *args))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -643,29 +783,35 @@ class TestBadInput:
     def test_cxx_ops_name_the_bad_argument(self):
         _require("cpu")
         g, x = self.g, self.x
+        w8, w9, w6 = _wt([8]), _wt([9]), _wt([6])
         with pytest.raises(RuntimeError, match="ext_rsr_im2col_fwd: u has 65 tokens but grid \\(7, 7\\)"):
-            torch.ops.resnas.ext_rsr_im2col_fwd(x, [1], [8], [7, 7], 3, 2, 1, True)
-        with pytest.raises(RuntimeError, match=r"ext_rsr_im2col_fwd: widths\[0\]=9 must lie in \[0, 8\]"):
-            torch.ops.resnas.ext_rsr_im2col_fwd(x, [1], [9], [8, 8], 3, 2, 1, True)
+            torch.ops.resnas.ext_rsr_im2col_fwd(x, [1], w8, [7, 7], 3, 2, 1, True)
+        with pytest.raises(ValueError, match=r"ext_rsr_im2col_fwd: widths\[0\]=9 must lie in \[0, 8\]"):
+            torch.ops.resnas.ext_rsr_im2col_fwd(x, [1], w9, [8, 8], 3, 2, 1, True)
         conv = torch.zeros(1, 16, 8)
         with pytest.raises(RuntimeError, match=r"ext_rsr_epilogue_fwd: pos_embed must have shape \[1, 16, 8\]"):
             torch.ops.resnas.ext_rsr_epilogue_fwd(conv, x, torch.zeros(1, 15, 8), torch.zeros(8), torch.zeros(1, 1, 8),
-                                                  torch.zeros(8), [1], [8], [8], [8, 8], 2)
+                                                  torch.zeros(8), [1], w8, w8, [8, 8], 2)
         with pytest.raises(RuntimeError, match=r"ext_rsr_epilogue_fwd: x has 65 tokens but grid \(8, 8\) with "
                                                r"has_cls=False needs 64"):
             torch.ops.resnas.ext_rsr_epilogue_fwd(conv, x, torch.zeros(1, 16, 8), torch.zeros(8), None, None, [1],
-                                                  [8], [8], [8, 8], 2)
-        with pytest.raises(RuntimeError, match=r"out_widths\[0\]=6 must be >= in_widths\[0\]=8"):
+                                                  w8, w8, [8, 8], 2)
+        with pytest.raises(ValueError, match=r"out_widths\[0\]=6 must be >= in_widths\[0\]=8"):
             torch.ops.resnas.ext_rsr_epilogue_fwd(conv, x[:, 1:].contiguous(), torch.zeros(1, 16, 8), torch.zeros(8),
-                                                  None, None, [1], [8], [6], [8, 8], 2)
+                                                  None, None, [1], w8, w6, [8, 8], 2)
         with pytest.raises(RuntimeError, match="cls and cls_bias must be given together"):
             torch.ops.resnas.ext_rsr_epilogue_fwd(conv, x, torch.zeros(1, 16, 8), torch.zeros(8),
-                                                  torch.zeros(1, 1, 8), None, [1], [8], [8], [8, 8], 2)
+                                                  torch.zeros(1, 1, 8), None, [1], w8, w8, [8, 8], 2)
         with pytest.raises(RuntimeError, match=r"ext_rsr_conv_fwd: weight must be 2-D \(Co_max, C\*k\*k\) = "
                                                r"\(Co_max, 72\)"):
-            torch.ops.resnas.ext_rsr_conv_fwd(x, torch.zeros(8, 71), [1], [8], [8], [8, 8], 3, 2, 1, True)
+            torch.ops.resnas.ext_rsr_conv_fwd(x, torch.zeros(8, 71), [1], w8, w8, [8, 8], 3, 2, 1, True)
         with pytest.raises(RuntimeError, match=r"ext_rsr_conv_bwd: dout must have shape \(1, 16, 8\)"):
-            torch.ops.resnas.ext_rsr_conv_bwd(torch.zeros(1, 17, 8), x, torch.zeros(8, 72), [1], [8], [8], [8, 8], 3,
+            torch.ops.resnas.ext_rsr_conv_bwd(torch.zeros(1, 17, 8), x, torch.zeros(8, 72), [1], w8, w8, [8, 8], 3,
                                               2, 1, True)
         with pytest.raises(RuntimeError, match="ext_rsr_epilogue_bwd: dout has 16 tokens"):
-            torch.ops.resnas.ext_rsr_epilogue_bwd(conv, [1], [8], [8], [8, 8], 2, True, 8)
+            torch.ops.resnas.ext_rsr_epilogue_bwd(conv, [1], w8, w8, [8, 8], 2, True, 8)
+        # widths tensors: dtype and length (their values are read on CPU only, where that is free)
+        with pytest.raises(TypeError, match=r"ext_rsr_im2col_fwd: widths must be an int32 tensor"):
+            torch.ops.resnas.ext_rsr_im2col_fwd(x, [1], w8.long(), [8, 8], 3, 2, 1, True)
+        with pytest.raises(ValueError, match=r"ext_rsr_conv_fwd: out_widths must have shape \(1,\)"):
+            torch.ops.resnas.ext_rsr_conv_fwd(x, torch.zeros(8, 72), [1], w8, _wt([8, 8]), [8, 8], 3, 2, 1, True)

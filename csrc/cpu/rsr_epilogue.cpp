@@ -158,7 +158,7 @@ void epilogue_bwd_kernel(const scalar_t* dout, scalar_t* dconv, scalar_t* dx, sc
 at::Tensor rsr_epilogue_fwd_cpu(const at::Tensor& conv_in, const at::Tensor& x_in, const at::Tensor& pos_embed,
                                 const at::Tensor& conv_bias, const std::optional<at::Tensor>& cls_in,
                                 const std::optional<at::Tensor>& cls_bias, c10::IntArrayRef sizes,
-                                c10::IntArrayRef in_widths, c10::IntArrayRef out_widths, c10::IntArrayRef grid,
+                                const at::Tensor& in_widths, const at::Tensor& out_widths, c10::IntArrayRef grid,
                                 int64_t stride) {
   const auto args = rsr_detail::check_epilogue_fwd(conv_in, x_in, pos_embed, conv_bias, cls_in, cls_bias, sizes,
                                                    in_widths, out_widths, grid, stride, at::kCPU, kFwdName);
@@ -184,8 +184,8 @@ at::Tensor rsr_epilogue_fwd_cpu(const at::Tensor& conv_in, const at::Tensor& x_i
   return out;
 }
 
-RsrEpilogueBwdOut rsr_epilogue_bwd_cpu(const at::Tensor& dout_in, c10::IntArrayRef sizes, c10::IntArrayRef in_widths,
-                                       c10::IntArrayRef out_widths, c10::IntArrayRef grid, int64_t stride,
+RsrEpilogueBwdOut rsr_epilogue_bwd_cpu(const at::Tensor& dout_in, c10::IntArrayRef sizes, const at::Tensor& in_widths,
+                                       const at::Tensor& out_widths, c10::IntArrayRef grid, int64_t stride,
                                        bool has_cls, int64_t in_channels) {
   const auto args = rsr_detail::check_epilogue_bwd(dout_in, sizes, in_widths, out_widths, grid, stride, has_cls,
                                                    in_channels, at::kCPU, kBwdName);
@@ -222,9 +222,9 @@ RsrEpilogueBwdOut rsr_epilogue_bwd_cpu(const at::Tensor& dout_in, c10::IntArrayR
 TORCH_LIBRARY_FRAGMENT(resnas, m) {
   m.def(
       "ext_rsr_epilogue_fwd(Tensor conv, Tensor x, Tensor pos_embed, Tensor conv_bias, Tensor? cls, "
-      "Tensor? cls_bias, int[] sizes, int[] in_widths, int[] out_widths, int[] grid, int stride) -> Tensor");
+      "Tensor? cls_bias, int[] sizes, Tensor in_widths, Tensor out_widths, int[] grid, int stride) -> Tensor");
   m.def(
-      "ext_rsr_epilogue_bwd(Tensor dout, int[] sizes, int[] in_widths, int[] out_widths, int[] grid, int stride, "
+      "ext_rsr_epilogue_bwd(Tensor dout, int[] sizes, Tensor in_widths, Tensor out_widths, int[] grid, int stride, "
       "bool has_cls, int in_channels) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
 }
 

@@ -178,8 +178,8 @@ struct ConvArgs {
   int64_t co_max;
 };
 
-ConvArgs check_conv(const at::Tensor& u, const at::Tensor& weight, c10::IntArrayRef sizes, c10::IntArrayRef in_widths,
-                    c10::IntArrayRef out_widths, c10::IntArrayRef grid, int64_t k, int64_t stride, int64_t padding,
+ConvArgs check_conv(const at::Tensor& u, const at::Tensor& weight, c10::IntArrayRef sizes, const at::Tensor& in_widths,
+                    const at::Tensor& out_widths, c10::IntArrayRef grid, int64_t k, int64_t stride, int64_t padding,
                     bool has_cls, const char* op) {
   ConvArgs a{rsr_detail::check_im2col_fwd(u, sizes, in_widths, grid, k, stride, padding, has_cls, at::kCPU, op), {},
              0};
@@ -191,7 +191,7 @@ ConvArgs check_conv(const at::Tensor& u, const at::Tensor& weight, c10::IntArray
   TORCH_CHECK(weight.device() == u.device(), op, ": weight must be on u's device ", u.device(), ", got ",
               weight.device());
   a.co_max = weight.size(0);
-  a.out = make_group_table(sizes, out_widths, u.size(0), a.co_max, op, "weight (out channels)");
+  a.out = rsr_detail::rsr_group_table(sizes, out_widths, u, a.co_max, op, "out_widths", "weight (out channels)");
   return a;
 }
 
@@ -268,7 +268,7 @@ void onednn_conv_group_bwd(const at::Tensor& dout2d, const at::Tensor& u, const 
 }  // namespace
 
 at::Tensor rsr_conv_fwd_cpu(const at::Tensor& u_in, const at::Tensor& weight_in, c10::IntArrayRef sizes,
-                            c10::IntArrayRef in_widths, c10::IntArrayRef out_widths, c10::IntArrayRef grid,
+                            const at::Tensor& in_widths, const at::Tensor& out_widths, c10::IntArrayRef grid,
                             int64_t kernel_size, int64_t stride, int64_t padding, bool has_cls) {
   const ConvArgs a = check_conv(u_in, weight_in, sizes, in_widths, out_widths, grid, kernel_size, stride, padding,
                                 has_cls, kConvFwdName);
@@ -330,7 +330,7 @@ at::Tensor rsr_conv_fwd_cpu(const at::Tensor& u_in, const at::Tensor& weight_in,
 
 std::tuple<at::Tensor, at::Tensor> rsr_conv_bwd_cpu(const at::Tensor& dout_in, const at::Tensor& u_in,
                                                     const at::Tensor& weight_in, c10::IntArrayRef sizes,
-                                                    c10::IntArrayRef in_widths, c10::IntArrayRef out_widths,
+                                                    const at::Tensor& in_widths, const at::Tensor& out_widths,
                                                     c10::IntArrayRef grid, int64_t kernel_size, int64_t stride,
                                                     int64_t padding, bool has_cls) {
   const ConvArgs a = check_conv(u_in, weight_in, sizes, in_widths, out_widths, grid, kernel_size, stride, padding,
@@ -406,7 +406,7 @@ std::tuple<at::Tensor, at::Tensor> rsr_conv_bwd_cpu(const at::Tensor& dout_in, c
   return {du, dw};
 }
 
-at::Tensor rsr_im2col_fwd_cpu(const at::Tensor& u_in, c10::IntArrayRef sizes, c10::IntArrayRef widths,
+at::Tensor rsr_im2col_fwd_cpu(const at::Tensor& u_in, c10::IntArrayRef sizes, const at::Tensor& widths,
                               c10::IntArrayRef grid, int64_t kernel_size, int64_t stride, int64_t padding,
                               bool has_cls) {
   const auto args = rsr_detail::check_im2col_fwd(u_in, sizes, widths, grid, kernel_size, stride, padding, has_cls,
@@ -422,7 +422,7 @@ at::Tensor rsr_im2col_fwd_cpu(const at::Tensor& u_in, c10::IntArrayRef sizes, c1
   return cols;
 }
 
-at::Tensor rsr_im2col_bwd_cpu(const at::Tensor& dcols_in, c10::IntArrayRef sizes, c10::IntArrayRef widths,
+at::Tensor rsr_im2col_bwd_cpu(const at::Tensor& dcols_in, c10::IntArrayRef sizes, const at::Tensor& widths,
                               c10::IntArrayRef grid, int64_t kernel_size, int64_t stride, int64_t padding,
                               bool has_cls) {
   const auto args = rsr_detail::check_im2col_bwd(dcols_in, sizes, widths, grid, kernel_size, stride, padding,
@@ -443,16 +443,16 @@ at::Tensor rsr_im2col_bwd_cpu(const at::Tensor& dcols_in, c10::IntArrayRef sizes
 
 TORCH_LIBRARY_FRAGMENT(resnas, m) {
   m.def(
-      "ext_rsr_im2col_fwd(Tensor u, int[] sizes, int[] widths, int[] grid, int kernel_size, int stride, "
+      "ext_rsr_im2col_fwd(Tensor u, int[] sizes, Tensor widths, int[] grid, int kernel_size, int stride, "
       "int padding, bool has_cls) -> Tensor");
   m.def(
-      "ext_rsr_im2col_bwd(Tensor dcols, int[] sizes, int[] widths, int[] grid, int kernel_size, int stride, "
+      "ext_rsr_im2col_bwd(Tensor dcols, int[] sizes, Tensor widths, int[] grid, int kernel_size, int stride, "
       "int padding, bool has_cls) -> Tensor");
   m.def(
-      "ext_rsr_conv_fwd(Tensor u, Tensor weight, int[] sizes, int[] in_widths, int[] out_widths, int[] grid, "
+      "ext_rsr_conv_fwd(Tensor u, Tensor weight, int[] sizes, Tensor in_widths, Tensor out_widths, int[] grid, "
       "int kernel_size, int stride, int padding, bool has_cls) -> Tensor");
   m.def(
-      "ext_rsr_conv_bwd(Tensor dout, Tensor u, Tensor weight, int[] sizes, int[] in_widths, int[] out_widths, "
+      "ext_rsr_conv_bwd(Tensor dout, Tensor u, Tensor weight, int[] sizes, Tensor in_widths, Tensor out_widths, "
       "int[] grid, int kernel_size, int stride, int padding, bool has_cls) -> (Tensor, Tensor)");
 }
 

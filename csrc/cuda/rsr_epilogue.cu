@@ -9,7 +9,8 @@
 //   thread per (output token, channel) visiting the samples in increasing order (chunks of groups accumulate in
 //   launch order); (3) dconv_bias: one thread per channel summing the per-token sums in token order. No atomics
 //   anywhere: parameter gradients are bitwise reproducible.
-// - Groups are passed by value in chunks of kRsrMaxGroupsPerLaunch: no host-to-device copies, graph-capturable.
+// - Group sample ranges are passed by value in chunks of kRsrMaxGroupsPerLaunch; the widths are read from the int32
+//   device tensors and clamped to Ci / Co: no host read, no host-to-device copy, graph-capturable.
 // - Status: compiled by nvcc for sm_80 / sm_90 on a GPU-less machine; its tests (gpu marker) have not run on a GPU yet.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -43,12 +44,14 @@ template <typename scalar_t, typename acc_t>
 __global__ void epilogue_fwd_kernel(const scalar_t* __restrict__ conv, const scalar_t* __restrict__ x,
                                     const acc_t* __restrict__ pos, const acc_t* __restrict__ bias,
                                     const scalar_t* __restrict__ cls, const acc_t* __restrict__ cls_bias,
-                                    scalar_t* __restrict__ out, RsrGroupChunk chunk, Geo g) {
+                                    scalar_t* __restrict__ out, RsrGroupChunk chunk,
+                                    const int32_t* __restrict__ in_widths, const int32_t* __restrict__ out_widths,
+                                    Geo g) {
   const int64_t L = g.Ho * g.Wo, n_out = g.n_cls + L, n_in = g.n_cls + g.H * g.W;
   const int64_t row = chunk.sample_begin * n_out + blockIdx.x;
   const int64_t b = row / n_out, r = row % n_out;
   int ci, co;
-  rsr_chunk_widths(chunk, b, ci, co);
+  rsr_chunk_widths(chunk, b, in_widths, out_widths, g.ci_max, g.co_max, ci, co);
   scalar_t* dst = out + row * g.co_max;
   const scalar_t* xs = x + b * n_in * g.ci_max;
   if (r < g.n_cls) {
@@ -84,12 +87,13 @@ __global__ void epilogue_fwd_kernel(const scalar_t* __restrict__ conv, const sca
 template <typename scalar_t, typename acc_t>
 __global__ void epilogue_bwd_rows_kernel(const scalar_t* __restrict__ dout, scalar_t* __restrict__ dconv,
                                          scalar_t* __restrict__ dx, scalar_t* __restrict__ dcls, RsrGroupChunk chunk,
-                                         Geo g) {
+                                         const int32_t* __restrict__ in_widths,
+                                         const int32_t* __restrict__ out_widths, Geo g) {
   const int64_t L = g.Ho * g.Wo, n_out = g.n_cls + L, n_in = g.n_cls + g.H * g.W;
   const int64_t row = chunk.sample_begin * n_out + blockIdx.x;
   const int64_t b = row / n_out, r = row % n_out;
   int ci, co;
-  rsr_chunk_widths(chunk, b, ci, co);
+  rsr_chunk_widths(chunk, b, in_widths, out_widths, g.ci_max, g.co_max, ci, co);
   const scalar_t* src = dout + row * g.co_max;
   scalar_t* dxs = dx + b * n_in * g.ci_max;
   const scalar_t zero = static_cast<scalar_t>(0);
@@ -119,7 +123,8 @@ __global__ void epilogue_bwd_rows_kernel(const scalar_t* __restrict__ dout, scal
 // sums[r, c] (+)= sum over the chunk's samples b, in increasing order, of dout[b, r, c] for c < co_b.
 template <typename scalar_t, typename acc_t>
 __global__ void epilogue_colsum_kernel(const scalar_t* __restrict__ dout, acc_t* __restrict__ sums,
-                                       RsrGroupChunk chunk, int64_t n_out, int64_t co_max, bool accumulate) {
+                                       RsrGroupChunk chunk, const int32_t* __restrict__ out_widths, int64_t n_out,
+                                       int64_t co_max, bool accumulate) {
   const int64_t r = blockIdx.x;
   const int64_t c = static_cast<int64_t>(blockIdx.y) * blockDim.x + threadIdx.x;
   if (c >= co_max) return;
@@ -127,7 +132,7 @@ __global__ void epilogue_colsum_kernel(const scalar_t* __restrict__ dout, acc_t*
   int64_t b = chunk.sample_begin;
   for (int g = 0; g < chunk.count; ++g) {
     const int64_t end = chunk.sample_end[g];
-    if (c < chunk.out_w[g]) {
+    if (c < rsr_clamped_width(out_widths, chunk.group_begin + g, co_max)) {
       for (; b < end; ++b) acc += static_cast<acc_t>(dout[(b * n_out + r) * co_max + c]);
     }
     b = end;
@@ -159,13 +164,14 @@ int row_threads(int64_t width) {
 at::Tensor rsr_epilogue_fwd_cuda(const at::Tensor& conv_in, const at::Tensor& x_in, const at::Tensor& pos_embed,
                                  const at::Tensor& conv_bias, const std::optional<at::Tensor>& cls_in,
                                  const std::optional<at::Tensor>& cls_bias, c10::IntArrayRef sizes,
-                                 c10::IntArrayRef in_widths, c10::IntArrayRef out_widths, c10::IntArrayRef grid,
-                                 int64_t stride) {
+                                 const at::Tensor& in_widths_in, const at::Tensor& out_widths_in,
+                                 c10::IntArrayRef grid, int64_t stride) {
   const auto args = rsr_detail::check_epilogue_fwd(conv_in, x_in, pos_embed, conv_bias, cls_in, cls_bias, sizes,
-                                                   in_widths, out_widths, grid, stride, at::kCUDA, kFwdName);
+                                                   in_widths_in, out_widths_in, grid, stride, at::kCUDA, kFwdName);
   c10::cuda::CUDAGuard guard(x_in.device());
   const bool has_cls = args.geo.n_cls == 1;
   const at::Tensor conv = conv_in.contiguous(), x = x_in.contiguous();
+  const at::Tensor in_widths = in_widths_in.contiguous(), out_widths = out_widths_in.contiguous();
   const at::Tensor cls = has_cls ? cls_in->contiguous() : at::Tensor();
   const int64_t B = x.size(0), n_out = args.geo.n_cls + args.geo.out_patches();
   at::Tensor out = at::empty({B, n_out, args.co_max}, x.options());
@@ -177,26 +183,29 @@ at::Tensor rsr_epilogue_fwd_cuda(const at::Tensor& conv_in, const at::Tensor& x_
   const Geo g = to_geo(args);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kFwdName, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    for (const auto& chunk : rsr_group_chunks(args.groups.in, args.groups.out)) {
+    for (const auto& chunk : rsr_group_chunks(args.groups.in)) {
       if (chunk.samples() == 0) continue;
       epilogue_fwd_kernel<scalar_t, acc_t><<<static_cast<unsigned>(chunk.samples() * n_out), row_threads(g.co_max), 0,
                                               stream>>>(
           conv.const_data_ptr<scalar_t>(), x.const_data_ptr<scalar_t>(), pos.const_data_ptr<acc_t>(),
           bias.const_data_ptr<acc_t>(), has_cls ? cls.const_data_ptr<scalar_t>() : nullptr,
-          has_cls ? cbias.const_data_ptr<acc_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), chunk, g);
+          has_cls ? cbias.const_data_ptr<acc_t>() : nullptr, out.mutable_data_ptr<scalar_t>(), chunk,
+          in_widths.const_data_ptr<int32_t>(), out_widths.const_data_ptr<int32_t>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     }
   });
   return out;
 }
 
-RsrEpilogueBwdOut rsr_epilogue_bwd_cuda(const at::Tensor& dout_in, c10::IntArrayRef sizes, c10::IntArrayRef in_widths,
-                                        c10::IntArrayRef out_widths, c10::IntArrayRef grid, int64_t stride,
+RsrEpilogueBwdOut rsr_epilogue_bwd_cuda(const at::Tensor& dout_in, c10::IntArrayRef sizes,
+                                        const at::Tensor& in_widths_in, const at::Tensor& out_widths_in,
+                                        c10::IntArrayRef grid, int64_t stride,
                                         bool has_cls, int64_t in_channels) {
-  const auto args = rsr_detail::check_epilogue_bwd(dout_in, sizes, in_widths, out_widths, grid, stride, has_cls,
-                                                   in_channels, at::kCUDA, kBwdName);
+  const auto args = rsr_detail::check_epilogue_bwd(dout_in, sizes, in_widths_in, out_widths_in, grid, stride,
+                                                   has_cls, in_channels, at::kCUDA, kBwdName);
   c10::cuda::CUDAGuard guard(dout_in.device());
   const at::Tensor dout = dout_in.contiguous();
+  const at::Tensor in_widths = in_widths_in.contiguous(), out_widths = out_widths_in.contiguous();
   const int64_t B = dout.size(0), L = args.geo.out_patches(), n = args.geo.n_cls, Co = args.co_max;
   const int64_t n_out = n + L;
   const auto acc = rsr_detail::acc_dtype(dout.scalar_type());
@@ -210,16 +219,18 @@ RsrEpilogueBwdOut rsr_epilogue_bwd_cuda(const at::Tensor& dout_in, c10::IntArray
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dout.scalar_type(), kBwdName, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     bool accumulate = false;
-    for (const auto& chunk : rsr_group_chunks(args.groups.in, args.groups.out)) {
+    for (const auto& chunk : rsr_group_chunks(args.groups.in)) {
       if (chunk.samples() == 0) continue;
       epilogue_bwd_rows_kernel<scalar_t, acc_t><<<static_cast<unsigned>(chunk.samples() * n_out), row_threads(Co), 0,
                                                   stream>>>(
           dout.const_data_ptr<scalar_t>(), dconv.mutable_data_ptr<scalar_t>(), dx.mutable_data_ptr<scalar_t>(),
-          has_cls ? dcls.mutable_data_ptr<scalar_t>() : nullptr, chunk, g);
+          has_cls ? dcls.mutable_data_ptr<scalar_t>() : nullptr, chunk, in_widths.const_data_ptr<int32_t>(),
+          out_widths.const_data_ptr<int32_t>(), g);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       const dim3 blocks(static_cast<unsigned>(n_out), static_cast<unsigned>((Co + kThreads - 1) / kThreads));
       epilogue_colsum_kernel<scalar_t, acc_t><<<blocks, kThreads, 0, stream>>>(
-          dout.const_data_ptr<scalar_t>(), sums.mutable_data_ptr<acc_t>(), chunk, n_out, Co, accumulate);
+          dout.const_data_ptr<scalar_t>(), sums.mutable_data_ptr<acc_t>(), chunk, out_widths.const_data_ptr<int32_t>(),
+          n_out, Co, accumulate);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
       accumulate = true;
     }

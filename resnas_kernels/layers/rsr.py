@@ -5,7 +5,7 @@ nn.Conv2d: weight (Co_max, Ci_max, k, k), bias), `pos_embed` (1, Ho*Wo, Co_max) 
 absent without a cls token). The forward runs `resnas_kernels.residual_spatial_reduction` (fused kernels, or the
 reference under `set_backend("reference")`); `ln`, `conv` and `cls` are never called as modules.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -21,7 +21,8 @@ class ResidualSpatialReduction(nn.Module):
     forward(x, in_groups=None, out_widths=None, grid=None):
         x: (B, has_cls + H*W, in_dim), zero beyond each group's input width.
         in_groups: Ragged(sizes, c_in widths); None = one group at full width (the plain, non-supernet block).
-        out_widths: c_out,g per group; None = out_dim for every group with a non-zero input width (0 for the others).
+        out_widths: c_out,g per group (ints, an int32 tensor on x's device, or a Ragged); None = out_dim for every
+            group with a non-zero input width (0 for the others), a tensor when in_groups has device widths.
         grid: (H, W) of x's patch tokens; None = the grid given at construction (pos_embed is sized for it).
     Returns (B, has_cls + Ho*Wo, out_dim), zero beyond c_out,g.
     """
@@ -47,11 +48,13 @@ class ResidualSpatialReduction(nn.Module):
             nn.init.trunc_normal_(self.cls.weight, std=0.02)
             nn.init.zeros_(self.cls.bias)
 
-    def forward(self, x: torch.Tensor, in_groups: Optional[Ragged] = None, out_widths: Optional[Sequence[int]] = None,
+    def forward(self, x: torch.Tensor, in_groups: Optional[Ragged] = None, out_widths=None,
                 grid: Optional[Tuple[int, int]] = None) -> torch.Tensor:
         if in_groups is None:
             in_groups = Ragged.uniform(x.shape[0], self.in_dim)
-        if out_widths is None:
+        if out_widths is None and in_groups.on_device:  # computed on the device: no host value of the widths
+            out_widths = torch.where(in_groups.widths > 0, self.out_dim, 0).to(in_groups.widths.dtype)
+        elif out_widths is None:
             out_widths = tuple(self.out_dim if w > 0 else 0 for w in in_groups.widths)
         return residual_spatial_reduction(
             x, in_groups, out_widths, self.ln.weight, self.ln.bias, self.conv.weight, self.conv.bias, self.pos_embed,

@@ -23,6 +23,15 @@ epilogue; on CPU: the C++ kernels, each falling back to its reference when the e
 "cuda"-only RSR: ragged_linear has no CUDA C++ kernel by design; the CUDA C++ epilogue and im2col are reachable through
 "auto" and as ops of their own (`rsr_epilogue`, `rsr_im2col`).
 
+Widths are data: in_groups may carry host ints or an int32 (G,) tensor on x's device, out_widths likewise; every piece
+gets them as tensors (`Ragged.widths_tensor`), so a new architecture is a new tensor value (torch.compile does not
+recompile, nothing reads them on the host for CUDA tensors: shapes and grids come from Ci_max, Co_max and the sizes).
+Values are checked where that is free (host ints, CPU tensors; CUDA under `set_validate_metadata(True)`) and clamped by
+every backend to [0, Ci_max] / [0, Co_max] in any case. The reference backend with device widths runs the masked
+full-width formulation with masks built on the device (`_reference_masked`); with host widths the per-group oracle.
+On the C++ backends the conv and the epilogue are one C++-registered op each (`torch.ops.resnas.rsr_conv`,
+`rsr_epilogue`: autograd and checks in C++, csrc/rsr.cpp), one dispatcher hop per piece.
+
 Caveats:
 - x must be contiguous and zero beyond each group's input width (the ragged contract); the output is exactly zero
   beyond c_out,g. A group with c_in,g = c_out,g = 0 gets all-zero rows and costs no GEMM work.
@@ -41,20 +50,22 @@ Caveats:
   after compiling needs a fresh torch.compile.
 - Double backward is not supported.
 """
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Tuple
 
 import torch
 
 from ..backend import BackendUnavailableError, OpInfo, register_op, resolve_backend
 from ..ragged import Ragged, as_ragged
+from ..reference.layer_norm import compute_dtype
+from ..reference.rsr import masked_residual_spatial_reduction
 from ..reference.rsr import residual_spatial_reduction as _reference_rsr
-from ..reference.rsr import check_shortcut_widths, rsr_output_grid
+from ..reference.rsr import rsr_output_grid
 from ._checks import check_float_tensor, check_same_device, check_tensor
 from .ragged_layer_norm import ragged_layer_norm
 from .ragged_linear import ragged_linear
 from .rsr_conv import OP as CONV_OP
 from .rsr_conv import rsr_conv
-from .rsr_epilogue import rsr_epilogue
+from .rsr_epilogue import check_shortcut, rsr_epilogue
 from .rsr_im2col import rsr_im2col
 
 OP = register_op(OpInfo(
@@ -78,10 +89,18 @@ def _check_param(t, name: str, shape: Tuple[int, ...], x: torch.Tensor) -> None:
     check_same_device(x, t, "x", name)
 
 
-def _check_widths(in_groups: Ragged, out_widths: Sequence[int]) -> Tuple[int, ...]:
-    out = in_groups.with_widths(out_widths).widths
-    check_shortcut_widths(in_groups.widths, out, in_name="in_groups.widths")
-    return out
+def _reference_masked(x, in_groups: Ragged, out_groups: Ragged, ln_weight, ln_bias, conv_weight, conv_bias,
+                      pos_embed, cls_weight, cls_bias, **kwargs):
+    """The reference for device widths: the original code's masked full-width RSR, with the masks built from the
+    widths tensors on the device (no host values; a mask clamps a width to its bound). Computed in fp32 (fp64 for
+    fp64) and rounded once, like the per-group oracle it equals up to rounding."""
+    acc = compute_dtype(x.dtype)
+    in_mask = in_groups.mask(x.shape[-1], device=x.device)[:, None, :]
+    out_mask = out_groups.mask(conv_weight.shape[0], device=x.device)[:, None, :]
+    xa = torch.where(in_mask, x.to(acc), torch.zeros((), dtype=acc, device=x.device))  # NaN padding must not leak
+    params = [p.to(acc) if p is not None else None
+              for p in (ln_weight, ln_bias, conv_weight, conv_bias, pos_embed, cls_weight, cls_bias)]
+    return masked_residual_spatial_reduction(xa, in_mask, out_mask, *params, **kwargs).to(x.dtype)
 
 
 def _as_gemm_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,7 +125,7 @@ def _conv_backend(device: torch.device) -> Optional[str]:
         return None
 
 
-def _fused(x, in_groups: Ragged, out_widths: Tuple[int, ...], ln_weight, ln_bias, conv_weight, conv_bias, pos_embed,
+def _fused(x, in_groups: Ragged, out_groups: Ragged, ln_weight, ln_bias, conv_weight, conv_bias, pos_embed,
            cls_weight, cls_bias, grid, has_cls, eps, kernel_size, stride, padding):
     co_max = conv_weight.shape[0]
     kk = kernel_size * kernel_size
@@ -114,20 +133,23 @@ def _fused(x, in_groups: Ragged, out_widths: Tuple[int, ...], ln_weight, ln_bias
     # (Co_max, Ci_max, k, k) -> (Co_max, Ci_max*k*k): group g's W[:co, :ci] is the top-left block [:co, :ci*k*k].
     if _conv_backend(x.device) == "cpu":
         # CPU: the blocked implicit GEMM (same math as below, without materialising the column tensor).
-        conv = rsr_conv(u, conv_weight.contiguous().view(co_max, -1), in_groups, out_widths, grid, has_cls,
+        conv = rsr_conv(u, conv_weight.contiguous().view(co_max, -1), in_groups, out_groups.widths, grid, has_cls,
                         kernel_size, stride, padding)
     else:
         cols = rsr_im2col(u, in_groups, grid, has_cls, kernel_size, stride, padding)
         w2d = _as_gemm_weight(conv_weight, x.dtype).view(co_max, -1)
-        conv = ragged_linear(cols, w2d, None, in_groups.with_widths([ci * kk for ci in in_groups.widths]), out_widths)
+        # group g reads the first ci*k*k columns (a widths tensor is scaled on its device: no host value)
+        col_widths = in_groups.widths * kk if in_groups.on_device else [ci * kk for ci in in_groups.widths]
+        conv = ragged_linear(cols, w2d, None, in_groups.with_widths(col_widths), out_groups.widths)
     cls = None
     if has_cls:
-        cls = ragged_linear(u[:, :1].contiguous(), _as_gemm_weight(cls_weight, x.dtype), None, in_groups, out_widths)
-    return rsr_epilogue(conv, x, pos_embed, conv_bias, cls, cls_bias if has_cls else None, in_groups, out_widths,
-                        grid, stride)
+        cls = ragged_linear(u[:, :1].contiguous(), _as_gemm_weight(cls_weight, x.dtype), None, in_groups,
+                            out_groups.widths)
+    return rsr_epilogue(conv, x, pos_embed, conv_bias, cls, cls_bias if has_cls else None, in_groups,
+                        out_groups.widths, grid, stride)
 
 
-def residual_spatial_reduction(x: torch.Tensor, in_groups: Optional[Ragged], out_widths: Sequence[int],
+def residual_spatial_reduction(x: torch.Tensor, in_groups: Optional[Ragged], out_widths,
                                ln_weight: torch.Tensor, ln_bias: torch.Tensor, conv_weight: torch.Tensor,
                                conv_bias: torch.Tensor, pos_embed: torch.Tensor,
                                cls_weight: Optional[torch.Tensor] = None, cls_bias: Optional[torch.Tensor] = None, *,
@@ -137,8 +159,11 @@ def residual_spatial_reduction(x: torch.Tensor, in_groups: Optional[Ragged], out
 
     Args:
         x: (B, has_cls + H*W, Ci_max) contiguous, zero beyond each group's input width.
-        in_groups: Ragged(sizes, c_in widths) over dim 0 (None: one group at full width).
-        out_widths: c_out,g per group (a sequence, or a Ragged with the same sizes), c_in,g <= c_out,g <= Co_max.
+        in_groups: Ragged(sizes, c_in widths) over dim 0 (None: one group at full width); the widths may be host
+            ints or an int32 (G,) tensor on x's device (device metadata: nothing is read on the host for CUDA).
+        out_widths: c_out,g per group, c_in,g <= c_out,g <= Co_max: a sequence of ints, an int32 (G,) tensor on
+            x's device, or a Ragged with the same sizes. Width values are checked where that needs no device sync
+            (host ints, CPU tensors); every backend clamps them to [0, Ci_max] / [0, Co_max] in any case.
         ln_weight, ln_bias: (Ci_max,); conv_weight: (Co_max, Ci_max, k, k); conv_bias: (Co_max,);
         pos_embed: (1, Ho*Wo, Co_max); cls_weight: (Co_max, Ci_max) and cls_bias: (Co_max,) when has_cls.
         grid: (H, W) of the input patch tokens; Ho, Wo = ceil(H / stride), ceil(W / stride).
@@ -162,6 +187,7 @@ def residual_spatial_reduction(x: torch.Tensor, in_groups: Optional[Ragged], out
             raise ValueError(f"out_widths must split the batch like in_groups: {out_widths.sizes} vs "
                              f"{in_groups.sizes}")
         out_widths = out_widths.widths
+    out_groups = in_groups.with_widths(out_widths)
     check_tensor(conv_weight, "conv_weight")
     if conv_weight.dim() != 4 or conv_weight.shape[1] != ci_max or conv_weight.shape[2:] != (kernel_size, kernel_size):
         raise ValueError(f"conv_weight must have shape (Co_max, {ci_max}, {kernel_size}, {kernel_size}), got "
@@ -185,13 +211,16 @@ def residual_spatial_reduction(x: torch.Tensor, in_groups: Optional[Ragged], out
             raise ValueError("cls_weight and cls_bias are required when has_cls=True")
         _check_param(cls_weight, "cls_weight", (co_max, ci_max), x)
         _check_param(cls_bias, "cls_bias", (co_max,), x)
-    in_groups.check(x.shape[0], ci_max, arg="x", what="in_groups.widths")
-    out_widths = _check_widths(in_groups, out_widths)
-    in_groups.with_widths(out_widths).check(x.shape[0], co_max, arg="conv_weight (out channels)", what="out_widths")
+    in_groups.check(x.shape[0], ci_max, arg="x", what="in_groups.widths", device=x.device)
+    check_shortcut(in_groups, out_groups, in_name="in_groups.widths")
+    out_groups.check(x.shape[0], co_max, arg="conv_weight (out channels)", what="out_widths", device=x.device)
     kwargs = dict(grid=tuple(grid), has_cls=bool(has_cls), eps=float(eps), kernel_size=kernel_size, stride=stride,
                   padding=padding)
     if _rsr_backend(x.device) == "reference":
-        return _reference_rsr(x, in_groups, out_widths, ln_weight, ln_bias, conv_weight, conv_bias, pos_embed,
+        if in_groups.on_device or out_groups.on_device:
+            return _reference_masked(x, in_groups, out_groups, ln_weight, ln_bias, conv_weight, conv_bias, pos_embed,
+                                     cls_weight, cls_bias, **kwargs)
+        return _reference_rsr(x, in_groups, out_groups.widths, ln_weight, ln_bias, conv_weight, conv_bias, pos_embed,
                               cls_weight, cls_bias, **kwargs)
-    return _fused(x, in_groups, out_widths, ln_weight, ln_bias, conv_weight, conv_bias, pos_embed, cls_weight,
+    return _fused(x, in_groups, out_groups, ln_weight, ln_bias, conv_weight, conv_bias, pos_embed, cls_weight,
                   cls_bias, **kwargs)

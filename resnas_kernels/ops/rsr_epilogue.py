@@ -13,12 +13,19 @@ GEMMs because their gradients then come for free from the column sums that pos_e
 
 Backends: reference (plain PyTorch) | triton | cpu (csrc/cpu/rsr_epilogue.cpp) | cuda (csrc/cuda/rsr_epilogue.cu).
 
+Dispatch: on the C++ backends the public function calls one C++-registered op, `torch.ops.resnas.rsr_epilogue`
+(csrc/rsr.cpp: autograd and argument checks in C++ over the device kernels `ext_rsr_epilogue_fwd / _bwd`), one dispatcher
+hop per call; the reference and Triton backends run the Python custom ops `resnas::rsr_epilogue_fwd / _bwd`.
+
 Caveats:
 - conv, x and cls must be contiguous and share a dtype; pos_embed / biases may be x's dtype or fp32. Sums are in fp32
   (fp64 for fp64); the output is x's dtype.
 - fp64 on the Triton backend runs the reference, as for every op (the kernels' shortcut gradient is fp32).
-- The custom ops check their arguments themselves (`_check_args`), on every backend; the Triton kernels also mask
-  channels by Ci / Co, not only by the group's widths, so no metadata value can address memory outside the tensors.
+- Widths are data: int32 (G,) tensors on x's device (ragged.py). Their values (bounds, the shortcut rule) are checked
+  on the host only where that needs no device sync (CPU tensors; CUDA under `set_validate_metadata(True)`); every
+  backend clamps ci to [0, Ci] and co to [0, Co] (masks by the static bounds), so no metadata value can address
+  memory outside the tensors.
+- The custom ops check their arguments themselves (`_check_args`), on every backend.
 - Backward: dconv / dcls are dout's rows masked to co (a copy: a custom op may not return a view of its input); dx is
   the pooling adjoint (a gather: each input token lies in exactly one window) plus the cls shortcut, masked to ci.
   d(pos_embed), d(conv_bias), d(cls_bias) are batch sums taken per output token with the samples in a fixed order and
@@ -32,12 +39,13 @@ import torch.nn.functional as F
 
 from .._triton import tl, triton
 from ..aot import register_aot
-from ..backend import OpInfo, register_op, resolve_backend_for
-from ..ragged import Ragged
+from .. import _ext
+from ..backend import OpInfo, register_op, resolve_backend, resolve_backend_for
+from ..ragged import Ragged, _is_fake as is_fake, row_starts, validate_metadata
 from ..reference.layer_norm import compute_dtype
 from ..reference.rsr import check_shortcut_widths
 from ._checks import check_float_tensor, check_groups, check_same_device, check_tensor
-from .ragged_layer_norm import _group_width
+from .rsr_im2col import _sample_width, check_widths_device
 
 OP = register_op(OpInfo(
     name="rsr_epilogue",
@@ -56,8 +64,8 @@ def pool_out_grid(grid: Sequence[int], stride: int) -> Tuple[int, int]:
 # Triton kernels
 # ---------------------------------------------------------------------------------------------------------------------
 @triton.jit
-def _rsr_epilogue_fwd_kernel(CONV, X, POS, BIAS, CLS, CLS_BIAS, OUT, IN_TABLE, OUT_TABLE, num_groups, Ci, Co, H, W,
-                             Wo, L, HAS_CLS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr):
+def _rsr_epilogue_fwd_kernel(CONV, X, POS, BIAS, CLS, CLS_BIAS, OUT, SAMPLE_STARTS, IN_WIDTHS, OUT_WIDTHS, num_groups,
+                             Ci, Co, H, W, Wo, L, HAS_CLS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (output row, block of channels). POS/BIAS/CLS_BIAS are in the accumulation dtype."""
     row = tl.program_id(0)
     n_cls = 1 if HAS_CLS else 0
@@ -65,11 +73,11 @@ def _rsr_epilogue_fwd_kernel(CONV, X, POS, BIAS, CLS, CLS_BIAS, OUT, IN_TABLE, O
     n_in = n_cls + H * W
     b = row // n_out
     r = row % n_out
-    ci = _group_width(IN_TABLE, num_groups, b)
-    co = _group_width(OUT_TABLE, num_groups, b)
+    ci = _sample_width(SAMPLE_STARTS, IN_WIDTHS, num_groups, b, Ci)  # clamped to the static bounds: no width can
+    co = _sample_width(SAMPLE_STARTS, OUT_WIDTHS, num_groups, b, Co)  # address another token's channels
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    in_c = (c < ci) & (c < Ci)  # also by the static bounds: no width can address another token's channels
-    out_c = (c < co) & (c < Co)
+    in_c = c < ci
+    out_c = c < co
     x_base = X + b.to(tl.int64) * n_in * Ci
     if HAS_CLS and r == 0:
         val = tl.load(CLS + b.to(tl.int64) * Co + c, mask=out_c, other=0.0).to(POS.dtype.element_ty)
@@ -97,8 +105,8 @@ def _rsr_epilogue_fwd_kernel(CONV, X, POS, BIAS, CLS, CLS_BIAS, OUT, IN_TABLE, O
 
 
 @triton.jit
-def _rsr_epilogue_bwd_kernel(DOUT, DCONV, DX, DCLS, IN_TABLE, OUT_TABLE, num_groups, Ci, Co, H, W, Wo, L,
-                             HAS_CLS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr):
+def _rsr_epilogue_bwd_kernel(DOUT, DCONV, DX, DCLS, SAMPLE_STARTS, IN_WIDTHS, OUT_WIDTHS, num_groups, Ci, Co, H, W, Wo,
+                             L, HAS_CLS: tl.constexpr, STRIDE: tl.constexpr, BLOCK_C: tl.constexpr):
     """Program (output row, block of channels): masked copy of the row, and dx of its pooling window's tokens (or of
     the cls token). Windows are disjoint, so every dx row is written by exactly one program."""
     row = tl.program_id(0)
@@ -107,10 +115,10 @@ def _rsr_epilogue_bwd_kernel(DOUT, DCONV, DX, DCLS, IN_TABLE, OUT_TABLE, num_gro
     n_in = n_cls + H * W
     b = row // n_out
     r = row % n_out
-    ci = _group_width(IN_TABLE, num_groups, b)
-    co = _group_width(OUT_TABLE, num_groups, b)
+    ci = _sample_width(SAMPLE_STARTS, IN_WIDTHS, num_groups, b, Ci)
+    co = _sample_width(SAMPLE_STARTS, OUT_WIDTHS, num_groups, b, Co)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-    d = tl.load(DOUT + row.to(tl.int64) * Co + c, mask=(c < co) & (c < Co), other=0.0)
+    d = tl.load(DOUT + row.to(tl.int64) * Co + c, mask=c < co, other=0.0)
     dx_base = DX + b.to(tl.int64) * n_in * Ci
     dx_mask = c < Ci
     dx_val = tl.where(c < ci, d, 0.0)
@@ -134,19 +142,18 @@ def _rsr_epilogue_bwd_kernel(DOUT, DCONV, DX, DCLS, IN_TABLE, OUT_TABLE, num_gro
 
 
 @triton.jit
-def _rsr_epilogue_colsum_kernel(DOUT, SUMS, OUT_TABLE, num_groups, n_out, Co, BLOCK_C: tl.constexpr):
+def _rsr_epilogue_colsum_kernel(DOUT, SUMS, SAMPLE_STARTS, OUT_WIDTHS, num_groups, n_out, Co, BLOCK_C: tl.constexpr):
     """Program (output token r, block of channels): SUMS[r, c] = sum over samples b (increasing) of DOUT[b, r, c] for
     c < co_b. A fixed order and no atomics: deterministic parameter gradients."""
     r = tl.program_id(0)
     c = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     acc = tl.zeros((BLOCK_C,), dtype=SUMS.dtype.element_ty)
     for g in range(num_groups):
-        start = tl.load(OUT_TABLE + 3 * g)
-        end = tl.load(OUT_TABLE + 3 * g + 1)
-        co = tl.load(OUT_TABLE + 3 * g + 2)
+        start = tl.load(SAMPLE_STARTS + g)
+        end = tl.load(SAMPLE_STARTS + g + 1)
+        co = tl.minimum(tl.maximum(tl.load(OUT_WIDTHS + g), 0), Co)  # device metadata, clamped
         for b in range(start, end):
-            acc += tl.load(DOUT + (tl.cast(b, tl.int64) * n_out + r) * Co + c, mask=(c < co) & (c < Co),
-                           other=0.0).to(acc.dtype)
+            acc += tl.load(DOUT + (tl.cast(b, tl.int64) * n_out + r) * Co + c, mask=c < co, other=0.0).to(acc.dtype)
     tl.store(SUMS + r * Co + c, acc, mask=c < Co)
 
 
@@ -169,9 +176,9 @@ def _triton_fwd(conv, x, pos, bias, cls, cls_bias, in_groups: Ragged, out_groups
     cls_bias = cls_bias.to(acc).contiguous() if n_cls else bias
     grid = (B * (n_cls + L), triton.cdiv(Co, _BLOCK_C))
     _rsr_epilogue_fwd_kernel[grid](conv, x, pos, bias, cls if n_cls else conv, cls_bias, out,
-                                   in_groups.row_table(1, x.device), out_groups.row_table(1, x.device),
-                                   in_groups.num_groups, Ci, Co, H, W, Wo, L, HAS_CLS=bool(n_cls), STRIDE=s,
-                                   BLOCK_C=_BLOCK_C, num_warps=4)
+                                   row_starts(in_groups.sizes, 1, x.device), in_groups.widths_tensor(x.device),
+                                   out_groups.widths_tensor(x.device), in_groups.num_groups, Ci, Co, H, W, Wo, L,
+                                   HAS_CLS=bool(n_cls), STRIDE=s, BLOCK_C=_BLOCK_C, num_warps=4)
     return out
 
 
@@ -184,13 +191,15 @@ def _triton_bwd(dout, in_groups: Ragged, out_groups: Ragged, geo, in_channels: i
     dx = dout.new_empty((B, n_cls + H * W, Ci))
     dcls = dout.new_empty((B, 1, Co)) if n_cls else dout.new_empty((0,))
     sums = dout.new_empty((n_out, Co), dtype=acc)
-    out_table = out_groups.row_table(1, dout.device)
+    starts = row_starts(in_groups.sizes, 1, dout.device)
+    out_widths = out_groups.widths_tensor(dout.device)
     if B * n_out:
         _rsr_epilogue_bwd_kernel[(B * n_out, triton.cdiv(Co, _BLOCK_C))](
-            dout, dconv, dx, dcls if n_cls else dconv, in_groups.row_table(1, dout.device), out_table,
+            dout, dconv, dx, dcls if n_cls else dconv, starts, in_groups.widths_tensor(dout.device), out_widths,
             in_groups.num_groups, Ci, Co, H, W, Wo, L, HAS_CLS=bool(n_cls), STRIDE=s, BLOCK_C=_BLOCK_C, num_warps=4)
-    _rsr_epilogue_colsum_kernel[(n_out, triton.cdiv(Co, _BLOCK_C))](dout, sums, out_table, out_groups.num_groups,
-                                                                     n_out, Co, BLOCK_C=_BLOCK_C, num_warps=4)
+    _rsr_epilogue_colsum_kernel[(n_out, triton.cdiv(Co, _BLOCK_C))](dout, sums, starts, out_widths,
+                                                                     out_groups.num_groups, n_out, Co,
+                                                                     BLOCK_C=_BLOCK_C, num_warps=4)
     dpos = sums[n_cls:].unsqueeze(0).clone()  # clone: a fresh tensor (no storage offset)
     dbias = sums[n_cls:].sum(0)   # a fixed-shape reduction: deterministic on CPU and CUDA
     dcls_bias = sums[0].clone() if n_cls else sums.new_empty((0,))
@@ -200,17 +209,19 @@ def _triton_bwd(dout, in_groups: Ragged, out_groups: Ragged, geo, in_channels: i
 for _dt, _pdt in (("fp32", "fp32"), ("bf16", "fp32"), ("fp16", "fp32")):
     _ints = {n: "i32" for n in ("num_groups", "Ci", "Co", "H", "W", "Wo", "L")}
     _fwd_sig = {"CONV": f"*{_dt}", "X": f"*{_dt}", "POS": f"*{_pdt}", "BIAS": f"*{_pdt}", "CLS": f"*{_dt}",
-                "CLS_BIAS": f"*{_pdt}", "OUT": f"*{_dt}", "IN_TABLE": "*i32", "OUT_TABLE": "*i32", **_ints,
-                "HAS_CLS": "constexpr", "STRIDE": "constexpr", "BLOCK_C": "constexpr"}
-    _bwd_sig = {"DOUT": f"*{_dt}", "DCONV": f"*{_dt}", "DX": f"*{_dt}", "DCLS": f"*{_dt}", "IN_TABLE": "*i32",
-                "OUT_TABLE": "*i32", **_ints, "HAS_CLS": "constexpr", "STRIDE": "constexpr", "BLOCK_C": "constexpr"}
+                "CLS_BIAS": f"*{_pdt}", "OUT": f"*{_dt}", "SAMPLE_STARTS": "*i32", "IN_WIDTHS": "*i32",
+                "OUT_WIDTHS": "*i32", **_ints, "HAS_CLS": "constexpr", "STRIDE": "constexpr", "BLOCK_C": "constexpr"}
+    _bwd_sig = {"DOUT": f"*{_dt}", "DCONV": f"*{_dt}", "DX": f"*{_dt}", "DCLS": f"*{_dt}", "SAMPLE_STARTS": "*i32",
+                "IN_WIDTHS": "*i32", "OUT_WIDTHS": "*i32", **_ints, "HAS_CLS": "constexpr", "STRIDE": "constexpr",
+                "BLOCK_C": "constexpr"}
     for _has_cls in (True, False):
         _consts = {"HAS_CLS": _has_cls, "STRIDE": 2, "BLOCK_C": _BLOCK_C}
         register_aot(_rsr_epilogue_fwd_kernel, _fwd_sig, _consts, num_warps=4)
         register_aot(_rsr_epilogue_bwd_kernel, _bwd_sig, _consts, num_warps=4)
     register_aot(_rsr_epilogue_colsum_kernel,
-                 {"DOUT": f"*{_dt}", "SUMS": f"*{_pdt}", "OUT_TABLE": "*i32", "num_groups": "i32", "n_out": "i32",
-                  "Co": "i32", "BLOCK_C": "constexpr"}, {"BLOCK_C": _BLOCK_C}, num_warps=4)
+                 {"DOUT": f"*{_dt}", "SUMS": f"*{_pdt}", "SAMPLE_STARTS": "*i32", "OUT_WIDTHS": "*i32",
+                  "num_groups": "i32", "n_out": "i32", "Co": "i32", "BLOCK_C": "constexpr"},
+                 {"BLOCK_C": _BLOCK_C}, num_warps=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -271,13 +282,15 @@ def _reference_bwd(dout, in_groups: Ragged, out_groups: Ragged, geo, in_channels
 def _ext_fwd(conv, x, pos, bias, cls, cls_bias, in_groups: Ragged, out_groups: Ragged, geo):
     grid, s, _, _ = geo
     return torch.ops.resnas.ext_rsr_epilogue_fwd(conv, x, pos, bias, cls, cls_bias, list(in_groups.sizes),
-                                                 list(in_groups.widths), list(out_groups.widths), list(grid), s)
+                                                 in_groups.widths_tensor(x.device), out_groups.widths_tensor(x.device),
+                                                 list(grid), s)
 
 
 def _ext_bwd(dout, in_groups: Ragged, out_groups: Ragged, geo, in_channels: int):
     grid, s, n_cls, _ = geo
-    return torch.ops.resnas.ext_rsr_epilogue_bwd(dout, list(in_groups.sizes), list(in_groups.widths),
-                                                 list(out_groups.widths), list(grid), s, bool(n_cls), in_channels)
+    return torch.ops.resnas.ext_rsr_epilogue_bwd(dout, list(in_groups.sizes), in_groups.widths_tensor(dout.device),
+                                                 out_groups.widths_tensor(dout.device), list(grid), s, bool(n_cls),
+                                                 in_channels)
 
 
 _FWD = {"reference": _reference_fwd, "triton": _triton_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd}
@@ -295,6 +308,22 @@ def _check_geometry(grid, stride) -> None:
         raise ValueError(f"grid must be a pair of positive ints (H, W), got {grid!r}")
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+
+
+def check_shortcut(in_groups: Ragged, out_groups: Ragged, in_name: str = "in_widths") -> None:
+    """The shortcut rule (c_in,g <= c_out,g; c_out,g = 0 where c_in,g = 0) on host widths, or on widths tensors whose
+    values can be read without a device sync (CPU, or the debug switch). The kernels need no such guarantee to stay
+    in bounds."""
+    widths = []
+    for groups in (in_groups, out_groups):
+        if not groups.on_device:
+            widths.append(groups.widths)
+            continue
+        t = groups.widths
+        if torch.compiler.is_compiling() or (t.device.type != "cpu" and not validate_metadata()) or is_fake(t):
+            return
+        widths.append(t.tolist())
+    check_shortcut_widths(widths[0], widths[1], in_name=in_name)
 
 
 def _check_args(conv, x, pos_embed, conv_bias, cls, cls_bias, in_groups: Ragged, out_groups: Ragged, grid,
@@ -327,16 +356,18 @@ def _check_args(conv, x, pos_embed, conv_bias, cls, cls_bias, in_groups: Ragged,
         check_float_tensor(cls, "cls", (x.dtype,))
     check_groups(in_groups, batch, ci_max, batch_of="x", width_of="x", what="in_widths")
     check_groups(out_groups, batch, co_max, batch_of="x", width_of="conv (dim 2, Co)", what="out_widths")
-    check_shortcut_widths(in_groups.widths, out_groups.widths)
+    check_widths_device(in_groups, x, "in_widths", "x")
+    check_widths_device(out_groups, x, "out_widths", "x")
+    check_shortcut(in_groups, out_groups)
 
 
 @torch.library.custom_op("resnas::rsr_epilogue_fwd", mutates_args=())
 def rsr_epilogue_fwd(conv: torch.Tensor, x: torch.Tensor, pos_embed: torch.Tensor, conv_bias: torch.Tensor,
                      cls: Optional[torch.Tensor], cls_bias: Optional[torch.Tensor], sizes: List[int],
-                     in_widths: List[int], out_widths: List[int], grid: List[int], stride: int) -> torch.Tensor:
-    """out (B, n + Ho*Wo, Co); see the module docstring. n = 1 when cls is given."""
-    in_groups = Ragged(tuple(sizes), tuple(in_widths))
-    out_groups = Ragged(tuple(sizes), tuple(out_widths))
+                     in_widths: torch.Tensor, out_widths: torch.Tensor, grid: List[int], stride: int) -> torch.Tensor:
+    """out (B, n + Ho*Wo, Co); see the module docstring. n = 1 when cls is given; widths: int32 (G,) on x's device."""
+    in_groups = Ragged(tuple(sizes), in_widths)
+    out_groups = Ragged(tuple(sizes), out_widths)
     _check_args(conv, x, pos_embed, conv_bias, cls, cls_bias, in_groups, out_groups, grid, stride)
     impl = _FWD[resolve_backend_for(OP.name, x)]
     return impl(conv, x, pos_embed, conv_bias, cls, cls_bias, in_groups, out_groups,
@@ -344,18 +375,18 @@ def rsr_epilogue_fwd(conv: torch.Tensor, x: torch.Tensor, pos_embed: torch.Tenso
 
 
 @rsr_epilogue_fwd.register_fake
-def _(conv, x, pos_embed, conv_bias, cls, cls_bias, sizes, in_widths, out_widths, grid, stride):
+def _fake_fwd(conv, x, pos_embed, conv_bias, cls, cls_bias, sizes, in_widths, out_widths, grid, stride):
     return x.new_empty((x.shape[0], int(cls is not None) + conv.shape[1], conv.shape[2]))
 
 
 @torch.library.custom_op("resnas::rsr_epilogue_bwd", mutates_args=())
-def rsr_epilogue_bwd(dout: torch.Tensor, sizes: List[int], in_widths: List[int], out_widths: List[int],
+def rsr_epilogue_bwd(dout: torch.Tensor, sizes: List[int], in_widths: torch.Tensor, out_widths: torch.Tensor,
                      grid: List[int], stride: int, has_cls: bool, in_channels: int
                      ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dconv, dx, dpos, dconv_bias, dcls, dcls_bias); parameter gradients in fp32 (fp64 for fp64), dcls and
     dcls_bias empty without cls."""
-    in_groups = Ragged(tuple(sizes), tuple(in_widths))
-    out_groups = Ragged(tuple(sizes), tuple(out_widths))
+    in_groups = Ragged(tuple(sizes), in_widths)
+    out_groups = Ragged(tuple(sizes), out_widths)
     check_float_tensor(dout, "dout", _FLOAT_DTYPES, min_dim=3)
     _check_geometry(grid, stride)
     ho, wo = pool_out_grid(grid, stride)
@@ -366,12 +397,14 @@ def rsr_epilogue_bwd(dout: torch.Tensor, sizes: List[int], in_widths: List[int],
     check_groups(in_groups, dout.shape[0], in_channels, batch_of="dout", width_of="in_channels", what="in_widths")
     check_groups(out_groups, dout.shape[0], dout.shape[2], batch_of="dout", width_of="dout (dim 2, Co)",
                  what="out_widths")
+    check_widths_device(in_groups, dout, "in_widths", "dout")
+    check_widths_device(out_groups, dout, "out_widths", "dout")
     impl = _BWD[resolve_backend_for(OP.name, dout)]
     return impl(dout, in_groups, out_groups, _geometry(grid, stride, has_cls), in_channels)
 
 
 @rsr_epilogue_bwd.register_fake
-def _(dout, sizes, in_widths, out_widths, grid, stride, has_cls, in_channels):
+def _fake_bwd(dout, sizes, in_widths, out_widths, grid, stride, has_cls, in_channels):
     b, n_out, co = dout.shape
     n_cls = int(has_cls)
     acc = compute_dtype(dout.dtype)
@@ -397,11 +430,30 @@ def _backward(ctx, dout):
 
 rsr_epilogue_fwd.register_autograd(_backward, setup_context=_setup_context)
 
+# The C++ backends: one C++-registered op, resnas::rsr_epilogue (csrc/rsr.cpp: autograd and checks in C++), over the
+# device kernels ext_rsr_epilogue_fwd / _bwd. Their fake kernels live here so torch.compile traces through the C++
+# autograd.
+if _ext.extension_available():
+    torch.library.register_fake("resnas::rsr_epilogue")(_fake_fwd)
+    torch.library.register_fake("resnas::ext_rsr_epilogue_fwd")(_fake_fwd)
+    torch.library.register_fake("resnas::ext_rsr_epilogue_bwd")(_fake_bwd)
+
+
+# Taken once at trace time under torch.compile (as every backend decision: see residual_spatial_reduction.py).
+@torch.compiler.assume_constant_result
+def _cxx_backend(device: torch.device) -> bool:
+    return resolve_backend(OP.name, device) in ("cpu", "cuda")
+
 
 def rsr_epilogue(conv: torch.Tensor, x: torch.Tensor, pos_embed: torch.Tensor, conv_bias: torch.Tensor,
                  cls: Optional[torch.Tensor], cls_bias: Optional[torch.Tensor], in_groups: Ragged,
-                 out_widths: Sequence[int], grid: Tuple[int, int], stride: int = 2) -> torch.Tensor:
+                 out_widths, grid: Tuple[int, int], stride: int = 2) -> torch.Tensor:
     """The fused epilogue; see the module docstring. Called by `residual_spatial_reduction`, whose public checks
     cover the parameters; the C++ backends re-check shapes and dtypes and raise with the argument's name."""
-    return rsr_epilogue_fwd(conv, x, pos_embed, conv_bias, cls, cls_bias, list(in_groups.sizes),
-                            list(in_groups.widths), list(out_widths), list(grid), stride)
+    if isinstance(out_widths, Ragged):
+        out_widths = out_widths.widths
+    args = (list(in_groups.sizes), in_groups.widths_tensor(x.device),
+            in_groups.with_widths(out_widths).widths_tensor(x.device), list(grid), stride)
+    if _cxx_backend(x.device):
+        return torch.ops.resnas.rsr_epilogue(conv, x, pos_embed, conv_bias, cls, cls_bias, *args)
+    return rsr_epilogue_fwd(conv, x, pos_embed, conv_bias, cls, cls_bias, *args)
