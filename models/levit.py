@@ -75,14 +75,13 @@ MODEL_CFGS: Dict[str, dict] = {
 # Kernels used by the layers
 # ---------------------------------------------------------------------------------------------------------------------
 def _attention_op():
-    """`resnas_kernels.ragged_attention`, or None while the fused attention is not available in this build."""
+    """`resnas_kernels.ragged_attention`, looked up through `_ATTENTION_OP` (tests swap it there)."""
     op = _ATTENTION_OP.get("op")
     if op is None:
-        import resnas_kernels
+        # From the op's module, not the package root: the root imports the models (timm registration).
+        from resnas_kernels.ops.ragged_attention import ragged_attention
 
-        op = getattr(resnas_kernels, "ragged_attention", None)
-        if op is not None:
-            _ATTENTION_OP["op"] = op
+        op = _ATTENTION_OP["op"] = ragged_attention
     return op
 
 
