@@ -2,7 +2,7 @@
 `resnas_kernels.search`).
 
 The pipeline on the demo data (the generated shapes task of `shapes`, DEMO_SPACE; a few CPU minutes), all of it in
-one command with `resnas demo --out runs/demo` (demo.py: report.md with the plots), or step by step:
+one command with `resnas demo --out runs/demo` (commands/demo.py: report.md with the plots), or step by step:
 
     resnas train-supernet --out runs/sn                       # checkpoint.pt, metrics.jsonl; --resume continues
     resnas search --supernet runs/sn/checkpoint.pt --out runs/evo   # demo-sized defaults for a demo supernet;
