@@ -12,12 +12,17 @@ SUBCOMMANDS = {
     "bench": ("resnas_kernels.bench.runner", "run kernel/model benchmarks against peers, write CSV and plots"),
     "aot": ("resnas_kernels.aot", "compile every Triton kernel ahead of time for sm_80 and sm_90 (no GPU needed); "
                                "--resources: registers, spills, shared memory, occupancy per kernel"),
-    "train-supernet": ("resnas_kernels.search.train", "train a ViT-ResNAS supernet with multi-architectural sampling"),
-    "search": ("resnas_kernels.search.evolution", "evolutionary search over a trained supernet, many candidates per forward"),
-    "export": ("resnas_kernels.search.export", "write a searched sub-network as a standalone timm-loadable checkpoint"),
-    "train-subnet": ("resnas_kernels.search.finetune", "fine-tune or retrain a searched network with the same trainer"),
-    "demo": ("resnas_kernels.search.demo", "the whole pipeline on the built-in demo task (train, search, export, "
-                                           "evaluate, report): a few CPU minutes"),
+    "train-supernet": ("resnas_kernels.search.commands.train_supernet",
+                       "train a ViT-ResNAS supernet with multi-architectural sampling"),
+    "search": ("resnas_kernels.search.commands.search",
+               "evolutionary search over a trained supernet, many candidates per forward"),
+    "export": ("resnas_kernels.search.commands.export",
+               "write a searched sub-network as a standalone timm-loadable checkpoint"),
+    "train-subnet": ("resnas_kernels.search.commands.train_subnet",
+                     "fine-tune or retrain a searched network with the same trainer"),
+    "demo": ("resnas_kernels.search.commands.demo",
+             "the whole pipeline on the built-in demo task (train, search, export, evaluate, report): a few CPU "
+             "minutes"),
 }
 
 # Commands that run long tensor workloads: they keep freed CPU memory in the process (resnas_kernels/cpu_allocator.py).

@@ -5,7 +5,7 @@ Mixup / CutMix, all on the in-memory uint8 batches of `data.Split`, built from t
                 --> normalise on the device --> RandomErasing (`timm.data.random_erasing`, per-pixel noise)
                 --> Mixup / CutMix (`timm.data.Mixup`: soft targets that already include label smoothing)
 
-Defaults (train.py): the recipe's `rand-m9-mstd0.5-inc1`, erasing 0.25 and flip 0.5 with `--data`; everything off on
+Defaults (trainer.py): the recipe's `rand-m9-mstd0.5-inc1`, erasing 0.25 and flip 0.5 with `--data`; everything off on
 the demo data (the tiny demo must learn in minutes; on the digits a flipped or rotated digit is another digit).
 Not implemented: the recipe's patch-token mixup (3.4), which needs the per-patch head; timm's Mixup / CutMix (off by
 default) is the configurable stand-in. Color jitter is not applied, as timm does not with RandAugment.

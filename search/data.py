@@ -1,4 +1,4 @@
-"""Data for supernet training and search, the three splits of the protocol, and the scaled-down demo search space.
+"""Data for supernet training and search: the demo and ImageFolder datasets, the three splits of the protocol.
 
 Sources:
 
@@ -9,10 +9,8 @@ Sources:
   - `digits`: scikit-learn's bundled 8x8 handwritten digits (1,797 real images, 10 classes) upscaled to `img_size`,
     a fixed stratified 20 % validation split (seed 0). Kept for supernets trained before `shapes` existed (their
     checkpoints record no `demo_data`, which means digits); most sub-networks solve it, so it cannot rank them.
-  Both are paired with `DEMO_SPACE`, a ViT-ResNAS space with the same structure as `sr_tiny_mh` (5 embed choices per
-  stage, per-block heads and 7 MLP choices from 3C to 1.5C, removable blocks) but ~1/8 of the widths and 2 slots
-  per stage, so the whole pipeline (train, search, export) runs on a CPU in minutes. The input is 56 px (the
-  smallest ViT-ResNAS input: three stages on 4x4 / 2x2 / 1x1 token grids).
+  Both are paired with the CPU-sized `DEMO_SPACE` (models/vit_resnas/space.py, with the other named spaces) at
+  56 px.
 * `--data PATH`: an ImageFolder tree with `train/` and `val/` (torchvision), decoded with resize + center crop.
 
 The protocol (vit_resnas.md 5.8 and 6: the paper holds 25 images per class out of ImageNet's training set): the
@@ -22,23 +20,21 @@ class (`carve_holdout`, seeded, stratified); the search scores candidates on the
 
 Everything is returned as in-memory tensors (`Split`): images as uint8 (N, 3, S, S), normalised on the fly by
 `normalize`. Training batches are chosen by `batch_indices(step)`, a pure function of (seed, step): nothing about
-the data order has to be saved to resume exactly.
+the data order has to be saved to resume exactly; `split_batch` cuts one into the groups of its sub-networks.
 """
 from __future__ import annotations
 
 import functools
 import os
 from dataclasses import dataclass
-from typing import NamedTuple, Optional, Tuple
+from typing import List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
-from resnas_kernels.models.vit_resnas import SearchSpace, StageSpace, get_space
-
-__all__ = ["DEMO_SPACE", "DEMO_DATASETS", "Split", "Splits", "load_demo", "load_shapes", "load_image_folder",
-           "load_data", "load_splits", "carve_holdout", "default_holdout", "normalize", "resolve_space",
-           "space_to_dict", "space_from_dict", "batch_indices", "LEGACY_RUN_ARGS"]
+__all__ = ["DEMO_DATASETS", "Split", "Splits", "load_demo", "load_shapes", "load_image_folder", "load_data",
+           "load_splits", "carve_holdout", "default_holdout", "normalize", "batch_indices", "split_batch",
+           "LEGACY_RUN_ARGS"]
 
 DEMO_DATASETS = ("shapes", "digits")
 # The demo shapes task: images per class in the training pool (sub-train + held-out) and in validation.
@@ -53,48 +49,6 @@ LEGACY_RUN_ARGS = {"demo_data": "digits", "holdout_per_class": 0}
 
 MEAN = (0.485, 0.456, 0.406)
 STD = (0.229, 0.224, 0.225)
-
-
-def _mlp(largest: int) -> Tuple[int, ...]:
-    step = largest // 12          # 7 evenly spaced widths from 3C down to 1.5C, as in the real spaces
-    return tuple(largest - i * step for i in range(7))
-
-
-# sr_tiny_mh scaled down: embed ratios {1, 7/8, 3/4, 11/16, 5/8} of 32/64/128, heads {1, 5/6, 2/3, 1/2}-like, MLP from
-# 3C to 1.5C in 7 steps, 2 slots per stage with the second removable.
-DEMO_SPACE = SearchSpace("demo", (
-    StageSpace(embed=(32, 28, 24, 22, 20), head_dim=8, heads=(4, 3, 2), mlp=_mlp(96), depth=2, removable=(1,)),
-    StageSpace(embed=(64, 56, 48, 44, 40), head_dim=8, heads=(8, 6, 4), mlp=_mlp(192), depth=2, removable=(1,)),
-    StageSpace(embed=(128, 112, 96, 88, 80), head_dim=16, heads=(8, 6, 4), mlp=_mlp(384), depth=2, removable=(1,)),
-))
-
-
-def resolve_space(name: str) -> SearchSpace:
-    """'demo', 'tiny' or 'small'."""
-    if name == "demo":
-        return DEMO_SPACE
-    try:
-        return get_space(name)
-    except ValueError:
-        raise ValueError(f"unknown search space {name!r}; expected one of 'demo', 'tiny', 'small'") from None
-
-
-def space_to_dict(space: SearchSpace) -> dict:
-    """Plain data (checkpoint- and JSON-safe), so a checkpoint carries the exact space it was trained on."""
-    return {"name": space.name, "stages": [
-        {"embed": list(s.embed), "head_dim": s.head_dim, "heads": list(s.heads), "mlp": list(s.mlp),
-         "depth": s.depth, "removable": list(s.removable)} for s in space.stages]}
-
-
-def space_from_dict(d: dict) -> SearchSpace:
-    try:
-        return SearchSpace(str(d["name"]), tuple(
-            StageSpace(embed=tuple(s["embed"]), head_dim=int(s["head_dim"]), heads=tuple(s["heads"]),
-                       mlp=tuple(s["mlp"]), depth=int(s["depth"]), removable=tuple(s["removable"]))
-            for s in d["stages"]))
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"not a search-space record (expected name and stages with embed, head_dim, heads, mlp, "
-                         f"depth, removable): {exc!r}") from None
 
 
 @dataclass
@@ -274,3 +228,10 @@ def batch_indices(n: int, batch_size: int, step: int, seed: int) -> torch.Tensor
     epoch, i = divmod(step, per_epoch)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
     return perm[i * batch_size:(i + 1) * batch_size]
+
+
+def split_batch(batch: int, groups: int) -> List[int]:
+    """Sizes of the contiguous groups a batch is split into, one sub-network each: as equal as possible (the first
+    groups get the remainder)."""
+    base, extra = divmod(batch, groups)
+    return [base + (g < extra) for g in range(groups)]

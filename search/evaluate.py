@@ -1,4 +1,6 @@
-"""Batched candidate scoring for the search (vit_resnas.md 9.2 (h), (i)): many candidates per forward, stem cached.
+"""The one evaluator of sub-networks: batched candidate scoring for the search (vit_resnas.md 9.2 (h), (i)), many
+candidates per forward with the stem cached, and through it the accuracy of one sub-network (`evaluate_arch`: the
+training runs' per-epoch evaluation, the demo's report).
 
 * The validation images are decoded once (`data.Split`, uint8 in memory).
 * The stem is architecture-independent up to a channel prefix (first-k slicing of the 7x7/s7 projection), so it runs
@@ -21,7 +23,8 @@ from resnas_kernels.models.vit_resnas import Arch, ViTResNAS
 
 from .data import Split, normalize
 
-__all__ = ["stem_tokens", "forward_from_stem", "CandidateScorer", "score_one_model_per_candidate", "net_accuracy"]
+__all__ = ["stem_tokens", "forward_from_stem", "CandidateScorer", "evaluate_arch", "score_one_model_per_candidate",
+           "net_accuracy"]
 
 
 @torch.no_grad()
@@ -77,6 +80,17 @@ class CandidateScorer:
 
     def accuracy(self, archs: Sequence[Arch]) -> List[float]:
         return [c / len(self.val) for c in self.correct(archs)]
+
+
+def evaluate_arch(model: ViTResNAS, arch: Arch, split: Split, device=None, batch_size: int = 256) -> float:
+    """Top-1 accuracy of one sub-network of `model` (in eval mode) on `split`; the model's training mode is restored.
+    Without the stem cache: one forward per batch needs the stem once anyway."""
+    was = model.training
+    try:
+        return CandidateScorer(model, split, device, candidates_per_forward=1, images_per_forward=batch_size,
+                               cache_stem=False).accuracy([arch])[0]
+    finally:
+        model.train(was)
 
 
 @torch.no_grad()

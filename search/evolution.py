@@ -1,5 +1,5 @@
-"""`resnas search`: evolutionary search over a trained supernet (vit_resnas.md section 6), candidates scored many per
-forward with a cached stem (`evaluate.CandidateScorer`).
+"""The search of `resnas search` (commands/search.py parses its arguments): evolutionary search over a trained
+supernet (vit_resnas.md section 6), candidates scored many per forward with a cached stem (`evaluate.CandidateScorer`).
 
 The paper's loop: iteration 0 is a random population (embeds and block keep/drop uniform with heads and MLP at
 their maximum, redrawn until MACs >= 0.975 C, then shrunk one random step at a time until MACs <= C); each later
@@ -37,19 +37,28 @@ accuracies named by split: `holdout_acc` (what selected them) and `val_acc` (the
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import random
 import re
 import sys
-from typing import Callable, Dict, List, Optional, Sequence, Set
+from typing import Callable, Collection, Dict, List, Optional, Sequence, Set
 
+import torch
+
+from resnas_kernels._atomic import atomic_write, sweep_stale_temporaries
 from resnas_kernels.models.vit_resnas import Arch, BlockArch, SearchSpace, StageArch, count_macs
+from resnas_kernels.models.vit_resnas.space import space_from_dict, space_to_dict
 
 from . import data as data_mod
-from .checkpoint import (SEARCH_FORMAT, VERSION, CheckpointError, append_jsonl, read_checkpoint, save_checkpoint,
-                         write_json_atomic, write_text_atomic)
+from .checkpoint import (SEARCH_FORMAT, VERSION, append_jsonl, read_checkpoint, save_checkpoint, write_json_atomic,
+                         write_text_atomic)
+from .distributed import Distributed
+from .evaluate import CandidateScorer
+from .networks import load_supernet
 
-__all__ = ["main", "build_parser", "parse_macs", "random_population", "make_children", "pareto_front"]
+__all__ = ["run", "parse_macs", "random_population", "make_children", "pareto_front", "report_indices",
+           "SEARCH_ARGS", "DEMO_SEARCH_DEFAULTS"]
 
 # Arguments that define the search: on --resume they must match the saved ones (--generations may grow: a finished
 # search resumed with more generations goes on evolving).
@@ -78,53 +87,6 @@ def parse_macs(text: str) -> int:
     if value <= 0:
         raise ValueError(f"--macs must be > 0, got {text!r}")
     return int(round(value))
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="resnas search", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--supernet", default=None, help="checkpoint.pt of `resnas train-supernet` (required, except "
-                                                    "with --resume)")
-    p.add_argument("--out", required=True, help="search directory")
-    p.add_argument("--data", default=None, help="ImageFolder tree: candidates are scored on the supernet's held-out "
-                                                "share of train/, the result is reported on val/; default: the data "
-                                                "the supernet was trained on")
-    p.add_argument("--macs", default=None, help="MAC constraint C, e.g. 1.8G (default: halfway between the space's "
-                                                "smallest and largest network)")
-    demo = " (the paper's; a demo supernet's default: {})".format
-    p.add_argument("--band", type=float, default=0.975,
-                   help="candidates must have MACs in [band * C, C]" + demo(DEMO_SEARCH_DEFAULTS["band"]))
-    p.add_argument("--generations", type=int, default=20,
-                   help="iterations, the random population included" + demo(DEMO_SEARCH_DEFAULTS["generations"]))
-    p.add_argument("--population", type=int, default=500,
-                   help="random initial population" + demo(DEMO_SEARCH_DEFAULTS["population"]))
-    p.add_argument("--parents", type=int, default=75,
-                   help="top-k of all evaluated architectures" + demo(DEMO_SEARCH_DEFAULTS["parents"]))
-    p.add_argument("--mutations", type=int, default=75, help="children by mutation per generation"
-                   + demo(DEMO_SEARCH_DEFAULTS["mutations"]))
-    p.add_argument("--crossovers", type=int, default=75, help="children by crossover per generation"
-                   + demo(DEMO_SEARCH_DEFAULTS["crossovers"]))
-    p.add_argument("--mutate-prob", type=float, default=0.3)
-    p.add_argument("--crossover-prob", type=float, default=0.5)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--val-subset", type=int, default=None, help="score candidates on the first N held-out images")
-    p.add_argument("--candidates-per-forward", type=int, default=8, help="candidates scored in one ragged forward")
-    p.add_argument("--images-per-forward", type=int, default=128, help="held-out images per candidate per forward")
-    p.add_argument("--latency-budget", type=float, default=None,
-                   help="also require a predicted latency <= this many milliseconds on the current device")
-    p.add_argument("--latency-lut", default=None,
-                   help="latency lookup table (JSON; measured entries are added, existing ones reused); default "
-                        "<out>/latency_lut.json when --latency-budget is given")
-    p.add_argument("--latency-batch", type=int, default=1, help="batch size the latencies are measured at")
-    p.add_argument("--latency-repeats", type=int, default=10, help="timed repeats per table entry (median)")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the search in --out with its saved arguments; an argument given again must equal "
-                        "the saved one, except --generations (extends the search), --latency-lut, --device and "
-                        "the output switches")
-    p.add_argument("--no-plot", action="store_true", help="do not write pareto.png")
-    p.add_argument("--no-progress", action="store_true")
-    return p
 
 
 def _check_args(a: argparse.Namespace) -> None:
@@ -359,44 +321,9 @@ def _outputs(out: str, history: List[dict], generations_done: int, cfg: dict, pl
                              f"{cfg['val_images']} val images", fontsize=8)
             ax.legend(fontsize=7)
         fig.tight_layout()
-        from resnas_kernels._atomic import atomic_write
         atomic_write(os.path.join(out, "pareto.png"), lambda f: fig.savefig(f, format="png", dpi=100), suffix=".png")
         plt.close(fig)
     return {"best": best_doc, "table": table}
-
-
-class _Shard:
-    """Under torchrun: rank r scores candidates r, r + world, ... of each chunk; results are all-gathered so every
-    rank keeps the same history (and so draws the same next generation)."""
-
-    def __init__(self):
-        import torch.distributed as dist
-
-        self.dist = dist
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        if self.world > 1 and not dist.is_initialized():
-            dist.init_process_group("gloo")
-
-    def score(self, scorer, archs: List[Arch]) -> List[int]:
-        if self.world == 1:
-            return scorer.correct(archs)
-        mine = scorer.correct(archs[self.rank::self.world]) if archs[self.rank::self.world] else []
-        every: List[List[int]] = [[] for _ in range(self.world)]
-        self.dist.all_gather_object(every, mine)
-        out = [0] * len(archs)
-        for r, hits in enumerate(every):
-            out[r::self.world] = hits
-        return out
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.dist.barrier()
-
-    def close(self) -> None:
-        if self.world > 1 and self.dist.is_initialized():
-            self.dist.barrier()
-            self.dist.destroy_process_group()
 
 
 def _same(name: str, a, b) -> bool:
@@ -405,24 +332,12 @@ def _same(name: str, a, b) -> bool:
     return a == b
 
 
-def _given_args(argv: Sequence[str]) -> Set[str]:
-    """The arguments `argv` names, however spelled (`--gen 3`, `--generations=3`): parsed with a marker as every
-    default, they are the ones without it."""
-    parser, unset = build_parser(), object()
-    parser.set_defaults(**{k: unset for k in vars(build_parser().parse_args(["--out", "-"]))})
-    return {k for k, v in vars(parser.parse_args(argv)).items() if v is not unset}
-
-
-def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
-    """`argv`: the command line `args` came from; on --resume, the arguments it does not name come from the saved
-    search (without it, every search argument must equal the saved one)."""
-    import torch
-
-    from resnas_kernels._atomic import sweep_stale_temporaries
-
-    from .evaluate import CandidateScorer
-    from .train import load_supernet
-
+def run(args: argparse.Namespace, given: Optional[Collection[str]] = None) -> int:
+    """Search as `args` (the parsed command line) says. `given`: the arguments the command line named; on --resume
+    the others come from the saved search (without it, every search argument must equal the saved one), and a demo
+    supernet's defaults replace only those not given."""
+    if given is None:
+        given = set(SEARCH_ARGS)
     _check_args(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device is available")
@@ -434,7 +349,6 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
     if args.resume:
         saved = read_checkpoint(state_path, SEARCH_FORMAT, ("config", "generation", "pending", "history", "rng"))
         was = {**SEARCH_DEFAULTS, **saved["config"]["args"]}
-        given = _given_args(argv) if argv is not None else set(SEARCH_ARGS)
         differ = [f"--{k.replace('_', '-')} {getattr(args, k)!r} (saved: {was[k]!r})"
                   for k in SEARCH_ARGS if k in given and not _same(k, getattr(args, k), was[k])]
         if differ:
@@ -450,18 +364,18 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
         raise ValueError(f"{state_path} exists: pass --resume to continue that search, or choose another --out")
     if args.supernet is None:
         raise ValueError("--supernet is required (the checkpoint.pt of `resnas train-supernet`)")
-    shard = _Shard()   # after the checks above: its rendezvous means no rank has written anything yet
+    shard = Distributed()
+    shard.init("gloo")   # after the checks above: its rendezvous means no rank has written anything yet
 
     if saved is not None and "holdout_images" not in saved["config"]:
         raise ValueError(f"{state_path} is a search that scored candidates on the validation split (before held-out "
                          f"selection); it cannot be continued on the held-out split: start a new search")
     model, ckpt = load_supernet(args.supernet, device)
-    space = data_mod.space_from_dict(ckpt["space"])
+    space = space_from_dict(ckpt["space"])
     img_size, num_classes = ckpt["args"]["img_size"], ckpt["num_classes"]
     run_args = {**data_mod.LEGACY_RUN_ARGS, **ckpt["args"]}
     data_path = args.data if args.data is not None else run_args.get("data")
     if data_path is None and saved is None:      # a demo supernet: demo-sized defaults for what was not given
-        given = _given_args(argv) if argv is not None else set(SEARCH_ARGS)
         for k, v in DEMO_SEARCH_DEFAULTS.items():
             if k not in given:
                 setattr(args, k, v)
@@ -502,9 +416,10 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
             accept = lambda a: lut.latency(a) <= args.latency_budget   # noqa: E731
     cfg = {"args": {k: getattr(args, k) for k in SEARCH_ARGS + RESUMED_ARGS},
            "supernet": os.path.abspath(args.supernet),
-           "space": data_mod.space_to_dict(space), "img_size": img_size, "num_classes": num_classes,
+           "space": space_to_dict(space), "img_size": img_size, "num_classes": num_classes,
            "holdout_images": len(holdout), "holdout_per_class": holdout_per_class,
-           "holdout_seen_in_training": run_args["holdout_per_class"] == 0, "val_images": len(val), "macs": constraint, "band": [lo, hi], "latency_budget": args.latency_budget,
+           "holdout_seen_in_training": run_args["holdout_per_class"] == 0, "val_images": len(val),
+           "macs": constraint, "band": [lo, hi], "latency_budget": args.latency_budget,
            "latency_setting": lut.setting if lut is not None else None,
            "latency_lut": os.path.abspath(lut.path) if lut is not None else None}
 
@@ -558,7 +473,7 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
         while pending:
             chunk = pending[:args.candidates_per_forward * shard.world]   # one forward's worth per rank
             archs = [Arch.from_dict(p[0]) for p in chunk]
-            hits = shard.score(scorer, archs)
+            hits = shard.shard(scorer.correct, archs)
             recs = [{"index": len(history) + i, "generation": generation, "origin": origin, "arch": d,
                      "macs": macs(a), "acc": h / len(holdout), "correct": h,
                      **({"latency_ms": lut.latency(a)} if lut is not None else {})}
@@ -575,6 +490,7 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
         save()
     if bar is not None:
         bar.close()
+    shard.barrier()
     shard.close()
     if not history:
         raise ValueError("the search evaluated no architecture" + (
@@ -596,23 +512,4 @@ def run(args: argparse.Namespace, argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _line(r: dict) -> str:
-    import json
     return json.dumps(r, separators=(",", ":")) + "\n"
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser().parse_args(argv)
-    try:
-        return run(args, argv)
-    except (ValueError, CheckpointError) as exc:
-        print(f"resnas search: error: {exc}", file=sys.stderr)
-        return 2
-    except OSError as exc:   # an unwritable --out, a full disk
-        print(f"resnas search: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
-              file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -6,7 +6,8 @@ import os
 
 import torch
 
-from resnas_kernels.search import demo, train
+from resnas_kernels.search.commands import demo
+from resnas_kernels.search.networks import load_supernet
 from resnas_kernels.search.checkpoint import read_jsonl
 
 TINY = ["--epochs", "1", "--train-subset", "32", "--batch-size", "16", "--generations", "2", "--population", "4",
@@ -37,5 +38,5 @@ def test_demo_runs_the_pipeline_and_reports_both_splits(tmp_path, capsys):
     # --resume reuses the finished steps and writes the same report numbers
     assert demo.main(["--out", str(out), "--resume", "--no-progress"]) == 0
     assert json.load(open(out / "search" / "best.json")) == best
-    model, _ = train.load_supernet(str(out / "supernet" / "checkpoint.pt"))
+    model, _ = load_supernet(str(out / "supernet" / "checkpoint.pt"))
     assert model.space.name == "demo"

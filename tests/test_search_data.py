@@ -4,6 +4,7 @@ import pytest
 import torch
 from PIL import Image
 
+from resnas_kernels.models.vit_resnas.space import DEMO_SPACE, get_space, space_from_dict, space_to_dict
 from resnas_kernels.search import data
 
 
@@ -44,12 +45,12 @@ def test_image_folder(tmp_path):
 
 
 def test_space_round_trip_and_names():
-    assert data.space_from_dict(data.space_to_dict(data.DEMO_SPACE)) == data.DEMO_SPACE
-    assert data.resolve_space("tiny").name == "tiny"
+    assert space_from_dict(space_to_dict(DEMO_SPACE)) == DEMO_SPACE
+    assert get_space("tiny").name == "tiny"
     with pytest.raises(ValueError, match="unknown search space"):
-        data.resolve_space("huge")
+        get_space("huge")
     with pytest.raises(ValueError, match="search-space record"):
-        data.space_from_dict({"name": "x"})
+        space_from_dict({"name": "x"})
 
 
 def test_shapes_generator_is_seeded_and_class_balanced():

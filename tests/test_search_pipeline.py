@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from resnas_kernels.models.vit_resnas import Arch, count_macs
-from resnas_kernels.search import evaluate, evolution, export, latency, train
+from resnas_kernels.models.vit_resnas.space import DEMO_SPACE
+from resnas_kernels.search import evaluate, evolution, latency, networks
+from resnas_kernels.search.commands import export, search, train_supernet
 from resnas_kernels.search.checkpoint import CheckpointError, read_jsonl
-from resnas_kernels.search.data import DEMO_SPACE, load_demo, load_splits, normalize
+from resnas_kernels.search.data import load_demo, load_splits, normalize
 from resnas_kernels.search.shapes import NUM_CLASSES
 
 SEARCH = ["--generations", "2", "--population", "4", "--parents", "2", "--mutations", "2", "--crossovers", "2",
@@ -28,7 +30,7 @@ def _macs(a):
 @pytest.fixture(scope="module")
 def supernet(tmp_path_factory):
     out = tmp_path_factory.mktemp("supernet")
-    assert train.main(["--out", str(out), "--train-subset", "64", "--batch-size", "16", "--epochs", "1",
+    assert train_supernet.main(["--out", str(out), "--train-subset", "64", "--batch-size", "16", "--epochs", "1",
                        "--width-warmup-epochs", "0", "--no-progress", "--no-eval-every-epoch", "--seed", "1"]) == 0
     return str(out / "checkpoint.pt")
 
@@ -36,13 +38,13 @@ def supernet(tmp_path_factory):
 @pytest.fixture(scope="module")
 def searched(supernet, tmp_path_factory):
     out = tmp_path_factory.mktemp("search")
-    assert evolution.main(["--supernet", supernet, "--out", str(out), *SEARCH]) == 0
+    assert search.main(["--supernet", supernet, "--out", str(out), *SEARCH]) == 0
     return out
 
 
 def test_stem_cache_and_batched_forward_equal_the_supernet():
     torch.manual_seed(11)
-    model = train.build_supernet(DEMO_SPACE, 56, 10).eval()
+    model = networks.build_supernet(DEMO_SPACE, 56, 10).eval()
     archs = DEMO_SPACE.sample_groups(3, rng=random.Random(7))
     x = torch.randn(5, 3, 56, 56)
     with torch.no_grad():
@@ -53,7 +55,7 @@ def test_stem_cache_and_batched_forward_equal_the_supernet():
 
 def test_batched_scoring_equals_one_model_per_candidate():
     torch.manual_seed(12)
-    model = train.build_supernet(DEMO_SPACE, 56, 10).eval()
+    model = networks.build_supernet(DEMO_SPACE, 56, 10).eval()
     _, val = load_demo()
     val = val.subset(24)
     archs = DEMO_SPACE.sample_groups(3, rng=random.Random(8))
@@ -122,8 +124,8 @@ def test_search_is_deterministic_and_resumes_after_interruption(supernet, search
     one = tmp_path / "one"
     args = ["--supernet", supernet, "--out", str(one), *SEARCH]
     args[args.index("--generations") + 1] = "1"
-    assert evolution.main(args) == 0
-    assert evolution.main(["--supernet", supernet, "--out", str(one), *SEARCH, "--resume"]) == 0
+    assert search.main(args) == 0
+    assert search.main(["--supernet", supernet, "--out", str(one), *SEARCH, "--resume"]) == 0
     assert read_jsonl(os.path.join(one, "history.jsonl")) == reference
 
     # Interrupted mid-generation (the second scoring chunk raises), then resumed.
@@ -139,11 +141,11 @@ def test_search_is_deterministic_and_resumes_after_interruption(supernet, search
 
     monkeypatch.setattr(evaluate.CandidateScorer, "correct", flaky)
     with pytest.raises(KeyboardInterrupt):
-        evolution.main(["--supernet", supernet, "--out", str(killed), *SEARCH])
+        search.main(["--supernet", supernet, "--out", str(killed), *SEARCH])
     partial = read_jsonl(os.path.join(killed, "history.jsonl"))
     assert 0 < len(partial) < len(reference)
     monkeypatch.setattr(evaluate.CandidateScorer, "correct", real)
-    assert evolution.main(["--supernet", supernet, "--out", str(killed), *SEARCH, "--resume"]) == 0
+    assert search.main(["--supernet", supernet, "--out", str(killed), *SEARCH, "--resume"]) == 0
     assert read_jsonl(os.path.join(killed, "history.jsonl")) == reference
 
 
@@ -151,9 +153,9 @@ def test_export_reloads_through_timm_with_the_recorded_accuracy(supernet, search
     net_path = str(tmp_path / "net.pt")
     assert export.main(["--arch", os.path.join(searched, "best.json"), "--supernet", supernet, "--out", net_path]) == 0
     best = json.load(open(os.path.join(searched, "best.json")))
-    net = export.load_exported(net_path)
+    net = networks.load_exported(net_path)
     assert net.arch == Arch.from_dict(best["pruned"])
-    assert json.load(open(str(tmp_path / "net.json")))["timm_model"] == export.TIMM_NAME
+    assert json.load(open(str(tmp_path / "net.json")))["timm_model"] == networks.TIMM_NAME
     splits = load_splits(None, 56, best["holdout_per_class"])
     holdout = splits.holdout.subset(best["holdout_images"])
     with torch.no_grad():
@@ -165,17 +167,17 @@ def test_export_reloads_through_timm_with_the_recorded_accuracy(supernet, search
 
 def test_search_and_export_bad_inputs(supernet, searched, tmp_path, capsys):
     base = ["--supernet", supernet, "--out", str(tmp_path / "s"), "--no-progress"]
-    assert evolution.main(base + ["--macs", "fast"]) == 2
+    assert search.main(base + ["--macs", "fast"]) == 2
     assert "--macs" in capsys.readouterr().err
-    assert evolution.main(base + ["--macs", "1G"]) == 2
+    assert search.main(base + ["--macs", "1G"]) == 2
     assert "outside the space" in capsys.readouterr().err
-    assert evolution.main(base + ["--parents", "0"]) == 2
+    assert search.main(base + ["--parents", "0"]) == 2
     assert "--parents" in capsys.readouterr().err
-    assert evolution.main(["--supernet", supernet, "--out", str(searched), *SEARCH]) == 2
+    assert search.main(["--supernet", supernet, "--out", str(searched), *SEARCH]) == 2
     assert "--resume" in capsys.readouterr().err
-    assert evolution.main(["--supernet", supernet, "--out", str(searched), *SEARCH, "--seed", "6", "--resume"]) == 2
+    assert search.main(["--supernet", supernet, "--out", str(searched), *SEARCH, "--seed", "6", "--resume"]) == 2
     assert "--seed" in capsys.readouterr().err
-    assert evolution.main(["--supernet", os.path.join(searched, "state.pt"), "--out", str(tmp_path / "t")]) == 2
+    assert search.main(["--supernet", os.path.join(searched, "state.pt"), "--out", str(tmp_path / "t")]) == 2
     assert "expected a 'resnas-supernet-train' checkpoint" in capsys.readouterr().err
 
     pruned = tmp_path / "pruned.json"                        # removed slots dropped: not a slice of the supernet
@@ -187,7 +189,7 @@ def test_search_and_export_bad_inputs(supernet, searched, tmp_path, capsys):
                         "--out", str(tmp_path / "n.pt")]) == 2
     assert "cannot read a JSON architecture" in capsys.readouterr().err
     with pytest.raises(CheckpointError, match="expected a 'resnas-subnet' checkpoint"):
-        export.load_exported(supernet)
+        networks.load_exported(supernet)
 
 
 def _synthetic_lut(path):
@@ -216,7 +218,7 @@ def test_search_respects_the_latency_budget_and_reuses_the_table(supernet, tmp_p
             "--mutations", "2", "--crossovers", "2", "--val-subset", "16", "--candidates-per-forward", "4",
             "--images-per-forward", "16", "--no-progress", "--seed", "5", "--latency-budget", str(budget),
             "--latency-lut", lut_path]
-    assert evolution.main(args) == 0
+    assert search.main(args) == 0
     history = read_jsonl(os.path.join(out, "history.jsonl"))
     assert len(history) >= 4
     for r in history:
@@ -226,7 +228,7 @@ def test_search_respects_the_latency_budget_and_reuses_the_table(supernet, tmp_p
     assert best["latency_ms"] <= budget and best["latency_budget_ms"] == budget
     assert json.load(open(os.path.join(out, "pareto_latency.json")))
     assert os.path.getsize(os.path.join(out, "pareto.png")) > 1000
-    assert evolution.main([*args[:3], str(tmp_path / "t"), *args[4:-4], "--latency-budget", "1e-9",
+    assert search.main([*args[:3], str(tmp_path / "t"), *args[4:-4], "--latency-budget", "1e-9",
                            "--latency-lut", lut_path]) == 2
 
 
@@ -237,15 +239,15 @@ def test_train_subnet_fine_tunes_the_exported_net(supernet, searched, tmp_path, 
     best = json.load(open(best_path))
     base = ["--arch", best_path, "--train-subset", "32", "--batch-size", "16", "--epochs", "1", "--no-progress",
             "--no-eval-every-epoch", "--lr", "1e-4", "--lr-warmup-epochs", "0"]
-    from resnas_kernels.search import finetune
+    from resnas_kernels.search.commands import train_subnet
     ft = tmp_path / "ft"
-    assert finetune.main([*base, "--init", net_path, "--out", str(ft)]) == 0
+    assert train_subnet.main([*base, "--init", net_path, "--out", str(ft)]) == 0
     ckpt = torch.load(os.path.join(ft, "checkpoint.pt"), weights_only=True)
     assert ckpt["step"] == 2 and ckpt["finished"]
     assert Arch.from_dict(ckpt["subnet_arch"]) == Arch.from_dict(best["arch"])
-    tuned = export.load_exported(os.path.join(ft, "net.pt"))          # timm-loadable, the searched architecture
+    tuned = networks.load_exported(os.path.join(ft, "net.pt"))          # timm-loadable, the searched architecture
     assert tuned.arch == Arch.from_dict(best["pruned"])
-    start = export.load_exported(net_path).state_dict()
+    start = networks.load_exported(net_path).state_dict()
     moved = [k for k, v in tuned.state_dict().items() if not torch.equal(v, start[k])]
     assert moved and all(torch.isfinite(v).all() for v in tuned.state_dict().values())
     # sliced straight from the supernet: the same start as the export
@@ -257,20 +259,21 @@ def test_train_subnet_fine_tunes_the_exported_net(supernet, searched, tmp_path, 
         reads.append(str(f))
         return real_load(f, *a, **kw)
     monkeypatch.setattr(torch, "load", counting_load)
-    assert finetune.main([*base, "--init", supernet, "--out", str(sl), "--epochs", "1", "--stop-at-step", "1"]) == 0
+    assert train_subnet.main([*base, "--init", supernet, "--out", str(sl), "--epochs", "1", "--stop-at-step", "1"]) == 0
     monkeypatch.setattr(torch, "load", real_load)
     assert reads.count(supernet) == 1, reads                           # --init is read once at start-up
-    assert finetune.main([*base, "--init", supernet, "--out", str(sl), "--resume"]) == 0
-    for k, v in export.load_exported(os.path.join(sl, "net.pt")).state_dict().items():
+    assert train_subnet.main([*base, "--init", supernet, "--out", str(sl), "--resume"]) == 0
+    for k, v in networks.load_exported(os.path.join(sl, "net.pt")).state_dict().items():
         assert torch.equal(v, tuned.state_dict()[k]), k                  # resumed run == uninterrupted run
     # errors: a foreign --init, a subnet checkpoint given to the search, an arch outside the supernet's space
-    assert finetune.main([*base, "--init", best_path, "--out", str(tmp_path / "e1")]) == 2
+    assert train_subnet.main([*base, "--init", best_path, "--out", str(tmp_path / "e1")]) == 2
     assert "--init" in capsys.readouterr().err
-    assert evolution.main(["--supernet", os.path.join(ft, "checkpoint.pt"), "--out", str(tmp_path / "e2"),
+    assert search.main(["--supernet", os.path.join(ft, "checkpoint.pt"), "--out", str(tmp_path / "e2"),
                            "--no-progress"]) == 2
     assert "train-subnet" in capsys.readouterr().err
     pruned = tmp_path / "pruned.json"
     pruned.write_text(Arch.from_dict(best["arch"]).pruned().to_json())
     if Arch.from_dict(best["arch"]).pruned() != Arch.from_dict(best["arch"]):
-        assert finetune.main([*base[2:], "--arch", str(pruned), "--init", supernet, "--out", str(tmp_path / "e3")]) == 2
+        assert train_subnet.main([*base[2:], "--arch", str(pruned), "--init", supernet,
+                                  "--out", str(tmp_path / "e3")]) == 2
         assert "slot-aligned" in capsys.readouterr().err

@@ -9,18 +9,19 @@ import sys
 import pytest
 import torch
 
-from resnas_kernels.search import evolution, train
+from resnas_kernels.models.vit_resnas.space import DEMO_SPACE
+from resnas_kernels.search import trainer
+from resnas_kernels.search.commands import search, train_supernet
 from resnas_kernels.search.checkpoint import read_jsonl
-from resnas_kernels.search.data import DEMO_SPACE
 
 
 def test_ranks_draw_different_architectures_from_seeded_generators():
     for step in range(3):
-        r0 = DEMO_SPACE.sample_groups(2, rng=train._arch_rng(0, 0, step))
-        r1 = DEMO_SPACE.sample_groups(2, rng=train._arch_rng(0, 1, step))
+        r0 = DEMO_SPACE.sample_groups(2, rng=trainer._arch_rng(0, 0, step))
+        r1 = DEMO_SPACE.sample_groups(2, rng=trainer._arch_rng(0, 1, step))
         assert r0 != r1
-        assert r0 == DEMO_SPACE.sample_groups(2, rng=train._arch_rng(0, 0, step))   # reproducible
-    assert train._torch_seed(0, 0, 5) != train._torch_seed(0, 1, 5)
+        assert r0 == DEMO_SPACE.sample_groups(2, rng=trainer._arch_rng(0, 0, step))   # reproducible
+    assert trainer._torch_seed(0, 0, 5) != trainer._torch_seed(0, 1, 5)
 
 
 def _torchrun(*args):
@@ -47,7 +48,7 @@ def test_torchrun_two_ranks_gloo(ddp_run, capsys):
     ckpt = torch.load(os.path.join(tmp_path, "checkpoint.pt"), weights_only=True)
     assert ckpt["world_size"] == 2 and ckpt["finished"]
     # a 2-rank run resumes only with 2 ranks
-    assert train.main(["--out", str(tmp_path), "--resume", "--no-progress"]) == 2
+    assert train_supernet.main(["--out", str(tmp_path), "--resume", "--no-progress"]) == 2
     assert "same number of ranks" in capsys.readouterr().err
 
 
@@ -56,7 +57,7 @@ def test_search_sharded_over_two_ranks_matches_one_process(ddp_run, tmp_path):
     common = ["--generations", "1", "--population", "5", "--val-subset", "24", "--candidates-per-forward", "2",
               "--images-per-forward", "24", "--no-progress", "--no-plot", "--seed", "2"]
     _torchrun("search", "--supernet", ckpt, "--out", str(tmp_path / "two"), *common)
-    assert evolution.main(["--supernet", ckpt, "--out", str(tmp_path / "one"), *common]) == 0
+    assert search.main(["--supernet", ckpt, "--out", str(tmp_path / "one"), *common]) == 0
     two = read_jsonl(os.path.join(tmp_path, "two", "history.jsonl"))
     one = read_jsonl(os.path.join(tmp_path, "one", "history.jsonl"))
     assert len(two) == 5

@@ -10,7 +10,11 @@ import time
 import pytest
 import torch
 
-from resnas_kernels.search import train
+from resnas_kernels.models.vit_resnas.space import DEMO_SPACE
+from resnas_kernels.search import trainer
+from resnas_kernels.search.commands import train_supernet
+from resnas_kernels.search.data import split_batch
+from resnas_kernels.search.networks import build_supernet, load_supernet
 from resnas_kernels.search.checkpoint import CheckpointError, read_jsonl
 
 TINY = ["--train-subset", "64", "--batch-size", "16", "--archs-per-step", "2", "--epochs", "2",
@@ -20,7 +24,7 @@ TOTAL = 8
 
 
 def _run(out, *extra):
-    return train.main(["--out", str(out), *TINY, *extra])
+    return train_supernet.main(["--out", str(out), *TINY, *extra])
 
 
 def _cmd(out, *extra):
@@ -62,7 +66,7 @@ def test_run_learns_something_and_logs(reference_run):
     assert [r["step"] for r in recs] == list(range(1, TOTAL + 1))
     assert all(r["loss"] > 0 and 0 <= r["acc"] <= 1 and r["lr"] > 0 for r in recs)
     st = _state(reference_run)
-    fresh = train.build_supernet(train.data_mod.DEMO_SPACE, 56, st["num_classes"])
+    fresh = build_supernet(DEMO_SPACE, 56, st["num_classes"])
     assert st["num_classes"] == 16 and st["model"]["head.weight"].shape == fresh.state_dict()["head.weight"].shape
     # the weights moved away from any init (the cls token starts at trunc-normal 0.02; it gets gradients)
     assert not torch.equal(st["model"]["head.weight"], fresh.state_dict()["head.weight"])
@@ -93,7 +97,7 @@ def test_kill_9_mid_run_then_planned_stop_then_resume_is_exact(reference_run, tm
 
 def test_resume_refuses_changed_trajectory_args(reference_run, tmp_path, capsys):
     assert _run(tmp_path, "--stop-at-step", "1") == 0
-    assert train.main(["--out", str(tmp_path), *TINY, "--lr", "0.5", "--resume"]) == 2
+    assert train_supernet.main(["--out", str(tmp_path), *TINY, "--lr", "0.5", "--resume"]) == 2
     assert "--lr" in capsys.readouterr().err
 
 
@@ -121,31 +125,31 @@ def test_corrupted_and_foreign_checkpoints(reference_run, tmp_path, capsys):
     bad = tmp_path / "checkpoint.pt"
     bad.write_bytes(os.urandom(300))
     with pytest.raises(CheckpointError, match="resnas-supernet-train"):
-        train.load_supernet(str(bad))
+        load_supernet(str(bad))
     assert _run(tmp_path, "--resume") == 2
     assert "corrupted" in capsys.readouterr().err
 
     good = (reference_run / "checkpoint.pt").read_bytes()
     bad.write_bytes(good[: len(good) // 2])           # truncated
     with pytest.raises(CheckpointError, match="corrupted, truncated"):
-        train.load_supernet(str(bad))
+        load_supernet(str(bad))
 
     torch.save({"model": {"w": torch.zeros(2)}, "epoch": 3}, bad)   # someone else's checkpoint
     with pytest.raises(CheckpointError, match="expected a 'resnas-supernet-train' checkpoint"):
-        train.load_supernet(str(bad))
+        load_supernet(str(bad))
 
     st = torch.load(reference_run / "checkpoint.pt", weights_only=True)
     st["model"] = {k: v for k, v in st["model"].items() if k != "head.weight"}
     torch.save(st, bad)
     with pytest.raises(CheckpointError, match="do not fit"):
-        train.load_supernet(str(bad))
+        load_supernet(str(bad))
 
 
 def test_lr_schedule_and_group_split():
-    lrs = [train.lr_at(s, 100, 1e-3, 1e-5, 1e-6, 10) for s in range(101)]
+    lrs = [trainer.lr_at(s, 100, 1e-3, 1e-5, 1e-6, 10) for s in range(101)]
     assert lrs[0] == pytest.approx(1e-6) and lrs[10] == pytest.approx(1e-3) and lrs[100] == pytest.approx(1e-5)
     assert all(a < b for a, b in zip(lrs[:10], lrs[1:11])) and all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert train.split_batch(10, 3) == [4, 3, 3] and sum(train.split_batch(64, 5)) == 64
+    assert split_batch(10, 3) == [4, 3, 3] and sum(split_batch(64, 5)) == 64
 
 
 def test_augmentation_is_seeded_per_step_so_resume_stays_exact(tmp_path):
@@ -154,9 +158,9 @@ def test_augmentation_is_seeded_per_step_so_resume_stays_exact(tmp_path):
     aug = ["--train-subset", "32", "--batch-size", "16", "--epochs", "1", "--archs-per-step", "2",
            "--width-warmup-epochs", "0", "--no-progress", "--no-eval-every-epoch", "--aa", "rand-m9-mstd0.5-inc1",
            "--hflip", "0.5", "--reprob", "0.25", "--mixup", "0.8", "--cutmix", "1.0"]
-    assert train.main(["--out", str(tmp_path / "a"), *aug]) == 0
-    assert train.main(["--out", str(tmp_path / "b"), *aug, "--stop-at-step", "1"]) == 0
-    assert train.main(["--out", str(tmp_path / "b"), "--resume", "--no-progress"]) == 0
+    assert train_supernet.main(["--out", str(tmp_path / "a"), *aug]) == 0
+    assert train_supernet.main(["--out", str(tmp_path / "b"), *aug, "--stop-at-step", "1"]) == 0
+    assert train_supernet.main(["--out", str(tmp_path / "b"), "--resume", "--no-progress"]) == 0
     sa, sb = _state(tmp_path / "a"), _state(tmp_path / "b")
     assert sa["step"] == sb["step"] == 2 and sa["args"]["mixup"] == 0.8
     for k, v in sa["model"].items():

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 
 from resnas_kernels.bench.harness import Case, LazyCase
 from resnas_kernels.models.vit_resnas import TINY_SPACE, count_macs
-from resnas_kernels.search.data import DEMO_SPACE, Split
+from resnas_kernels.models.vit_resnas.space import DEMO_SPACE
+from resnas_kernels.search.data import Split, split_batch
 from resnas_kernels.search.evaluate import CandidateScorer, score_one_model_per_candidate
-from resnas_kernels.search.train import build_supernet, split_batch
+from resnas_kernels.search.networks import build_supernet
 
 
 def _weight_bytes(model) -> int:

@@ -6,7 +6,8 @@ describes a sub-network of a supernet (slots aligned with the supernet's, remove
 network (`arch.pruned()` drops the None slots, as the original README tells you to do before retraining).
 
 A `SearchSpace` is the table of choices of vit_resnas.md section 4.2; `TINY_SPACE` and `SMALL_SPACE` are the original
-`sr_tiny_mh` and `sr_small_mh`. Sampling follows the original supernet training: every "layer" (a stage's embedding
+`sr_tiny_mh` and `sr_small_mh`, `DEMO_SPACE` a CPU-sized copy of the first; `SPACES` / `get_space` is the one registry
+of named spaces, `space_to_dict` / `space_from_dict` the form checkpoints record them in. Sampling follows the original supernet training: every "layer" (a stage's embedding
 width, a block's heads, a block's MLP width, a removable block's keep/drop) draws its choices for the G groups of one
 step *without replacement* from the enabled choice list (tiled when G exceeds its length), independently of the other
 layers. Mutation and crossover follow the original evolutionary search (`search_utils/gen_utils.py`).
@@ -22,8 +23,8 @@ import random
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence, Tuple, Union
 
-__all__ = ["BlockArch", "StageArch", "Arch", "StageSpace", "SearchSpace", "TINY_SPACE", "SMALL_SPACE", "SPACES",
-           "get_space", "enabled_choices"]
+__all__ = ["BlockArch", "StageArch", "Arch", "StageSpace", "SearchSpace", "DEMO_SPACE", "TINY_SPACE", "SMALL_SPACE",
+           "SPACES", "get_space", "space_to_dict", "space_from_dict", "enabled_choices"]
 
 PATCH_SIZE = 14          # effective patch of the conv stem (3x3/s2 then 7x7/s7)
 STEM_MID_WIDTH = 24      # the conv stem's hard-coded width (type-4 stem)
@@ -466,10 +467,44 @@ SMALL_SPACE = SearchSpace("small", (
                depth=7, removable=(1, 3, 5)),
 ))
 
-SPACES = {space.name: space for space in (TINY_SPACE, SMALL_SPACE)}
+# The demo space: sr_tiny_mh scaled down so that the whole pipeline (train, search, export) runs on a CPU in minutes
+# at 56 px (the smallest ViT-ResNAS input: 4x4 / 2x2 / 1x1 token grids). Same structure: 5 embed choices per stage
+# (ratios {1, 7/8, 3/4, 11/16, 5/8} of 32/64/128), 3 head choices, 7 MLP widths from 3C to 1.5C, but 2 slots per stage
+# with the second removable.
+DEMO_SPACE = SearchSpace("demo", (
+    StageSpace(embed=(32, 28, 24, 22, 20), head_dim=8, heads=(4, 3, 2), mlp=_mlp_choices(96, 8), depth=2,
+               removable=(1,)),
+    StageSpace(embed=(64, 56, 48, 44, 40), head_dim=8, heads=(8, 6, 4), mlp=_mlp_choices(192, 16), depth=2,
+               removable=(1,)),
+    StageSpace(embed=(128, 112, 96, 88, 80), head_dim=16, heads=(8, 6, 4), mlp=_mlp_choices(384, 32), depth=2,
+               removable=(1,)),
+))
+
+# Every named space: `--space NAME`, `ViTResNAS(space=NAME)` and a checkpoint's recorded space name resolve here.
+SPACES = {space.name: space for space in (DEMO_SPACE, TINY_SPACE, SMALL_SPACE)}
 
 
 def get_space(name: str) -> SearchSpace:
     if name not in SPACES:
-        raise ValueError(f"unknown search space {name!r}; known: {sorted(SPACES)}")
+        raise ValueError(f"unknown search space {name!r}; expected one of "
+                         f"{', '.join(repr(n) for n in SPACES)}")
     return SPACES[name]
+
+
+def space_to_dict(space: SearchSpace) -> dict:
+    """Plain data (checkpoint- and JSON-safe), so a checkpoint carries the exact space it was trained on."""
+    return {"name": space.name, "stages": [
+        {"embed": list(s.embed), "head_dim": s.head_dim, "heads": list(s.heads), "mlp": list(s.mlp),
+         "depth": s.depth, "removable": list(s.removable)} for s in space.stages]}
+
+
+def space_from_dict(d: dict) -> SearchSpace:
+    """The space `space_to_dict` recorded (its choices as recorded, whatever its name)."""
+    try:
+        return SearchSpace(str(d["name"]), tuple(
+            StageSpace(embed=tuple(s["embed"]), head_dim=int(s["head_dim"]), heads=tuple(s["heads"]),
+                       mlp=tuple(s["mlp"]), depth=int(s["depth"]), removable=tuple(s["removable"]))
+            for s in d["stages"]))
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"not a search-space record (expected name and stages with embed, head_dim, heads, mlp, "
+                         f"depth, removable): {exc!r}") from None

@@ -2,7 +2,7 @@
 
 Written for reading, not speed. Autograd through `ragged_attention` is the oracle of the fused backward.
 """
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -16,24 +16,27 @@ def levit_query_resolution(resolution: int, stride: int) -> int:
     return (resolution - 1) // stride + 1
 
 
-def levit_bias_index(resolution: int, stride: int = 1, device=None) -> torch.Tensor:
+def levit_bias_index(resolution: Union[int, Tuple[int, int]], stride: int = 1, device=None) -> torch.Tensor:
     """LeViT's `attention_bias_idxs`: (Nq, Nk) int64 with idx[q, j] = |y_q - y_j| * R + |x_q - x_j|.
 
     Keys are the R x R grid in row-major order (token j at (y, x) = (j // R, j % R)), Nk = R^2. Queries are the
     stride-s sub-grid: query q sits at (s * (q // R'), s * (q % R')) with R' = (R - 1) // s + 1, Nq = R'^2; stride 1 is
     the plain (Nq = Nk) attention. Values lie in [0, R^2), so the bias table has R^2 columns per head
     (`../shared/reference/levit.md` section 1; identical to timm's and the official repo's buffers).
+    `resolution` (R_h, R_w) is a non-square grid (the LeViT model accepts one): idx = |dy| * R_w + |dx|.
     """
-    if isinstance(resolution, bool) or not isinstance(resolution, int) or resolution < 1:
-        raise ValueError(f"resolution must be an int >= 1, got {resolution!r}")
+    pair = resolution if isinstance(resolution, tuple) and len(resolution) == 2 else (resolution, resolution)
+    for r in pair:
+        if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+            raise ValueError(f"resolution must be an int >= 1 or a pair of them, got {resolution!r}")
     if isinstance(stride, bool) or not isinstance(stride, int) or stride < 1:
         raise ValueError(f"stride must be an int >= 1, got {stride!r}")
-    r, rq = resolution, levit_query_resolution(resolution, stride)
-    q = torch.arange(rq * rq, device=device)
-    j = torch.arange(r * r, device=device)
-    qy, qx = (q // rq) * stride, (q % rq) * stride
-    ky, kx = j // r, j % r
-    return (qy[:, None] - ky[None, :]).abs() * r + (qx[:, None] - kx[None, :]).abs()
+    (rh, rw), (qh, qw) = pair, (levit_query_resolution(r, stride) for r in pair)
+    q = torch.arange(qh * qw, device=device)
+    j = torch.arange(rh * rw, device=device)
+    qy, qx = (q // qw) * stride, (q % qw) * stride
+    ky, kx = j // rw, j % rw
+    return (qy[:, None] - ky[None, :]).abs() * rw + (qx[:, None] - kx[None, :]).abs()
 
 
 def gather_bias(bias_table: torch.Tensor, bias_index: torch.Tensor) -> torch.Tensor:

@@ -1,65 +1,28 @@
-"""LeViT (Graham et al., ICCV 2021) on resnas-kernels' fused attention, weight-compatible with timm's `levit_*`.
-
-Spec: `shared/reference/levit.md`. Architecture (timm's `levit_*` = facebookresearch/LeViT `LeViT_*`): a stride-16
-conv stem (4 x Conv3x3-s2 + BN, Hardswish between), three stages of residual [attention + MLP(ratio 2)] blocks at
-14x14 / 7x7 / 4x4 tokens, a shrink attention (queries on the stride-2 grid, V dim 4D, no residual) + MLP between
-stages, every projection a bias-free Linear followed by BatchNorm, Hardswish everywhere, mean pool and two BN+Linear
-heads (class and distillation) averaged at inference. Each attention adds a learned per-head bias B[h, |dy|*R + |dx|]
-from an (H, R*R) table to the scaled scores.
-
-Registered with timm on import (our own names, never timm's):
-    levit_128s_fused, levit_128_fused, levit_192_fused, levit_256_fused, levit_384_fused
-
-    import resnas_kernels.models, timm
-    model = timm.create_model("levit_128s_fused")
-    model.load_state_dict(timm.create_model("levit_128s").state_dict())   # timm's names and shapes, 1:1
-    model.load_state_dict(checkpoint_filter_fn(torch.load("LeViT-128S.pth", weights_only=True), model))  # original repo
-
-Modes:
-- Training (`train()`): BatchNorm with batch statistics, as timm; the bias table gets its gradient through the fused
-  kernel (`bias_grid`: the kernel computes |dy|*R + |dx| itself, no (Nq, Nk) index or bias tensor is built, and
-  reduces the table's gradient deterministically).
-- Inference (`eval()`, or `fuse()`, which is `eval()` that returns the model): every Conv/Linear + BatchNorm pair
-  runs as ONE conv/linear with folded weights, W' = s*W and b' = beta - mean*s with s = gamma/sqrt(var + eps) (BN
-  before Linear in the heads: W' = W*s, b' = W(beta - mean*s) + b; the two heads are averaged into one linear), and
-  each attention gets its gathered (H, Nq, Nk) bias. These are cached on the layer, built by `eval()`: plain
-  attributes, never saved in the state dict, dropped by `train()`, rebuilt after `.to()` / `.half()`, and rebuilt
-  automatically when a source tensor changed in place (`load_state_dict`, an EMA update, an optimizer step while in
-  eval mode), detected from the tensors' version counters; a copy made by `deepcopy` or pickling rebuilds its own.
-  Writes through `.data` (`p.data.mul_(...)`) bypass the version counters and are NOT detected (catching them would
-  need a checksum of every source on every call, a device sync on CUDA): after such a write call
-  `model.clear_caches()`, or use `with torch.no_grad(): p.mul_(...)`, which is detected.
-  Each layer's cache lives with its parameters, so `.to(device)` and DataParallel replicas (whose parameters are
-  other tensors) get their own ("per device").
-  On CPU fp32 the folded layers run through oneDNN with pre-packed weights and Hardswish / the residual add fused
-  into the GEMM or conv (the ops Inductor itself emits), the attention reads q/k/v as strided views of the qkv
-  projection (no permute copies), and the block's Hardswish runs in place.
-- Eval mode with gradients (grad enabled and parameters requiring grad, e.g. the official repo's fine-tuning, which
-  trains with `model.train(False)`): the fold and the bias gather are computed on the fly, differentiably.
-- `torch.compile`: works in both modes; the attention is an opaque custom op; compiled code uses the plain ops (no
-  oneDNN calls) and reads the caches as built by `eval()`. After changing weights in place under a compiled model,
-  call `fuse()` again (the version check runs only in eager mode).
-
-Input size is fixed (224x224 for the registered models): the bias tables are tied to the token grid, and any other
-size raises a ValueError naming the expected size.
-"""
+"""LeViT: the model (attention layers, blocks, stages, `LevitFused`) and its timm entrypoints; the package docstring
+describes the architecture and the modes. The Conv/Linear + BatchNorm layers are in folding.py, the oneDNN CPU
+path in onednn.py, the checkpoint remap in checkpoint.py, the FLOP counter in flops.py."""
 from __future__ import annotations
 
-import re
 from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from timm.layers import DropPath, to_2tuple, trunc_normal_
+from timm.layers import DropPath, to_2tuple
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 from timm.models._features import feature_take_indices
 from timm.models._manipulate import checkpoint, checkpoint_seq
 
-__all__ = ["LevitFused", "checkpoint_filter_fn", "levit_flops", "MODEL_CFGS", "levit_128s_fused", "levit_128_fused",
-           "levit_192_fused", "levit_256_fused", "levit_384_fused"]
+from resnas_kernels.reference.attention import levit_bias_index
+
+from .checkpoint import checkpoint_filter_fn
+from .folding import ConvNorm, LinearNorm, NormLinear, _AveragedHeads, _FoldedCache
+from .onednn import _hardswish, _needs_autograd
+
+__all__ = ["LevitFused", "Attention", "AttentionDownsample", "MODEL_CFGS", "EVAL_DENSE_BIAS", "levit_bias_index",
+           "fused_attention_available", "levit_128s_fused", "levit_128_fused", "levit_192_fused", "levit_256_fused",
+           "levit_384_fused"]
 
 # Same architecture table as timm's `model_cfgs` and the official `specification` (levit.md section 3).
 MODEL_CFGS: Dict[str, dict] = {
@@ -75,14 +38,13 @@ MODEL_CFGS: Dict[str, dict] = {
 # Kernels used by the layers
 # ---------------------------------------------------------------------------------------------------------------------
 def _attention_op():
-    """`resnas_kernels.ragged_attention`, or None while the fused attention is not available in this build."""
+    """`resnas_kernels.ragged_attention`, looked up through `_ATTENTION_OP` (tests swap it there)."""
     op = _ATTENTION_OP.get("op")
     if op is None:
-        import resnas_kernels
+        # From the op's module, not the package root: the root imports the models (timm registration).
+        from resnas_kernels.ops.ragged_attention import ragged_attention
 
-        op = getattr(resnas_kernels, "ragged_attention", None)
-        if op is not None:
-            _ATTENTION_OP["op"] = op
+        op = _ATTENTION_OP["op"] = ragged_attention
     return op
 
 
@@ -93,294 +55,14 @@ def fused_attention_available() -> bool:
     return _attention_op() is not None
 
 
-def _onednn_ok() -> bool:
-    return bool(torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
-                and hasattr(torch.ops.mkldnn, "_convolution_pointwise"))
-
-
-_ONEDNN = _onednn_ok()
-PACK_WEIGHTS = True  # pre-pack folded weights for oneDNN in the inference cache (CPU fp32)
 # Inference attention bias: True passes the cached gathered (H, Nq, Nk) bias to the kernel (dense_bias); False lets
 # the kernel gather from the table itself (bias_grid). Both are exact; the dense read was measured faster on CPU.
 EVAL_DENSE_BIAS = True
 
 
-def _packable(w: torch.Tensor) -> bool:
-    return w.device.type == "cpu" and w.dtype == torch.float32 and not w.requires_grad
-
-
-def _use_onednn(x: torch.Tensor, w: torch.Tensor, residual: Optional[torch.Tensor] = None) -> bool:
-    """oneDNN's fused-epilogue linear/conv (the ops Inductor emits) only for eager CPU fp32 work that needs no
-    autograd: they have no backward; under CPU autocast the plain ops pick the autocast dtype; and under
-    torch.compile the plain ops let Inductor choose (its lowering of these ops wants frozen weights)."""
-    if not (_ONEDNN and x.device.type == "cpu" and x.dtype == torch.float32 and w.dtype == torch.float32):
-        return False
-    if torch.compiler.is_compiling() or torch.is_autocast_enabled("cpu"):
-        return False
-    if residual is not None and not (residual.is_contiguous() and residual.dtype == torch.float32):
-        return False
-    return not (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad
-                                             or (residual is not None and residual.requires_grad)))
-
-
-def _linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, hardswish: bool = False,
-            residual: Optional[torch.Tensor] = None, packed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """[residual +] [hardswish](x @ w.T + b), one fused GEMM where possible (`packed`: w pre-packed for oneDNN)."""
-    if _use_onednn(x, w, residual):
-        wk = packed if packed is not None else w
-        if residual is not None:
-            return torch.ops.mkldnn._linear_pointwise.binary(x, residual, wk, b, "add")
-        return torch.ops.mkldnn._linear_pointwise(x, wk, b, "hardswish" if hardswish else "none", [], "")
-    y = F.linear(x, w, b)
-    if hardswish:
-        y = F.hardswish(y)
-    return y if residual is None else residual + y
-
-
-def _conv(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor, stride, padding, hardswish: bool,
-          packed: Optional[torch.Tensor] = None) -> torch.Tensor:
-    if _use_onednn(x, w):
-        return torch.ops.mkldnn._convolution_pointwise(x, packed if packed is not None else w, b, list(padding),
-                                                       list(stride), [1, 1], 1, "hardswish" if hardswish else "none",
-                                                       [], "")
-    y = F.conv2d(x, w, b, stride, padding)
-    return F.hardswish(y) if hardswish else y
-
-
-def _needs_autograd(*tensors: torch.Tensor) -> bool:
-    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
-
-
-def _hardswish(x: torch.Tensor) -> torch.Tensor:
-    # In place when nothing will differentiate through x (it is a fresh kernel output either way).
-    return F.hardswish(x, inplace=not _needs_autograd(x))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# BatchNorm folding with a self-invalidating inference cache
-# ---------------------------------------------------------------------------------------------------------------------
-class _FoldedCache(nn.Module):
-    """Base of the layers whose inference form is a cached function of their parameters (folded BN, gathered bias).
-
-    Subclasses implement `_cache_sources()` (the tensors the cache is computed from) and `_compute_cache()` (a
-    differentiable function of them returning a tuple of tensors). `_inference_tensors()` returns the cached tuple,
-    rebuilding it when any source changed in place (version counters) or was replaced (`.to()`, `.data = ...`), or
-    computes it on the fly when autograd needs to flow into the sources.
-    """
-
-    def __init__(self):
-        super().__init__()
-        self._cache: Optional[Tuple[torch.Tensor, ...]] = None
-        self._cache_key: Optional[tuple] = None
-        self._packed: Optional[torch.Tensor] = None  # the folded weight pre-packed for oneDNN (CPU fp32), or None
-
-    # -- to implement --------------------------------------------------------------------------------------------
-    def _cache_sources(self) -> Tuple[torch.Tensor, ...]:
-        raise NotImplementedError
-
-    def _compute_cache(self) -> Tuple[torch.Tensor, ...]:
-        raise NotImplementedError
-
-    def _pack(self, cache: Tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
-        """Optionally, the cached weight in oneDNN's blocked layout (what Inductor's weight prepacking does): saves
-        the per-call reorder of the weight inside the GEMM."""
-        return None
-
-    # -- cache logic ---------------------------------------------------------------------------------------------
-    def _packed_weight(self) -> Optional[torch.Tensor]:
-        # Never touched while tracing: oneDNN's opaque tensors cannot be fakeified, and compiled code uses plain ops.
-        return None if torch.compiler.is_compiling() else self._packed
-
-    def _source_key(self) -> tuple:
-        # (object id, storage, in-place version) of every source: any change to a source changes the key, except a
-        # write through `.data`, which has its own version counter (see the module docstring: `clear_caches()`).
-        return tuple((id(t), t.data_ptr(), t._version) for t in self._cache_sources())
-
-    def clear_cache(self) -> None:
-        self._cache = None
-        self._cache_key = None
-        self._packed = None
-
-    @torch.no_grad()
-    def build_cache(self) -> None:
-        self._cache = tuple(t.detach().contiguous() for t in self._compute_cache())
-        self._packed = self._pack(self._cache) if PACK_WEIGHTS and _ONEDNN else None
-        self._cache_key = self._source_key()
-
-    def __getstate__(self):
-        # Caches are derived data (and oneDNN's packed tensors cannot be copied): deepcopy / pickle leave them out,
-        # the copy rebuilds them on first use.
-        state = self.__dict__.copy()
-        state.update(_cache=None, _cache_key=None, _packed=None)
-        return state
-
-    def _inference_tensors(self) -> Tuple[torch.Tensor, ...]:
-        if _needs_autograd(*self._cache_sources()):
-            return self._compute_cache()  # differentiable fold (eval-mode fine-tuning)
-        if torch.compiler.is_compiling():
-            # Traced graphs read the cache as built by eval()/fuse(); without one, the fold is traced into the graph.
-            return self._cache if self._cache is not None else self._compute_cache()
-        if self._cache is None or self._cache_key != self._source_key():
-            self.build_cache()
-        return self._cache
-
-    def _apply(self, fn, recurse=True):
-        self.clear_cache()  # converted/moved sources: rebuilt on the next inference call (or by LevitFused._apply)
-        return super()._apply(fn, recurse)
-
-
-def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Eval-mode BatchNorm as y = x * scale + shift, computed in fp32 (at least) for accuracy."""
-    dtype = torch.promote_types(bn.running_var.dtype, torch.float32)
-    scale = bn.weight.to(dtype) * torch.rsqrt(bn.running_var.to(dtype) + bn.eps)
-    shift = bn.bias.to(dtype) - bn.running_mean.to(dtype) * scale
-    return scale, shift
-
-
-class ConvNorm(_FoldedCache):
-    """Conv2d (no bias) + BatchNorm2d; timm's `ConvNorm` names (`linear`, `bn`). Inference: one conv, folded BN."""
-
-    def __init__(self, in_chs: int, out_chs: int, kernel_size: int = 1, stride: int = 1, padding: int = 0,
-                 bn_weight_init: float = 1.0, device=None, dtype=None):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        self.linear = nn.Conv2d(in_chs, out_chs, kernel_size, stride, padding, bias=False, **dd)
-        self.bn = nn.BatchNorm2d(out_chs, **dd)
-        nn.init.constant_(self.bn.weight, bn_weight_init)
-
-    def _cache_sources(self):
-        bn = self.bn
-        return self.linear.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
-
-    def _compute_cache(self):
-        scale, shift = _bn_scale_shift(self.bn)
-        w = self.linear.weight
-        return (w * scale.to(w.dtype)[:, None, None, None]).to(w.dtype), shift.to(w.dtype)
-
-    def _pack(self, cache):
-        c = self.linear
-        if not _packable(cache[0]):
-            return None
-        return torch.ops.mkldnn._reorder_convolution_weight(cache[0], list(c.padding), list(c.stride),
-                                                             list(c.dilation), c.groups)
-
-    def forward(self, x: torch.Tensor, hardswish: bool = False) -> torch.Tensor:
-        if self.bn.training:
-            y = self.bn(self.linear(x))
-            return F.hardswish(y) if hardswish else y
-        w, b = self._inference_tensors()
-        return _conv(x, w, b, self.linear.stride, self.linear.padding, hardswish, self._packed_weight())
-
-
-class LinearNorm(_FoldedCache):
-    """Linear (no bias) + BatchNorm1d over the flattened tokens; timm's `LinearNorm` names. Inference: one linear."""
-
-    def __init__(self, in_features: int, out_features: int, bn_weight_init: float = 1.0, device=None, dtype=None):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        self.linear = nn.Linear(in_features, out_features, bias=False, **dd)
-        self.bn = nn.BatchNorm1d(out_features, **dd)
-        nn.init.constant_(self.bn.weight, bn_weight_init)
-
-    def _cache_sources(self):
-        bn = self.bn
-        return self.linear.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
-
-    def _compute_cache(self):
-        scale, shift = _bn_scale_shift(self.bn)
-        w = self.linear.weight
-        return (w * scale.to(w.dtype)[:, None]).to(w.dtype), shift.to(w.dtype)
-
-    def _pack(self, cache):
-        return torch.ops.mkldnn._reorder_linear_weight(cache[0]) if _packable(cache[0]) else None
-
-    def forward(self, x: torch.Tensor, hardswish: bool = False, residual: Optional[torch.Tensor] = None
-                ) -> torch.Tensor:
-        """[residual +] [hardswish](BN(x @ W.T))."""
-        if self.bn.training:
-            y = self.linear(x)
-            y = self.bn(y.flatten(0, -2)).view_as(y)
-            if hardswish:
-                y = F.hardswish(y)
-            return y if residual is None else residual + y
-        w, b = self._inference_tensors()
-        return _linear(x, w, b, hardswish, residual, self._packed_weight())
-
-
-class NormLinear(_FoldedCache):
-    """BatchNorm1d -> Dropout -> Linear (the classifier head); timm's `NormLinear` names."""
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, std: float = 0.02, drop: float = 0.0,
-                 device=None, dtype=None):
-        super().__init__()
-        dd = dict(device=device, dtype=dtype)
-        self.bn = nn.BatchNorm1d(in_features, **dd)
-        self.drop = nn.Dropout(drop)
-        self.linear = nn.Linear(in_features, out_features, bias=bias, **dd)
-        trunc_normal_(self.linear.weight, std=std)
-        if self.linear.bias is not None:
-            nn.init.zeros_(self.linear.bias)
-
-    def _cache_sources(self):
-        bn, lin = self.bn, self.linear
-        out = (lin.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var)
-        return out + ((lin.bias,) if lin.bias is not None else ())
-
-    def _compute_cache(self):
-        scale, shift = _bn_scale_shift(self.bn)
-        w = self.linear.weight
-        b = w.to(shift.dtype) @ shift
-        if self.linear.bias is not None:
-            b = b + self.linear.bias.to(b.dtype)
-        return (w * scale.to(w.dtype)[None, :]).to(w.dtype), b.to(w.dtype)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.bn.training or (self.drop.training and self.drop.p > 0):
-            return self.linear(self.drop(self.bn(x)))
-        w, b = self._inference_tensors()
-        return F.linear(x, w, b)
-
-
-class _AveragedHeads(_FoldedCache):
-    """Inference form of the distilled pair: (head(x) + head_dist(x)) / 2 == one linear with averaged folded
-    weights. Holds no parameters of its own (it reads the two heads, which it does not register as children)."""
-
-    def __init__(self, owner: "LevitFused"):
-        super().__init__()
-        self._owner = [owner]  # a list, so the owner is not registered as a submodule (no cycle in the module tree)
-
-    def _cache_sources(self):
-        owner = self._owner[0]
-        return owner.head._cache_sources() + owner.head_dist._cache_sources()
-
-    def _compute_cache(self):
-        owner = self._owner[0]
-        w1, b1 = owner.head._compute_cache()
-        w2, b2 = owner.head_dist._compute_cache()
-        return (w1 + w2) * 0.5, (b1 + b2) * 0.5
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w, b = self._inference_tensors()
-        return F.linear(x, w, b)
-
-
 # ---------------------------------------------------------------------------------------------------------------------
 # Attention
 # ---------------------------------------------------------------------------------------------------------------------
-def levit_bias_index(resolution: Tuple[int, int], stride: int = 1, device=None) -> torch.Tensor:
-    """(Nq, Nk) long: |s*yq - yk| * R_w + |s*xq - xk|, queries on the stride-s grid (timm's and the official index).
-
-    Written out here (not taken from the attention op) so that this model also runs, and is tested, on the unfused
-    path and for non-square grids."""
-    rh, rw = resolution
-    ky, kx = torch.meshgrid(torch.arange(rh, device=device), torch.arange(rw, device=device), indexing="ij")
-    qy, qx = torch.meshgrid(torch.arange(0, rh, stride, device=device), torch.arange(0, rw, stride, device=device),
-                            indexing="ij")
-    dy = (qy.reshape(-1, 1) - ky.reshape(1, -1)).abs()
-    dx = (qx.reshape(-1, 1) - kx.reshape(1, -1)).abs()
-    return dy * rw + dx
-
-
 def _unfused_attention(q, k, v, scale: float, bias: torch.Tensor) -> torch.Tensor:
     """Plain PyTorch attention with the same operand layout as the fused op: q (B, Nq, H, D), k (B, Nk, H, D),
     v (B, Nk, H, Dv), bias (H, Nq, Nk) -> (B, Nq, H*Dv). The 'unfused' path tests compare the kernel against."""
@@ -860,129 +542,6 @@ class LevitFused(nn.Module):
         if prune_head or prune_end:
             self.reset_classifier(0, "")
         return take_indices
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Checkpoints
-# ---------------------------------------------------------------------------------------------------------------------
-# facebookresearch/LeViT (levit.py) layout: `patch_embed` = Sequential(Conv2d_BN, act, Conv2d_BN, act, ...) with
-# Conv2d_BN/Linear_BN = Sequential(c, bn); one flat `blocks` Sequential: per stage [Residual(Attention),
-# Residual(MLP)] x depth, then AttentionSubsample + Residual(MLP) before the next stage; Residual wraps its module
-# as `.m`; MLP = Sequential(Linear_BN, act, Linear_BN); attention output `proj` = Sequential(act, Linear_BN);
-# heads BN_Linear = Sequential(bn, l).
-_ORIGINAL_SUBKEYS = (
-    # (pattern in an original block, replacement in ours); applied to the key after the block prefix
-    (r"^m\.qkv\.c\.", "qkv.linear."), (r"^m\.qkv\.bn\.", "qkv.bn."),
-    (r"^m\.proj\.1\.c\.", "proj.ln.linear."), (r"^m\.proj\.1\.bn\.", "proj.ln.bn."),
-    (r"^m\.attention_biases$", "attention_biases"),
-    (r"^m\.0\.c\.", "ln1.linear."), (r"^m\.0\.bn\.", "ln1.bn."), (r"^m\.2\.c\.", "ln2.linear."),
-    (r"^m\.2\.bn\.", "ln2.bn."),
-    (r"^kv\.c\.", "kv.linear."), (r"^kv\.bn\.", "kv.bn."),
-    (r"^q\.1\.c\.", "q.ln.linear."), (r"^q\.1\.bn\.", "q.ln.bn."),
-    (r"^proj\.1\.c\.", "proj.ln.linear."), (r"^proj\.1\.bn\.", "proj.ln.bn."),
-    (r"^attention_biases$", "attention_biases"),
-)
-
-
-def _original_block_targets(model: LevitFused) -> List[str]:
-    """Our module prefix for each index of the original flat `blocks` Sequential."""
-    targets = []
-    for s, stage in enumerate(model.stages):
-        if isinstance(stage.downsample, LevitDownsample):
-            targets += [f"stages.{s}.downsample.attn_downsample", f"stages.{s}.downsample.mlp"]
-        for b in range(len(stage.blocks)):
-            targets += [f"stages.{s}.blocks.{b}.attn", f"stages.{s}.blocks.{b}.mlp"]
-    return targets
-
-
-def _remap_original(state_dict: Dict[str, torch.Tensor], model: LevitFused) -> Dict[str, torch.Tensor]:
-    targets = _original_block_targets(model)
-    stem = {"0": "conv1", "2": "conv2", "4": "conv3", "6": "conv4"}
-    out = {}
-    for key, value in state_dict.items():
-        if key.endswith("attention_bias_idxs"):
-            continue  # the index is recomputed (identical to ours, levit.md section 1)
-        m = re.match(r"^patch_embed\.(\d+)\.(c|bn)\.(.+)$", key)
-        if m:
-            out[f"stem.{stem[m.group(1)]}.{'linear' if m.group(2) == 'c' else 'bn'}.{m.group(3)}"] = value
-            continue
-        m = re.match(r"^(head|head_dist)\.(bn|l)\.(.+)$", key)
-        if m:
-            out[f"{m.group(1)}.{'linear' if m.group(2) == 'l' else 'bn'}.{m.group(3)}"] = value
-            continue
-        m = re.match(r"^blocks\.(\d+)\.(.+)$", key)
-        if not m:
-            raise KeyError(f"unexpected key {key!r} in a facebookresearch/LeViT checkpoint")
-        index, rest = int(m.group(1)), m.group(2)
-        if index >= len(targets):
-            raise KeyError(f"{key!r}: the checkpoint has more blocks than this model ({len(targets)}); "
-                           f"is it another LeViT variant?")
-        for pattern, repl in _ORIGINAL_SUBKEYS:
-            new, n = re.subn(pattern, repl, rest)
-            if n:
-                out[f"{targets[index]}.{new}"] = value
-                break
-        else:
-            raise KeyError(f"unexpected key {key!r} in a facebookresearch/LeViT checkpoint")
-    return out
-
-
-def checkpoint_filter_fn(state_dict: Dict[str, torch.Tensor], model: LevitFused) -> Dict[str, torch.Tensor]:
-    """Map a timm `levit_*` or an original facebookresearch/LeViT state dict onto this model's names.
-
-    Unwraps {'model': ...} (the original checkpoints), drops the `attention_bias_idxs` buffers (recomputed), renames
-    the original layout (detected by its `patch_embed.` / `blocks.` keys). timm state dicts load unchanged.
-    """
-    if "model" in state_dict and isinstance(state_dict["model"], dict):
-        state_dict = state_dict["model"]
-    if any(k.startswith(("patch_embed.", "blocks.")) for k in state_dict):
-        return _remap_original(state_dict, model)
-    return {k: v for k, v in state_dict.items() if "attention_bias_idxs" not in k}
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# FLOPs
-# ---------------------------------------------------------------------------------------------------------------------
-def levit_flops(model: LevitFused, batch: int = 1) -> int:
-    """FLOPs (2 x multiply-adds) of one inference forward: convolutions, linears, and the two attention matmuls.
-    Softmax, activations, BN (folded) and adds are not counted (the official counter's convention, plus 2x)."""
-    macs = 0
-    h, w = model.img_size
-    for conv in (model.stem.conv1, model.stem.conv2, model.stem.conv3, model.stem.conv4):
-        c = conv.linear
-        h, w = (h + 2 * c.padding[0] - c.kernel_size[0]) // c.stride[0] + 1, \
-               (w + 2 * c.padding[1] - c.kernel_size[1]) // c.stride[1] + 1
-        macs += c.in_channels * c.out_channels * c.kernel_size[0] * c.kernel_size[1] * h * w
-    for m in model.modules():
-        if isinstance(m, LinearNorm):
-            continue
-        if isinstance(m, Attention):
-            n = m.num_keys
-            macs += n * m.qkv.linear.in_features * m.qkv.linear.out_features
-            macs += m.num_heads * n * n * (m.key_dim + m.val_dim)
-            macs += n * m.proj.ln.linear.in_features * m.proj.ln.linear.out_features
-        elif isinstance(m, AttentionDownsample):
-            nk, nq = m.num_keys, m.num_queries
-            macs += nk * m.kv.linear.in_features * m.kv.linear.out_features
-            macs += nq * m.q.ln.linear.in_features * m.q.ln.linear.out_features
-            macs += m.num_heads * nq * nk * (m.key_dim + m.val_dim)
-            macs += nq * m.proj.ln.linear.in_features * m.proj.ln.linear.out_features
-        elif isinstance(m, LevitMlp):
-            n = _tokens_of(model, m)
-            macs += 2 * n * m.ln1.linear.in_features * m.ln1.linear.out_features
-    if model.num_classes > 0:
-        macs += model.num_features * model.num_classes  # the two heads are averaged into one linear at inference
-    return 2 * macs * batch
-
-
-def _tokens_of(model: LevitFused, mlp: LevitMlp) -> int:
-    for stage in model.stages:
-        mlps = [b.mlp for b in stage.blocks]
-        if isinstance(stage.downsample, LevitDownsample):
-            mlps.append(stage.downsample.mlp)
-        if any(m is mlp for m in mlps):
-            return stage.resolution[0] * stage.resolution[1]
-    raise ValueError("MLP not found in the model")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

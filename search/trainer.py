@@ -1,4 +1,5 @@
-"""`resnas train-supernet`: supernet training with multi-architectural sampling (vit_resnas.md section 5).
+"""The trainer of `resnas train-supernet` and `resnas train-subnet` (commands/train_supernet.py parses their
+arguments): supernet training with multi-architectural sampling (vit_resnas.md section 5).
 
 Every step draws K architectures (`SearchSpace.sample_groups`: each layer's choices drawn without replacement across
 the K groups, from the choices the progressive width warm-up has enabled), splits the batch into K contiguous groups
@@ -22,7 +23,7 @@ did not use, so every rank applies the same averaged gradient. `static_graph` wo
 tensors differs between steps. A tensor no rank used keeps `grad=None` and AdamW skips it, as in one process. The
 same code runs single-process (no wrapper).
 
-`resnas train-subnet --arch best.json [--init net.pt] --out DIR` (search/finetune.py) is the same trainer on one
+`resnas train-subnet --arch best.json [--init net.pt] --out DIR` is the same trainer on one
 fixed architecture (the searched network): the model is `ViTResNAS(arch.pruned())` (the one-architecture supernet,
 same state-dict names as the standalone net), every step runs the whole batch through it, there is no width warm-up
 or importance sorting. `--init` starts from an exported network (`resnas export`, fine-tuning) or slices a supernet
@@ -45,25 +46,27 @@ import math
 import os
 import random
 import signal
-import sys
 import threading
 import time
-import warnings
-from typing import List, Optional, Sequence
+from typing import Collection, List, Optional, Sequence
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from resnas_kernels._atomic import sweep_stale_temporaries
-from resnas_kernels.models.vit_resnas import Arch, SearchSpace, ViTResNAS
+from resnas_kernels.models.vit_resnas import Arch, ViTResNAS
+from resnas_kernels.models.vit_resnas.space import SPACES, get_space, space_from_dict, space_to_dict
 
 from . import data as data_mod
 from .augment import Augment, AugmentConfig
-from .checkpoint import (TRAIN_FORMAT, VERSION, CheckpointError, append_jsonl, check_checkpoint, describe_load_error,
-                         read_checkpoint, read_jsonl, save_checkpoint, write_json_atomic, write_text_atomic)
+from .checkpoint import (TRAIN_FORMAT, VERSION, CheckpointError, append_jsonl, read_checkpoint, read_jsonl,
+                         save_checkpoint, write_json_atomic, write_text_atomic)
+from .data import split_batch
+from .distributed import Distributed
+from .evaluate import evaluate_arch
+from .networks import EXPORT_FORMAT, build_supernet, load_init, read_arch, read_init, write_exported
 
-__all__ = ["main", "build_parser", "lr_at", "split_batch", "build_supernet", "load_supernet", "evaluate_arch"]
+__all__ = ["run", "lr_at", "TrainingStopped", "TrainingDiverged", "TRAJECTORY_ARGS", "WARMUP_RUN_FRACTION"]
 
 # Arguments a resumed run takes from the checkpoint unless given again (they may change: they do not alter the weights).
 RESUMED_DEFAULTS = ("ckpt_every",)
@@ -76,88 +79,6 @@ TRAJECTORY_ARGS = ("data", "space", "img_size", "epochs", "batch_size", "archs_p
                    "cutmix", "mixup_prob", "demo_data", "holdout_per_class")
 
 
-def build_parser(subnet: bool = False) -> argparse.ArgumentParser:
-    """The train-supernet parser; with `subnet`, the train-subnet one (--arch, --init; no sampling options)."""
-    if subnet:
-        p = argparse.ArgumentParser(prog="resnas train-subnet", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                                    description="fine-tune or retrain one (searched) architecture with the supernet "
-                                                "trainer; writes net.pt (timm-loadable) at the end")
-        p.add_argument("--arch", required=True, help="best.json of `resnas search` (or a JSON arch dict)")
-        p.add_argument("--init", default=None, help="initial weights: net.pt of `resnas export` (fine-tuning) or a "
-                                                    "train-supernet checkpoint.pt (sliced); default: from scratch")
-    else:
-        p = argparse.ArgumentParser(prog="resnas train-supernet", description=__doc__.split("\n\n")[0],
-                                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-        p.set_defaults(arch=None, init=None)
-    p.add_argument("--out", required=True, help="run directory (checkpoint.pt, metrics.jsonl, config.json)")
-    p.add_argument("--data", default=None, help="ImageFolder tree with train/ and val/; default: the demo data")
-    p.add_argument("--demo-data", choices=data_mod.DEMO_DATASETS, default=None,
-                   help="demo dataset without --data: shapes (generated, 16 classes) or digits (sklearn's 8x8)")
-    p.add_argument("--holdout-per-class", type=int, default=None,
-                   help="training images per class held out for the search to score candidates on (never trained "
-                        "on); default 25 with --data (the paper), 50 shapes, 20 digits" +
-                        ("; 0 for train-subnet (the final net trains on all of train/)" if subnet else ""))
-    if not subnet:
-        p.add_argument("--space", default=None, help="search space: demo | tiny | small (default: demo without "
-                                                     "--data, tiny with it)")
-    p.add_argument("--img-size", type=int, default=None, help="input side, a multiple of 56 (default 56 demo, 224)")
-    p.add_argument("--epochs", type=int, default=None, help="default 120 (recipe), 15 for the demo")
-    p.add_argument("--batch-size", type=int, default=None, help="global batch (default 1024 recipe, 64 demo)")
-    if not subnet:
-        p.add_argument("--archs-per-step", type=int, default=None,
-                       help="K architectures per rank and step, each on a contiguous group (default: batch / 64 per "
-                            "rank as the recipe, 2 for the demo)")
-    p.add_argument("--lr", type=float, default=None,
-                   help="peak LR (default: the recipe's linear scaling 5e-4 * batch / 512, e.g. 1e-3 at batch 1024 "
-                        "and 2.3e-5 at batch 24, so small batches train slowly: raise it by hand; demo 1e-3)")
-    p.add_argument("--min-lr", type=float, default=None, help="LR at the end of the cosine (default lr / 100, the "
-                                                              "recipe's 1e-5 at lr 1e-3)")
-    p.add_argument("--warmup-lr", type=float, default=None, help="LR the warm-up starts from (default lr / 1000, the "
-                                                                 "recipe's 1e-6 at lr 1e-3)")
-    p.add_argument("--lr-warmup-epochs", type=float, default=None,
-                   help=f"linear LR warm-up (default: the recipe's 5 epochs, 1 for the demo, at most "
-                        f"1/{WARMUP_RUN_FRACTION} of a shorter run's --epochs)")
-    p.add_argument("--weight-decay", type=float, default=0.05)
-    p.add_argument("--label-smoothing", type=float, default=0.1)
-    p.add_argument("--drop-path", type=float, default=None, help="default 0.2 tiny, 0.3 small, 0.1 demo")
-    if subnet:   # one fixed architecture: nothing to sample, warm up or sort
-        p.set_defaults(space=None, archs_per_step=1, width_warmup_epochs=0, sort_importance=False)
-    else:
-        p.add_argument("--width-warmup-epochs", type=int, default=None,
-                       help="progressive width warm-up and importance sorting (default: the recipe's 30 of 120 "
-                            "epochs, at most epochs // 4 in a shorter run and on the demo; 0 disables both)")
-        p.add_argument("--no-sort-importance", dest="sort_importance", action="store_false",
-                       help="no importance sorting during the width warm-up")
-    p.add_argument("--aa", default=None, help="timm RandAugment string or 'none' (default: the recipe's "
-                                          "rand-m9-mstd0.5-inc1 with --data, none on the demo data)")
-    p.add_argument("--hflip", type=float, default=None, help="horizontal-flip probability (default 0.5 with --data, "
-                                                             "0 demo)")
-    p.add_argument("--reprob", type=float, default=None, help="random-erasing probability (default 0.25 with "
-                                                              "--data, 0 demo)")
-    p.add_argument("--mixup", type=float, default=0.0, help="timm Mixup alpha (0: off)")
-    p.add_argument("--cutmix", type=float, default=0.0, help="timm CutMix alpha (0: off)")
-    p.add_argument("--mixup-prob", type=float, default=1.0, help="probability of mixing a batch")
-    p.add_argument("--amp", choices=("auto", "none", "bf16", "fp16"), default="auto",
-                   help="autocast on GPU (auto: bf16 on GPU, none on CPU)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-subset", type=int, default=None, help="use only the first N training images")
-    p.add_argument("--device", default="auto", help="auto | cpu | cuda")
-    p.add_argument("--ckpt-every", type=int, default=None,
-                   help="checkpoint every N steps, at step 0 and at the end (default 100; --resume keeps the run's "
-                        "value unless given)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue from --out/checkpoint.pt (exactly); the run's arguments come from the checkpoint")
-    p.add_argument("--stop-at-step", type=int, default=None,
-                   help="checkpoint and stop after this many steps (a planned interruption; --resume continues)")
-    p.add_argument("--eval-every-epoch", action=argparse.BooleanOptionalAction, default=True,
-                   help="evaluate the largest and smallest sub-networks on val at each epoch end")
-    p.add_argument("--throttle", type=float, default=0.0, help="sleep this many seconds after each step (testing, "
-                                                               "or sharing a busy machine)")
-    p.add_argument("--no-progress", action="store_true",
-                   help="no progress bar (the per-epoch evaluation lines are still printed)")
-    return p
-
-
 def _resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
     demo = a.data is None
     if a.demo_data is None:
@@ -166,7 +87,7 @@ def _resolve_defaults(a: argparse.Namespace) -> argparse.Namespace:
         a.holdout_per_class = 0 if a.arch is not None else data_mod.default_holdout(a.data, a.demo_data)
     if a.space is None:
         a.space = "demo" if demo else "tiny"
-    data_mod.resolve_space(a.space)  # validate the name early
+    get_space(a.space)  # validate the name early
     a.img_size = a.img_size if a.img_size is not None else (56 if a.space == "demo" else 224)
     a.epochs = a.epochs if a.epochs is not None else (15 if demo else 120)
     a.batch_size = a.batch_size if a.batch_size is not None else (64 if demo else 1024)
@@ -223,7 +144,7 @@ def _check_args(a: argparse.Namespace, world: int) -> None:
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Pieces (importable: the search and the benchmarks use them)
+# Pieces of a training step
 # ---------------------------------------------------------------------------------------------------------------------
 def lr_at(step: int, total: int, lr: float, min_lr: float, warmup_lr: float, warmup_steps: int) -> float:
     """Linear warm-up from warmup_lr to lr over warmup_steps, then cosine from lr down to min_lr at `total`."""
@@ -231,48 +152,6 @@ def lr_at(step: int, total: int, lr: float, min_lr: float, warmup_lr: float, war
         return warmup_lr + (lr - warmup_lr) * step / warmup_steps
     t = (step - warmup_steps) / max(1, total - warmup_steps)
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * min(1.0, t)))
-
-
-def split_batch(batch: int, groups: int) -> List[int]:
-    """Contiguous group sizes as equal as possible (the first groups get the remainder)."""
-    base, extra = divmod(batch, groups)
-    return [base + (g < extra) for g in range(groups)]
-
-
-def build_supernet(space: SearchSpace, img_size: int, num_classes: int, drop_path: float = 0.0) -> ViTResNAS:
-    return ViTResNAS(space=space, img_size=img_size, num_classes=num_classes, drop_path_rate=drop_path)
-
-
-def load_supernet(path: str, device="cpu", ckpt: Optional[dict] = None):
-    """(supernet in eval mode, the training checkpoint dict) from a `resnas train-supernet` checkpoint; `ckpt`: the
-    file's contents when the caller has already loaded them (checked the same way)."""
-    required = ("model", "space", "args", "num_classes", "step")
-    ckpt = (read_checkpoint(path, TRAIN_FORMAT, required) if ckpt is None
-            else check_checkpoint(ckpt, path, TRAIN_FORMAT, required))
-    if ckpt.get("subnet_arch") is not None:
-        raise CheckpointError(f"{path}: a `resnas train-subnet` checkpoint (one architecture), not a supernet; its "
-                              f"net.pt is the trained network")
-    space = data_mod.space_from_dict(ckpt["space"])
-    model = build_supernet(space, ckpt["args"]["img_size"], ckpt["num_classes"], 0.0)
-    try:
-        model.load_state_dict(ckpt["model"])
-    except RuntimeError as exc:
-        raise CheckpointError(f"{path}: weights do not fit the {space.name} supernet it declares: "
-                              f"{str(exc).splitlines()[0]}") from None
-    return model.to(device).eval(), ckpt
-
-
-@torch.no_grad()
-def evaluate_arch(model: ViTResNAS, arch: Arch, split: data_mod.Split, device, batch_size: int = 256) -> float:
-    """Top-1 accuracy of one sub-network (eval mode) on `split`."""
-    was = model.training
-    model.eval()
-    correct = 0
-    for i in range(0, len(split), batch_size):
-        x = data_mod.normalize(split.images[i:i + batch_size], device)
-        correct += (model(x, arch).argmax(1).cpu() == split.labels[i:i + batch_size]).sum().item()
-    model.train(was)
-    return correct / len(split)
 
 
 def _param_groups(model: torch.nn.Module, weight_decay: float):
@@ -303,55 +182,7 @@ def _torch_seed(seed: int, rank: int, step: int) -> int:
 # ---------------------------------------------------------------------------------------------------------------------
 # The run
 # ---------------------------------------------------------------------------------------------------------------------
-class _Dist:
-    def __init__(self):
-        self.world = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        self.enabled = self.world > 1
-
-    def init(self, device: torch.device) -> None:
-        if self.enabled and self.rank != 0:
-            warnings.simplefilter("ignore")   # every rank hits the same warnings: rank 0 reports them once
-        if self.enabled and not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-
-    def close(self) -> None:
-        if self.enabled and dist.is_initialized():
-            dist.destroy_process_group()
-
-    def wrap(self, model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-        """The module the training step calls: DDP across the ranks (see the module docstring), else the model."""
-        if not self.enabled:
-            return model
-        from torch.nn.parallel import DistributedDataParallel
-        return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                       find_unused_parameters=True, broadcast_buffers=True)
-
-    def all_reduce_sum(self, values: Sequence[float]) -> List[float]:
-        if not self.enabled:
-            return list(values)
-        t = torch.tensor(list(values), dtype=torch.float64)
-        dist.all_reduce(t)
-        return t.tolist()
-
-    def ranks_in_sync(self, model: torch.nn.Module) -> bool:
-        """Whether every rank holds the same weights (sum and sum of squares of all parameters, in float64)."""
-        if not self.enabled:
-            return True
-        with torch.no_grad():
-            mine = torch.stack([sum(p.double().sum() for p in model.parameters()),
-                                sum(p.double().square().sum() for p in model.parameters())]).cpu()
-        every = [torch.zeros_like(mine) for _ in range(self.world)]
-        dist.all_gather(every, mine)
-        return all(torch.equal(every[0], e) for e in every[1:])
-
-    def barrier(self) -> None:
-        if self.enabled:
-            dist.barrier()
-
-
-def _device(name: str, d: _Dist) -> torch.device:
+def _device(name: str, d: Distributed) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name == "cuda":
@@ -385,23 +216,16 @@ def _restore_args(args: argparse.Namespace, saved: dict, given: Sequence[str]) -
     return differ
 
 
-def _given_args(argv: Sequence[str], subnet: bool = False) -> List[str]:
-    """The arguments `argv` names, however spelled (`--epo 3`, `--epochs=3`): parsed with a marker as every default,
-    they are the ones without it."""
-    parser, unset = build_parser(subnet), object()
-    parser.set_defaults(**{k: unset for k in vars(build_parser(subnet).parse_args(argv))})
-    return [k for k, v in vars(parser.parse_args(argv)).items() if v is not unset]
-
-
-def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
-    d = _Dist()
+def run(args: argparse.Namespace, given: Collection[str]) -> int:
+    """Train as `args` (the parsed command line) says; `given`: the arguments the command line named, which a
+    --resume must not contradict."""
+    d = Distributed()
     device = _device(args.device, d)
     ckpt_path = os.path.join(args.out, "checkpoint.pt")
     metrics_path = os.path.join(args.out, "metrics.jsonl")
     ckpt = None
     if args.resume:
         ckpt = read_checkpoint(ckpt_path, TRAIN_FORMAT, ("model", "optimizer", "step", "args", "space"))
-        given = _given_args(argv, subnet=args.arch is not None)
         differ = _restore_args(args, {**data_mod.LEGACY_RUN_ARGS, **ckpt["args"]}, given)
         if differ:
             raise ValueError("--resume continues the checkpoint's run; these arguments differ from it: "
@@ -419,7 +243,7 @@ def run(args: argparse.Namespace, argv: Sequence[str]) -> int:
     _resolve_defaults(args)
     _check_args(args, d.world)
     amp_dtype = _amp_dtype(args.amp, device)
-    d.init(device)
+    d.init("nccl" if device.type == "cuda" else "gloo")
     if d.rank == 0:
         sweep_stale_temporaries(args.out)   # left by a run killed while writing a file
     try:
@@ -464,8 +288,7 @@ class _StopOnSignal:
 def _subnet_defaults(args: argparse.Namespace, ckpt: Optional[dict]) -> None:
     """train-subnet: the architecture (from the checkpoint on --resume), and img_size / space name for the defaults
     from --init or best.json."""
-    from .export import EXPORT_FORMAT, read_arch
-    args.init_checkpoint = None  # --init's contents, read once below; _init_subnet checks and loads them
+    args.init_checkpoint = None  # --init's contents, read once below; load_init checks and loads them
     if ckpt is not None:      # --resume: everything else came back with the checkpoint's arguments
         args.subnet_arch = Arch.from_dict(ckpt["subnet_arch"])
         return
@@ -478,7 +301,7 @@ def _subnet_defaults(args: argparse.Namespace, ckpt: Optional[dict]) -> None:
     except (OSError, ValueError):
         pass
     if args.init is not None:
-        init = args.init_checkpoint = _read_init(args.init)
+        init = args.init_checkpoint = read_init(args.init)
         if isinstance(init, dict) and init.get("format") == EXPORT_FORMAT:
             hints = {"img_size": init.get("img_size"), "space": init.get("space")}
         elif isinstance(init, dict) and isinstance(init.get("args"), dict):
@@ -486,58 +309,12 @@ def _subnet_defaults(args: argparse.Namespace, ckpt: Optional[dict]) -> None:
     if args.img_size is None and isinstance(hints.get("img_size"), int):
         args.img_size = hints["img_size"]
     space = hints.get("space")
-    args.space = space if space in ("demo", "tiny", "small") else ("demo" if args.data is None else "tiny")
+    args.space = space if space in SPACES else ("demo" if args.data is None else "tiny")
 
 
-def _read_init(path: str):
-    """The --init file as loaded by torch.load(weights_only=True), read once at start-up."""
-    if not os.path.isfile(path):
-        raise ValueError(f"--init {path!r}: no such file")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # noqa: BLE001  (a corrupted or foreign file)
-        raise CheckpointError(f"--init {path!r}: cannot be read as a checkpoint: {describe_load_error(exc)}") \
-            from None
-
-
-def _init_subnet(model: ViTResNAS, arch: Arch, path: str, obj, img_size: int, num_classes: int) -> None:
-    """Load --init (`obj`, the file at `path` as `_read_init` loaded it) into the one-architecture model: an exported
-    net (same pruned arch) or a supernet (sliced)."""
-    from .export import EXPORT_FORMAT
-    fmt = obj.get("format") if isinstance(obj, dict) else None
-    if fmt == EXPORT_FORMAT:
-        obj = check_checkpoint(obj, path, EXPORT_FORMAT, ("state_dict", "arch", "img_size", "num_classes"))
-        if Arch.from_dict(obj["arch"]) != arch.pruned():
-            raise ValueError(f"--init {path!r} holds {Arch.from_dict(obj['arch'])}, not the --arch network "
-                             f"{arch.pruned()}")
-        if (obj["img_size"], obj["num_classes"]) != (img_size, num_classes):
-            raise ValueError(f"--init {path!r} was exported for img_size {obj['img_size']} and {obj['num_classes']} "
-                             f"classes, this run uses {img_size} and {num_classes}")
-        state = obj["state_dict"]
-    elif fmt == TRAIN_FORMAT:
-        supernet, sck = load_supernet(path, ckpt=obj)
-        if (sck["args"]["img_size"], sck["num_classes"]) != (img_size, num_classes):
-            raise ValueError(f"--init {path!r} is a supernet for img_size {sck['args']['img_size']} and "
-                             f"{sck['num_classes']} classes, this run uses {img_size} and {num_classes}")
-        try:
-            supernet.space.check(arch)
-        except (ValueError, TypeError) as exc:
-            raise ValueError(f"--arch is not an architecture of the --init supernet's space: {exc} (slicing a "
-                             f"supernet needs the slot-aligned 'arch' of best.json)") from None
-        state = supernet.extract(arch).state_dict()
-    else:
-        raise CheckpointError(f"--init {path!r}: expected a {EXPORT_FORMAT!r} (resnas export) or {TRAIN_FORMAT!r} "
-                              f"checkpoint, found {'format ' + repr(fmt) if isinstance(obj, dict) else 'no format'}")
-    try:
-        model.load_state_dict(state, strict=True)
-    except RuntimeError as exc:
-        raise CheckpointError(f"--init {path!r}: its weights do not fit the --arch network: "
-                              f"{str(exc).strip().splitlines()[-1].strip()}") from None
-
-
-def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path, stop: "_StopOnSignal") -> int:
+def _train(args, d: Distributed, device, amp_dtype, ckpt, ckpt_path, metrics_path, stop: "_StopOnSignal") -> int:
     subnet = getattr(args, "subnet_arch", None)     # train-subnet: one fixed architecture
-    space = data_mod.resolve_space(args.space) if ckpt is None else data_mod.space_from_dict(ckpt["space"])
+    space = get_space(args.space) if ckpt is None else space_from_dict(ckpt["space"])
     train, holdout, val = data_mod.load_splits(args.data, args.img_size, args.holdout_per_class, args.demo_data)
     train = train.subset(args.train_subset)
     # The supernet is monitored on the held-out split (validation stays untouched until the search's networks are
@@ -559,7 +336,7 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path, sto
         model = ViTResNAS(subnet.pruned(), img_size=args.img_size, num_classes=train.num_classes,
                           drop_path_rate=args.drop_path)
         if ckpt is None and args.init is not None:
-            _init_subnet(model, subnet, args.init, args.init_checkpoint, args.img_size, train.num_classes)
+            load_init(model, subnet, args.init, args.init_checkpoint, args.img_size, train.num_classes)
         model = model.to(device)
     opt = torch.optim.AdamW(_param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     scaler = torch.amp.GradScaler("cuda", enabled=amp_dtype == torch.float16)
@@ -581,7 +358,7 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path, sto
     elif d.rank == 0:
         os.makedirs(args.out, exist_ok=True)
         write_json_atomic(os.path.join(args.out, "config.json"), {**_plain_args(args), "world_size": d.world,
-                                                                   "space": data_mod.space_to_dict(space)})
+                                                                   "space": space_to_dict(space)})
         write_text_atomic(metrics_path, "")
 
     saved_step = step
@@ -594,7 +371,7 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path, sto
                              "model": model.state_dict(), "optimizer": opt.state_dict(),
                              "scaler": scaler.state_dict() if scaler.is_enabled() else {},
                              "scheduler": {"step": step, "total": total, "warmup_steps": warmup_steps},
-                             "args": _plain_args(args), "space": data_mod.space_to_dict(space),
+                             "args": _plain_args(args), "space": space_to_dict(space),
                              "num_classes": train.num_classes, "world_size": d.world,
                              "subnet_arch": subnet.to_dict() if subnet is not None else None}, ckpt_path)
         d.barrier()
@@ -697,7 +474,6 @@ def _train(args, d: _Dist, device, amp_dtype, ckpt, ckpt_path, metrics_path, sto
     if step == end and end == total and ckpt is not None and ckpt.get("finished") and d.rank == 0:
         print(f"{ckpt_path}: the run had already finished ({total} steps)")
     if subnet is not None and step == total and d.rank == 0:
-        from .export import write_exported
         net_path = os.path.join(args.out, "net.pt")
         write_exported(model, net_path, img_size=args.img_size, num_classes=train.num_classes, space=space.name,
                        source={"trained_by": "resnas train-subnet", "run": os.path.abspath(args.out),
@@ -714,34 +490,4 @@ def _plain_args(args: argparse.Namespace) -> dict:
 
 
 def _json_line(r: dict) -> str:
-    import json
     return json.dumps(r, separators=(",", ":")) + "\n"
-
-
-def main(argv: Optional[Sequence[str]] = None, subnet: bool = False) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(subnet)
-    args = parser.parse_args(argv)
-    try:
-        return run(args, argv)
-    except (ValueError, CheckpointError) as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 2
-    except TrainingDiverged as exc:
-        print(f"{parser.prog}: error: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:   # an unwritable --out, a full disk, an unreadable --data
-        print(f"{parser.prog}: error: {exc.filename or ''}{': ' if exc.filename else ''}{exc.strerror or exc}",
-              file=sys.stderr)
-        return 1
-    except TrainingStopped as exc:
-        print(f"{parser.prog}: {exc}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        print(f"{parser.prog}: interrupted; --resume continues from the last checkpoint in {args.out}, if any",
-              file=sys.stderr)
-        return 130
-
-
-if __name__ == "__main__":
-    sys.exit(main())

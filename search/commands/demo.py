@@ -90,10 +90,11 @@ def run(args: argparse.Namespace) -> int:
 
     from resnas_kernels.models.vit_resnas import Arch, count_macs
 
-    from . import data as data_mod
-    from . import evolution, export, train
-    from .checkpoint import read_jsonl, write_text_atomic
-    from .evaluate import net_accuracy
+    from .. import data as data_mod
+    from ..checkpoint import read_jsonl, write_text_atomic
+    from ..evaluate import evaluate_arch, net_accuracy
+    from ..networks import load_exported, load_supernet
+    from . import export, search, train_supernet
 
     sn_dir, search_dir = os.path.join(args.out, "supernet"), os.path.join(args.out, "search")
     ckpt_path, net_path = os.path.join(sn_dir, "checkpoint.pt"), os.path.join(args.out, "net.pt")
@@ -111,7 +112,7 @@ def run(args: argparse.Namespace) -> int:
         search_argv = ["--out", search_dir, "--device", args.device, "--resume", *progress]
     export_argv = ["--arch", os.path.join(search_dir, "best.json"), "--supernet", ckpt_path, "--out", net_path]
 
-    for name, main, argv in (("train-supernet", train.main, train_argv), ("search", evolution.main, search_argv),
+    for name, main, argv in (("train-supernet", train_supernet.main, train_argv), ("search", search.main, search_argv),
                              ("export", export.main, export_argv)):
         print(f"resnas demo: resnas {name} {' '.join(argv)}", flush=True)
         start = time.perf_counter()
@@ -125,7 +126,7 @@ def run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
                           ("cpu" if args.device == "auto" else args.device))
-    model, ckpt = train.load_supernet(ckpt_path, device)
+    model, ckpt = load_supernet(ckpt_path, device)
     run_args = {**data_mod.LEGACY_RUN_ARGS, **ckpt["args"]}
     splits = data_mod.load_splits(run_args["data"], run_args["img_size"], run_args["holdout_per_class"],
                                   run_args["demo_data"])
@@ -133,11 +134,11 @@ def run(args: argparse.Namespace) -> int:
     extremes = {}
     for label, arch in (("largest", space.max_arch()), ("smallest", space.min_arch())):
         extremes[label] = {"macs": count_macs(arch, img, classes),
-                           "holdout": train.evaluate_arch(model, arch, splits.holdout, device),
-                           "val": train.evaluate_arch(model, arch, splits.val, device)}
+                           "holdout": evaluate_arch(model, arch, splits.holdout, device),
+                           "val": evaluate_arch(model, arch, splits.val, device)}
     best = json.load(open(os.path.join(search_dir, "best.json")))
     pareto = json.load(open(os.path.join(search_dir, "pareto.json")))
-    net = export.load_exported(net_path, device)
+    net = load_exported(net_path, device)
     scored = splits.holdout.subset(best["holdout_images"])        # the held-out images the search scored on
     exported = {"holdout": net_accuracy(net, scored, device), "val": net_accuracy(net, splits.val, device)}
     metrics = read_jsonl(os.path.join(sn_dir, "metrics.jsonl"))
