@@ -46,10 +46,9 @@ from ...ragged import Ragged, validate_metadata
 from .._checks import check_float_tensor, check_tensor
 from . import aot, registration  # noqa: F401  (importing aot registers the AOT cases)
 from .registration import OP, _FLOAT_DTYPES, _check_args, ragged_layer_norm_bwd, ragged_layer_norm_fwd
-# Private names other modules reach through the op's import path: the tests (launchers and reference on 2-D rows) and
-# the RSR kernels (`_group_width`).
+# Private names the tests reach through the op's import path (launchers and reference on 2-D rows).
 from .reference_backend import _reference_bwd, _reference_fwd  # noqa: F401
-from .triton_kernels import _group_width, _triton_bwd, _triton_fwd  # noqa: F401
+from .triton_kernels import _triton_bwd, _triton_fwd  # noqa: F401
 
 __all__ = ["ragged_layer_norm", "ragged_layer_norm_fwd", "ragged_layer_norm_bwd"]
 

@@ -9,20 +9,6 @@ from ...reference.layer_norm import compute_dtype
 
 
 @triton.jit
-def _group_width(TABLE, num_groups, row):
-    """Active width of `row`: TABLE is int32 (G, 3) [row_start, row_end, width]; rows outside every group get 0.
-    Not used here any more: the RSR kernels (rsr_epilogue.py, rsr_im2col.py) import it; it goes once they read
-    device widths themselves."""
-    width = row * 0
-    for g in range(num_groups):
-        start = tl.load(TABLE + 3 * g)
-        end = tl.load(TABLE + 3 * g + 1)
-        w = tl.load(TABLE + 3 * g + 2)
-        width = tl.where((row >= start) & (row < end), w, width)
-    return width
-
-
-@triton.jit
 def _row_width(ROW_STARTS, WIDTHS, num_groups, row, C_max):
     """Active width of `row`: group g owns rows [ROW_STARTS[g], ROW_STARTS[g + 1]) (static, cached) and WIDTHS[g]
     columns (device metadata, clamped to [0, C_max]: never trusted); rows outside every group get 0."""
