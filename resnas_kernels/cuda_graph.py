@@ -168,7 +168,9 @@ class CapturedTrainStep:
                      if not isinstance(g["lr"], torch.Tensor)}
 
         def run() -> torch.Tensor:
-            autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None)
+            # No autocast cast cache: a cached cast made outside the capture would be a stale input of the graph.
+            autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None,
+                                      cache_enabled=False)
             with autocast:
                 out = self.model(graph.images, group_sizes=sizes, arch_tensor=graph.arch)
                 loss = self.loss_fn(out, graph.targets)
