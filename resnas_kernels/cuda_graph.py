@@ -168,7 +168,7 @@ class CapturedTrainStep:
                      if not isinstance(g["lr"], torch.Tensor)}
 
         def run() -> torch.Tensor:
-            # No autocast cast cache: a cached cast made outside the capture would be a stale input of the graph.
+            # PyTorch's rule for autocast in graph capture: no cast cache (cached casts would outlive the capture).
             autocast = torch.autocast(device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None,
                                       cache_enabled=False)
             with autocast:
