@@ -130,7 +130,7 @@ def _encode(layout: ArchLayout, archs: Tuple[Arch, ...]) -> List[List[int]]:
 
 @dataclass(frozen=True)
 class _BlockPlan:
-    keep: torch.Tensor         # (G,) int32: 1 where the block exists (becomes the residual branches' row scale)
+    index: int                 # the block's row in _ArchPlan.keep (blocks numbered over all stages)
     active: Ragged
     heads: Ragged
     attn: Ragged
@@ -151,6 +151,7 @@ class _ArchPlan:
     stem_in: Ragged
     head_out: Ragged
     stages: Tuple[_StagePlan, ...]
+    keep: torch.Tensor         # (blocks, B) int32: 1 where the sample's block exists (the residual branches' scale)
 
 
 def _arch_plan(layout: ArchLayout, arch_tensor: torch.Tensor, sizes: Tuple[int, ...]) -> _ArchPlan:
@@ -159,13 +160,18 @@ def _arch_plan(layout: ArchLayout, arch_tensor: torch.Tensor, sizes: Tuple[int, 
     def rows(r: int) -> Ragged:
         return Ragged(sizes, arch_tensor[r])
 
-    stages = []
+    stages, keep_rows = [], []
     for s, block_rows in enumerate(layout.blocks):
         embed = rows(layout.embed[s])
-        stages.append(_StagePlan(embed, tuple(
-            _BlockPlan(keep=arch_tensor[r.keep], active=rows(r.active), heads=rows(r.heads), attn=rows(r.attn),
-                       hidden=rows(r.hidden), out=embed) for r in block_rows)))
-    return _ArchPlan(sizes, rows(layout.stem_in), rows(layout.head_out), tuple(stages))
+        blocks = []
+        for r in block_rows:
+            blocks.append(_BlockPlan(index=len(keep_rows), active=rows(r.active), heads=rows(r.heads),
+                                     attn=rows(r.attn), hidden=rows(r.hidden), out=embed))
+            keep_rows.append(r.keep)
+        stages.append(_StagePlan(embed, tuple(blocks)))
+    # Every block's presence spread over the batch in one gather (cached with the plan on the eager path).
+    keep = arch_tensor[keep_rows][:, sample_group_index(sizes, arch_tensor.device)]
+    return _ArchPlan(sizes, rows(layout.stem_in), rows(layout.head_out), tuple(stages), keep)
 
 
 @functools.lru_cache(maxsize=256)
@@ -409,15 +415,14 @@ class ViTResNAS(ViTResNASNet):
         return _arch_plan(self.arch_layout, arch_tensor, sizes)
 
     # -- ragged path ---------------------------------------------------------------------------------------------------
-    def _row_scale(self, p: _BlockPlan, sizes: Tuple[int, ...], rate: float, x: torch.Tensor) -> torch.Tensor:
-        """The per-sample scale of a residual branch: the block's 0/1 presence spread over the batch on the device
-        (0 on removed groups' samples), times drop-path in training."""
-        scale = p.keep[sample_group_index(sizes, x.device)].to(x.dtype)
+    def _row_scale(self, keep: torch.Tensor, rate: float, x: torch.Tensor) -> torch.Tensor:
+        """The per-sample scale of a residual branch: the block's 0/1 presence per sample (0 on removed groups'
+        samples), times drop-path in training."""
         if self.training and rate > 0:
-            scale = scale * _drop_path_scale(x.shape[0], rate, x)
-        return scale
+            return keep * _drop_path_scale(x.shape[0], rate, x)
+        return keep
 
-    def _ragged_block(self, block: nn.Module, p: _BlockPlan, sizes: Tuple[int, ...], x: torch.Tensor) -> torch.Tensor:
+    def _ragged_block(self, block: nn.Module, p: _BlockPlan, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         attn, mlp = block.attn, block.mlp
         dt = x.dtype  # LN weights stay fp32 (the op takes them as they are; statistics are fp32 anyway)
@@ -426,11 +431,11 @@ class ViTResNAS(ViTResNASNet):
         q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).unbind(2)  # strided views, no copy
         a = rk.ragged_attention(q, k, v, p.heads, scale=attn.head_dim ** -0.5)
         x = rk.ragged_linear(a, *_cast(attn.proj, dt), p.attn, p.out, residual=x,
-                             row_scale=self._row_scale(p, sizes, block.drop_path_rate, x))
+                             row_scale=self._row_scale(keep, block.drop_path_rate, x))
         u = rk.ragged_layer_norm(x, block.norm2.weight, block.norm2.bias, p.active, LN_EPS)
         h = rk.ragged_linear(u, *_cast(mlp.fc1, dt), p.active, p.hidden, activation="gelu")
         return rk.ragged_linear(h, *_cast(mlp.fc2, dt), p.hidden, p.out, residual=x,
-                                row_scale=self._row_scale(p, sizes, block.drop_path_rate, x))
+                                row_scale=self._row_scale(keep, block.drop_path_rate, x))
 
     def _ragged_stem(self, x: torch.Tensor, patch_groups: Ragged, embed: Ragged) -> torch.Tensor:
         """Image -> patch tokens (B, HW, C1_max), group g's zero beyond c1_g. `patch_groups` has the im2col width
@@ -451,6 +456,7 @@ class ViTResNAS(ViTResNASNet):
         start = torch.cat([self.cls_token + self.pos_embed[:, :1], self.pos_embed[:, 1:]], dim=1).to(tokens.dtype)
         x = torch.addcmul(F.pad(tokens, (0, 0, 1, 0)), start,
                           embed.mask(tokens.shape[-1], tokens.device, tokens.dtype)[:, None, :])
+        keep = plan.keep.to(tokens.dtype)  # (blocks, B) row scales
         outs = []
         for s, stage in enumerate(self.stages[:num_stages]):
             sp = plan.stages[s]
@@ -461,7 +467,7 @@ class ViTResNAS(ViTResNASNet):
                     r.conv.bias, r.pos_embed, r.cls_proj.weight, r.cls_proj.bias,
                     grid=(self.grids[s - 1], self.grids[s - 1]), eps=LN_EPS)
             for block, bp in zip(stage.blocks, sp.blocks):
-                x = self._run_block(functools.partial(self._ragged_block, block, bp, plan.sizes), x)
+                x = self._run_block(functools.partial(self._ragged_block, block, bp, keep[bp.index]), x)
             outs.append(x)
         return outs
 
