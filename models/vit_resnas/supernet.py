@@ -25,6 +25,15 @@ reshape-copy of the trunk output with K = 24 * 49 = 1176). A conv at maximum wid
 (C_max - c_g) / C_max of that GEMM and break "work proportional to the sub-networks"; the im2col copy costs one pass
 over the trunk output.
 
+The architecture is data. In ragged mode the sampled architectures reach the ops as ONE int32 tensor (rows x G,
+`encode_archs`; the row layout, `arch_layout`, is fixed by the model's maximum architecture): every op's per-group
+widths are a row view of it (device metadata, see resnas_kernels/ragged.py), and the removed blocks' row scales and
+the cls / pos-embed masks are gathered from it on the device. Only the group sizes are host ints. Nothing reads the
+tensor's values on the host, so `torch.compile` of a step taking `forward(x, group_sizes=..., arch_tensor=...)`
+compiles once per group sizes, and a captured CUDA graph replays for any architecture written into the tensor
+(`resnas_kernels.cuda_graph`). `forward(x, archs, group_sizes)` takes the same path through a cached tensor per
+(archs, device). The masked and loop modes keep host metadata (they are the oracle and the peers).
+
 Removed blocks: the group's LayerNorm, qkv, attention and fc1 widths are 0 (the ops skip it); proj and fc2 get input
 width 0 and output width c_g with the residual epilogue and a row scale of 0 for the group's samples, so the op
 writes out = residual + 0 * act(bias) = x on exactly the group's c_g columns. (Output width 0 would not do: the
