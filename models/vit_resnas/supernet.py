@@ -299,6 +299,8 @@ class ViTResNAS(ViTResNASNet):
         super().__init__(arch, **kwargs)
         self.space = space
         self._loop_nets: "OrderedDict[Arch, ViTResNASNet]" = OrderedDict()  # LRU of meta skeletons for mode="loop"
+        self._arch_layout_cache = None
+        self._refresh_arch_layout()  # here, so a compiled forward only reads it (setting it while tracing recompiles)
 
     # -- arguments ----------------------------------------------------------------------------------------------------
     def _resolve(self, x: torch.Tensor, archs, group_sizes) -> Tuple[Tuple[Arch, ...], Tuple[int, ...]]:
@@ -347,14 +349,15 @@ class ViTResNAS(ViTResNASNet):
     @property
     def arch_layout(self) -> ArchLayout:
         """Row layout of this model's architecture tensors (fixed by the maximum architecture and the classifier)."""
+        return self._refresh_arch_layout()
+
+    def _refresh_arch_layout(self) -> ArchLayout:
         num_classes = self.head.out_features if isinstance(self.head, nn.Linear) else 0
         stem_in = self.stem.proj.in_channels * self.stem.proj.kernel_size[0] * self.stem.proj.kernel_size[1]
         key = (stem_in, num_classes)
-        cached = getattr(self, "_arch_layout_cache", None)
-        if cached is None or cached[0] != key:  # reset_classifier may change the classifier width
-            cached = (key, _arch_layout(self.arch, stem_in, num_classes))
-            self._arch_layout_cache = cached
-        return cached[1]
+        if self._arch_layout_cache is None or self._arch_layout_cache[0] != key:  # reset_classifier changes it
+            self._arch_layout_cache = (key, _arch_layout(self.arch, stem_in, num_classes))
+        return self._arch_layout_cache[1]
 
     def encode_archs(self, archs: Union[Arch, Sequence[Arch]], device=None) -> torch.Tensor:
         """The sampled architectures as ONE int32 tensor of shape (arch_layout.num_rows, G): row r holds one op's
