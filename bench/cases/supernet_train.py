@@ -6,6 +6,11 @@ supernet_train.train   one optimizer-free training step (forward + backward) of 
                          masked   the original code: everything at full width, then masks (mode="masked")
                          loop     sequential sliced sub-networks, one per group (mode="loop")
                        items = images, so the CSV has training images/s.
+supernet_train.train   (CUDA, shape tag "step") a whole training step with the AdamW update, new architectures every
+                       call (a cycle of sampled sets, the same for both providers). Providers:
+                         ours      eager: forward(x, archs, sizes) + backward + AdamW step
+                         captured  `resnas_kernels.cuda_graph.CapturedTrainStep`: the step captured once per group
+                                   sizes, replayed with each call's architecture tensor written into it
 search_score.infer     top-1 scoring of P candidates on V validation images. Providers:
                          ours                    `CandidateScorer`: stem cached once, P candidates per ragged forward
                          one_model_per_candidate the original search: a standalone network per candidate, run alone
@@ -20,10 +25,13 @@ import functools
 import random
 from typing import List
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
 from resnas_kernels.bench.harness import Case, LazyCase
+from resnas_kernels.cuda_graph import CapturedTrainStep
 from resnas_kernels.models.vit_resnas import TINY_SPACE, count_macs
 from resnas_kernels.models.vit_resnas.space import DEMO_SPACE
 from resnas_kernels.search.data import Split, split_batch
@@ -64,6 +72,50 @@ def _train_case(space, img, batch, groups, device, tag) -> Case:
                 baseline="ours", items=batch, notes="forward + backward, no optimizer step")
 
 
+def _step_case(space, img, batch, groups, device, tag) -> Case:
+    torch.manual_seed(0)
+    model = build_supernet(space, img, 10, drop_path=0.1).to(device).train()
+    twin = copy.deepcopy(model)  # the captured provider's own weights and optimizer: the two never share state
+    rng = random.Random(0)
+    cycle = [space.sample_groups(groups, rng=rng) for _ in range(8)]
+    sizes = split_batch(batch, groups)
+    x = torch.randn(batch, 3, img, img, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+
+    def loss_fn(out, labels):
+        return F.cross_entropy(out, labels, label_smoothing=0.1)
+
+    def adamw(m):
+        return torch.optim.AdamW(m.parameters(), lr=torch.tensor(1e-4, device=device), capturable=True)
+
+    opt = adamw(model)
+    captured = CapturedTrainStep(twin, adamw(twin), loss_fn)
+    calls = {"ours": 0, "captured": 0}
+
+    def eager():
+        archs = cycle[calls["ours"] % len(cycle)]
+        calls["ours"] += 1
+        opt.zero_grad(set_to_none=True)
+        loss_fn(model(x, archs, sizes), y).backward()
+        opt.step()
+
+    def replayed():
+        archs = cycle[calls["captured"] % len(cycle)]
+        calls["captured"] += 1
+        captured(x, y, archs, group_sizes=sizes)
+
+    macs = sum(count_macs(a, img, 10) * s for archs in cycle for a, s in zip(archs, sizes)) // len(cycle)
+    return Case(name="supernet_train.train", shape=_train_shape(tag + " step", img, batch, groups), dtype="float32",
+                flops=6 * macs, bytes=_weight_bytes(model), providers={"ours": eager, "captured": replayed},
+                baseline="ours", items=batch, cuda_graph=False,
+                notes="forward + backward + AdamW step, a new architecture set every call (cycle of 8)")
+
+
+def _lazy_step(space, img, batch, groups, device, tag) -> LazyCase:
+    return LazyCase("supernet_train.train", _train_shape(tag + " step", img, batch, groups), "float32",
+                    ("ours", "captured"), functools.partial(_step_case, space, img, batch, groups, device, tag))
+
+
 def _search_case(space, img, n_val, n_cand, per_forward, device, tag) -> Case:
     torch.manual_seed(0)
     model = build_supernet(space, img, 10).to(device).eval()
@@ -99,6 +151,8 @@ def cases(ctx) -> List[LazyCase]:
     out = [_lazy_train(DEMO_SPACE, 56, 16 if small else 64, 4, dev, "demo"),
            _lazy_search(DEMO_SPACE, 56, 32 if small else 128, 8 if small else 16, 8, dev, "demo")]
     if dev.type == "cuda" and not ctx.smoke:
-        out += [_lazy_train(TINY_SPACE, 224, 64 if small else 128, 4, dev, "tiny"),
+        out += [_lazy_step(DEMO_SPACE, 56, 16, 4, dev, "demo"),
+                _lazy_step(TINY_SPACE, 224, 64, 4, dev, "tiny"),
+                _lazy_train(TINY_SPACE, 224, 64 if small else 128, 4, dev, "tiny"),
                 _lazy_search(TINY_SPACE, 224, 64 if small else 256, 16, 16, dev, "tiny")]
     return out

@@ -25,6 +25,15 @@ reshape-copy of the trunk output with K = 24 * 49 = 1176). A conv at maximum wid
 (C_max - c_g) / C_max of that GEMM and break "work proportional to the sub-networks"; the im2col copy costs one pass
 over the trunk output.
 
+The architecture is data. In ragged mode the sampled architectures reach the ops as ONE int32 tensor (rows x G,
+`encode_archs`; the row layout, `arch_layout`, is fixed by the model's maximum architecture): every op's per-group
+widths are a row view of it (device metadata, see resnas_kernels/ragged.py), and the removed blocks' row scales and
+the cls / pos-embed masks are gathered from it on the device. Only the group sizes are host ints. Nothing reads the
+tensor's values on the host, so `torch.compile` of a step taking `forward(x, group_sizes=..., arch_tensor=...)`
+compiles once per group sizes, and a captured CUDA graph replays for any architecture written into the tensor
+(`resnas_kernels.cuda_graph`). `forward(x, archs, group_sizes)` takes the same path through a cached tensor per
+(archs, device). The masked and loop modes keep host metadata (they are the oracle and the peers).
+
 Removed blocks: the group's LayerNorm, qkv, attention and fc1 widths are 0 (the ops skip it); proj and fc2 get input
 width 0 and output width c_g with the residual epilogue and a row scale of 0 for the group's samples, so the op
 writes out = residual + 0 * act(bias) = x on exactly the group's c_g columns. (Output width 0 would not do: the
@@ -53,6 +62,7 @@ from torch import nn
 
 import resnas_kernels as rk
 from resnas_kernels import Ragged
+from resnas_kernels.ragged import _is_fake, sample_group_index, validate_metadata
 from resnas_kernels.reference import (masked_attention, masked_layer_norm, masked_linear,
                                       masked_residual_spatial_reduction)
 
@@ -66,16 +76,75 @@ _LOOP_CACHE = 64  # sub-network skeletons kept for mode="loop" (parameter-less, 
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Per-forward metadata: the widths every op sees, derived once per (architectures, group sizes) and cached
+# The architecture as data: one int32 tensor (rows x G) of every op's per-group widths
 # ---------------------------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
+class _BlockRows:
+    """Row indices of one block slot in the architecture tensor."""
+    keep: int                  # 1 where the block exists, 0 where removed
+    active: int                # c_g, or 0 where removed: LN1/LN2, qkv and fc1 inputs
+    heads: int                 # h_g (0 where removed): attention
+    attn: int                  # h_g * d: qkv output per segment, proj input
+    hidden: int                # m_g (0 where removed): fc1 output, fc2 input
+
+
+@dataclass(frozen=True)
+class ArchLayout:
+    """Where each op's widths live in the architecture tensor, and the static bound of every row.
+
+    Only host facts of the model (its maximum architecture, the stem's im2col width, the classifier width) fix the
+    layout; the sampled architectures are the tensor's values. Row r of the tensor holds one op's per-group widths, so
+    `arch_tensor[r]` is a contiguous (G,) int32 view that an op takes as its widths. The two constant rows (the stem
+    projection's input width and the classifier's output width) keep every op on device metadata."""
+    stem_in: int
+    head_out: int
+    embed: Tuple[int, ...]                          # per stage: c_g
+    blocks: Tuple[Tuple[_BlockRows, ...], ...]      # per stage, per block slot
+    bounds: Tuple[int, ...]                         # per row: the largest valid value (0 <= value <= bound)
+
+    @property
+    def num_rows(self) -> int:
+        return len(self.bounds)
+
+
+def _arch_layout(arch: Arch, stem_in: int, num_classes: int) -> ArchLayout:
+    bounds = [stem_in, num_classes]
+
+    def row(bound: int) -> int:
+        bounds.append(bound)
+        return len(bounds) - 1
+
+    embed, blocks = [], []
+    for st in arch.stages:
+        embed.append(row(st.embed))
+        blocks.append(tuple(_BlockRows(keep=row(1), active=row(st.embed), heads=row(b.heads),
+                                       attn=row(b.heads * st.head_dim), hidden=row(b.mlp)) for b in st.blocks))
+    return ArchLayout(0, 1, tuple(embed), tuple(blocks), tuple(bounds))
+
+
+def _encode(layout: ArchLayout, archs: Tuple[Arch, ...]) -> List[List[int]]:
+    """The architecture tensor's values (rows x G) as host ints; archs are already checked against the model."""
+    rows = [[0] * len(archs) for _ in layout.bounds]
+    for g, a in enumerate(archs):
+        rows[layout.stem_in][g] = layout.bounds[layout.stem_in]
+        rows[layout.head_out][g] = layout.bounds[layout.head_out]
+        for s, st in enumerate(a.stages):
+            rows[layout.embed[s]][g] = st.embed
+            for r, blk in zip(layout.blocks[s], st.blocks):
+                if blk is not None:  # a removed block keeps 0 everywhere (the ops skip it)
+                    rows[r.keep][g], rows[r.active][g] = 1, st.embed
+                    rows[r.heads][g], rows[r.attn][g], rows[r.hidden][g] = blk.heads, blk.heads * st.head_dim, blk.mlp
+    return rows
+
+
+@dataclass(frozen=True)
 class _BlockPlan:
-    keep: Tuple[bool, ...]     # per group: does the block exist
-    active: Ragged             # c_g, or 0 where removed: LN1/LN2, qkv and fc1 inputs
-    heads: Ragged              # h_g (0 where removed): attention
-    attn: Ragged               # h_g * d: qkv output per segment, proj input
-    hidden: Ragged             # m_g: fc1 output, fc2 input
-    out: Tuple[int, ...]       # c_g for every group: proj / fc2 output (removed groups carry their residual)
+    index: int                 # the block's row in _ArchPlan.keep (blocks numbered over all stages)
+    active: Ragged
+    heads: Ragged
+    attn: Ragged
+    hidden: Ragged
+    out: Ragged                # c_g for every group: proj / fc2 output (removed groups carry their residual)
 
 
 @dataclass(frozen=True)
@@ -85,9 +154,71 @@ class _StagePlan:
 
 
 @dataclass(frozen=True)
-class _Plan:
+class _ArchPlan:
+    """Every op's metadata for one forward: Ragged views of the architecture tensor's rows (device metadata)."""
     sizes: Tuple[int, ...]
+    stem_in: Ragged
+    head_out: Ragged
     stages: Tuple[_StagePlan, ...]
+    keep: torch.Tensor         # (blocks, B) int32: 1 where the sample's block exists (the residual branches' scale)
+
+
+def _arch_plan(layout: ArchLayout, arch_tensor: torch.Tensor, sizes: Tuple[int, ...]) -> _ArchPlan:
+    """Ragged views of the tensor's rows: no value is read, so this traces into a compiled graph as views of the
+    tensor input, and a captured graph sees whatever is written into the tensor before its replay."""
+    def rows(r: int) -> Ragged:
+        return Ragged(sizes, arch_tensor[r])
+
+    stages, keep_rows = [], []
+    for s, block_rows in enumerate(layout.blocks):
+        embed = rows(layout.embed[s])
+        blocks = []
+        for r in block_rows:
+            blocks.append(_BlockPlan(index=len(keep_rows), active=rows(r.active), heads=rows(r.heads),
+                                     attn=rows(r.attn), hidden=rows(r.hidden), out=embed))
+            keep_rows.append(r.keep)
+        stages.append(_StagePlan(embed, tuple(blocks)))
+    # Every block's presence spread over the batch in one gather (cached with the plan on the eager path).
+    keep = arch_tensor[keep_rows][:, sample_group_index(sizes, arch_tensor.device)]
+    return _ArchPlan(sizes, rows(layout.stem_in), rows(layout.head_out), tuple(stages), keep)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_arch_plan(layout: ArchLayout, archs: Tuple[Arch, ...], sizes: Tuple[int, ...], device: str) -> _ArchPlan:
+    """The eager `forward(x, archs, group_sizes)` path: one architecture tensor per distinct (archs, device), copied
+    once, so steady-state eager steps copy nothing to the device."""
+    return _arch_plan(layout, _cached_arch_tensor(layout, archs, device), sizes)
+
+
+@functools.lru_cache(maxsize=256)
+def _cached_arch_tensor(layout: ArchLayout, archs: Tuple[Arch, ...], device: str) -> torch.Tensor:
+    return torch.tensor(_encode(layout, archs), dtype=torch.int32).to(device)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Host metadata of the masked path (the original code's formulation keeps host masks)
+# ---------------------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _HostBlockPlan:
+    keep: Tuple[bool, ...]     # per group: does the block exist
+    active: Ragged             # c_g, or 0 where removed: LN1/LN2, qkv and fc1 inputs
+    heads: Ragged              # h_g (0 where removed): attention
+    attn: Ragged               # h_g * d: qkv output per segment, proj input
+    hidden: Ragged             # m_g: fc1 output, fc2 input
+    out: Tuple[int, ...]       # c_g for every group: proj / fc2 output (removed groups carry their residual)
+
+
+@dataclass(frozen=True)
+class _HostStagePlan:
+    embed: Ragged              # c_g of the stage
+    blocks: Tuple[_HostBlockPlan, ...]
+
+
+@dataclass(frozen=True)
+class _Plan:
+    archs: Tuple[Arch, ...]
+    sizes: Tuple[int, ...]
+    stages: Tuple[_HostStagePlan, ...]
 
 
 @functools.lru_cache(maxsize=256)
@@ -102,12 +233,12 @@ def _plan(archs: Tuple[Arch, ...], sizes: Tuple[int, ...]) -> _Plan:
             keep = tuple(x is not None for x in b)
             width = lambda f: Ragged(sizes, tuple(f(x, blk) if blk is not None else 0  # noqa: E731
                                                   for x, blk in zip(st, b)))
-            blocks.append(_BlockPlan(
+            blocks.append(_HostBlockPlan(
                 keep=keep, active=width(lambda x, blk: x.embed), heads=width(lambda x, blk: blk.heads),
                 attn=width(lambda x, blk: blk.heads * x.head_dim), hidden=width(lambda x, blk: blk.mlp),
                 out=embed.widths))
-        stages.append(_StagePlan(embed, tuple(blocks)))
-    return _Plan(sizes, tuple(stages))
+        stages.append(_HostStagePlan(embed, tuple(blocks)))
+    return _Plan(tuple(archs), sizes, tuple(stages))
 
 
 @functools.lru_cache(maxsize=512)
@@ -168,6 +299,8 @@ class ViTResNAS(ViTResNASNet):
         super().__init__(arch, **kwargs)
         self.space = space
         self._loop_nets: "OrderedDict[Arch, ViTResNASNet]" = OrderedDict()  # LRU of meta skeletons for mode="loop"
+        self._arch_layout_cache = None
+        self._refresh_arch_layout()  # here, so a compiled forward only reads it (setting it while tracing recompiles)
 
     # -- arguments ----------------------------------------------------------------------------------------------------
     def _resolve(self, x: torch.Tensor, archs, group_sizes) -> Tuple[Tuple[Arch, ...], Tuple[int, ...]]:
@@ -199,6 +332,10 @@ class ViTResNAS(ViTResNASNet):
                              f"per arch")
         if sum(sizes) != batch:
             raise ValueError(f"group_sizes {sizes} sum to {sum(sizes)}, but x holds {batch} samples")
+        self._check_archs(archs)
+        return archs, sizes
+
+    def _check_archs(self, archs: Tuple[Arch, ...]) -> None:
         for g, arch in enumerate(archs):
             if not isinstance(arch, Arch):
                 raise TypeError(f"archs[{g}] must be an Arch, got {type(arch).__name__}")
@@ -207,20 +344,97 @@ class ViTResNAS(ViTResNASNet):
             why = arch.fits_in(self.arch)
             if why is not None:
                 raise ValueError(f"archs[{g}] is not a sub-network of this model: {why}")
-        return archs, sizes
+
+    # -- the architecture as a tensor ---------------------------------------------------------------------------------
+    @property
+    def arch_layout(self) -> ArchLayout:
+        """Row layout of this model's architecture tensors (fixed by the maximum architecture and the classifier)."""
+        return self._refresh_arch_layout()
+
+    def _refresh_arch_layout(self) -> ArchLayout:
+        num_classes = self.head.out_features if isinstance(self.head, nn.Linear) else 0
+        stem_in = self.stem.proj.in_channels * self.stem.proj.kernel_size[0] * self.stem.proj.kernel_size[1]
+        key = (stem_in, num_classes)
+        if self._arch_layout_cache is None or self._arch_layout_cache[0] != key:  # reset_classifier changes it
+            self._arch_layout_cache = (key, _arch_layout(self.arch, stem_in, num_classes))
+        return self._arch_layout_cache[1]
+
+    def encode_archs(self, archs: Union[Arch, Sequence[Arch]], device=None) -> torch.Tensor:
+        """The sampled architectures as ONE int32 tensor of shape (arch_layout.num_rows, G): row r holds one op's
+        per-group widths (embedding widths, 0/1 block presence, widths of removed blocks' ops 0, head counts,
+        attention and MLP widths), column g describes archs[g]. Pass it as `forward(x, group_sizes=...,
+        arch_tensor=...)`: the ragged path then derives every op's metadata, the row scales of removed blocks and the
+        masks from the tensor with device ops, so a compiled or captured step serves any architecture by a new tensor
+        value (same G). Group sizes stay host ints (they fix shapes). A new tensor (on `device`, default CPU) per call."""
+        if isinstance(archs, Arch):
+            archs = (archs,)
+        archs = tuple(archs)
+        if not archs:
+            raise ValueError("archs must name at least one architecture")
+        self._check_archs(archs)
+        return torch.tensor(_encode(self.arch_layout, archs), dtype=torch.int32, device=device)
+
+    def check_arch_tensor(self, arch_tensor: torch.Tensor, num_groups: int, device: torch.device) -> None:
+        """Dtype, shape and device of an architecture tensor; its values against the layout's bounds when that costs
+        no device sync (a CPU tensor, outside tracing) or with `resnas_kernels.set_validate_metadata(True)`. The ops
+        clamp every width to its static bound anyway, so no value reaches memory outside the tensors."""
+        layout = self.arch_layout
+        if not isinstance(arch_tensor, torch.Tensor):
+            raise TypeError(f"arch_tensor must be a torch.Tensor (from encode_archs), got {type(arch_tensor).__name__}")
+        if arch_tensor.dtype != torch.int32:
+            raise TypeError(f"arch_tensor must be an int32 tensor (from encode_archs), got dtype {arch_tensor.dtype}")
+        if tuple(arch_tensor.shape) != (layout.num_rows, num_groups):
+            raise ValueError(f"arch_tensor must have shape ({layout.num_rows}, {num_groups}) (rows of this model's "
+                             f"arch_layout x one column per group), got {tuple(arch_tensor.shape)}")
+        if arch_tensor.device != torch.device(device):
+            raise ValueError(f"arch_tensor must be on the device of x ({device}), got {arch_tensor.device}")
+        if not arch_tensor.is_contiguous():
+            raise ValueError("arch_tensor must be contiguous (each row is an op's widths view)")
+        if torch.compiler.is_compiling() or _is_fake(arch_tensor):
+            return
+        if arch_tensor.device.type == "cpu" or validate_metadata():
+            bounds = torch.tensor(layout.bounds, dtype=torch.int32, device=arch_tensor.device)[:, None]
+            bad = ((arch_tensor < 0) | (arch_tensor > bounds)).nonzero()
+            if bad.numel():
+                r, g = bad[0].tolist()
+                raise ValueError(f"arch_tensor[{r}, {g}]={arch_tensor[r, g].item()} must lie in [0, "
+                                 f"{layout.bounds[r]}] (the bound of row {r} of arch_layout)")
+
+    def _ragged_plan(self, batch: int, device: torch.device, archs, group_sizes,
+                     arch_tensor: Optional[torch.Tensor]) -> _ArchPlan:
+        """The per-forward metadata: from `arch_tensor` (views, nothing read), else from `archs` through a cached
+        architecture tensor."""
+        if arch_tensor is None:
+            archs, sizes = self._resolve_groups(batch, archs, group_sizes)
+            return _cached_arch_plan(self.arch_layout, archs, sizes, str(device))
+        if archs is not None:
+            raise ValueError("give either archs or arch_tensor, not both")
+        if batch == 0:
+            raise ValueError("x must hold at least one sample")
+        num_groups = arch_tensor.shape[1] if isinstance(arch_tensor, torch.Tensor) and arch_tensor.dim() == 2 else 1
+        if group_sizes is None:
+            if num_groups != 1:
+                raise ValueError(f"group_sizes is required with an arch_tensor of {num_groups} groups")
+            group_sizes = (batch,)
+        sizes = tuple(group_sizes)
+        for g, size in enumerate(sizes):
+            if isinstance(size, bool) or not hasattr(size, "__index__") or int(size) < 0:
+                raise ValueError(f"group_sizes[{g}] must be an int >= 0, got {size!r}")
+        sizes = tuple(int(size) for size in sizes)
+        if sum(sizes) != batch:
+            raise ValueError(f"group_sizes {sizes} sum to {sum(sizes)}, but x holds {batch} samples")
+        self.check_arch_tensor(arch_tensor, len(sizes), device)
+        return _arch_plan(self.arch_layout, arch_tensor, sizes)
 
     # -- ragged path ---------------------------------------------------------------------------------------------------
-    def _row_scale(self, plan: _BlockPlan, rate: float, x: torch.Tensor) -> Optional[torch.Tensor]:
-        """The per-sample scale of a residual branch: 0 on removed groups' samples, times drop-path in training."""
-        scale = None
-        if not all(plan.keep):
-            scale = _group_vector(plan.active.sizes, tuple(float(k) for k in plan.keep), str(x.device), x.dtype)
+    def _row_scale(self, keep: torch.Tensor, rate: float, x: torch.Tensor) -> torch.Tensor:
+        """The per-sample scale of a residual branch: the block's 0/1 presence per sample (0 on removed groups'
+        samples), times drop-path in training."""
         if self.training and rate > 0:
-            drop = _drop_path_scale(x.shape[0], rate, x)
-            scale = drop if scale is None else scale * drop
-        return scale
+            return keep * _drop_path_scale(x.shape[0], rate, x)
+        return keep
 
-    def _ragged_block(self, block: nn.Module, p: _BlockPlan, x: torch.Tensor) -> torch.Tensor:
+    def _ragged_block(self, block: nn.Module, p: _BlockPlan, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         attn, mlp = block.attn, block.mlp
         dt = x.dtype  # LN weights stay fp32 (the op takes them as they are; statistics are fp32 anyway)
@@ -229,51 +443,53 @@ class ViTResNAS(ViTResNASNet):
         q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).unbind(2)  # strided views, no copy
         a = rk.ragged_attention(q, k, v, p.heads, scale=attn.head_dim ** -0.5)
         x = rk.ragged_linear(a, *_cast(attn.proj, dt), p.attn, p.out, residual=x,
-                             row_scale=self._row_scale(p, block.drop_path_rate, x))
+                             row_scale=self._row_scale(keep, block.drop_path_rate, x))
         u = rk.ragged_layer_norm(x, block.norm2.weight, block.norm2.bias, p.active, LN_EPS)
-        h = rk.ragged_linear(u, *_cast(mlp.fc1, dt), p.active, p.hidden.widths, activation="gelu")
+        h = rk.ragged_linear(u, *_cast(mlp.fc1, dt), p.active, p.hidden, activation="gelu")
         return rk.ragged_linear(h, *_cast(mlp.fc2, dt), p.hidden, p.out, residual=x,
-                                row_scale=self._row_scale(p, block.drop_path_rate, x))
+                                row_scale=self._row_scale(keep, block.drop_path_rate, x))
 
-    def _ragged_stem(self, x: torch.Tensor, embed: Ragged) -> torch.Tensor:
-        """Image -> patch tokens (B, HW, C1_max), group g's zero beyond c1_g."""
+    def _ragged_stem(self, x: torch.Tensor, patch_groups: Ragged, embed: Ragged) -> torch.Tensor:
+        """Image -> patch tokens (B, HW, C1_max), group g's zero beyond c1_g. `patch_groups` has the im2col width
+        (the projection's input) for every group."""
         patches = self.stem.patches(self.stem.trunk(x))                     # shared trunk, then im2col
         proj = self.stem.proj
         w, bias = _cast(proj, patches.dtype)  # under autocast the trunk's convs already returned its dtype
-        return rk.ragged_linear(patches, self.stem.proj_matrix(w), bias,
-                                embed.with_widths((patches.shape[-1],) * embed.num_groups), embed.widths)
+        return rk.ragged_linear(patches, self.stem.proj_matrix(w), bias, patch_groups, embed)
 
-    def _ragged_stages(self, tokens: torch.Tensor, plan: _Plan) -> torch.Tensor:
+    def _ragged_stages(self, tokens: torch.Tensor, plan: _ArchPlan) -> torch.Tensor:
         """Stem patch tokens -> stage-3 tokens (B, 1 + HW, C_max) before the final norm."""
         return self._ragged_stage_outputs(tokens, plan, len(self.stages))[-1]
 
-    def _ragged_stage_outputs(self, tokens: torch.Tensor, plan: _Plan, num_stages: int) -> List[torch.Tensor]:
+    def _ragged_stage_outputs(self, tokens: torch.Tensor, plan: _ArchPlan, num_stages: int) -> List[torch.Tensor]:
         """Stem patch tokens -> the tokens after each of the first `num_stages` stages (group g zero beyond c_g)."""
         embed = plan.stages[0].embed
         # cls token and pos-embed, masked to each group's width (the ragged contract: zeros beyond c_g).
         start = torch.cat([self.cls_token + self.pos_embed[:, :1], self.pos_embed[:, 1:]], dim=1).to(tokens.dtype)
         x = torch.addcmul(F.pad(tokens, (0, 0, 1, 0)), start,
-                          _mask(embed, tokens.shape[-1], str(tokens.device), tokens.dtype))
+                          embed.mask(tokens.shape[-1], tokens.device, tokens.dtype)[:, None, :])
+        keep = plan.keep.to(tokens.dtype)  # (blocks, B) row scales
         outs = []
         for s, stage in enumerate(self.stages[:num_stages]):
             sp = plan.stages[s]
             if stage.reduce is not None:
                 r = stage.reduce
                 x = rk.residual_spatial_reduction(
-                    x, plan.stages[s - 1].embed, sp.embed.widths, r.norm.weight, r.norm.bias, r.conv.weight,
+                    x, plan.stages[s - 1].embed, sp.embed, r.norm.weight, r.norm.bias, r.conv.weight,
                     r.conv.bias, r.pos_embed, r.cls_proj.weight, r.cls_proj.bias,
                     grid=(self.grids[s - 1], self.grids[s - 1]), eps=LN_EPS)
             for block, bp in zip(stage.blocks, sp.blocks):
-                x = self._run_block(functools.partial(self._ragged_block, block, bp), x)
+                x = self._run_block(functools.partial(self._ragged_block, block, bp, keep[bp.index]), x)
             outs.append(x)
         return outs
 
     def _stage_outputs(self, x: torch.Tensor, num_stages: int, archs: Union[Arch, Sequence[Arch], None] = None,
-                       group_sizes: Optional[Sequence[int]] = None) -> Tuple[List[torch.Tensor], Callable]:
+                       group_sizes: Optional[Sequence[int]] = None, arch_tensor: Optional[torch.Tensor] = None
+                       ) -> Tuple[List[torch.Tensor], Callable]:
         """The ragged path's per-stage tokens (for forward_intermediates), for archs / group_sizes as in forward."""
-        archs, sizes = self._resolve(x, archs, group_sizes)
-        plan = _plan(archs, sizes)
-        outs = self._ragged_stage_outputs(self._ragged_stem(x, plan.stages[0].embed), plan, num_stages)
+        self.check_input(x)
+        plan = self._ragged_plan(x.shape[0], x.device, archs, group_sizes, arch_tensor)
+        outs = self._ragged_stage_outputs(self._ragged_stem(x, plan.stem_in, plan.stages[0].embed), plan, num_stages)
         groups = plan.stages[len(self.stages) - 1].embed
 
         def final_norm(t: torch.Tensor) -> torch.Tensor:
@@ -282,10 +498,12 @@ class ViTResNAS(ViTResNASNet):
             return rk.ragged_layer_norm(t, self.norm.weight, self.norm.bias, groups, LN_EPS)
         return outs, final_norm
 
-    def _ragged_tokens(self, x: torch.Tensor, plan: _Plan) -> torch.Tensor:
-        return self._ragged_stages(self._ragged_stem(x, plan.stages[0].embed), plan)
+    def _ragged_tokens(self, x: torch.Tensor, plan: Union[_ArchPlan, _Plan]) -> torch.Tensor:
+        if isinstance(plan, _Plan):  # host metadata (tests, the masked path's plan): its cached tensor form
+            plan = _cached_arch_plan(self.arch_layout, plan.archs, plan.sizes, str(x.device))
+        return self._ragged_stages(self._ragged_stem(x, plan.stem_in, plan.stages[0].embed), plan)
 
-    def _ragged_output(self, tokens: torch.Tensor, plan: _Plan):
+    def _ragged_output(self, tokens: torch.Tensor, plan: _ArchPlan):
         """Stage-3 tokens -> what `forward` returns (final LN on the cls token only, unless all tokens are needed)."""
         last = plan.stages[-1].embed
         if self.training and self.patch_head is not None:
@@ -299,12 +517,11 @@ class ViTResNAS(ViTResNASNet):
             return cls[:, 0]
         return self._ragged_head(cls[:, 0].contiguous(), plan, self.head)
 
-    def _ragged_head(self, feats: torch.Tensor, plan: _Plan, head: nn.Linear) -> torch.Tensor:
-        groups = plan.stages[-1].embed
-        return rk.ragged_linear(feats, *_cast(head, feats.dtype), groups, (head.out_features,) * groups.num_groups)
+    def _ragged_head(self, feats: torch.Tensor, plan: _ArchPlan, head: nn.Linear) -> torch.Tensor:
+        return rk.ragged_linear(feats, *_cast(head, feats.dtype), plan.stages[-1].embed, plan.head_out)
 
     # -- masked path (the original code's semantics) ----------------------------------------------------------------
-    def _masked_block(self, block: nn.Module, p: _BlockPlan, em: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _masked_block(self, block: nn.Module, p: _HostBlockPlan, em: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         attn, mlp = block.attn, block.mlp
         dev, dt = str(x.device), x.dtype
@@ -372,7 +589,8 @@ class ViTResNAS(ViTResNASNet):
 
     # -- public forward -----------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, archs: Union[Arch, Sequence[Arch], None] = None,
-                group_sizes: Optional[Sequence[int]] = None, *, mode: str = "ragged"):
+                group_sizes: Optional[Sequence[int]] = None, *, mode: str = "ragged",
+                arch_tensor: Optional[torch.Tensor] = None):
         """Logits (B, num_classes); in training with patch_output, (logits, patch logits (B, HW, num_classes)).
 
         Args:
@@ -381,15 +599,26 @@ class ViTResNAS(ViTResNASNet):
                 model's own architecture. A single Arch: the whole batch.
             group_sizes: G sizes summing to B; group g is samples [sum(sizes[:g]), sum(sizes[:g+1])). Sizes may be 0.
             mode: "ragged" | "masked" | "loop" (see the module docstring).
+            arch_tensor: instead of archs (ragged mode only): `encode_archs(archs, x.device)`, the architectures as
+                data. The forward reads none of its values on the host, so `torch.compile` of a step taking it as an
+                input compiles once per group sizes, and a CUDA graph captured with it replays for any architecture
+                written into it (`resnas_kernels.cuda_graph`). `forward(x, archs, ...)` runs the same path through a
+                cached tensor per archs.
         """
-        archs, sizes = self._resolve(x, archs, group_sizes)
+        self.check_input(x)
+        if arch_tensor is not None:
+            if mode != "ragged":
+                raise ValueError(f"arch_tensor needs mode='ragged' (the {mode!r} path takes archs), got mode={mode!r}")
+            plan = self._ragged_plan(x.shape[0], x.device, archs, group_sizes, arch_tensor)
+            return self._ragged_output(self._ragged_tokens(x, plan), plan)
+        archs, sizes = self._resolve_groups(x.shape[0], archs, group_sizes)
         if mode == "loop":
             return self._forward_loop(x, archs, sizes)
-        plan = _plan(archs, sizes)
         if mode == "ragged":
+            plan = _cached_arch_plan(self.arch_layout, archs, sizes, str(x.device))
             return self._ragged_output(self._ragged_tokens(x, plan), plan)
         if mode == "masked":
-            tokens, em = self._masked_tokens(x, plan)
+            tokens, em = self._masked_tokens(x, _plan(archs, sizes))
             if self.training and self.patch_head is not None:
                 feats = masked_layer_norm(tokens, self.norm.weight, self.norm.bias, em, LN_EPS)
                 return self.head(feats[:, 0]), self.patch_head(feats[:, 1:])
@@ -398,36 +627,38 @@ class ViTResNAS(ViTResNASNet):
         raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
 
     def forward_features(self, x: torch.Tensor, archs: Union[Arch, Sequence[Arch], None] = None,
-                         group_sizes: Optional[Sequence[int]] = None) -> torch.Tensor:
+                         group_sizes: Optional[Sequence[int]] = None, *,
+                         arch_tensor: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Normalised stage-3 tokens (B, 1 + HW, C_max), zeros beyond each group's width (ragged path)."""
-        archs, sizes = self._resolve(x, archs, group_sizes)
-        plan = _plan(archs, sizes)
+        self.check_input(x)
+        plan = self._ragged_plan(x.shape[0], x.device, archs, group_sizes, arch_tensor)
         return rk.ragged_layer_norm(self._ragged_tokens(x, plan), self.norm.weight, self.norm.bias,
                                     plan.stages[-1].embed, LN_EPS)
 
     def forward_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        archs, sizes = self._resolve(x, None, None)
-        return self._ragged_tokens(x, _plan(archs, sizes))
+        self.check_input(x)
+        return self._ragged_tokens(x, self._ragged_plan(x.shape[0], x.device, None, None, None))
 
     def stem_tokens(self, x: torch.Tensor) -> torch.Tensor:
         """The stem's patch tokens at this model's full width (B, HW, C1_max). Every sub-network's stem output is the
         first c1 columns of it (first-k slicing), so a search can compute it once per image and reuse it for every
         candidate with `forward_from_stem` (vit_resnas.md 9.2 (h))."""
         self.check_input(x)
-        return self._ragged_stem(x, Ragged.uniform(x.shape[0], self.arch.stages[0].embed))
+        plan = self._ragged_plan(x.shape[0], x.device, None, None, None)  # the model's own (widest) architecture
+        return self._ragged_stem(x, plan.stem_in, plan.stages[0].embed)
 
     def forward_from_stem(self, tokens: torch.Tensor, archs: Union[Arch, Sequence[Arch], None] = None,
-                          group_sizes: Optional[Sequence[int]] = None):
+                          group_sizes: Optional[Sequence[int]] = None, *,
+                          arch_tensor: Optional[torch.Tensor] = None):
         """`forward(x, archs, group_sizes)` (ragged mode) from `stem_tokens(x)`: each group keeps its first c1_g
         stem channels; the result equals the full forward up to the rounding of the stem GEMM."""
         expected = (self.grids[0] ** 2, self.arch.stages[0].embed)
         if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or tuple(tokens.shape[1:]) != expected:
             raise ValueError(f"tokens must be stem_tokens(x) of shape (B, {expected[0]}, {expected[1]}), got "
                              f"{tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__}")
-        archs, sizes = self._resolve_groups(tokens.shape[0], archs, group_sizes)
-        plan = _plan(archs, sizes)
+        plan = self._ragged_plan(tokens.shape[0], tokens.device, archs, group_sizes, arch_tensor)
         embed = plan.stages[0].embed
-        tokens = tokens * _mask(embed, tokens.shape[-1], str(tokens.device), tokens.dtype)
+        tokens = tokens * embed.mask(tokens.shape[-1], tokens.device, tokens.dtype)[:, None, :]
         return self._ragged_output(self._ragged_stages(tokens, plan), plan)
 
     # -- sub-networks ----------------------------------------------------------------------------------------------
