@@ -49,12 +49,8 @@ def register_op(info: OpInfo) -> OpInfo:
 
 
 def registered_ops() -> Dict[str, OpInfo]:
-    _import_all_ops()
+    """Every op registered so far; `resnas_kernels.ops.all_ops()` imports them all first."""
     return dict(_OPS)
-
-
-def _import_all_ops() -> None:
-    from . import ops  # noqa: F401  (importing the package registers every op)
 
 
 def _check_name(name: str) -> str:

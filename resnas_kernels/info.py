@@ -6,7 +6,8 @@ from pathlib import Path
 import torch
 
 from . import _build_stamp, _ext
-from .backend import BACKENDS, get_backend, registered_ops, resolve_backend, why_unavailable
+from .backend import BACKENDS, get_backend, resolve_backend, why_unavailable
+from .ops import all_ops
 
 
 def _source_root() -> Path:
@@ -18,7 +19,7 @@ def collect() -> dict:
     module, why = _ext.load_extension()
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
     ops = {}
-    for name, op in sorted(registered_ops().items()):
+    for name, op in sorted(all_ops().items()):
         per_device = {}
         for dev in devices:
             try:

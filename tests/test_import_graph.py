@@ -18,19 +18,6 @@ PACKAGE = "resnas_kernels"
 # Installed as subpackages from top-level folders of the repository (setup.py's package_dir), so found by their spec.
 MAPPED_SUBPACKAGES = ("models", "search", "bench")
 
-# Edges that still close a cycle, in files this change does not own, each with the edit that removes it. The test
-# fails when one of them disappears, so that it is also removed from here.
-KNOWN_CYCLE_EDGES: Dict[Tuple[str, str], str] = {
-    ("resnas_kernels.backend", "resnas_kernels.ops"):
-        "backend.registered_ops() imports the ops package (which imports backend) inside a function; the list of "
-        "every op belongs to resnas_kernels/ops/__init__.py, next to the imports that register them",
-    ("resnas_kernels.models.vit_resnas.supernet", "resnas_kernels"):
-        "supernet.py imports the package root (`import resnas_kernels as rk`, `from resnas_kernels import Ragged`), "
-        "whose __init__ imports the models to register them with timm; import the submodules instead "
-        "(`from resnas_kernels import ops as rk`, `from resnas_kernels.ragged import Ragged`)",
-}
-
-
 def _package_dirs() -> Dict[str, Path]:
     dirs = {}
     for name in (PACKAGE, *(f"{PACKAGE}.{sub}" for sub in MAPPED_SUBPACKAGES)):
@@ -151,30 +138,15 @@ def test_cycle_finder_finds_a_cycle_and_ignores_a_tree():
 def test_graph_sees_function_level_and_relative_imports():
     graph = import_graph()
     assert len(graph) > 50 and all(name.startswith(PACKAGE) for name in graph)
-    # resnas_kernels/backend.py imports the ops package inside a function; `from . import _ext` is relative
-    assert "resnas_kernels.ops" in graph["resnas_kernels.backend"]
+    # aot_resources.py imports _atomic inside a function only; backend.py's `from . import _ext` is relative
+    assert "resnas_kernels._atomic" in graph["resnas_kernels.aot_resources"]
     assert "resnas_kernels._ext" in graph["resnas_kernels.backend"]
     assert "resnas_kernels.search.trainer" in graph["resnas_kernels.search.commands.train_supernet"]
 
 
 def test_import_graph_has_no_cycle():
-    graph = import_graph()
-    gone = [edge for edge in KNOWN_CYCLE_EDGES if edge[1] not in graph.get(edge[0], ())]
-    assert not gone, f"these known cycle edges no longer exist: remove them from KNOWN_CYCLE_EDGES: {gone}"
-    for source, target in KNOWN_CYCLE_EDGES:
-        graph[source] = graph[source] - {target}
-    found = cycles(graph)
+    found = cycles(import_graph())
     assert not found, "import cycles:\n" + "\n".join(" -> ".join(c) for c in found)
-
-
-@pytest.mark.parametrize("edge", sorted(KNOWN_CYCLE_EDGES))
-def test_each_known_cycle_edge_still_closes_a_cycle(edge):
-    """Each known edge really closes a cycle (else it would not need listing)."""
-    graph = import_graph()
-    for other in KNOWN_CYCLE_EDGES:
-        if other != edge:
-            graph[other[0]] = graph[other[0]] - {other[1]}
-    assert cycles(graph), f"{edge} closes no cycle on its own: remove it from KNOWN_CYCLE_EDGES"
 
 
 def test_search_library_never_imports_the_command_line():

@@ -60,8 +60,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import resnas_kernels as rk
-from resnas_kernels import Ragged
+from resnas_kernels import ops as rk
+from resnas_kernels.ragged import Ragged
 from resnas_kernels.ragged import _is_fake, sample_group_index, validate_metadata
 from resnas_kernels.reference import (masked_attention, masked_layer_norm, masked_linear,
                                       masked_residual_spatial_reduction)
