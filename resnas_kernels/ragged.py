@@ -84,8 +84,8 @@ def check_widths_tensor(widths: torch.Tensor, num_groups: int, device: torch.dev
     if widths.device != torch.device(device):
         raise ValueError(f"{name} must be on the same device as {tensor_name}: {tensor_name} is on {device}, {name} "
                          f"is on {widths.device}")
-    if (widths.device.type == "cpu" or _validate_metadata) and not _is_fake(widths) \
-            and not torch.compiler.is_compiling():
+    if (widths.device.type == "cpu" or _validate_metadata) and not torch.compiler.is_compiling() \
+            and not _is_fake(widths):  # is_compiling first: dynamo cannot trace is_fake
         values = widths.tolist()
         for g, w in enumerate(values):
             if w < 0 or w > bound:
