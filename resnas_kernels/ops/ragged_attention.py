@@ -891,8 +891,10 @@ def _backend_for(q: torch.Tensor) -> str:
 
 
 @torch.compiler.assume_constant_result
+@functools.lru_cache(maxsize=64)
 def _resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
-    """The backend that runs this call (`requested` is `get_backend()`, which `resolve_backend` applies)."""
+    """The backend that runs this call (`requested` is `get_backend()`, which `resolve_backend` applies). Cached: what
+    can run where is fixed once the extension and Triton have been looked for (both are loaded once per process)."""
     backend = resolve_backend(OP.name, device)
     if backend == "triton" and dtype == torch.bfloat16 and _ext.triton_interpreting():
         raise BackendUnavailableError(
