@@ -891,8 +891,12 @@ def _backend_for(q: torch.Tensor) -> str:
 
 
 @torch.compiler.assume_constant_result
-@functools.lru_cache(maxsize=64)
 def _resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    return _resolve_backend_cached(requested, device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve_backend_cached(requested: str, device: torch.device, dtype: torch.dtype) -> str:
     """The backend that runs this call (`requested` is `get_backend()`, which `resolve_backend` applies). Cached: what
     can run where is fixed once the extension and Triton have been looked for (both are loaded once per process)."""
     backend = resolve_backend(OP.name, device)
