@@ -85,7 +85,8 @@ def _linear_call(sizes, in_widths, out_widths):
 
 def _attention_call(sizes, heads):
     q, k, v = torch.randn(3, 4, 2, 16), torch.randn(3, 5, 2, 16), torch.randn(3, 5, 2, 16)
-    return lambda: torch.ops.resnas.ragged_attention_fwd(q, k, v, None, None, None, sizes, heads, 0.25, [])
+    widths = torch.tensor(heads, dtype=torch.int32)  # the op takes the heads as device metadata
+    return lambda: torch.ops.resnas.ragged_attention_fwd(q, k, v, None, None, None, sizes, widths, 0.25, [])
 
 
 def _im2col_call(sizes, widths):
@@ -117,7 +118,7 @@ BAD_METADATA = [  # (op call, expected message, backends); first the out-of-boun
     (_linear_call([2], [9], [6]), r"in_widths\[0\]=9 exceeds the maximum width 8 of x", BOTH),
     (_linear_call([2], [8], [7]), r"out_widths\[0\]=7 exceeds the segment width 6", BOTH),
     (_linear_call([3], [8], [6]), r"must equal the batch size of x", BOTH),
-    (_attention_call([3], [3]), r"widths\[0\]=3 exceeds the maximum width 2 of q \(dim 2, H_max\)", BOTH),
+    (_attention_call([3], [3]), r"widths\[0\]=3 must lie in \[0, 2\] \(the bound of q \(dim 2, H_max\)\)", BOTH),
     (_attention_call([2], [2]), r"must equal the batch size of q \(dim 0: 3\)", BOTH),
     (_im2col_call([1], [9]), r"widths\[0\]=9 must lie in \[0, 8\] \(the bound of u\)", BOTH),
     (_epilogue_call([1], [8], [13]), r"out_widths\[0\]=13 must lie in \[0, 12\] \(the bound of conv", BOTH),

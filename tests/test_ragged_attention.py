@@ -6,6 +6,7 @@ inputs; a backend passes if its max error is at most 2x (outputs) / 3x (gradient
 the reference evaluated in the input dtype (PyTorch ops, fp32 softmax), plus a few ulps. So fp32 and bf16 are held to
 what their precision allows on that very input, with no hand-tuned atol.
 """
+import importlib
 import os
 
 import pytest
@@ -83,12 +84,19 @@ def _as(kw, dtype):
     return {n: (t.to(dtype) if isinstance(t, torch.Tensor) and t.is_floating_point() else t) for n, t in kw.items()}
 
 
-def _check_against_oracle(backend, q, k, v, heads, kw, scale=None, tag=""):
-    """Runs `backend` and the reference (fp64 oracle and same-dtype) and compares outputs and every gradient."""
+def _device_heads(heads: Ragged, device) -> Ragged:
+    """The same heads as device metadata: an int32 (G,) tensor on `device`."""
+    return Ragged(heads.sizes, torch.tensor(heads.widths, dtype=torch.int32, device=device))
+
+
+def _check_against_oracle(backend, q, k, v, heads, kw, scale=None, tag="", device_heads=False):
+    """Runs `backend` and the reference (fp64 oracle and same-dtype) and compares outputs and every gradient. With
+    device_heads, the backend gets the heads as an int32 tensor on q's device (the oracle keeps host ints)."""
     b, nq, h, _ = q.shape
     dout = torch.randn(b, nq, h * v.shape[3], dtype=torch.float64, device=q.device)
+    op_heads = _device_heads(heads, q.device) if device_heads else heads
     with rk.use_backend(backend):
-        out, grads = _run(rk.ragged_attention, q, k, v, heads, kw, dout, scale)
+        out, grads = _run(rk.ragged_attention, q, k, v, op_heads, kw, dout, scale)
     oracle_out, oracle_grads = _run(ref.ragged_attention, q.double(), k.double(), v.double(), heads,
                                     _as(kw, torch.float64), dout, scale)
     same_out, same_grads = _run(ref.ragged_attention, q, k, v, heads, kw, dout, scale)
@@ -307,12 +315,13 @@ def _opcheck_cases():
     q, k, v = (t.requires_grad_() for t in _qkv(3, 16, 49, 2, 16, 32, torch.float32, "cpu", layout="plain"))
     table = torch.randn(2, 49, requires_grad=True)
     idx = rk.levit_bias_index(7, 2)
-    yield "index", (q, k, v, table, idx, None, [2, 1], [2, 1], 0.25, [])
-    yield "grid", (q, k, v, table, None, None, [2, 1], [2, 1], 0.25, [7, 2])
+    widths = torch.tensor([2, 1], dtype=torch.int32)
+    yield "index", (q, k, v, table, idx, None, [2, 1], widths, 0.25, [])
+    yield "grid", (q, k, v, table, None, None, [2, 1], widths, 0.25, [7, 2])
     qs, ks, vs = (t.detach().requires_grad_() for t in _qkv(3, 17, 17, 2, 16, 16, torch.float32, "cpu",
                                                             layout="segmented"))
     dense = torch.randn(2, 17, 17, requires_grad=True)
-    yield "dense_strided", (qs, ks, vs, None, None, dense, [2, 1], [2, 1], 0.25, [])
+    yield "dense_strided", (qs, ks, vs, None, None, dense, [2, 1], widths, 0.25, [])
 
 
 @pytest.mark.parametrize("backend", ["reference", "cpu", "triton"])
@@ -322,6 +331,18 @@ def test_opcheck(backend):
         with rk.use_backend(backend):
             result = torch.library.opcheck(torch.ops.resnas.ragged_attention_fwd.default, args)
         assert all(v == "SUCCESS" for v in result.values()), f"{backend}/{name}: {result}"
+
+
+def test_opcheck_cpp_ops():
+    """The C++ path: the public op `resnas::ragged_attention` (C++ autograd) and its kernels with their Python fakes."""
+    _require("cpu")
+    rk.ragged_attention(*_qkv(1, 4, 4, 1, 8, 8, torch.float32, "cpu"))  # first C++ call: registers the fakes
+    for name, args in _opcheck_cases():
+        result = torch.library.opcheck(torch.ops.resnas.ragged_attention.default, args)
+        assert all(v == "SUCCESS" for v in result.values()), f"ragged_attention/{name}: {result}"
+        detached = tuple(a.detach() if isinstance(a, torch.Tensor) else a for a in args)
+        result = torch.library.opcheck(torch.ops.resnas.ext_ragged_attention_fwd.default, detached)
+        assert all(v == "SUCCESS" for v in result.values()), f"ext_ragged_attention_fwd/{name}: {result}"
 
 
 def test_torch_compile_fullgraph_cpu():
@@ -422,21 +443,59 @@ def test_bad_heads_and_scale():
 
 
 def test_cpp_op_checks_its_arguments():
-    """Direct callers of the C++ op (bypassing the Python checks) still get named errors, and a bad index is caught
-    before any table read."""
+    """Direct callers of the C++ ops (bypassing the Python checks) get the public function's errors, and a bad index
+    is caught before any table read."""
     _require("cpu")
     q, k, v, t = _ok()
-    op = torch.ops.resnas.ext_ragged_attention_fwd
-    with pytest.raises(RuntimeError, match=r"bias_index values must lie in \[0, T\) = \[0, 9\)"):
-        op(q, k, v, t, torch.full((4, 9), 9, dtype=torch.int32), None, [2], [2], 1.0, [])
-    with pytest.raises(RuntimeError, match=r"bias_index values must lie in \[0, T\)"):
-        op(q, k, v, t, torch.full((4, 9), 2 ** 32 + 1, dtype=torch.long), None, [2], [2], 1.0, [])
-    with pytest.raises(RuntimeError, match=r"widths\[0\]=3 must lie in \[0, 2\]"):
-        op(q, k, v, None, None, None, [2], [3], 1.0, [])
-    with pytest.raises(RuntimeError, match=r"grid \[3, 1\] needs Nk = 9 and Nq = 9"):
-        op(q, k, v, t, None, None, [2], [2], 1.0, [3, 1])
-    with pytest.raises(RuntimeError, match=r"dense_bias must have shape"):
-        op(q, k, v, None, None, torch.zeros(3, 2, 4, 9), [2], [2], 1.0, [])
+    two = torch.tensor([2], dtype=torch.int32)
+    for op in (torch.ops.resnas.ext_ragged_attention_fwd, torch.ops.resnas.ragged_attention):
+        with pytest.raises(ValueError, match=r"bias_index values must lie in \[0, T\) = \[0, 9\)"):
+            op(q, k, v, t, torch.full((4, 9), 9, dtype=torch.int32), None, [2], two, 1.0, [])
+        with pytest.raises(ValueError, match=r"bias_index values must lie in \[0, T\)"):
+            op(q, k, v, t, torch.full((4, 9), 2 ** 32 + 1, dtype=torch.long), None, [2], two, 1.0, [])
+        with pytest.raises(ValueError, match=r"widths\[0\]=3 must lie in \[0, 2\] \(the bound of q \(dim 2, H_max\)\)"):
+            op(q, k, v, None, None, None, [2], torch.tensor([3], dtype=torch.int32), 1.0, [])
+        with pytest.raises(ValueError, match=r"bias_grid=\(3, 1\) means Nk = R\^2 = 9 keys and Nq = .* = 9"):
+            op(q, k, v, t, None, None, [2], two, 1.0, [3, 1])
+        with pytest.raises(ValueError, match=r"dense_bias must have shape"):
+            op(q, k, v, None, None, torch.zeros(3, 2, 4, 9), [2], two, 1.0, [])
+        with pytest.raises(ValueError, match=r"sum of group sizes \(3, sizes=\(1, 2\)\) must equal the batch size"):
+            op(q, k, v, None, None, None, [1, 2], torch.tensor([2, 2], dtype=torch.int32), 1.0, [])
+        with pytest.raises(TypeError, match=r"bias_table must have q's dtype \(torch.float32\) or float32"):
+            op(q, k, v, t.double(), None, None, [2], two, 1.0, [3, 2])
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
+def test_bad_heads_tensor(backend):
+    """A heads tensor of the wrong dtype, length or device, or with values outside [0, H_max] (readable on the host
+    for CPU tensors), gets a named error on every backend, through the public function and the ops."""
+    _require(backend)
+    q, k, v, _ = _ok()  # B = 2, H_max = 2
+    with rk.use_backend(backend):
+        with pytest.raises(ValueError, match=r"widths\[1\]=3 must lie in \[0, 2\]"):
+            rk.ragged_attention(q, k, v, Ragged((1, 1), torch.tensor([2, 3], dtype=torch.int32)))
+        with pytest.raises(ValueError, match=r"widths\[0\]=-1 must lie in \[0, 2\]"):
+            rk.ragged_attention(q, k, v, Ragged((1, 1), torch.tensor([-1, 2], dtype=torch.int32)))
+        with pytest.raises(ValueError, match=r"widths must be on the same device as q"):
+            rk.ragged_attention(q, k, v, Ragged((1, 1), torch.tensor([2, 2], dtype=torch.int32, device="meta")))
+        with pytest.raises(ValueError, match=r"sum of group sizes \(3"):
+            rk.ragged_attention(q, k, v, Ragged((1, 2), torch.tensor([2, 2], dtype=torch.int32)))
+    # dtype and length: refused when the metadata is built, and by the ops themselves
+    with pytest.raises(TypeError, match=r"widths must be an int32 tensor"):
+        Ragged((1, 1), torch.tensor([2, 2]))
+    with pytest.raises(ValueError, match=r"widths must have one entry per group"):
+        Ragged((1, 1), torch.tensor([2, 2, 2], dtype=torch.int32))
+    ops = [torch.ops.resnas.ragged_attention_fwd]
+    if backend == "cpu":
+        ops += [torch.ops.resnas.ragged_attention, torch.ops.resnas.ext_ragged_attention_fwd]
+    with rk.use_backend(backend):
+        for op in ops:
+            with pytest.raises(TypeError, match=r"widths must be an int32 tensor"):
+                op(q, k, v, None, None, None, [1, 1], torch.tensor([2, 2]), 1.0, [])
+            with pytest.raises(ValueError, match=r"widths must have (shape \(2,\)|one entry per group)"):
+                op(q, k, v, None, None, None, [1, 1], torch.tensor([2, 2, 2], dtype=torch.int32), 1.0, [])
+            with pytest.raises(ValueError, match=r"widths\[1\]=5 must lie in \[0, 2\]"):
+                op(q, k, v, None, None, None, [1, 1], torch.tensor([1, 5], dtype=torch.int32), 1.0, [])
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -568,31 +627,108 @@ def test_auto_pick_does_not_measure_when_it_cannot(monkeypatch):
 def test_auto_pick_stays_off_the_cpu_path(monkeypatch):
     """On CPU tensors the forward runs the C++ kernel directly: the picker is never consulted."""
     _require("cpu")
-    import importlib
     mod = importlib.import_module("resnas_kernels.ops.ragged_attention")
     monkeypatch.setattr(mod.FWD_PICKER, "pick", lambda *a, **k: pytest.fail("picker used on CPU"))
     q, k, v = _qkv(2, 16, 16, 2, 16, 16, torch.float32, "cpu")
     rk.ragged_attention(q, k, v)
 
 
-def test_eager_cpu_fast_path_matches_the_custom_op():
-    """Without gradients, eager CPU calls skip the custom op's dispatch and run its body directly (and the backward
-    calls the backward body directly): same bits as going through torch.ops.resnas.*."""
+def test_cpp_op_matches_the_python_custom_op():
+    """The cpu backend's one-hop C++ op (with its C++ autograd) gives the same bits, forward and backward, as the
+    Python custom op running the same kernels."""
     _require("cpu")
-    heads = Ragged((2, 1), (3, 1))
+    sizes, widths = [2, 1], torch.tensor([3, 1], dtype=torch.int32)
     q, k, v = _qkv(3, 16, 49, 3, 16, 32, torch.float32, "cpu")
     table = torch.randn(3, 49)
-    with torch.inference_mode():
-        fast = rk.ragged_attention(q, k, v, heads, bias_table=table, bias_grid=(7, 2))
-    slow, _ = torch.ops.resnas.ragged_attention_fwd(q, k, v, table, None, None, [2, 1], [3, 1], 0.25, [7, 2])
-    assert torch.equal(fast, slow)
-    # the backward: through the direct path (eager) and through the op (as torch.compile's graphs call it)
+    dout = torch.randn(3, 16, 3 * 32)
     leaves = [t.clone().requires_grad_() for t in (q, k, v, table)]
-    out = rk.ragged_attention(*leaves[:3], heads, bias_table=leaves[3], bias_grid=(7, 2))
-    dout = torch.randn_like(out)
+    with torch.inference_mode():  # inference tensors skip the Autograd key: the CompositeExplicitAutograd kernel
+        fast = torch.ops.resnas.ragged_attention(q, k, v, table, None, None, sizes, widths, 0.25, [7, 2])
+    out = torch.ops.resnas.ragged_attention(*leaves, None, None, sizes, widths, 0.25, [7, 2])
     grads = torch.autograd.grad(out, leaves, dout)
-    _, lse = torch.ops.resnas.ragged_attention_fwd(q, k, v, table, None, None, [2, 1], [3, 1], 0.25, [7, 2])
-    ref_grads = torch.ops.resnas.ragged_attention_bwd(dout, q, k, v, slow, lse, table, None, None, [2, 1], [3, 1],
-                                                      0.25, [7, 2], True, False)
+    with rk.use_backend("cpu"):
+        slow, lse = torch.ops.resnas.ragged_attention_fwd(q, k, v, table, None, None, sizes, widths, 0.25, [7, 2])
+        ref_grads = torch.ops.resnas.ragged_attention_bwd(dout, q, k, v, slow, lse, table, None, None, sizes, widths,
+                                                          0.25, [7, 2], True, False)
+    assert torch.equal(fast, slow) and torch.equal(out, slow)
     for a, b in zip(grads, ref_grads[:4]):
         assert torch.equal(a, b)
+    # only the gradients asked for are computed: no table gradient without the table among the inputs
+    g_q, = torch.autograd.grad(torch.ops.resnas.ragged_attention(*leaves, None, None, sizes, widths, 0.25, [7, 2]),
+                               leaves[:1], dout)
+    assert torch.equal(g_q, ref_grads[0])
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Heads as device metadata (an int32 tensor): every backend against the reference, kernels clamp, compile once
+# ---------------------------------------------------------------------------------------------------------------------
+DEVICE_HEADS = [  # (Nq, Nk, d, dv, H, sizes, widths, bias kind, grid)
+    (17, 17, 16, 32, 3, (1, 0, 2), (3, 2, 1), "index", None),     # d_v != d_qk, an empty group, one-sample group
+    (16, 49, 48, 16, 2, (2, 1), (2, 0), "grid", (7, 2)),          # LeViT shrink 49 -> 16, a 0-head group, d 48
+    (49, 49, 32, 32, 2, (1, 2), (1, 2), "grid", (7, 1)),          # N = 49, table via the grid (tiled on Triton)
+    (17, 17, 32, 16, 2, (3,), (1,), "dense_b", None),             # one group
+]
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
+@pytest.mark.parametrize("case", DEVICE_HEADS, ids=lambda c: f"{c[0]}x{c[1]}-d{c[2]}v{c[3]}-{c[7]}")
+def test_device_heads_against_reference(backend, case):
+    _require(backend)
+    nq, nk, d, dv, h, sizes, widths, kind, grid = case
+    heads = Ragged(sizes, widths)
+    q, k, v = _qkv(heads.batch, nq, nk, h, d, dv, torch.float32, "cpu")
+    _check_against_oracle(backend, q, k, v, heads, _bias(kind, heads.batch, nq, nk, h, torch.float32, "cpu", grid),
+                          device_heads=True)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_kernels_clamp_head_counts(backend):
+    """Widths outside [0, H_max] (possible on CUDA, where values are not read on the host) act as clamped: the
+    launchers' output equals the one for the clamped widths, and nothing outside the tensors is touched."""
+    mod = importlib.import_module("resnas_kernels.ops.ragged_attention")
+    fwd, bwd = {"reference": (mod._reference_fwd, mod._reference_bwd), "triton": (mod._triton_fwd, mod._triton_bwd)}[
+        backend]
+    sizes = [1, 2, 1]
+    q, k, v = _qkv(4, 17, 17, 2, 16, 16, torch.float32, "cpu")
+    dense = torch.randn(2, 17, 17)
+    dout = torch.randn(4, 17, 2 * 16)
+    bad, clamped = (torch.tensor(w, dtype=torch.int32) for w in ([7, -3, 1], [2, 0, 1]))
+    results = []
+    for widths in (bad, clamped):
+        out, lse = fwd(q, k, v, None, None, dense, sizes, widths, 0.25, [])
+        results.append((out, lse, *bwd(dout, q, k, v, out, lse, None, None, dense, sizes, widths, 0.25, [], False,
+                                       True)))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    assert results[0][0].abs().sum() > 0
+
+
+@pytest.mark.parametrize("backend", ["reference", "cpu"])
+def test_compile_once_for_new_heads_tensors(backend):
+    """torch.compile(fullgraph=True) of the op: 3 heads tensors of one shape (new architectures) run one compiled
+    graph (forward and backward), with outputs and gradients equal to eager."""
+    from torch._dynamo.testing import CompileCounterWithBackend
+
+    _require(backend)
+    torch._dynamo.reset()
+    sizes = (2, 1, 1)
+    q, k, v = _qkv(4, 16, 49, 2, 16, 32, torch.float32, "cpu")
+    table = torch.randn(2, 49)
+    dout = torch.randn(4, 16, 2 * 32)
+
+    def fn(q, k, v, table, widths):
+        return rk.ragged_attention(q, k, v, Ragged(sizes, widths), bias_table=table, bias_grid=(7, 2))
+
+    counter = CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(fn, backend=counter, fullgraph=True)
+    with rk.use_backend(backend):
+        for widths in ([2, 1, 0], [1, 2, 2], [0, 0, 1]):
+            w = torch.tensor(widths, dtype=torch.int32)
+            results = []
+            for f in (compiled, fn):
+                leaves = [t.detach().clone().requires_grad_() for t in (q, k, v, table)]
+                out = f(*leaves, w)
+                results.append((out, *torch.autograd.grad(out, leaves, dout)))
+            for name, a, b in zip(("out", "dq", "dk", "dv", "dtable"), *results):
+                assert torch.equal(a, b), f"{backend} {widths}: {name} differs from eager"
+    assert counter.frame_count == 1, f"{backend}: {counter.frame_count} compilations for 3 heads tensors"

@@ -25,6 +25,8 @@
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/csrc/autograd/custom_function.h>
 #include <torch/library.h>
 
 #include <algorithm>
@@ -407,18 +409,31 @@ void sum_partials(const acc_t* part, int64_t chunks, int64_t cols, acc_t* out) {
 }
 
 // Zeroes heads [w_g, H) of every group along `head_dim` of t (dim 0 = samples).
-void zero_inactive_heads(at::Tensor& t, int64_t head_dim, int64_t per_head, c10::IntArrayRef sizes,
-                         c10::IntArrayRef widths, int64_t H) {
-  int64_t start = 0;
-  for (size_t g = 0; g < sizes.size(); ++g) {
-    if (sizes[g] > 0 && widths[g] < H)
-      t.narrow(0, start, sizes[g]).narrow(head_dim, widths[g] * per_head, (H - widths[g]) * per_head).zero_();
-    start += sizes[g];
+void zero_inactive_heads(at::Tensor& t, int64_t head_dim, int64_t per_head, const GroupTable& groups, int64_t H) {
+  for (int64_t g = 0; g < groups.num_groups(); ++g) {
+    const int64_t w = groups.widths[g];
+    if (groups.rows(g) > 0 && w < H)
+      t.narrow(0, groups.row_start[g], groups.rows(g)).narrow(head_dim, w * per_head, (H - w) * per_head).zero_();
   }
 }
 
+// The heads metadata on the host: the CPU widths tensor's values, checked against [0, H] (make_group_table), and the
+// active heads of every sample.
+struct HeadTable {
+  GroupTable groups;
+  std::vector<int64_t> sample_heads;  // length B
+};
+
+HeadTable read_heads(const AttentionShape& shape, c10::IntArrayRef sizes, const at::Tensor& widths, const char* op) {
+  HeadTable t{make_group_table(sizes, widths, shape.B, shape.H, op, "q (dim 2, H_max)", "widths"), {}};
+  t.sample_heads.reserve(shape.B);
+  for (int64_t g = 0; g < t.groups.num_groups(); ++g)
+    t.sample_heads.insert(t.sample_heads.end(), t.groups.rows(g), t.groups.widths[g]);
+  return t;
+}
+
 // (Nq, Nk) int32 index: the given one, checked against [0, T), or the LeViT grid's.
-at::Tensor make_index(const AttentionShape& shape, const std::optional<at::Tensor>& index, const char* op) {
+at::Tensor make_index(const AttentionShape& shape, const std::optional<at::Tensor>& index) {
   if (shape.grid_r > 0) {
     at::Tensor idx = at::empty({shape.Nq, shape.Nk}, at::TensorOptions().dtype(at::kInt));
     int32_t* d = idx.mutable_data_ptr<int32_t>();
@@ -435,11 +450,11 @@ at::Tensor make_index(const AttentionShape& shape, const std::optional<at::Tenso
   at::Tensor idx = index->to(at::kInt).contiguous();
   const int32_t* d = idx.const_data_ptr<int32_t>();
   for (int64_t n = 0; n < idx.numel(); ++n)
-    TORCH_CHECK(d[n] >= 0 && d[n] < shape.T, op, ": bias_index values must lie in [0, T) = [0, ", shape.T,
-                "), got ", d[n], " at flat position ", n);
+    TORCH_CHECK_VALUE(d[n] >= 0 && d[n] < shape.T, "bias_index values must lie in [0, T) = [0, ", shape.T,
+                      ") (T = bias_table.shape[1]), got ", d[n], " at flat position ", n);
   // int64 values that wrapped in the int32 conversion would pass the range check: compare with the original.
   if (index->scalar_type() == at::kLong)
-    TORCH_CHECK(at::equal(idx.to(at::kLong), index->contiguous()), op, ": bias_index values must lie in [0, T) = [0, ",
+    TORCH_CHECK_VALUE(at::equal(idx.to(at::kLong), index->contiguous()), "bias_index values must lie in [0, T) = [0, ",
                 shape.T, ")");
   return idx;
 }
@@ -488,8 +503,8 @@ void set_bias(Problem<scalar_t, acc_t>& p, const AttentionShape& shape, const at
 }
 
 template <typename scalar_t, typename acc_t>
-Problem<scalar_t, acc_t> make_problem(const AttentionShape& shape, const at::Tensor& q, const at::Tensor& k,
-                                      const at::Tensor& v, double scale) {
+Problem<scalar_t, acc_t> make_problem(const AttentionShape& shape, const HeadTable& heads, const at::Tensor& q,
+                                      const at::Tensor& k, const at::Tensor& v, double scale) {
   Problem<scalar_t, acc_t> p;
   p.B = shape.B; p.Nq = shape.Nq; p.Nk = shape.Nk; p.H = shape.H; p.Dqk = shape.Dqk; p.Dv = shape.Dv;
   p.q = q.const_data_ptr<scalar_t>(); p.k = k.const_data_ptr<scalar_t>(); p.v = v.const_data_ptr<scalar_t>();
@@ -497,7 +512,7 @@ Problem<scalar_t, acc_t> make_problem(const AttentionShape& shape, const at::Ten
   p.ksb = k.stride(0); p.ksn = k.stride(1); p.ksh = k.stride(2);
   p.vsb = v.stride(0); p.vsn = v.stride(1); p.vsh = v.stride(2);
   p.scale = static_cast<acc_t>(scale);
-  p.heads = shape.sample_heads.data();
+  p.heads = heads.sample_heads.data();
   return p;
 }
 
@@ -507,25 +522,26 @@ AttentionFwdOut ragged_attention_fwd_cpu(const at::Tensor& q, const at::Tensor& 
                                          const std::optional<at::Tensor>& bias_table,
                                          const std::optional<at::Tensor>& bias_index,
                                          const std::optional<at::Tensor>& dense_bias, c10::IntArrayRef sizes,
-                                         c10::IntArrayRef widths, double scale, c10::IntArrayRef grid) {
+                                         const at::Tensor& widths, double scale, c10::IntArrayRef grid) {
   const AttentionShape shape = attention_detail::check_args(q, k, v, bias_table, bias_index, dense_bias, sizes,
                                                             widths, scale, grid, at::kCPU, kFwdName);
+  const HeadTable heads = read_heads(shape, sizes, widths, kFwdName);
   const auto acc = attention_detail::acc_dtype(q.scalar_type());
   at::Tensor out = at::empty({shape.B, shape.Nq, shape.H * shape.Dv}, q.options());
   at::Tensor lse = at::empty({shape.B, shape.H, shape.Nq}, q.options().dtype(acc));
-  zero_inactive_heads(out, 2, shape.Dv, sizes, widths, shape.H);
-  zero_inactive_heads(lse, 1, 1, sizes, widths, shape.H);
+  zero_inactive_heads(out, 2, shape.Dv, heads.groups, shape.H);
+  zero_inactive_heads(lse, 1, 1, heads.groups, shape.H);
   const bool has_table = shape.T > 0;
   const at::Tensor table = has_table ? bias_table->to(acc).contiguous() : at::Tensor();
-  const at::Tensor index = has_table ? make_index(shape, bias_index, kFwdName) : at::Tensor();
+  const at::Tensor index = has_table ? make_index(shape, bias_index) : at::Tensor();
   const at::Tensor planes = bias_planes(shape, table, index, dense_bias, acc);
   std::vector<std::pair<int64_t, int64_t>> pairs;  // active (sample, head) pairs: the only work there is
   for (int64_t b = 0; b < shape.B; ++b)
-    for (int64_t h = 0; h < shape.sample_heads[b]; ++h) pairs.emplace_back(b, h);
+    for (int64_t h = 0; h < heads.sample_heads[b]; ++h) pairs.emplace_back(b, h);
   if (pairs.empty()) return {out, lse};
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), kFwdName, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto p = make_problem<scalar_t, acc_t>(shape, q, k, v, scale);
+    auto p = make_problem<scalar_t, acc_t>(shape, heads, q, k, v, scale);
     set_bias(p, shape, table, index, planes);
     scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     acc_t* lse_ptr = lse.mutable_data_ptr<acc_t>();
@@ -547,35 +563,27 @@ AttentionBwdOut ragged_attention_bwd_cpu(const at::Tensor& dout_in, const at::Te
                                          const std::optional<at::Tensor>& bias_table,
                                          const std::optional<at::Tensor>& bias_index,
                                          const std::optional<at::Tensor>& dense_bias, c10::IntArrayRef sizes,
-                                         c10::IntArrayRef widths, double scale, c10::IntArrayRef grid,
+                                         const at::Tensor& widths, double scale, c10::IntArrayRef grid,
                                          bool need_table_grad, bool need_dense_grad, int64_t chunk) {
   const AttentionShape shape = attention_detail::check_args(q, k, v, bias_table, bias_index, dense_bias, sizes,
                                                             widths, scale, grid, at::kCPU, kBwdName);
+  attention_detail::check_bwd_args(shape, q, dout_in, out_in, lse_in);
+  TORCH_CHECK_VALUE(chunk >= 1, kBwdName, ": chunk must be >= 1, got ", chunk);
+  const HeadTable heads = read_heads(shape, sizes, widths, kBwdName);
   const auto acc = attention_detail::acc_dtype(q.scalar_type());
   const int64_t B = shape.B, H = shape.H, Nq = shape.Nq, Nk = shape.Nk;
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{dout_in, "dout"}, {out_in, "out"}}) {
-    TORCH_CHECK(t.defined() && t.dim() == 3 && t.size(0) == B && t.size(1) == Nq && t.size(2) == H * shape.Dv,
-                kBwdName, ": ", name, " must have shape (B, Nq, H*Dv) = (", B, ", ", Nq, ", ", H * shape.Dv,
-                "), got ", t.defined() ? t.sizes() : c10::IntArrayRef{});
-    TORCH_CHECK(t.scalar_type() == q.scalar_type() && t.device() == q.device(), kBwdName, ": ", name,
-                " must have q's dtype and device");
-  }
-  TORCH_CHECK(lse_in.defined() && lse_in.dim() == 3 && lse_in.size(0) == B && lse_in.size(1) == H &&
-                  lse_in.size(2) == Nq && lse_in.scalar_type() == acc,
-              kBwdName, ": lse must be (B, H, Nq) = (", B, ", ", H, ", ", Nq, ") of dtype ", acc);
-  TORCH_CHECK(chunk >= 1, kBwdName, ": chunk must be >= 1, got ", chunk);
   const bool table_grad = need_table_grad && shape.T > 0;
   const bool dense_grad = need_dense_grad && shape.dense_lead != 0;
   const at::Tensor dout = dout_in.contiguous(), out = out_in.contiguous(), lse = lse_in.contiguous();
   at::Tensor dq = at::empty({B, Nq, H, shape.Dqk}, q.options());
   at::Tensor dk = at::empty({B, Nk, H, shape.Dqk}, q.options());
   at::Tensor dv = at::empty({B, Nk, H, shape.Dv}, q.options());
-  zero_inactive_heads(dq, 2, 1, sizes, widths, H);
-  zero_inactive_heads(dk, 2, 1, sizes, widths, H);
-  zero_inactive_heads(dv, 2, 1, sizes, widths, H);
+  zero_inactive_heads(dq, 2, 1, heads.groups, H);
+  zero_inactive_heads(dk, 2, 1, heads.groups, H);
+  zero_inactive_heads(dv, 2, 1, heads.groups, H);
   const bool has_table = shape.T > 0;
   const at::Tensor table = has_table ? bias_table->to(acc).contiguous() : at::Tensor();
-  const at::Tensor index = has_table ? make_index(shape, bias_index, kBwdName) : at::Tensor();
+  const at::Tensor index = has_table ? make_index(shape, bias_index) : at::Tensor();
   const at::Tensor planes = bias_planes(shape, table, index, dense_bias, acc);
 
   const bool per_sample_dense = dense_grad && shape.dense_lead == -1;
@@ -592,7 +600,7 @@ AttentionBwdOut ragged_attention_bwd_cpu(const at::Tensor& dout_in, const at::Te
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), kBwdName, [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    auto p = make_problem<scalar_t, acc_t>(shape, q, k, v, scale);
+    auto p = make_problem<scalar_t, acc_t>(shape, heads, q, k, v, scale);
     set_bias(p, shape, table, index, planes);
     const scalar_t* dout_ptr = dout.const_data_ptr<scalar_t>();
     const scalar_t* out_ptr = out.const_data_ptr<scalar_t>();
@@ -622,7 +630,7 @@ AttentionBwdOut ragged_attention_bwd_cpu(const at::Tensor& dout_in, const at::Te
           sink.per_sample = ddense_ptr;
           bool any = false;
           for (int64_t b = c * chunk; b < std::min(B, (c + 1) * chunk); ++b) {
-            if (h >= shape.sample_heads[b]) continue;
+            if (h >= heads.sample_heads[b]) continue;
             if (!scratch) scratch.emplace(Nk, shape.Dqk, shape.Dv);
             bwd_pair<scalar_t, acc_t, decltype(kD)::value, decltype(kDv)::value>(
                 p, b, h, *scratch, dout_ptr, out_ptr, lse_ptr, dq_ptr, dk_ptr, dv_ptr, sink);
@@ -662,20 +670,134 @@ AttentionBwdOut ragged_attention_bwd_cpu(const at::Tensor& dout_in, const at::Te
   return {dq, dk, dv, dtable, ddense};
 }
 
+// ---------------------------------------------------------------------------------------------------------------------
+// resnas::ragged_attention: the public op of the C++ backend, one dispatcher hop from Python. Its Autograd kernel runs
+// the ext_* kernels through the dispatcher (so torch.compile's tracing sees them and uses their Python fake kernels);
+// the argument checks run once, in the forward kernel (check_args), and again only if a backward runs.
+// ---------------------------------------------------------------------------------------------------------------------
+namespace {
+
+using FwdSignature = AttentionFwdOut(const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                     const std::optional<at::Tensor>&, c10::IntArrayRef, const at::Tensor&, double,
+                                     c10::IntArrayRef);
+using BwdSignature = AttentionBwdOut(const at::Tensor&, const at::Tensor&, const at::Tensor&, const at::Tensor&,
+                                     const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                     c10::IntArrayRef, const at::Tensor&, double, c10::IntArrayRef, bool, bool, int64_t);
+
+AttentionFwdOut call_fwd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                         const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& index,
+                         const std::optional<at::Tensor>& dense, c10::IntArrayRef sizes, const at::Tensor& widths,
+                         double scale, c10::IntArrayRef grid) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("resnas::ext_ragged_attention_fwd", "")
+                             .typed<FwdSignature>();
+  return op.call(q, k, v, table, index, dense, sizes, widths, scale, grid);
+}
+
+// Samples per bias-gradient task: `_bias_chunk` in resnas_kernels/ops/ragged_attention.py (a function of the batch
+// size only, so the bias gradient's bits depend on the shape only).
+int64_t bias_chunk(int64_t batch, bool per_sample_dense) {
+  return per_sample_dense ? 1 : std::max<int64_t>(1, std::min<int64_t>(8, batch));
+}
+
+class RaggedAttentionFunction : public torch::autograd::Function<RaggedAttentionFunction> {
+ public:
+  static torch::autograd::variable_list forward(torch::autograd::AutogradContext* ctx, const at::Tensor& q,
+                                                const at::Tensor& k, const at::Tensor& v,
+                                                const std::optional<at::Tensor>& table,
+                                                const std::optional<at::Tensor>& index,
+                                                const std::optional<at::Tensor>& dense, c10::IntArrayRef sizes,
+                                                const at::Tensor& widths, double scale, c10::IntArrayRef grid) {
+    at::AutoDispatchBelowADInplaceOrView below_autograd;
+    auto [out, lse] = call_fwd(q, k, v, table, index, dense, sizes, widths, scale, grid);
+    const at::Tensor none;
+    ctx->save_for_backward({q, k, v, out, lse, table.value_or(none), index.value_or(none), dense.value_or(none),
+                            widths});
+    ctx->saved_data["sizes"] = sizes.vec();
+    ctx->saved_data["grid"] = grid.vec();
+    ctx->saved_data["scale"] = scale;
+    // Edge indices of bias_table and dense_bias among the tensor inputs (undefined optionals have no edge).
+    const bool has_table = table.has_value() && table->defined(), has_index = index.has_value() && index->defined();
+    ctx->saved_data["table_edge"] = static_cast<int64_t>(has_table ? 3 : -1);
+    ctx->saved_data["dense_edge"] = static_cast<int64_t>(3 + has_table + has_index);
+    return {out};
+  }
+
+  static torch::autograd::variable_list backward(torch::autograd::AutogradContext* ctx,
+                                                 torch::autograd::variable_list grads) {
+    static const auto op = c10::Dispatcher::singleton()
+                               .findSchemaOrThrow("resnas::ext_ragged_attention_bwd", "")
+                               .typed<BwdSignature>();
+    const auto saved = ctx->get_saved_variables();
+    const at::Tensor &q = saved[0], &k = saved[1], &v = saved[2], &out = saved[3], &lse = saved[4];
+    const at::Tensor &table = saved[5], &index = saved[6], &dense = saved[7], &widths = saved[8];
+    const int64_t table_edge = ctx->saved_data["table_edge"].toInt();
+    const bool need_table = table.defined() && ctx->needs_input_grad(table_edge);
+    const bool need_dense = dense.defined() && ctx->needs_input_grad(ctx->saved_data["dense_edge"].toInt());
+    const auto opt = [](const at::Tensor& t) { return t.defined() ? std::optional<at::Tensor>(t) : std::nullopt; };
+    const std::vector<int64_t> sizes = ctx->saved_data["sizes"].toIntVector();
+    const std::vector<int64_t> grid = ctx->saved_data["grid"].toIntVector();
+    auto [dq, dk, dv, dtable, ddense] =
+        op.call(grads[0], q, k, v, out, lse, opt(table), opt(index), opt(dense), sizes, widths,
+                ctx->saved_data["scale"].toDouble(), grid, need_table, need_dense,
+                bias_chunk(q.size(0), dense.defined() && dense.dim() == 4));
+    const at::Tensor none;
+    return {dq, dk, dv, need_table ? dtable : none, none, need_dense ? ddense : none, none, none, none, none};
+  }
+};
+
+bool any_requires_grad(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                       const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& dense) {
+  const auto opt = [](const std::optional<at::Tensor>& t) { return t.has_value() && t->defined() && t->requires_grad(); };
+  return q.requires_grad() || k.requires_grad() || v.requires_grad() || opt(table) || opt(dense);
+}
+
+// Autograd key: a graph node only when some input needs a gradient; otherwise straight to the forward kernel.
+at::Tensor ragged_attention_autograd(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                     const std::optional<at::Tensor>& table, const std::optional<at::Tensor>& index,
+                                     const std::optional<at::Tensor>& dense, c10::IntArrayRef sizes,
+                                     const at::Tensor& widths, double scale, c10::IntArrayRef grid) {
+  if (at::GradMode::is_enabled() && any_requires_grad(q, k, v, table, dense))
+    return RaggedAttentionFunction::apply(q, k, v, table, index, dense, sizes, widths, scale, grid)[0];
+  at::AutoDispatchBelowADInplaceOrView below_autograd;
+  return std::get<0>(call_fwd(q, k, v, table, index, dense, sizes, widths, scale, grid));
+}
+
+// Below autograd (inference tensors, or called below the Autograd key): the forward only.
+at::Tensor ragged_attention_forward_only(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                         const std::optional<at::Tensor>& table,
+                                         const std::optional<at::Tensor>& index,
+                                         const std::optional<at::Tensor>& dense, c10::IntArrayRef sizes,
+                                         const at::Tensor& widths, double scale, c10::IntArrayRef grid) {
+  return std::get<0>(call_fwd(q, k, v, table, index, dense, sizes, widths, scale, grid));
+}
+
+}  // namespace
 }  // namespace resnas
 
 TORCH_LIBRARY_FRAGMENT(resnas, m) {
   m.def(
       "ext_ragged_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias_table, Tensor? bias_index, "
-      "Tensor? dense_bias, int[] sizes, int[] widths, float scale, int[] grid) -> (Tensor, Tensor)");
+      "Tensor? dense_bias, int[] sizes, Tensor widths, float scale, int[] grid) -> (Tensor, Tensor)");
   m.def(
       "ext_ragged_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? bias_table, Tensor? bias_index, Tensor? dense_bias, int[] sizes, int[] widths, float scale, "
+      "Tensor? bias_table, Tensor? bias_index, Tensor? dense_bias, int[] sizes, Tensor widths, float scale, "
       "int[] grid, bool need_table_grad, bool need_dense_grad, int chunk) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+  m.def(
+      "ragged_attention(Tensor q, Tensor k, Tensor v, Tensor? bias_table, Tensor? bias_index, Tensor? dense_bias, "
+      "int[] sizes, Tensor widths, float scale, int[] grid) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(resnas, CPU, m) {
   m.impl("ext_ragged_attention_fwd", &resnas::ragged_attention_fwd_cpu);
   m.impl("ext_ragged_attention_bwd", &resnas::ragged_attention_bwd_cpu);
+}
+
+TORCH_LIBRARY_IMPL(resnas, Autograd, m) { m.impl("ragged_attention", &resnas::ragged_attention_autograd); }
+
+TORCH_LIBRARY_IMPL(resnas, CompositeExplicitAutograd, m) {
+  m.impl("ragged_attention", &resnas::ragged_attention_forward_only);
 }

@@ -3,8 +3,10 @@
 // resnas_kernels/ops/ragged_attention.py).
 //
 // Design (small N, written to be obviously correct rather than clever):
-// - Block (query-row slab of kRowsPerBlock rows, head h, sample b), kWarps warps. An inactive (b, h) block only writes
-//   zeros. An active block stages K_h and V_h of its sample in shared memory as fp32 (K rows padded by one float so
+// - Block (query-row slab of kRowsPerBlock rows, head h, sample b), kWarps warps. The heads of sample b are read on
+//   the device: widths[g] of its group g (found in the static group starts passed by value), clamped to [0, H], so
+//   the launch never reads the metadata on the host (no sync; a CUDA graph replays with new widths). An inactive
+//   (b, h) block only writes zeros. An active block stages K_h and V_h of its sample in shared memory as fp32 (K rows padded by one float so
 //   the lanes' column reads hit distinct banks), then each warp takes one query row at a time:
 //     lane l scores keys j = l, l + 32, ... (<= kMaxKeysPerLane per lane, so Nk <= 256), adds the bias, and the warp
 //     reduces max and sum with shuffles; the probabilities go to the warp's shared row, and lane l accumulates output
@@ -13,8 +15,8 @@
 // - Bias: the table (as fp32) with the index read from an int32 (Nq, Nk) tensor, or with the LeViT grid computed
 //   in-kernel; or a dense (1|H|B*H, Nq, Nk) bias (as fp32). Out-of-range table columns read as 0 (the Python op checks
 //   the index first; this only guarantees no out-of-bounds read).
-// - Limits: Nk <= 256, d_qk <= 128, d_v <= 128, shared memory <= kMaxSmemBytes; the Python op sends other shapes to
-//   the Triton kernels. fp64 is not supported here (the Python op uses the reference for fp64).
+// - Limits: Nk <= 256, d_qk <= 128, d_v <= 128, shared memory <= kMaxSmemBytes, at most kMaxGroups groups; the
+//   Python op sends other shapes to the Triton kernels. fp64 is not supported here (the Python op uses the reference for fp64).
 // - Not benchmarked or run by its author (no GPU was available); it is compiled for sm_80 / sm_90 with the package.
 // Only c10/cuda headers: ATen/cuda/CUDAContext.h pulls in cusparse / cublas headers a minimal toolkit lacks.
 #include <ATen/ATen.h>
@@ -39,6 +41,9 @@ constexpr int kRowsPerBlock = 64;
 constexpr int kMaxKeysPerLane = 8;         // Nk <= 8 * 32 = 256
 constexpr int kMaxOutPerLane = 4;          // d_v <= 4 * 32 = 128
 constexpr int64_t kMaxSmemBytes = 96 * 1024;  // within every sm_80+ opt-in limit
+// Group starts travel in the kernel's parameters (1 KB of its 4 KB), read in place (__grid_constant__: no per-thread
+// copy of the struct), so a launch needs no host-to-device copy of metadata.
+constexpr int kMaxGroups = 256;
 
 struct FwdParams {
   const void* q;
@@ -46,7 +51,7 @@ struct FwdParams {
   const void* v;
   void* out;
   float* lse;
-  const int32_t* heads;  // (B,) active heads per sample
+  const int32_t* widths;  // (G,) active heads per group, device metadata (clamped to [0, H] where read)
   const float* table;    // (H, T) or null
   const int32_t* index;  // (Nq, Nk) or null (grid or no table)
   const float* dense;    // (1|H|B*H, Nq, Nk) or null
@@ -55,7 +60,16 @@ struct FwdParams {
   int grid_r, grid_s, grid_rq;  // grid_r > 0: LeViT grid index
   int dense_lead;               // 0 none, 1 shared, H per head, -1 per sample
   float scale;
+  int num_groups;
+  int group_start[kMaxGroups + 1];  // samples of group g: [group_start[g], group_start[g + 1]); static
 };
+
+// Active heads of sample b: its group's width, clamped to [0, H] whatever the tensor holds.
+__device__ __forceinline__ int active_heads(const FwdParams& p, int b) {
+  int g = 0;
+  while (g + 1 < p.num_groups && b >= p.group_start[g + 1]) ++g;
+  return min(max(p.widths[g], 0), p.H);
+}
 
 __device__ __forceinline__ float warp_max(float x) {
   for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, o));
@@ -86,7 +100,7 @@ __device__ __forceinline__ float bias_at(const FwdParams& p, int b, int h, int i
 }
 
 template <typename scalar_t>
-__global__ void __launch_bounds__(kThreads) attn_fwd_warp_per_row_kernel(FwdParams p) {
+__global__ void __launch_bounds__(kThreads) attn_fwd_warp_per_row_kernel(const __grid_constant__ FwdParams p) {
   extern __shared__ float smem[];
   const int b = blockIdx.z, h = blockIdx.y;
   const int row0 = blockIdx.x * kRowsPerBlock;
@@ -95,7 +109,7 @@ __global__ void __launch_bounds__(kThreads) attn_fwd_warp_per_row_kernel(FwdPara
   scalar_t* out = static_cast<scalar_t*>(p.out);
   const int64_t out_row = static_cast<int64_t>(p.H) * p.Dv;  // out is (B, Nq, H * Dv), contiguous
 
-  if (h >= p.heads[b]) {  // inactive head: zeros only, nothing read
+  if (h >= active_heads(p, b)) {  // inactive head: zeros only, nothing read
     for (int e = threadIdx.x; e < (row_end - row0) * p.Dv; e += kThreads) {
       const int i = row0 + e / p.Dv, c = e % p.Dv;
       out[(static_cast<int64_t>(b) * p.Nq + i) * out_row + h * p.Dv + c] = scalar_t(0.0f);
@@ -180,7 +194,7 @@ AttentionFwdOut ragged_attention_fwd_cuda(const at::Tensor& q, const at::Tensor&
                                           const std::optional<at::Tensor>& bias_table,
                                           const std::optional<at::Tensor>& bias_index,
                                           const std::optional<at::Tensor>& dense_bias, c10::IntArrayRef sizes,
-                                          c10::IntArrayRef widths, double scale, c10::IntArrayRef grid) {
+                                          const at::Tensor& widths, double scale, c10::IntArrayRef grid) {
   const AttentionShape shape = attention_detail::check_args(q, k, v, bias_table, bias_index, dense_bias, sizes,
                                                             widths, scale, grid, at::kCUDA, kName);
   TORCH_CHECK(q.scalar_type() != at::kDouble, kName, ": fp64 is not supported (the Python op uses the reference)");
@@ -190,12 +204,13 @@ AttentionFwdOut ragged_attention_fwd_cuda(const at::Tensor& q, const at::Tensor&
   const int64_t smem = smem_bytes(shape.Nk, shape.Dqk, shape.Dv);
   TORCH_CHECK(smem <= kMaxSmemBytes, kName, ": needs ", smem, " bytes of shared memory, more than ", kMaxSmemBytes);
   TORCH_CHECK(shape.B <= 65535 && shape.H <= 65535, kName, ": B and H must be <= 65535 (grid limits)");
+  TORCH_CHECK(static_cast<int64_t>(sizes.size()) <= kMaxGroups, kName, ": at most ", kMaxGroups,
+              " groups, got ", sizes.size());
   c10::cuda::CUDAGuard guard(q.device());
   at::Tensor out = at::empty({shape.B, shape.Nq, shape.H * shape.Dv}, q.options());
   at::Tensor lse = at::empty({shape.B, shape.H, shape.Nq}, q.options().dtype(at::kFloat));
   if (shape.B == 0) return {out, lse};
-  std::vector<int32_t> heads_host(shape.sample_heads.begin(), shape.sample_heads.end());
-  at::Tensor heads = at::tensor(heads_host, at::TensorOptions().dtype(at::kInt)).to(q.device());
+  const at::Tensor widths_c = widths.contiguous();
   const bool has_table = shape.T > 0;
   at::Tensor table = has_table ? bias_table->to(at::kFloat).contiguous() : at::Tensor();
   at::Tensor index = (has_table && shape.grid_r == 0) ? bias_index->to(at::kInt).contiguous() : at::Tensor();
@@ -204,7 +219,10 @@ AttentionFwdOut ragged_attention_fwd_cuda(const at::Tensor& q, const at::Tensor&
   FwdParams p{};
   p.q = q.const_data_ptr(); p.k = k.const_data_ptr(); p.v = v.const_data_ptr();
   p.out = out.mutable_data_ptr(); p.lse = lse.mutable_data_ptr<float>();
-  p.heads = heads.const_data_ptr<int32_t>();
+  p.widths = widths_c.const_data_ptr<int32_t>();
+  p.num_groups = static_cast<int>(sizes.size());
+  p.group_start[0] = 0;
+  for (size_t g = 0; g < sizes.size(); ++g) p.group_start[g + 1] = p.group_start[g] + static_cast<int>(sizes[g]);
   p.table = has_table ? table.const_data_ptr<float>() : nullptr;
   p.index = index.defined() ? index.const_data_ptr<int32_t>() : nullptr;
   p.dense = dense.defined() ? dense.const_data_ptr<float>() : nullptr;

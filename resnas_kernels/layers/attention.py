@@ -5,6 +5,7 @@
     attn = FusedAttention(dim=384, num_heads=6)                  # qkv Linear + fused attention + proj Linear
     y = attn(x)                                                  # (B, N, dim)
     y = attn(x, heads=Ragged((64, 64), (6, 4)))                  # supernet: group 1 runs only its first 4 heads
+    y = attn(x, heads=Ragged((64, 64), arch_heads))              # ... or the head counts as an int32 device tensor
 
     n = patch_timm_vit_attention(vit_model)      # every timm.layers.Attention now calls the fused op, same weights
     n = patch_timm_levit_attention(levit_model)  # every timm LeViT Attention / AttentionDownsample (linear mode)
@@ -38,7 +39,8 @@ class FusedAttention(nn.Module):
 
     Weight layout is timm's `Attention` (qkv output viewed as (B, N, 3, H, d)), so `FusedAttention.from_timm(m)` and
     `load_state_dict` of a timm attention's `qkv` / `proj` work as is. `heads` (a Ragged over the batch) lets group g
-    run only its first h_g heads; the output columns of the other heads are zero before `proj`.
+    run only its first h_g heads; the output columns of the other heads are zero before `proj`. Its widths may be an
+    int32 tensor on x's device (a supernet's sampled architecture): new values then need no recompilation.
     """
 
     def __init__(self, dim: int, num_heads: int = 8, head_dim: Optional[int] = None, qkv_bias: bool = False,

@@ -5,6 +5,16 @@ launchers, the bridge to the C++ kernels (`csrc/cpu/ragged_attention.cpp`, `csrc
 `torch.library` custom ops `resnas::ragged_attention_fwd/bwd` with fake implementations and autograd, and the public
 `ragged_attention` function.
 
+Dispatch. The heads per group are data: an int32 (G,) tensor on q's device (`Ragged` with host ints passes a cached
+device copy). Group sizes, H_max and the shapes are static. Every backend reads the heads on the device (or, on CPU,
+from the CPU tensor) and clamps them to [0, H_max]; grids and output shapes come from the static bounds, so a new
+architecture never recompiles a torch.compile graph nor syncs the device.
+- cpu backend: the public function makes ONE call, `torch.ops.resnas.ragged_attention`, registered in C++ with its
+  autograd (csrc/cpu/ragged_attention.cpp): checks, kernels and backward without Python. Its inner ops
+  `ext_ragged_attention_fwd/_bwd` have fake kernels registered here, so torch.compile traces through it.
+- reference / triton / cuda backends: the Python custom ops `resnas::ragged_attention_fwd/_bwd` (a Triton launch
+  needs Python anyway; the cuda backend pairs the CUDA C++ forward with the Triton backward).
+
 Backends: reference | triton | cpu (C++, fwd + bwd) | cuda (CUDA C++ forward; its backward runs the Triton kernels).
 - triton: a small-N kernel (Nq, Nk <= 64: whole score tile in registers, several samples per program) and tiled
   online-softmax kernels (longer sequences); fp32 / bf16 / fp16. fp64 runs the reference on the Triton and CUDA
@@ -32,18 +42,17 @@ Caveats:
   partial of the score gradient (chunks = ceil(B / 8)), mapped to the table by a fixed-order segmented sum.
 - The C++ kernels gather the table into an (H, Nq, Nk) fp32 bias once per call when that is small (<= 4M elements):
   a per-row gather cost more than the rest of the row. The Triton and CUDA kernels read the table directly.
-- Eager CPU calls skip the custom op's dispatch (~40 us a call, as much as the N = 16 kernel): without gradients the
-  forward body runs directly, and the autograd backward calls the backward body directly. Under torch.compile, fake
-  tensors or any dispatch / torch-function mode, and on CUDA, everything goes through the custom ops.
 - bf16 / fp16 in Triton: P and dS are rounded to the input dtype for the tensor-core dots (fp32 accumulation, fp32
   softmax), as FlashAttention and SDPA's fused kernels do; tests hold the result to 2x the error of SDPA in that
   dtype (fp16 under the interpreter; bf16 on GPU only: the Triton 3.8 interpreter computes bf16 tl.dot wrongly).
 - When a softmax row is exactly one-hot (P = 1 on one key, 0 elsewhere), the fused backward's score gradient is
   rounding noise rather than exact zeros: it uses FlashAttention's form dS = P * (dP - rowsum(dO * O)), where plain
   PyTorch's softmax backward gives exactly 0. Both are correct to rounding.
-- The custom ops check their arguments themselves (`_check_args`: shapes, heads in [0, H_max], sizes summing to B,
-  the bias), so direct `torch.ops.resnas.*` calls and torch.compile's get the public function's errors on every
-  backend. The kernels loop over heads h < H_max only (the launch grid), whatever the metadata says.
+- Every op checks its arguments itself (the Python custom ops with `_check_args`, the C++ ops with the same checks
+  in csrc/ragged_attention.h: shapes, sizes summing to B, the heads tensor's dtype / shape / device, the bias), so
+  direct `torch.ops.resnas.*` calls and torch.compile's get the public function's errors on every backend. Head
+  counts are checked against [0, H_max] on the host when that is free (host ints, CPU tensors, or any device with
+  `set_validate_metadata(True)`); the kernels clamp them to [0, H_max] regardless and loop over heads h < H_max only.
 - bias_index values are checked against [0, T) in the op (also under torch.compile; one device sync on CUDA: prefer
   bias_grid there, which computes the index in-kernel). The kernels also mask out-of-range table reads, so even an
   unchecked index can never read out of bounds.
@@ -57,9 +66,8 @@ import torch
 from .. import _ext
 from .._triton import tl, triton
 from ..aot import register_aot
-from ..backend import (BackendUnavailableError, OpInfo, eager_cpu, get_backend, register_op, resolve_backend,
-                       why_unavailable)
-from ..ragged import Ragged, as_ragged
+from ..backend import BackendUnavailableError, OpInfo, get_backend, register_op, resolve_backend, why_unavailable
+from ..ragged import Ragged, as_ragged, sample_group_index
 from ..reference.attention import levit_bias_index, levit_query_resolution
 from ..reference.layer_norm import compute_dtype
 from ._auto_pick import AutoPicker, bucket, versions
@@ -107,7 +115,10 @@ def _grid_index(grid: List[int], device) -> torch.Tensor:
 #   dq (also writes delta = rowsum(dO * O)), dk/dv (per key tile, loops over query tiles), and dbias (per score tile,
 #   loops over the samples of a chunk, accumulating in registers). Splitting dq from dk/dv recomputes Q K^T once more
 #   but needs no atomics; dbias recomputes it again but never read-modify-writes a (Nq, Nk) buffer per sample.
-# Inactive (sample, head) pairs are visited only to store zeros. Softmax and accumulations are fp32; fp32 inputs use
+# The grids cover every head h < H_max (a static bound); each program reads its sample's head count on the device
+# (`_active_heads`: the group's entry of the widths tensor, clamped to [0, H_max]), and inactive (sample, head) pairs
+# only store zeros. Nothing about the heads is read on the host, so a new architecture is a new tensor value, never a
+# new launch configuration. Softmax and accumulations are fp32; fp32 inputs use
 # IEEE fp32 dots (no TF32), bf16/fp16 inputs feed P and dS to the tensor cores in the input dtype (FlashAttention's
 # choice).
 # ---------------------------------------------------------------------------------------------------------------------
@@ -144,7 +155,15 @@ def _bias_tile(TABLE, INDEX, DENSE, b, h, offs_m, offs_n, mask, Nq, Nk, H, T, gr
 
 
 @triton.jit
-def _attn_fwd_small_kernel(Q, K, V, O, LSE, HEADS, TABLE, INDEX, DENSE, B, Nq, Nk, H, T, Dqk, Dv,
+def _active_heads(WIDTHS, SAMPLE_GROUP, b, H):
+    """Active heads of sample b: its group's entry of the widths tensor (device metadata), clamped to [0, H], so no
+    value can make a program touch a head outside the tensors."""
+    w = tl.load(WIDTHS + tl.load(SAMPLE_GROUP + b))
+    return tl.minimum(tl.maximum(w, 0), H)
+
+
+@triton.jit
+def _attn_fwd_small_kernel(Q, K, V, O, LSE, WIDTHS, SAMPLE_GROUP, TABLE, INDEX, DENSE, B, Nq, Nk, H, T, Dqk, Dv,
                            sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s, grid_rq,
                            samples_per_program, BIAS_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -168,7 +187,7 @@ def _attn_fwd_small_kernel(Q, K, V, O, LSE, HEADS, TABLE, INDEX, DENSE, B, Nq, N
             b64 = b.to(tl.int64)
             o_ptrs = O + (b64 * Nq + offs_m[:, None]) * (H * Dv) + h * Dv + offs_e[None, :]
             lse_ptrs = LSE + (b64 * H + h) * Nq + offs_m
-            if h < tl.load(HEADS + b):
+            if h < _active_heads(WIDTHS, SAMPLE_GROUP, b, H):
                 q = tl.load(Q + b64 * sqb + offs_m[:, None] * sqn + h * sqh + offs_d[None, :], mask=qmask, other=0.0)
                 k = tl.load(K + b64 * skb + offs_n[:, None] * skn + h * skh + offs_d[None, :], mask=kmask, other=0.0)
                 v = tl.load(V + b64 * svb + offs_n[:, None] * svn + h * svh + offs_e[None, :], mask=vmask, other=0.0)
@@ -188,7 +207,7 @@ def _attn_fwd_small_kernel(Q, K, V, O, LSE, HEADS, TABLE, INDEX, DENSE, B, Nq, N
 
 
 @triton.jit
-def _attn_fwd_tiled_kernel(Q, K, V, O, LSE, HEADS, TABLE, INDEX, DENSE, B, Nq, Nk, H, T, Dqk, Dv,
+def _attn_fwd_tiled_kernel(Q, K, V, O, LSE, WIDTHS, SAMPLE_GROUP, TABLE, INDEX, DENSE, B, Nq, Nk, H, T, Dqk, Dv,
                            sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s, grid_rq,
                            BIAS_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                            BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
@@ -203,7 +222,7 @@ def _attn_fwd_tiled_kernel(Q, K, V, O, LSE, HEADS, TABLE, INDEX, DENSE, B, Nq, N
     omask = mask_m[:, None] & (offs_e[None, :] < Dv)
     o_ptrs = O + (b64 * Nq + offs_m[:, None]) * (H * Dv) + h * Dv + offs_e[None, :]
     lse_ptrs = LSE + (b64 * H + h) * Nq + offs_m
-    if h < tl.load(HEADS + b):
+    if h < _active_heads(WIDTHS, SAMPLE_GROUP, b, H):
         q = tl.load(Q + b64 * sqb + offs_m[:, None] * sqn + h * sqh + offs_d[None, :],
                     mask=mask_m[:, None] & (offs_d[None, :] < Dqk), other=0.0)
         m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -234,9 +253,9 @@ def _attn_fwd_tiled_kernel(Q, K, V, O, LSE, HEADS, TABLE, INDEX, DENSE, B, Nq, N
 
 
 @triton.jit
-def _attn_bwd_small_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, DS_PART, HEADS, TABLE, INDEX, DENSE, B, Nq, Nk, H, T,
-                           Dqk, Dv, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s, grid_rq,
-                           chunk, BIAS_KIND: tl.constexpr, HAS_DS: tl.constexpr, BLOCK_M: tl.constexpr,
+def _attn_bwd_small_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, DS_PART, WIDTHS, SAMPLE_GROUP, TABLE, INDEX, DENSE,
+                           B, Nq, Nk, H, T, Dqk, Dv, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r,
+                           grid_s, grid_rq, chunk, BIAS_KIND: tl.constexpr, HAS_DS: tl.constexpr, BLOCK_M: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                            PRECISION: tl.constexpr):
     """Program (c, h): samples [c * chunk, (c + 1) * chunk) of head h, whole score tiles. With HAS_DS it stores the
@@ -262,7 +281,7 @@ def _attn_bwd_small_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, DS_PART, HEADS, TABL
             dq_ptrs = DQ + ((b64 * Nq + offs_m[:, None]) * H + h) * Dqk + offs_d[None, :]
             dk_ptrs = DK + ((b64 * Nk + offs_n[:, None]) * H + h) * Dqk + offs_d[None, :]
             dv_ptrs = DV + ((b64 * Nk + offs_n[:, None]) * H + h) * Dv + offs_e[None, :]
-            if h < tl.load(HEADS + b):
+            if h < _active_heads(WIDTHS, SAMPLE_GROUP, b, H):
                 q = tl.load(Q + b64 * sqb + offs_m[:, None] * sqn + h * sqh + offs_d[None, :], mask=qmask, other=0.0)
                 k = tl.load(K + b64 * skb + offs_n[:, None] * skn + h * skh + offs_d[None, :], mask=kmask, other=0.0)
                 v = tl.load(V + b64 * svb + offs_n[:, None] * svn + h * svh + offs_e[None, :], mask=vmask, other=0.0)
@@ -294,8 +313,8 @@ def _attn_bwd_small_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, DS_PART, HEADS, TABL
 
 
 @triton.jit
-def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, HEADS, TABLE, INDEX, DENSE, B, Nq, Nk, H, T, Dqk, Dv,
-                        sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s, grid_rq,
+def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, WIDTHS, SAMPLE_GROUP, TABLE, INDEX, DENSE, B, Nq, Nk, H,
+                        T, Dqk, Dv, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s, grid_rq,
                         BIAS_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                         BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """Program (query tile, h, b): dq of the tile, and delta = rowsum(dO * O) for the dk/dv and dbias kernels."""
@@ -311,7 +330,7 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, HEADS, TABLE, INDEX, DEN
     omask = mask_m[:, None] & (offs_e[None, :] < Dv)
     dq_ptrs = DQ + ((b64 * Nq + offs_m[:, None]) * H + h) * Dqk + offs_d[None, :]
     delta_ptrs = DELTA + (b64 * H + h) * Nq + offs_m
-    if h < tl.load(HEADS + b):
+    if h < _active_heads(WIDTHS, SAMPLE_GROUP, b, H):
         q = tl.load(Q + b64 * sqb + offs_m[:, None] * sqn + h * sqh + offs_d[None, :], mask=qmask, other=0.0)
         row = (b64 * Nq + offs_m[:, None]) * (H * Dv) + h * Dv + offs_e[None, :]
         do = tl.load(DO + row, mask=omask, other=0.0)
@@ -342,8 +361,8 @@ def _attn_bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DQ, HEADS, TABLE, INDEX, DEN
 
 
 @triton.jit
-def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, TABLE, INDEX, DENSE, B, Nq, Nk, H, T, Dqk, Dv,
-                          sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s, grid_rq,
+def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, WIDTHS, SAMPLE_GROUP, TABLE, INDEX, DENSE, B, Nq, Nk,
+                          H, T, Dqk, Dv, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s, grid_rq,
                           BIAS_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                           BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
     """Program (key tile, h, b): dk and dv of the tile, looping over the query tiles."""
@@ -359,7 +378,7 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, TABLE, INDEX, 
     vmask = mask_n[:, None] & (offs_e[None, :] < Dv)
     dk_ptrs = DK + ((b64 * Nk + offs_n[:, None]) * H + h) * Dqk + offs_d[None, :]
     dv_ptrs = DV + ((b64 * Nk + offs_n[:, None]) * H + h) * Dv + offs_e[None, :]
-    if h < tl.load(HEADS + b):
+    if h < _active_heads(WIDTHS, SAMPLE_GROUP, b, H):
         k = tl.load(K + b64 * skb + offs_n[:, None] * skn + h * skh + offs_d[None, :], mask=kmask, other=0.0)
         v = tl.load(V + b64 * svb + offs_n[:, None] * svn + h * svh + offs_e[None, :], mask=vmask, other=0.0)
         dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
@@ -390,10 +409,11 @@ def _attn_bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, HEADS, TABLE, INDEX, 
 
 
 @triton.jit
-def _attn_bwd_dbias_kernel(Q, K, V, DO, LSE, DELTA, DS_PART, HEADS, TABLE, INDEX, DENSE, B, Nq, Nk, H, T, Dqk, Dv,
-                           sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s, grid_rq, chunk,
-                           n_tiles_n, BIAS_KIND: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                           BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, PRECISION: tl.constexpr):
+def _attn_bwd_dbias_kernel(Q, K, V, DO, LSE, DELTA, DS_PART, WIDTHS, SAMPLE_GROUP, TABLE, INDEX, DENSE, B, Nq,
+                           Nk, H, T, Dqk, Dv, sqb, sqn, sqh, skb, skn, skh, svb, svn, svh, scale, grid_r, grid_s,
+                           grid_rq, chunk, n_tiles_n, BIAS_KIND: tl.constexpr, BLOCK_M: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                           PRECISION: tl.constexpr):
     """Program (score tile, h, c): DS_PART[c, h, tile] = sum over the chunk's samples, in order, of dS (registers)."""
     pid = tl.program_id(0)
     h = tl.program_id(1)
@@ -409,7 +429,7 @@ def _attn_bwd_dbias_kernel(Q, K, V, DO, LSE, DELTA, DS_PART, HEADS, TABLE, INDEX
     for s in range(chunk):
         b = c * chunk + s
         if b < B:
-            if h < tl.load(HEADS + b):
+            if h < _active_heads(WIDTHS, SAMPLE_GROUP, b, H):
                 b64 = b.to(tl.int64)
                 q = tl.load(Q + b64 * sqb + offs_m[:, None] * sqn + h * sqh + offs_d[None, :],
                             mask=mask_m[:, None] & (offs_d[None, :] < Dqk), other=0.0)
@@ -471,12 +491,6 @@ def _dot_block(d: int) -> int:
     return max(16, triton.next_power_of_2(d))  # tl.dot needs every dim >= 16
 
 
-@functools.lru_cache(maxsize=256)
-def _sample_heads(sizes: Tuple[int, ...], widths: Tuple[int, ...], device: str) -> torch.Tensor:
-    """int32 (B,) active heads of every sample, on `device`, built once per architecture."""
-    return torch.tensor(Ragged(sizes, widths).sample_widths(), dtype=torch.int32).to(device)
-
-
 @functools.lru_cache(maxsize=64)
 def _grid_csr(r: int, s: int, t: int, device: str) -> Tuple[torch.Tensor, torch.Tensor]:
     """(perm, seg) of the LeViT grid index for a table of t >= R^2 columns, built once per geometry: `_index_csr`."""
@@ -512,40 +526,41 @@ def _precision(dtype: torch.dtype) -> str:
     return "ieee" if dtype == torch.float32 else "tf32"  # "tf32" is ignored for bf16 / fp16 operands
 
 
-def _common_args(q, k, v, groups: Ragged, table, index, dense, grid, scale):
+def _common_args(q, k, v, sizes: List[int], widths: torch.Tensor, table, index, dense, grid, scale):
+    """The launch arguments every kernel shares, from WIDTHS on: the widths tensor and the cached sample -> group
+    index (the heads metadata, read on the device), the bias pointers, the shapes and strides."""
     batch, n_q, h_max, d_qk = q.shape
     n_k, d_v = k.shape[1], v.shape[3]
     kind, t_ptr, i_ptr, d_ptr, t_cols, gr, gs, grq = _bias_launch_args(q, table, index, dense, grid)
-    heads = _sample_heads(groups.sizes, groups.widths, str(q.device))
-    args = (heads, t_ptr, i_ptr, d_ptr, batch, n_q, n_k, h_max, t_cols, d_qk, d_v, *q.stride()[:3], *k.stride()[:3],
-            *v.stride()[:3], scale, gr, gs, grq)
+    args = (widths, sample_group_index(sizes, q.device), t_ptr, i_ptr, d_ptr, batch, n_q, n_k, h_max, t_cols, d_qk,
+            d_v, *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], scale, gr, gs, grq)
     meta = dict(BIAS_KIND=kind, BLOCK_DQK=_dot_block(d_qk), BLOCK_DV=_dot_block(d_v), PRECISION=_precision(q.dtype))
     return args, meta
 
 
-def _triton_fwd(q, k, v, table, index, dense, groups: Ragged, scale: float, grid: List[int]):
+def _triton_fwd(q, k, v, table, index, dense, sizes: List[int], widths: torch.Tensor, scale: float,
+                grid: List[int]):
     batch, n_q, h_max, _ = q.shape
     n_k, d_v = k.shape[1], v.shape[3]
     out = q.new_empty((batch, n_q, h_max * d_v))
     lse = q.new_empty((batch, h_max, n_q), dtype=torch.float32)
     if batch == 0:
         return out, lse
-    args, meta = _common_args(q, k, v, groups, table, index, dense, grid, scale)
-    heads, rest = args[0], args[1:]
+    args, meta = _common_args(q, k, v, sizes, widths, table, index, dense, grid, scale)
     if _use_small(n_q, n_k):
         bm, bn = max(16, triton.next_power_of_2(n_q)), max(16, triton.next_power_of_2(n_k))
         per = _SMALL_SAMPLES
         _attn_fwd_small_kernel[(triton.cdiv(batch, per), h_max)](
-            q, k, v, out, lse, heads, *rest, per, BLOCK_M=bm, BLOCK_N=bn, **meta, num_warps=4)
+            q, k, v, out, lse, *args, per, BLOCK_M=bm, BLOCK_N=bn, **meta, num_warps=4)
     else:
         bm, bn = _tile(n_q, n_k)
         _attn_fwd_tiled_kernel[(triton.cdiv(n_q, bm), h_max, batch)](
-            q, k, v, out, lse, heads, *rest, BLOCK_M=bm, BLOCK_N=bn, **meta, num_warps=4, num_stages=2)
+            q, k, v, out, lse, *args, BLOCK_M=bm, BLOCK_N=bn, **meta, num_warps=4, num_stages=2)
     return out, lse
 
 
-def _triton_bwd(dout, q, k, v, out, lse, table, index, dense, groups: Ragged, scale: float, grid: List[int],
-                need_table: bool, need_dense: bool):
+def _triton_bwd(dout, q, k, v, out, lse, table, index, dense, sizes: List[int], widths: torch.Tensor, scale: float,
+                grid: List[int], need_table: bool, need_dense: bool):
     batch, n_q, h_max, d_qk = q.shape
     n_k, d_v = k.shape[1], v.shape[3]
     dq, dk, dv = (torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
@@ -557,28 +572,27 @@ def _triton_bwd(dout, q, k, v, out, lse, table, index, dense, groups: Ragged, sc
     n_chunks = triton.cdiv(batch, chunk) if batch else 0
     ds_part = q.new_empty((n_chunks if has_ds else 0, h_max, n_q, n_k), dtype=torch.float32)
     if batch:
-        args, meta = _common_args(q, k, v, groups, table, index, dense, grid, scale)
-        heads, rest = args[0], args[1:]
+        args, meta = _common_args(q, k, v, sizes, widths, table, index, dense, grid, scale)
         if _use_small(n_q, n_k):
             bm, bn = max(16, triton.next_power_of_2(n_q)), max(16, triton.next_power_of_2(n_k))
             if not has_ds:
                 chunk, n_chunks = _SMALL_SAMPLES, triton.cdiv(batch, _SMALL_SAMPLES)
             _attn_bwd_small_kernel[(n_chunks, h_max)](
-                q, k, v, out, dout, lse, dq, dk, dv, ds_part if has_ds else q, heads, *rest, chunk,
+                q, k, v, out, dout, lse, dq, dk, dv, ds_part if has_ds else q, *args, chunk,
                 HAS_DS=has_ds, BLOCK_M=bm, BLOCK_N=bn, **meta, num_warps=4)
         else:
             bm, bn = _tile(n_q, n_k)
             delta = torch.empty_like(lse)
             _attn_bwd_dq_kernel[(triton.cdiv(n_q, bm), h_max, batch)](
-                q, k, v, out, dout, lse, delta, dq, heads, *rest, BLOCK_M=bm, BLOCK_N=bn, **meta, num_warps=4,
+                q, k, v, out, dout, lse, delta, dq, *args, BLOCK_M=bm, BLOCK_N=bn, **meta, num_warps=4,
                 num_stages=2)
             _attn_bwd_dkdv_kernel[(triton.cdiv(n_k, bn), h_max, batch)](
-                q, k, v, dout, lse, delta, dk, dv, heads, *rest, BLOCK_M=bm, BLOCK_N=bn, **meta, num_warps=4,
+                q, k, v, dout, lse, delta, dk, dv, *args, BLOCK_M=bm, BLOCK_N=bn, **meta, num_warps=4,
                 num_stages=2)
             if has_ds:
                 tiles_n = triton.cdiv(n_k, bn)
                 _attn_bwd_dbias_kernel[(triton.cdiv(n_q, bm) * tiles_n, h_max, n_chunks)](
-                    q, k, v, dout, lse, delta, ds_part, heads, *rest, chunk, tiles_n, BLOCK_M=bm, BLOCK_N=bn,
+                    q, k, v, dout, lse, delta, ds_part, *args, chunk, tiles_n, BLOCK_M=bm, BLOCK_N=bn,
                     **meta, num_warps=4, num_stages=2)
     return dq, dk, dv, *_bias_grads_from_partials(ds_part, table, index, dense, grid, table_grad, dense_grad)
 
@@ -614,7 +628,7 @@ def _aot_signature(dtype: str, kernel: str):
     strides = {n: "i32" for n in ("B", "Nq", "Nk", "H", "T", "Dqk", "Dv", "sqb", "sqn", "sqh", "skb", "skn", "skh",
                                   "svb", "svn", "svh")}
     tail = {"scale": "fp32", "grid_r": "i32", "grid_s": "i32", "grid_rq": "i32"}
-    bias = {"HEADS": "*i32", "TABLE": "*fp32", "INDEX": "*i32", "DENSE": "*fp32"}
+    bias = {"WIDTHS": "*i32", "SAMPLE_GROUP": "*i64", "TABLE": "*fp32", "INDEX": "*i32", "DENSE": "*fp32"}
     const = {"BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_DQK": "constexpr", "BLOCK_DV": "constexpr",
              "PRECISION": "constexpr", "BIAS_KIND": "constexpr"}
     if kernel == "fwd_small":
@@ -665,77 +679,79 @@ _register_aot_cases()
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Reference backend of the op (explicit log-sum-exp and backward formula, plain PyTorch)
+# Reference backend of the op (explicit log-sum-exp and backward formula, plain PyTorch over the whole padded batch).
+# The heads metadata becomes a (B, H_max) mask by tensor ops (no host read); inactive heads' inputs are replaced by
+# zeros before use and their outputs by exact zeros after, so nothing of them leaks (NaN or inf included).
 # ---------------------------------------------------------------------------------------------------------------------
-def _group_bias(table, index, dense, grid, start: int, end: int, h: int, acc, device):
-    """Bias of group rows [start, end) and heads [0, h), broadcastable to (b_g, h, Nq, Nk), or None."""
+def _active_mask(sizes: List[int], widths: torch.Tensor, h_max: int, device) -> torch.Tensor:
+    """(B, H_max) bool, True where head h of sample b is active (any widths value acts as clamped to [0, H_max])."""
+    sample_heads = widths[sample_group_index(sizes, device)]
+    return torch.arange(h_max, device=device)[None, :] < sample_heads[:, None]
+
+
+def _heads_major(t: torch.Tensor, active: torch.Tensor, acc) -> torch.Tensor:
+    """(B, H, N, d) in `acc` of a (B, N, H, d) tensor, zeros on inactive heads."""
+    return torch.where(active[:, None, :, None], t, 0).transpose(1, 2).to(acc)
+
+
+def _full_bias(table, index, dense, grid: List[int], acc, device):
+    """The bias, broadcastable to (B, H_max, Nq, Nk), in `acc`; None without one."""
     if table is not None:
         idx = _grid_index(grid, device) if grid else index.long()
-        return table[:h][:, idx].to(acc)[None]
+        return table[:, idx].to(acc)[None]
     if dense is not None:
-        bg = dense[start:end] if dense.dim() == 4 else dense[None]
-        return (bg[:, :h] if bg.shape[1] != 1 else bg).to(acc)
+        return (dense if dense.dim() == 4 else dense[None]).to(acc)
     return None
 
 
-def _reference_fwd(q, k, v, table, index, dense, groups: Ragged, scale: float, grid: List[int]):
+def _reference_fwd(q, k, v, table, index, dense, sizes: List[int], widths: torch.Tensor, scale: float,
+                   grid: List[int]):
     batch, n_q, h_max, _ = q.shape
     d_v = v.shape[3]
     acc = compute_dtype(q.dtype)
-    out = q.new_zeros((batch, n_q, h_max, d_v))
-    lse = q.new_zeros((batch, h_max, n_q), dtype=acc)
-    for (start, end), h in zip(zip(groups.offsets[:-1], groups.offsets[1:]), groups.widths):
-        if h == 0 or end == start:
-            continue
-        qg, kg, vg = (t[start:end, :, :h].transpose(1, 2).to(acc) for t in (q, k, v))
-        s = (qg @ kg.transpose(-2, -1)) * scale
-        bias = _group_bias(table, index, dense, grid, start, end, h, acc, q.device)
-        if bias is not None:
-            s = s + bias
-        row_lse = torch.logsumexp(s, dim=-1)                                # (b_g, h, Nq)
-        o = torch.exp(s - row_lse[..., None]) @ vg                          # (b_g, h, Nq, d_v)
-        out[start:end, :, :h] = o.transpose(1, 2).to(q.dtype)
-        lse[start:end, :h] = row_lse
-    return out.view(batch, n_q, h_max * d_v), lse
+    active = _active_mask(sizes, widths, h_max, q.device)
+    qa, ka, va = (_heads_major(t, active, acc) for t in (q, k, v))
+    s = (qa @ ka.transpose(-2, -1)) * scale                                 # (B, H, Nq, Nk)
+    bias = _full_bias(table, index, dense, grid, acc, q.device)
+    if bias is not None:
+        s = s + bias
+    row_lse = torch.logsumexp(s, dim=-1)                                    # (B, H, Nq)
+    o = torch.exp(s - row_lse[..., None]) @ va                              # (B, H, Nq, d_v)
+    o = torch.where(active[:, :, None, None], o, 0)
+    lse = torch.where(active[:, :, None], row_lse, 0)
+    return o.transpose(1, 2).to(q.dtype).reshape(batch, n_q, h_max * d_v), lse
 
 
-def _reference_bwd(dout, q, k, v, out, lse, table, index, dense, groups: Ragged, scale: float, grid: List[int],
-                   need_table: bool, need_dense: bool):
-    batch, n_q, h_max, d_qk = q.shape
-    n_k, d_v = k.shape[1], v.shape[3]
+def _reference_bwd(dout, q, k, v, out, lse, table, index, dense, sizes: List[int], widths: torch.Tensor,
+                   scale: float, grid: List[int], need_table: bool, need_dense: bool):
+    batch, n_q, h_max, _ = q.shape
+    d_v = v.shape[3]
     acc = compute_dtype(q.dtype)
-    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (q, k, v))
-    ds_sum = q.new_zeros((h_max, n_q, n_k), dtype=acc)                     # sum over samples (table / shared dense)
-    ddense = torch.zeros_like(dense, dtype=acc) if (need_dense and dense is not None) else None
-    do4 = dout.reshape(batch, n_q, h_max, d_v)
-    o4 = out.reshape(batch, n_q, h_max, d_v)
-    for (start, end), h in zip(zip(groups.offsets[:-1], groups.offsets[1:]), groups.widths):
-        if h == 0 or end == start:
-            continue
-        qg, kg, vg, dog, og = (t[start:end, :, :h].transpose(1, 2).to(acc) for t in (q, k, v, do4, o4))
-        s = (qg @ kg.transpose(-2, -1)) * scale
-        bias = _group_bias(table, index, dense, grid, start, end, h, acc, q.device)
-        if bias is not None:
-            s = s + bias
-        p = torch.exp(s - lse[start:end, :h, :, None].to(acc))              # (b_g, h, Nq, Nk)
-        delta = (dog * og).sum(-1, keepdim=True)                            # D_i = dO_i . O_i
-        ds = p * (dog @ vg.transpose(-2, -1) - delta)                       # dS = P * (dP - D)
-        dq[start:end, :, :h] = (ds @ kg * scale).transpose(1, 2).to(q.dtype)
-        dk[start:end, :, :h] = (ds.transpose(-2, -1) @ qg * scale).transpose(1, 2).to(k.dtype)
-        dv[start:end, :, :h] = (p.transpose(-2, -1) @ dog).transpose(1, 2).to(v.dtype)
-        ds_sum[:h] += ds.sum(0)
-        if ddense is not None and dense.dim() == 4:
-            ddense[start:end, :h] = ds
+    active = _active_mask(sizes, widths, h_max, q.device)
+    qa, ka, va = (_heads_major(t, active, acc) for t in (q, k, v))
+    dog, og = (_heads_major(t.reshape(batch, n_q, h_max, d_v), active, acc) for t in (dout, out))
+    s = (qa @ ka.transpose(-2, -1)) * scale
+    bias = _full_bias(table, index, dense, grid, acc, q.device)
+    if bias is not None:
+        s = s + bias
+    p = torch.where(active[:, :, None, None], torch.exp(s - lse[..., None].to(acc)), 0)  # (B, H, Nq, Nk)
+    delta = (dog * og).sum(-1, keepdim=True)                                # D_i = dO_i . O_i
+    ds = p * (dog @ va.transpose(-2, -1) - delta)                           # dS = P * (dP - D); 0 where inactive
+    dq, dk, dv = ((g.transpose(1, 2).to(t.dtype).contiguous())
+                  for g, t in ((ds @ ka * scale, q), (ds.transpose(-2, -1) @ qa * scale, k),
+                               (p.transpose(-2, -1) @ dog, v)))
+    ds_sum = ds.sum(0)                                                      # (H, Nq, Nk): table / shared dense
     dtable = q.new_empty((0,))
     if need_table and table is not None:
         idx = (_grid_index(grid, q.device) if grid else index.long()).reshape(-1)
         # index_add_ is sequential on CPU; on CUDA it uses atomics (the reference backend is not a kernel).
         dtable = torch.zeros((h_max, table.shape[1]), dtype=acc, device=q.device)
         dtable = dtable.index_add_(1, idx, ds_sum.reshape(h_max, -1)).to(table.dtype)
-    if ddense is None:
-        ddense = q.new_empty((0,))
-    else:
-        if dense.dim() == 3:
+    ddense = q.new_empty((0,))
+    if need_dense and dense is not None:
+        if dense.dim() == 4:
+            ddense = ds
+        else:
             ddense = ds_sum if dense.shape[0] == h_max else ds_sum.sum(0, keepdim=True)
         ddense = ddense.to(dense.dtype)
     return dq, dk, dv, dtable, ddense
@@ -744,27 +760,85 @@ def _reference_bwd(dout, q, k, v, out, lse, table, index, dense, groups: Ragged,
 # ---------------------------------------------------------------------------------------------------------------------
 # C++ backends (csrc/cpu/ragged_attention.cpp; csrc/cuda/ragged_attention_fwd.cu is a forward only)
 # ---------------------------------------------------------------------------------------------------------------------
-def _cuda_fwd_supported(q, k, v) -> bool:
+_CUDA_MAX_GROUPS = 256  # kMaxGroups of csrc/cuda/ragged_attention_fwd.cu: group starts travel in the kernel parameters
+
+
+def _cuda_fwd_supported(q, k, v, num_groups: int) -> bool:
     """Shapes the CUDA C++ warp-per-row forward takes (csrc/cuda/ragged_attention_fwd.cu: kMaxKeysPerLane,
-    kMaxOutPerLane, kMaxSmemBytes); the others run the Triton forward."""
+    kMaxOutPerLane, kMaxSmemBytes, kMaxGroups); the others run the Triton forward."""
     n_k, d_qk, d_v = k.shape[1], q.shape[3], v.shape[3]
     smem = 4 * (n_k * (d_qk + 1) + n_k * d_v + 8 * (d_qk + n_k))
-    return n_k <= 256 and d_qk <= 128 and d_v <= 128 and smem <= 96 * 1024
+    return n_k <= 256 and d_qk <= 128 and d_v <= 128 and smem <= 96 * 1024 and num_groups <= _CUDA_MAX_GROUPS
 
 
-def _ext_fwd(q, k, v, table, index, dense, groups: Ragged, scale: float, grid: List[int]):
-    if q.is_cuda and not _cuda_fwd_supported(q, k, v):
-        return _triton_fwd(q, k, v, table, index, dense, groups, scale, grid)
-    return torch.ops.resnas.ext_ragged_attention_fwd(q, k, v, table, index, dense, list(groups.sizes),
-                                                     list(groups.widths), scale, list(grid))
+def _ext_fwd(q, k, v, table, index, dense, sizes: List[int], widths: torch.Tensor, scale: float, grid: List[int]):
+    if q.is_cuda and not _cuda_fwd_supported(q, k, v, len(sizes)):
+        return _triton_fwd(q, k, v, table, index, dense, sizes, widths, scale, grid)
+    return torch.ops.resnas.ext_ragged_attention_fwd(q, k, v, table, index, dense, sizes, widths, scale, grid)
 
 
-def _ext_bwd(dout, q, k, v, out, lse, table, index, dense, groups: Ragged, scale: float, grid: List[int],
-             need_table: bool, need_dense: bool):
+def _ext_bwd(dout, q, k, v, out, lse, table, index, dense, sizes: List[int], widths: torch.Tensor, scale: float,
+             grid: List[int], need_table: bool, need_dense: bool):
     chunk = _bias_chunk(q.shape[0], dense is not None and dense.dim() == 4)
-    return torch.ops.resnas.ext_ragged_attention_bwd(dout, q, k, v, out, lse, table, index, dense,
-                                                     list(groups.sizes), list(groups.widths), scale, list(grid),
-                                                     need_table, need_dense, chunk)
+    return torch.ops.resnas.ext_ragged_attention_bwd(dout, q, k, v, out, lse, table, index, dense, sizes, widths,
+                                                     scale, grid, need_table, need_dense, chunk)
+
+
+def _fwd_outputs(q, v):
+    """Empty (out, lse) of a forward: the fake implementations' outputs."""
+    batch, n_q, h_max, _ = q.shape
+    return (q.new_empty((batch, n_q, h_max * v.shape[3])),
+            q.new_empty((batch, h_max, n_q), dtype=compute_dtype(q.dtype)))
+
+
+def _bwd_outputs(q, k, v, bias_table, dense_bias, need_table_grad: bool, need_dense_grad: bool):
+    """Empty (dq, dk, dv, dtable, ddense) of a backward: the fake implementations' outputs."""
+    dtable = (bias_table.new_empty(bias_table.shape) if (bias_table is not None and need_table_grad)
+              else q.new_empty((0,)))
+    ddense = (dense_bias.new_empty(dense_bias.shape) if (dense_bias is not None and need_dense_grad)
+              else q.new_empty((0,)))
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dtable, ddense
+
+
+def _check_bwd_tensors(q, v, dout, out, lse) -> None:
+    batch, n_q, h_max, _ = q.shape
+    for name, t, shape, dtype in (("dout", dout, (batch, n_q, h_max * v.shape[3]), q.dtype),
+                                  ("out", out, (batch, n_q, h_max * v.shape[3]), q.dtype),
+                                  ("lse", lse, (batch, h_max, n_q), compute_dtype(q.dtype))):
+        check_tensor(t, name)
+        if tuple(t.shape) != shape or t.dtype != dtype:
+            raise ValueError(f"{name} must have shape {shape} and dtype {dtype}, got {tuple(t.shape)} {t.dtype}")
+
+
+def _ext_fwd_fake(q, k, v, bias_table, bias_index, dense_bias, sizes, widths, scale, grid):
+    # The C++ kernel's checks, at trace time (torch.compile runs this instead of the kernel); values are not read.
+    _check_args(q, k, v, Ragged(tuple(sizes), widths), scale, bias_table, bias_index, tuple(grid) if grid else None,
+                dense_bias)
+    return _fwd_outputs(q, v)
+
+
+def _ext_bwd_fake(dout, q, k, v, out, lse, bias_table, bias_index, dense_bias, sizes, widths, scale, grid,
+                  need_table_grad, need_dense_grad, chunk):
+    _check_args(q, k, v, Ragged(tuple(sizes), widths), scale, bias_table, bias_index, tuple(grid) if grid else None,
+                dense_bias)
+    _check_bwd_tensors(q, v, dout, out, lse)
+    return _bwd_outputs(q, k, v, bias_table, dense_bias, need_table_grad, need_dense_grad)
+
+
+_ext_fakes_registered = False
+
+
+@torch.compiler.assume_constant_result
+def _register_ext_fakes() -> bool:
+    """Registers the fake kernels of the C++ ops `resnas::ext_ragged_attention_fwd/_bwd` once, on the first call that
+    takes the C++ path (the ops exist only once the extension is loaded, which happens lazily). torch.compile runs it
+    at trace time instead of tracing it (`assume_constant_result`), before the op it is needed for is traced."""
+    global _ext_fakes_registered
+    if not _ext_fakes_registered:
+        torch.library.register_fake("resnas::ext_ragged_attention_fwd", _ext_fwd_fake)
+        torch.library.register_fake("resnas::ext_ragged_attention_bwd", _ext_bwd_fake)
+        _ext_fakes_registered = True
+    return True
 
 
 _FWD = {"reference": _reference_fwd, "triton": _triton_fwd, "cpu": _ext_fwd, "cuda": _ext_fwd}
@@ -776,37 +850,62 @@ _FWD = {"reference": _reference_fwd, "triton": _triton_fwd, "cpu": _ext_fwd, "cu
 FWD_PICKER = AutoPicker("ragged_attention_fwd", ("triton", "cuda"), env_override="RESNAS_ATTENTION_FWD")
 
 
-def _fwd_key(q, k, v, table, index, dense, groups: Ragged, grid: List[int]):
-    """What the winner depends on: sequence lengths, head dims, heads, batch bucket, dtype, bias kind, the GPU and the
-    library versions. Ragged head widths only change the work per sample, so they are not part of the key."""
+@functools.lru_cache(maxsize=None)
+def _device_name(index: Optional[int]) -> str:
+    return torch.cuda.get_device_name(index)
+
+
+def _fwd_key(q, k, v, table, index, dense, num_groups: int, grid: List[int]):
+    """What the winner depends on: sequence lengths, head dims, heads, batch bucket, dtype, bias kind, whether the
+    CUDA kernel can take the group count, the GPU and the library versions. Static shapes only: the head counts are
+    device metadata (never read here) and only change the work per sample."""
     bias = "grid" if grid else ("index" if index is not None else ("dense%d" % dense.dim() if dense is not None
                                                                    else "none"))
     return (q.shape[1], k.shape[1], q.shape[2], q.shape[3], v.shape[3], bucket(q.shape[0]), str(q.dtype), bias,
-            torch.cuda.get_device_name(q.device), *versions())
+            num_groups <= _CUDA_MAX_GROUPS, _device_name(q.device.index), *versions())
 
 
-def _auto_cuda_fwd(q, k, v, table, index, dense, groups: Ragged, scale: float, grid: List[int]):
-    args = (q, k, v, table, index, dense, groups, scale, grid)
+def _auto_cuda_fwd(q, k, v, table, index, dense, sizes: List[int], widths: torch.Tensor, scale: float,
+                   grid: List[int]):
+    args = (q, k, v, table, index, dense, sizes, widths, scale, grid)
     runners = {"triton": lambda: _triton_fwd(*args)}
-    if why_unavailable(OP, "cuda", q.device) is None and _cuda_fwd_supported(q, k, v):
+    if why_unavailable(OP, "cuda", q.device) is None and _cuda_fwd_supported(q, k, v, len(sizes)):
         runners["cuda"] = lambda: _ext_fwd(*args)
-    decision = FWD_PICKER.pick(_fwd_key(q, k, v, table, index, dense, groups, grid), runners)
+    decision = FWD_PICKER.pick(_fwd_key(q, k, v, table, index, dense, len(sizes), grid), runners)
     return runners[decision.winner]()
+
+
 # The CUDA C++ op is a forward only: on the cuda backend the backward runs the Triton kernels.
 _BWD = {"reference": _reference_bwd, "triton": _triton_bwd, "cpu": _ext_bwd, "cuda": _triton_bwd}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# torch.library custom ops (opaque to torch.compile, with fake implementations and autograd)
+# torch.library custom ops of the Python backends (reference, triton, and cuda, whose backward is Triton): opaque to
+# torch.compile, with fake implementations and autograd. The cpu backend's public path is the C++ op
+# `resnas::ragged_attention` instead (one dispatcher hop); these ops also run it, for direct callers.
 # ---------------------------------------------------------------------------------------------------------------------
 def _backend_for(q: torch.Tensor) -> str:
-    backend = resolve_backend(OP.name, q.device)
-    if backend == "triton" and q.dtype == torch.bfloat16 and _ext.triton_interpreting():
+    # get_backend() is read here, in code torch.compile traces, so a compiled graph is guarded on the requested
+    # backend; the resolution itself (extension loading, availability) runs as a trace-time constant.
+    return _resolve_backend(get_backend(), q.device, q.dtype)
+
+
+@torch.compiler.assume_constant_result
+def _resolve_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    return _resolve_backend_cached(requested, device, dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolve_backend_cached(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    """The backend that runs this call (`requested` is `get_backend()`, which `resolve_backend` applies). Cached: what
+    can run where is fixed once the extension and Triton have been looked for (both are loaded once per process)."""
+    backend = resolve_backend(OP.name, device)
+    if backend == "triton" and dtype == torch.bfloat16 and _ext.triton_interpreting():
         raise BackendUnavailableError(
             "ragged_attention: bf16 on the Triton backend under TRITON_INTERPRET=1 is refused: Triton's interpreter "
             "computes bf16 tl.dot wrongly. Use fp16 / fp32 there, or another backend (reference, cpu)")
     # The GPU kernels take fp32 / bf16 / fp16; fp64 (gradient checking) runs the reference there.
-    return "reference" if (q.dtype == torch.float64 and backend in ("triton", "cuda")) else backend
+    return "reference" if (dtype == torch.float64 and backend in ("triton", "cuda")) else backend
 
 
 def _check_index_values(index: Optional[torch.Tensor], table: Optional[torch.Tensor]) -> None:
@@ -819,99 +918,74 @@ def _check_index_values(index: Optional[torch.Tensor], table: Optional[torch.Ten
                          f"got values in [{lo}, {hi}]")
 
 
+def _contiguous(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    return None if t is None else t.contiguous()
+
+
 @torch.library.custom_op("resnas::ragged_attention_fwd", mutates_args=())
 def ragged_attention_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias_table: Optional[torch.Tensor],
                          bias_index: Optional[torch.Tensor], dense_bias: Optional[torch.Tensor], sizes: List[int],
-                         widths: List[int], scale: float, grid: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Returns (out (B, Nq, H_max * d_v), lse (B, H_max, Nq) fp32 / fp64). `grid` is [R, s] or [] (see
-    `ragged_attention`); with a grid, bias_index is None."""
-    heads = Ragged(tuple(sizes), tuple(widths))
-    _check_args(q, k, v, heads, scale, bias_table, bias_index, tuple(grid) if grid else None, dense_bias)
-    return _fwd_body(q, k, v, bias_table, bias_index, dense_bias, heads, scale, grid)
-
-
-def _fwd_body(q, k, v, bias_table, bias_index, dense_bias, groups: Ragged, scale: float, grid: List[int]):
-    """The body of `ragged_attention_fwd`; eager CPU calls run it without the op's dispatch (`backend.eager_cpu`)."""
+                         widths: torch.Tensor, scale: float, grid: List[int]) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Returns (out (B, Nq, H_max * d_v), lse (B, H_max, Nq) fp32 / fp64). `widths` is the int32 (G,) heads tensor on
+    q's device; `grid` is [R, s] or [] (see `ragged_attention`); with a grid, bias_index is None."""
+    _check_args(q, k, v, Ragged(tuple(sizes), widths), scale, bias_table, bias_index, tuple(grid) if grid else None,
+                dense_bias)
     _check_index_values(bias_index, bias_table)
     if bias_index is not None:
         bias_index = bias_index.to(torch.int32).contiguous()  # the kernels read int32 (checked to fit above)
+    table, dense = _contiguous(bias_table), _contiguous(dense_bias)
     backend = _backend_for(q)
     if q.is_cuda and backend in ("triton", "cuda") and get_backend() == "auto":
-        return _auto_cuda_fwd(q, k, v, bias_table, bias_index, dense_bias, groups, scale, grid)
-    return _FWD[backend](q, k, v, bias_table, bias_index, dense_bias, groups, scale, grid)
+        return _auto_cuda_fwd(q, k, v, table, bias_index, dense, sizes, widths, scale, grid)
+    return _FWD[backend](q, k, v, table, bias_index, dense, sizes, widths, scale, grid)
 
 
 @ragged_attention_fwd.register_fake
 def _(q, k, v, bias_table, bias_index, dense_bias, sizes, widths, scale, grid):
-    batch, n_q, h_max, _ = q.shape
-    out = q.new_empty((batch, n_q, h_max * v.shape[3]))
-    return out, q.new_empty((batch, h_max, n_q), dtype=compute_dtype(q.dtype))
+    return _fwd_outputs(q, v)
 
 
 @torch.library.custom_op("resnas::ragged_attention_bwd", mutates_args=())
 def ragged_attention_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
                          lse: torch.Tensor, bias_table: Optional[torch.Tensor], bias_index: Optional[torch.Tensor],
-                         dense_bias: Optional[torch.Tensor], sizes: List[int], widths: List[int], scale: float,
+                         dense_bias: Optional[torch.Tensor], sizes: List[int], widths: torch.Tensor, scale: float,
                          grid: List[int], need_table_grad: bool, need_dense_grad: bool
                          ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Returns (dq, dk, dv, dbias_table, ddense_bias): dq/dk/dv contiguous with q/k/v's shapes, zeros on inactive
     heads; dbias_table (H_max, T) in the table's dtype when a table is given and need_table_grad, else an empty (0,)
     tensor; ddense_bias like dense_bias when need_dense_grad, else empty."""
-    heads = Ragged(tuple(sizes), tuple(widths))
-    _check_args(q, k, v, heads, scale, bias_table, bias_index, tuple(grid) if grid else None, dense_bias)
-    batch, n_q, h_max, _ = q.shape
-    for name, t, shape, dtype in (("dout", dout, (batch, n_q, h_max * v.shape[3]), q.dtype),
-                                  ("out", out, (batch, n_q, h_max * v.shape[3]), q.dtype),
-                                  ("lse", lse, (batch, h_max, n_q), compute_dtype(q.dtype))):
-        check_tensor(t, name)
-        if tuple(t.shape) != shape or t.dtype != dtype:
-            raise ValueError(f"{name} must have shape {shape} and dtype {dtype}, got {tuple(t.shape)} {t.dtype}")
+    _check_args(q, k, v, Ragged(tuple(sizes), widths), scale, bias_table, bias_index, tuple(grid) if grid else None,
+                dense_bias)
+    _check_bwd_tensors(q, v, dout, out, lse)
     if not (lse.is_contiguous() and out.is_contiguous()):
         raise ValueError("out and lse must be contiguous (as the forward returns them)")
-    return _bwd_body(dout, q, k, v, out, lse, bias_table, bias_index, dense_bias, heads, scale, grid,
-                     need_table_grad, need_dense_grad)
-
-
-def _bwd_body(dout, q, k, v, out, lse, bias_table, bias_index, dense_bias, groups: Ragged, scale: float,
-              grid: List[int], need_table_grad: bool, need_dense_grad: bool):
-    """The body of `ragged_attention_bwd`; eager CPU backwards run it without the op's dispatch."""
     if bias_index is not None:
         bias_index = bias_index.to(torch.int32).contiguous()  # checked by the forward
     impl = _BWD[_backend_for(q)]
-    return impl(dout.contiguous(), q, k, v, out, lse, bias_table, bias_index, dense_bias, groups, scale, grid,
-                need_table_grad, need_dense_grad)
+    return impl(dout.contiguous(), q, k, v, out, lse, _contiguous(bias_table), bias_index, _contiguous(dense_bias),
+                sizes, widths, scale, grid, need_table_grad, need_dense_grad)
 
 
 @ragged_attention_bwd.register_fake
 def _(dout, q, k, v, out, lse, bias_table, bias_index, dense_bias, sizes, widths, scale, grid, need_table_grad,
       need_dense_grad):
-    dtable = (bias_table.new_empty(bias_table.shape) if (bias_table is not None and need_table_grad)
-              else q.new_empty((0,)))
-    ddense = (dense_bias.new_empty(dense_bias.shape) if (dense_bias is not None and need_dense_grad)
-              else q.new_empty((0,)))
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dtable, ddense
+    return _bwd_outputs(q, k, v, bias_table, dense_bias, need_table_grad, need_dense_grad)
 
 
 def _setup_context(ctx, inputs, output):
     q, k, v, bias_table, bias_index, dense_bias, sizes, widths, scale, grid = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, bias_table, bias_index, dense_bias)
-    ctx.args = (sizes, widths, scale, grid)
+    ctx.save_for_backward(q, k, v, out, lse, bias_table, bias_index, dense_bias, widths)
+    ctx.args = (sizes, scale, grid)
 
 
 def _backward(ctx, dout, _dlse):
-    q, k, v, out, lse, bias_table, bias_index, dense_bias = ctx.saved_tensors
-    sizes, widths, scale, grid = ctx.args
+    q, k, v, out, lse, bias_table, bias_index, dense_bias, widths = ctx.saved_tensors
+    sizes, scale, grid = ctx.args
     need_table = bias_table is not None and ctx.needs_input_grad[3]
     need_dense = dense_bias is not None and ctx.needs_input_grad[5]
-    if eager_cpu(q, dout):  # the op's body without its dispatch (~40 us a call), as in the forward
-        dq, dk, dv, dtable, ddense = _bwd_body(dout, q, k, v, out, lse, bias_table, bias_index, dense_bias,
-                                               Ragged(tuple(sizes), tuple(widths)), scale, grid, need_table,
-                                               need_dense)
-    else:
-        dq, dk, dv, dtable, ddense = ragged_attention_bwd(dout, q, k, v, out, lse, bias_table, bias_index,
-                                                          dense_bias, sizes, widths, scale, grid, need_table,
-                                                          need_dense)
+    dq, dk, dv, dtable, ddense = ragged_attention_bwd(dout, q, k, v, out, lse, bias_table, bias_index, dense_bias,
+                                                      sizes, widths, scale, grid, need_table, need_dense)
     return (dq, dk, dv, dtable if need_table else None, None, ddense if need_dense else None,
             None, None, None, None)
 
@@ -1003,8 +1077,11 @@ def _check_bias(q, k, bias_table, bias_index, bias_grid, dense_bias):
 
 def _check_args(q, k, v, heads: Ragged, scale, bias_table, bias_index, bias_grid, dense_bias,
                 what: str = "widths") -> None:
-    """The argument checks of `ragged_attention`, run again by the custom ops (direct calls, torch.compile)."""
+    """The argument checks of `ragged_attention`, run again by the custom ops (direct calls, torch.compile) and by the
+    fake kernels of the C++ ops; `csrc/ragged_attention.h` (check_args) words its checks the same way."""
     _check_qkv(q, k, v)
+    if heads.on_device:
+        check_same_device(q, heads.widths, "q", what)
     check_groups(heads, q.shape[0], q.shape[2], batch_of="q", width_of="q (dim 2, H_max)", what=what)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (abs(scale) < float("inf")):
         raise ValueError(f"scale must be a finite float, got {scale!r}")
@@ -1021,6 +1098,11 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: O
         q: (B, Nq, H_max, d_qk); k: (B, Nk, H_max, d_qk); v: (B, Nk, H_max, d_v). Same dtype and device; unit stride
             on the last dim, any other strides (e.g. `qkv.view(B, N, 3, H, d)[:, :, 0]`).
         heads: Ragged(sizes, widths) over dim 0, widths[g] = active heads h_g (None: all H_max heads everywhere).
+            The widths may be host ints or an int32 (G,) tensor on q's device (device metadata: a new architecture
+            is a new tensor value, so torch.compile does not recompile and nothing syncs). Values are checked against
+            [0, H_max] on the host when that is free (host ints, CPU tensors; CUDA only with
+            `set_validate_metadata(True)`); every kernel also clamps them to [0, H_max], so no value reads or writes
+            outside the tensors.
         scale: multiplies q.k; default d_qk ** -0.5.
         bias_table: (H_max, T) learnable table (q's dtype or fp32), used with exactly one of
         bias_index: (Nq, Nk) integer tensor with values in [0, T), or
@@ -1030,40 +1112,49 @@ def ragged_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, heads: O
         (B, Nq, H_max * d_v) in q's dtype, head-major, zeros for heads >= h_g. Differentiable w.r.t. q, k, v,
         bias_table (deterministic) and dense_bias.
     """
-    _check_qkv(q, k, v)
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        check_tensor(t, name)
+    if q.dim() != 4:
+        _check_qkv(q, k, v)  # raises the error that names the problem
     batch, _, h_max, d_qk = q.shape
-    heads = as_ragged(heads, batch, h_max)
+    heads = _all_heads(batch, h_max) if heads is None else as_ragged(heads, batch, h_max)
     if scale is None:
         scale = d_qk ** -0.5
+    elif isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise ValueError(f"scale must be a finite float, got {scale!r}")
+    grid = _grid_arg(bias_grid)
+    if _backend_for(q) == "cpu":
+        # One dispatcher hop: the C++ op checks every argument itself (with the messages of `_check_args`), reads
+        # the heads tensor and registers its own autograd. Host widths are checked here first, once per value, so
+        # their errors name `heads.widths` as on the other backends.
+        if not heads.on_device:
+            _check_host_heads(heads.sizes, heads.widths, batch, h_max)
+        _register_ext_fakes()
+        return torch.ops.resnas.ragged_attention(q, k, v, bias_table, bias_index, dense_bias, heads.sizes,
+                                                 heads.widths_tensor(q.device), float(scale), grid)
     _check_args(q, k, v, heads, scale, bias_table, bias_index, bias_grid, dense_bias, what="heads.widths")
-    grid: List[int] = list(bias_grid) if bias_grid is not None else []
-    if bias_table is not None:
-        bias_table = bias_table.contiguous()
-    if dense_bias is not None:
-        dense_bias = dense_bias.contiguous()
-    if eager_cpu(q, k, v):
-        # Same body and autograd as the custom op's, without its dispatch (~40 us a call: more than the whole N = 16
-        # kernel). Without gradients to record, not even an autograd node.
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad
-                                           for t in (q, k, v, bias_table, dense_bias)):
-            return _EagerAttention.apply(q, k, v, bias_table, bias_index, dense_bias, list(heads.sizes),
-                                         list(heads.widths), float(scale), grid)
-        return _fwd_body(q, k, v, bias_table, bias_index, dense_bias, heads, float(scale), grid)[0]
-    out, _ = ragged_attention_fwd(q, k, v, bias_table, bias_index, dense_bias, list(heads.sizes), list(heads.widths),
-                                  float(scale), grid)
+    out, _ = ragged_attention_fwd(q, k, v, bias_table, bias_index, dense_bias, list(heads.sizes),
+                                  heads.widths_tensor(q.device), float(scale), grid)
     return out
 
 
-class _EagerAttention(torch.autograd.Function):
-    """`ragged_attention_fwd` with its registered autograd (`_setup_context`, `_backward`), minus the op dispatch."""
+@functools.lru_cache(maxsize=256)
+def _all_heads(batch: int, h_max: int) -> Ragged:
+    return Ragged.uniform(batch, h_max)
 
-    @staticmethod
-    def forward(ctx, q, k, v, bias_table, bias_index, dense_bias, sizes, widths, scale, grid):
-        out, lse = _fwd_body(q, k, v, bias_table, bias_index, dense_bias, Ragged(tuple(sizes), tuple(widths)),
-                              scale, grid)
-        _setup_context(ctx, (q, k, v, bias_table, bias_index, dense_bias, sizes, widths, scale, grid), (out, lse))
-        return out
 
-    @staticmethod
-    def backward(ctx, dout):
-        return _backward(ctx, dout, None)
+@functools.lru_cache(maxsize=1024)
+def _check_host_heads(sizes: Tuple[int, ...], widths: Tuple[int, ...], batch: int, h_max: int) -> None:
+    """`check_groups` of host heads, cached per value (a failing check raises every time: nothing is cached)."""
+    check_groups(Ragged(sizes, widths), batch, h_max, batch_of="q", width_of="q (dim 2, H_max)", what="heads.widths")
+
+
+def _grid_arg(bias_grid) -> List[int]:
+    """bias_grid as the ops' `grid` argument: [] or [R, stride]."""
+    if bias_grid is None:
+        return []
+    ok = (isinstance(bias_grid, (tuple, list)) and len(bias_grid) == 2
+          and all(isinstance(x, int) and not isinstance(x, bool) and x >= 1 for x in bias_grid))
+    if not ok:
+        raise ValueError(f"bias_grid must be a pair of ints (R, stride) >= 1, got {bias_grid!r}")
+    return [int(bias_grid[0]), int(bias_grid[1])]
