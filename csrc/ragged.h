@@ -9,9 +9,34 @@
 #include <c10/util/Exception.h>
 
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace resnas {
+
+// Python's spelling of a dtype ("torch.float32") and of a shape ("(2, 4, 9)", "(8,)"), so that the C++ checks'
+// messages read exactly as the Python checks' do.
+inline std::string py_dtype(at::ScalarType t) {
+  switch (t) {
+    case at::kFloat: return "torch.float32";
+    case at::kDouble: return "torch.float64";
+    case at::kHalf: return "torch.float16";
+    case at::kBFloat16: return "torch.bfloat16";
+    case at::kInt: return "torch.int32";
+    case at::kLong: return "torch.int64";
+    case at::kShort: return "torch.int16";
+    case at::kChar: return "torch.int8";
+    case at::kByte: return "torch.uint8";
+    case at::kBool: return "torch.bool";
+    default: return std::string("torch.") + c10::toString(t);
+  }
+}
+
+inline std::string py_shape(c10::IntArrayRef shape) {
+  std::string s = "(";
+  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
+  return s + (shape.size() == 1 ? ",)" : ")");
+}
 
 struct GroupTable {
   std::vector<int64_t> row_start;  // size G + 1; row_start[G] == total rows

@@ -65,30 +65,6 @@ inline bool is_index_type(at::ScalarType t) {
 
 inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
-// Python's name of a dtype ("torch.float32"), so the messages read as the Python checks' do.
-inline std::string py_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kInt: return "torch.int32";
-    case at::kLong: return "torch.int64";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    default: return std::string("torch.") + c10::toString(t);
-  }
-}
-
-// "(2, 4, 9)": a shape as Python prints it.
-inline std::string py_shape(c10::IntArrayRef shape) {
-  std::string s = "(";
-  for (size_t i = 0; i < shape.size(); ++i) s += (i ? ", " : "") + std::to_string(shape[i]);
-  return s + (shape.size() == 1 ? ",)" : ")");
-}
-
 inline void check_qkv_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.defined(), name, " must be a torch.Tensor, got None");
   TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-D (B, N, H_max, d), got shape ", py_shape(t.sizes()));

@@ -41,32 +41,7 @@ namespace {
 using torch::autograd::AutogradContext;
 using torch::autograd::variable_list;
 
-// ---- Python spellings, so that messages read exactly as the Python checks' ----------------------------------------
-std::string py_dtype(at::ScalarType t) {
-  switch (t) {
-    case at::kFloat: return "torch.float32";
-    case at::kDouble: return "torch.float64";
-    case at::kHalf: return "torch.float16";
-    case at::kBFloat16: return "torch.bfloat16";
-    case at::kInt: return "torch.int32";
-    case at::kLong: return "torch.int64";
-    case at::kShort: return "torch.int16";
-    case at::kChar: return "torch.int8";
-    case at::kByte: return "torch.uint8";
-    case at::kBool: return "torch.bool";
-    default: return std::string("torch.") + c10::toString(t);
-  }
-}
-
-// A Python tuple: (4, 3, 8), (8,), ().
-std::string py_tuple(c10::IntArrayRef values) {
-  std::ostringstream out;
-  out << "(";
-  for (size_t i = 0; i < values.size(); ++i) out << (i ? ", " : "") << values[i];
-  out << (values.size() == 1 ? ",)" : ")");
-  return out.str();
-}
-
+// ---- Python spellings (py_dtype, py_shape: ragged.h), so that messages read exactly as the Python checks' ----
 // repr() of a Python float, for the common cases: 0.0, -1.0, 1e-06.
 std::string py_float(double v) {
   std::ostringstream out;
@@ -82,9 +57,9 @@ void check_float_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, name,
                    " must have dtype in ['torch.float32', 'torch.float16', 'torch.bfloat16', 'torch.float64'], got ",
                    py_dtype(dtype));
-  TORCH_CHECK_VALUE(t.dim() >= 2, name, " must have at least 2 dims, got shape ", py_tuple(t.sizes()));
-  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (shape ", py_tuple(t.sizes()), ", strides ",
-                    py_tuple(t.strides()), "); call .contiguous() first");
+  TORCH_CHECK_VALUE(t.dim() >= 2, name, " must have at least 2 dims, got shape ", py_shape(t.sizes()));
+  TORCH_CHECK_VALUE(t.is_contiguous(), name, " must be contiguous (shape ", py_shape(t.sizes()), ", strides ",
+                    py_shape(t.strides()), "); call .contiguous() first");
 }
 
 void check_same_device(const at::Tensor& x, const at::Tensor& t, const char* name) {
@@ -96,7 +71,7 @@ void check_same_device(const at::Tensor& x, const at::Tensor& t, const char* nam
 void check_param(const at::Tensor& p, const char* name, const at::Tensor& x) {
   const int64_t c_max = x.size(-1);
   TORCH_CHECK_VALUE(p.dim() == 1 && p.size(0) == c_max, name, " must have shape (", c_max, ",), got ",
-                    py_tuple(p.sizes()));
+                    py_shape(p.sizes()));
   const bool fp32_x = x.scalar_type() == at::kFloat;
   TORCH_CHECK_TYPE(p.scalar_type() == x.scalar_type() || p.scalar_type() == at::kFloat, name, " must have dtype in [",
                    fp32_x ? "" : "'" + py_dtype(x.scalar_type()) + "', ", "'torch.float32'], got ",
@@ -120,13 +95,13 @@ void check_groups(const at::Tensor& x, c10::IntArrayRef sizes, const at::Tensor&
     TORCH_CHECK_VALUE(sizes[g] >= 0, "sizes[", g, "] must be >= 0, got ", sizes[g]);
     batch += sizes[g];
   }
-  TORCH_CHECK_VALUE(batch == x.size(0), "sum of group sizes (", batch, ", sizes=", py_tuple(sizes),
+  TORCH_CHECK_VALUE(batch == x.size(0), "sum of group sizes (", batch, ", sizes=", py_shape(sizes),
                     ") must equal the batch size of x (dim 0: ", x.size(0), ")");
   const auto num_groups = static_cast<int64_t>(sizes.size());
   TORCH_CHECK_TYPE(widths.scalar_type() == at::kInt, "groups.widths must be an int32 tensor (device metadata), got "
                    "dtype ", py_dtype(widths.scalar_type()));
   TORCH_CHECK_VALUE(widths.dim() == 1 && widths.size(0) == num_groups, "groups.widths must have shape (", num_groups,
-                    ",) (one width per group, len(sizes)=", num_groups, "), got ", py_tuple(widths.sizes()));
+                    ",) (one width per group, len(sizes)=", num_groups, "), got ", py_shape(widths.sizes()));
   check_same_device(x, widths, "groups.widths");
   if (!values_on_host(widths)) return;
   const int64_t bound = x.size(-1);
@@ -148,8 +123,8 @@ void check_args(const at::Tensor& x, const at::Tensor& weight, const at::Tensor&
     check_float_tensor(r, "residual");
     check_same_device(x, r, "residual");
     TORCH_CHECK_VALUE(r.sizes() == x.sizes() && r.scalar_type() == x.scalar_type(),
-                      "residual must match x in shape and dtype: x is ", py_tuple(x.sizes()), " ",
-                      py_dtype(x.scalar_type()), ", residual is ", py_tuple(r.sizes()), " ",
+                      "residual must match x in shape and dtype: x is ", py_shape(x.sizes()), " ",
+                      py_dtype(x.scalar_type()), ", residual is ", py_shape(r.sizes()), " ",
                       py_dtype(r.scalar_type()));
   }
   check_param(weight, "weight", x);

@@ -32,6 +32,19 @@ def extension_available() -> bool:
     return load_extension()[0] is not None
 
 
+def register_cxx_fakes(fakes) -> bool:
+    """Register the fake kernels of C++ ops (`{"resnas::name": fn}`) so torch.compile traces through their C++
+    autograd. Only when the extension is loaded and defines every one of them: a stale build then only loses its
+    C++ path (`resnas info` names the missing ops) instead of failing the import."""
+    import torch
+
+    if not extension_available() or not all(hasattr(torch.ops.resnas, n.split("::")[1]) for n in fakes):
+        return False
+    for name, fn in fakes.items():
+        torch.library.register_fake(name)(fn)
+    return True
+
+
 @functools.lru_cache(maxsize=None)
 def extension_has_cuda() -> bool:
     """True when the extension was compiled with its CUDA sources."""

@@ -149,19 +149,23 @@ def test_ragged_work_equals_the_sub_networks_macs(monkeypatch):
     done = {"linear": 0, "attn_heads": 0}
     real_linear, real_attention = rk.ragged_linear, rk.ragged_attention
 
+    def values(widths):  # the supernet passes device metadata (tensors); read them here, outside the op
+        widths = widths.widths if isinstance(widths, Ragged) else widths
+        return widths.tolist() if isinstance(widths, torch.Tensor) else list(widths)
+
     def linear_spy(x, weight, bias, in_groups, out_widths, *, segments=1, **kw):
         rows = x.numel() // (x.shape[0] * x.shape[-1])
-        n_widths = out_widths.widths if isinstance(out_widths, Ragged) else out_widths
         done["linear"] += sum(b * rows * k * n * segments
-                              for b, k, n in zip(in_groups.sizes, in_groups.widths, n_widths))
+                              for b, k, n in zip(in_groups.sizes, values(in_groups), values(out_widths)))
         return real_linear(x, weight, bias, in_groups, out_widths, segments=segments, **kw)
 
     def attention_spy(q, k, v, heads, **kw):
-        done["attn_heads"] += sum(b * h for b, h in zip(heads.sizes, heads.widths))
+        done["attn_heads"] += sum(b * h for b, h in zip(heads.sizes, values(heads)))
         return real_attention(q, k, v, heads, **kw)
 
-    monkeypatch.setattr(rk, "ragged_linear", linear_spy)
-    monkeypatch.setattr(rk, "ragged_attention", attention_spy)
+    # The supernet calls the ops through the resnas_kernels.ops namespace.
+    monkeypatch.setattr(rk.ops, "ragged_linear", linear_spy)
+    monkeypatch.setattr(rk.ops, "ragged_attention", attention_spy)
     with torch.no_grad():
         model(torch.randn(sum(sizes), 3, IMG, IMG), archs, sizes)
     expected = 0

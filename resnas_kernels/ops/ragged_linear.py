@@ -669,10 +669,8 @@ def _op_fake(x, weight, bias, residual, row_scale, sizes, in_widths, out_widths,
 
 # The ops exist once the extension is loaded; registering here (import time) rather than on first use keeps the
 # registration out of any torch.compile trace.
-if _ext.extension_available() and all(hasattr(torch.ops.resnas, name) for name in OP.ext_ops):
-    torch.library.register_fake("resnas::ext_ragged_linear_fwd")(_ext_fwd_fake)
-    torch.library.register_fake("resnas::ext_ragged_linear_bwd")(_ext_bwd_fake)
-    torch.library.register_fake("resnas::ragged_linear")(_op_fake)
+_ext.register_cxx_fakes({"resnas::ext_ragged_linear_fwd": _ext_fwd_fake, "resnas::ext_ragged_linear_bwd": _ext_bwd_fake,
+                         "resnas::ragged_linear": _op_fake})
 
 
 # ---------------------------------------------------------------------------------------------------------------------

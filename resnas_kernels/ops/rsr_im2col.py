@@ -317,10 +317,8 @@ rsr_im2col_fwd.register_autograd(_backward, setup_context=_setup_context)
 # The C++ backends: one C++-registered op, resnas::rsr_im2col (csrc/rsr.cpp: autograd and checks in C++), over the
 # device kernels ext_rsr_im2col_fwd / _bwd. Their fake kernels live here so torch.compile traces through the C++
 # autograd.
-if _ext.extension_available():
-    torch.library.register_fake("resnas::rsr_im2col")(_fake_fwd)
-    torch.library.register_fake("resnas::ext_rsr_im2col_fwd")(_fake_fwd)
-    torch.library.register_fake("resnas::ext_rsr_im2col_bwd")(_fake_bwd)
+_ext.register_cxx_fakes({"resnas::rsr_im2col": _fake_fwd, "resnas::ext_rsr_im2col_fwd": _fake_fwd,
+                         "resnas::ext_rsr_im2col_bwd": _fake_bwd})
 
 
 # Taken once at trace time under torch.compile (as every backend decision: see residual_spatial_reduction.py).
