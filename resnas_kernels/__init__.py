@@ -9,7 +9,7 @@ Backends are chosen per call (see `resnas_kernels.backend`): `rk.set_backend("re
 from . import reference
 from .backend import BACKENDS, BackendUnavailableError, get_backend, resolve_backend, set_backend, use_backend
 from .ops import ragged_layer_norm, residual_spatial_reduction
-from .ragged import Ragged
+from .ragged import Ragged, set_validate_metadata
 from .ops import ragged_linear
 from .ops import levit_bias_index, ragged_attention
 
@@ -20,7 +20,7 @@ __version__ = "0.1.0"
 # import them from this package). Costs the timm import (~1.3 s of ~6 s on the 2-core dev box, measured -X importtime).
 from . import models  # noqa: E402,F401
 
-__all__ = ["Ragged", "ragged_layer_norm", "residual_spatial_reduction", "reference", "set_backend", "get_backend", "use_backend",
+__all__ = ["Ragged", "set_validate_metadata", "ragged_layer_norm", "residual_spatial_reduction", "reference", "set_backend", "get_backend", "use_backend",
            "resolve_backend", "BACKENDS", "BackendUnavailableError", "__version__"]
 __all__ += ["ragged_linear"]
 __all__ += ["ragged_attention", "levit_bias_index"]
