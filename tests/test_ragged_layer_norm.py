@@ -76,6 +76,22 @@ def _run(fn, g, x, r, w, b, dy, dz, eps=1e-6):
     return outs, tuple(torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads))
 
 
+def _check_against_oracle(backend, outs, grads, g, x, r, w, b, dy, dz, c, device):
+    """Outputs and gradients of one backend against the fp64 oracle (bound: the same-dtype reference's own error),
+    and the contract: exactly zero beyond each group's width, in every output and in dx."""
+    oracle_outs, oracle_grads = _run(ref.ragged_layer_norm, g, *(t.double() if t is not None else None
+                                                                 for t in (x, r, w, b)), dy, dz)
+    same_outs, same_grads = _run(ref.ragged_layer_norm, g, x, r, w, b, dy, dz)
+    for name, a, o, s in zip(("y", "z"), outs, oracle_outs, same_outs):
+        assert_close_to_oracle(a, o, s, f"{backend}:{name}")
+    names = ("dx", "dweight", "dbias") if r is None else ("dx", "dresidual", "dweight", "dbias")
+    for name, a, o, s in zip(names, grads, oracle_grads, same_grads):
+        assert_close_to_oracle(a, o, s, f"{backend}:{name}", factor=3.0)
+    outside = ~g.mask(c, device=device)[:, None, :].expand_as(x)
+    for name, t in zip(("y", "z", "dx"), (*outs, grads[0])):
+        assert (t[outside] == 0).all(), f"{backend}: {name} is not exactly zero beyond the widths"
+
+
 @pytest.mark.parametrize("backend,device", ALL_BACKENDS)
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"G{len(c[0])}-N{c[2]}-C{c[3]}")
 @pytest.mark.parametrize("residual", [False, True], ids=["plain", "residual"])
@@ -87,19 +103,7 @@ def test_matches_reference_fp32(backend, device, case, residual):
     dz = torch.randn(x.shape, dtype=torch.float64, device=device)
     with rk.use_backend(backend):
         outs, grads = _run(rk.ragged_layer_norm, g, x, r, w, b, dy, dz)
-    # Oracle: the reference in fp64. Same-dtype reference: the reference in fp32 (plain PyTorch F.layer_norm).
-    oracle_outs, oracle_grads = _run(ref.ragged_layer_norm, g, *(t.double() if t is not None else None
-                                                                 for t in (x, r, w, b)), dy, dz)
-    same_outs, same_grads = _run(ref.ragged_layer_norm, g, x, r, w, b, dy, dz)
-    for name, a, o, s in zip(("y", "z"), outs, oracle_outs, same_outs):
-        assert_close_to_oracle(a, o, s, f"{backend}:{name}")
-    names = ("dx", "dweight", "dbias") if r is None else ("dx", "dresidual", "dweight", "dbias")
-    for name, a, o, s in zip(names, grads, oracle_grads, same_grads):
-        assert_close_to_oracle(a, o, s, f"{backend}:{name}", factor=3.0)
-    # The contract: exactly zero beyond each group's width, in every output and in dx.
-    outside = ~g.mask(c, device=device)[:, None, :].expand_as(x)
-    for name, t in zip(("y", "z", "dx"), (*outs, grads[0])):
-        assert (t[outside] == 0).all(), f"{backend}: {name} is not exactly zero beyond the widths"
+    _check_against_oracle(backend, outs, grads, g, x, r, w, b, dy, dz, c, device)
 
 
 @pytest.mark.parametrize("backend,device", [("reference", "cpu"), ("cpu", "cpu"),
@@ -350,17 +354,7 @@ def test_device_widths_match_reference(backend, device, case, residual):
     dz = torch.randn(x.shape, dtype=torch.float64, device=device)
     with rk.use_backend(backend):
         outs, grads = _run(rk.ragged_layer_norm, _device_groups(sizes, widths, device), x, r, w, b, dy, dz)
-    oracle_outs, oracle_grads = _run(ref.ragged_layer_norm, g, *(t.double() if t is not None else None
-                                                                 for t in (x, r, w, b)), dy, dz)
-    same_outs, same_grads = _run(ref.ragged_layer_norm, g, x, r, w, b, dy, dz)
-    for name, a, o, s in zip(("y", "z"), outs, oracle_outs, same_outs):
-        assert_close_to_oracle(a, o, s, f"{backend}:{name}")
-    names = ("dx", "dweight", "dbias") if r is None else ("dx", "dresidual", "dweight", "dbias")
-    for name, a, o, s in zip(names, grads, oracle_grads, same_grads):
-        assert_close_to_oracle(a, o, s, f"{backend}:{name}", factor=3.0)
-    outside = ~g.mask(c, device=device)[:, None, :].expand_as(x)
-    for name, t in zip(("y", "z", "dx"), (*outs, grads[0])):
-        assert (t[outside] == 0).all(), f"{backend}: {name} is not exactly zero beyond the widths"
+    _check_against_oracle(backend, outs, grads, g, x, r, w, b, dy, dz, c, device)
 
 
 class TestBadDeviceWidths:
