@@ -1,4 +1,4 @@
-"""Fused attention with a learnable LeViT bias table (issue 5) vs the ways LeViT attention runs today.
+"""Fused attention with a learnable LeViT bias table vs the ways LeViT attention runs today.
 
 Cases: ragged_attention.infer (forward under torch.inference_mode) and ragged_attention.fwd+bwd (forward + backward
 to q, k, v and the bias table), fp32 on CPU, bf16 on CUDA.

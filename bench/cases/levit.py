@@ -1,6 +1,6 @@
 """LeViT inference: our `levit_*_fused` against timm's `levit_*` with the same weights, eager and torch.compile'd.
 
-Cases: levit_128s.infer and levit_256.infer (issue 8).
+Cases: levit_128s.infer and levit_256.infer.
     CPU:  batch 16 at 224x224, fp32 (the LeViT paper's CPU protocol), and LeViT-128S also at batch 1 (latency); run
           `resnas bench --case levit --threads 1` and `--threads 2` for the two thread counts.
     CUDA: batch 256 and 2048 at 224x224 under bf16 autocast (quick: 256 only).

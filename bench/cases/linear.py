@@ -1,4 +1,4 @@
-"""Ragged linear (issue 4) vs the two ways supernets run mixed-width linears today, plus the single-GEMM ceiling.
+"""Ragged linear vs the two ways supernets run mixed-width linears today, plus the single-GEMM ceiling.
 
 Providers:
     ours     resnas_kernels.ragged_linear (whichever backend resolve_backend picks; the CSV records it)

@@ -1,4 +1,4 @@
-"""Residual spatial reduction (issue 6): the fused op vs the stock-module chain and the original masked formulation.
+"""Residual spatial reduction: the fused op vs the stock-module chain and the original masked formulation.
 
 Providers:
     ours     resnas_kernels.residual_spatial_reduction (auto backend: C++ LN / im2col / ragged GEMM / epilogue on CPU;

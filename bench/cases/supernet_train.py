@@ -1,4 +1,4 @@
-"""Supernet training steps and search scoring (issue 9).
+"""Supernet training steps and search scoring.
 
 supernet_train.train   one optimizer-free training step (forward + backward) of K sampled sub-networks, each on a
                        contiguous group of the batch. Providers:

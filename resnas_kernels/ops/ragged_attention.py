@@ -1,4 +1,4 @@
-"""Fused ragged multi-head attention with per-group head counts and a learnable LeViT bias table (issue 5).
+"""Fused ragged multi-head attention with per-group head counts and a learnable LeViT bias table.
 
 Spec: `resnas_kernels.reference.ragged_attention` (the oracle). This file holds the whole op: the Triton kernels and
 launchers, the bridge to the C++ kernels (`csrc/cpu/ragged_attention.cpp`, `csrc/cuda/ragged_attention_fwd.cu`), the
