@@ -4,7 +4,8 @@
     resnas bench                             # full shapes and budgets
     resnas bench --case layer_norm --case 'ragged_*.fwd' --device cpu --threads 1
     resnas bench --module layer_norm         # only the cases of bench/cases/layer_norm.py
-    resnas bench --list                      # the cases and providers each device would run (builds nothing)
+    resnas bench --list                      # the cases and providers each device would run (builds nothing;
+                                             # `resnas` keeps the list, so asking again answers without torch)
     resnas bench --report                    # only regenerate plots and BENCHMARKS.md tables from the CSVs
     resnas bench --quick --save-baseline main ... later: resnas bench --quick --compare main --fail-on-regression
 
@@ -68,7 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timing budget per provider (default: 2.0 CPU / 0.5 CUDA; --quick 0.4 / 0.1)")
     p.add_argument("--out", type=Path, default=None,
                    help="results directory (default: bench/results/ of the repository checkout)")
-    p.add_argument("--list", action="store_true", help="list the cases and their providers, run nothing")
+    p.add_argument("--list", action="store_true", help="list the cases and their providers, run nothing (the "
+                   "`resnas` command keeps the list in ~/.cache/resnas-kernels until a source file, an installed "
+                   "package or the environment changes)")
     p.add_argument("--no-plots", action="store_true", help="do not redraw the PNG plots after the run")
     p.add_argument("--report", action="store_true",
                    help="run nothing: redraw the plots and regenerate the tables of BENCHMARKS.md from the CSVs")
