@@ -1,7 +1,8 @@
 """The `resnas` console script, kept outside the `resnas_kernels` package so that `resnas --help` (and a wrong
 subcommand) answers without importing the package: `import resnas_kernels` loads torch, triton and timm and registers
-the models, seconds of start-up that only a subcommand needs. `python -m resnas_kernels.cli` (torchrun) runs the same
-`main`."""
+the models, seconds of start-up that only a subcommand needs. For the same reason `resnas bench --list` is answered
+from a cache of its last output while nothing it depends on has changed (`bench_list`). `python -m resnas_kernels.cli`
+(torchrun) runs the same `main`."""
 import argparse
 import contextlib
 import hashlib
