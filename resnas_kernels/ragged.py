@@ -23,28 +23,16 @@ memory outside the tensors.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .config import set_validate_metadata, validate_metadata
+
 __all__ = ["Ragged", "set_validate_metadata", "validate_metadata"]
 
 WIDTH_DTYPE = torch.int32  # dtype of every widths tensor the ops accept
-
-_validate_metadata = os.environ.get("RESNAS_VALIDATE_METADATA", "0").strip() not in ("", "0")
-
-
-def set_validate_metadata(enabled: bool) -> None:
-    """Check widths tensors on CUDA too (a host sync per op call): a debug switch, off by default."""
-    global _validate_metadata
-    _validate_metadata = bool(enabled)
-
-
-def validate_metadata() -> bool:
-    return _validate_metadata
-
 
 def _as_int_tuple(values: Iterable[int], name: str) -> Tuple[int, ...]:
     if isinstance(values, torch.Tensor):
@@ -85,7 +73,7 @@ def check_widths_tensor(widths: torch.Tensor, num_groups: int, device: torch.dev
         raise ValueError(f"{name} must be on the same device as {tensor_name}: {tensor_name} is on {device}, {name} "
                          f"is on {widths.device}")
     # is_compiling first: Dynamo cannot trace _is_fake (torch._subclasses is on its skip list).
-    if (widths.device.type == "cpu" or _validate_metadata) and not torch.compiler.is_compiling() \
+    if (widths.device.type == "cpu" or validate_metadata()) and not torch.compiler.is_compiling() \
             and not _is_fake(widths):
         values = widths.tolist()
         for g, w in enumerate(values):

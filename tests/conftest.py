@@ -11,6 +11,10 @@ if os.environ.get("RESNAS_TEST_GPU", "0") != "1":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# A build without the C++ extension (RESNAS_BUILD_EXT=0) runs the suite with RESNAS_EXPECT_EXT=0; otherwise a missing
+# or broken extension fails the tests of its backends instead of skipping them unnoticed.
+EXPECT_EXT = os.environ.get("RESNAS_EXPECT_EXT", "1") != "0"
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -37,6 +41,25 @@ def _fresh_backend(request):
     resnas_kernels.set_backend(None)
 
 
+@pytest.fixture
+def set_environ(monkeypatch):
+    """`set_environ(name, value_or_None)` sets (None: removes) an environment variable and makes
+    `resnas_kernels.config` read the environment again; both are restored after the test. For tests of the
+    environment variables themselves: other tests switch knobs with `config.override(...)`."""
+    from resnas_kernels import config
+
+    def set_(name: str, value) -> None:
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        config.reload_from_environment()
+
+    yield set_
+    monkeypatch.undo()
+    config.reload_from_environment()
+
+
 @pytest.fixture(scope="module")
 def one_thread():
     """One intra-op thread for a test module (`pytestmark = pytest.mark.usefixtures("one_thread")`): on the shared
@@ -46,3 +69,41 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _check_backend_built(backend: str, ext_ops=()) -> None:
+    if backend not in ("cpu", "cuda"):
+        return
+    from resnas_kernels import _ext
+
+    if not _ext.extension_available():
+        if EXPECT_EXT:
+            pytest.fail(f"C++ extension missing: {_ext.load_extension()[1]} (set RESNAS_EXPECT_EXT=0 if you built "
+                        f"with RESNAS_BUILD_EXT=0)")
+        pytest.skip("extension deliberately not built (RESNAS_EXPECT_EXT=0)")
+    missing = [name for name in ext_ops if not hasattr(torch.ops.resnas, name)]
+    if missing:
+        pytest.fail(f"resnas_kernels._C is built but lacks {missing}: rebuild it (`pip install --no-build-isolation "
+                    f"-e .`)")
+
+
+@pytest.fixture(scope="session")
+def require_backend():
+    """`require_backend(backend, ext_ops=())` at the start of a test that forces `backend`: the C++ backends (cpu,
+    cuda) need the extension, and the ops named in `ext_ops`; the other backends need nothing. Session-scoped (it
+    holds no state), so hypothesis tests may use it too."""
+    return _check_backend_built
+
+
+@pytest.fixture(scope="session")
+def cpu_backend() -> str:
+    """The backend a CPU test of a whole model forces: the C++ kernels, or the reference where the extension was
+    deliberately not built (RESNAS_EXPECT_EXT=0)."""
+    from resnas_kernels import _ext
+
+    if _ext.extension_available():
+        return "cpu"
+    if EXPECT_EXT:
+        pytest.fail(f"C++ extension missing: {_ext.load_extension()[1]} (set RESNAS_EXPECT_EXT=0 if you built with "
+                    f"RESNAS_BUILD_EXT=0)")
+    return "reference"
