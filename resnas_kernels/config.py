@@ -244,7 +244,7 @@ def set_validate_metadata(enabled: Optional[bool]) -> None:
 
 
 def markdown_table() -> str:
-    """The README's table of switches (kept in sync by tests/test_config.py)."""
+    """The table of switches, as the README shows it."""
     rows = ["| Variable | Python | Values (default first) | Effect | Read |", "|---|---|---|---|---|"]
     for knob in KNOBS.values():
         rows.append(f"| `{knob.env}` | `config.set_{knob.name}(...)` | {knob.values} | {knob.effect} | {knob.read} |")
