@@ -31,7 +31,7 @@ __all__ = [
     "rsr_conv", "set_rsr_conv",
     "malloc_tuning", "set_malloc_tuning",
     "validate_metadata", "set_validate_metadata",
-    "override", "read_environment", "reload_from_environment", "markdown_table",
+    "override", "reset_overrides", "read_environment", "reload_from_environment", "markdown_table",
 ]
 
 BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
@@ -159,6 +159,13 @@ def _set(name: str, value: Any) -> None:
         except ValueError as exc:
             raise ValueError(f"{name} {exc}") from None
     _refresh(name)
+
+
+def reset_overrides() -> None:
+    """Forget every setter's value: each switch returns to its environment value (or its default)."""
+    _overrides.clear()
+    for name in KNOBS:
+        _refresh(name)
 
 
 @contextlib.contextmanager

@@ -28,17 +28,18 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_backend(request):
-    """Every test starts from the default backend setting and its own fixed seed: crc32 of the test's id, plus
-    RESNAS_TEST_SEED (default 0). Inputs are still fresh random draws, different per test, but a failure reproduces
-    exactly; set RESNAS_TEST_SEED to another integer to draw another sample of inputs for every test."""
-    import resnas_kernels
+def _fresh_settings(request):
+    """Every test starts from the default runtime switches (the environment's, no setter in force: a test may call
+    `config.set_*` freely) and its own fixed seed: crc32 of the test's id, plus RESNAS_TEST_SEED (default 0). Inputs
+    are still fresh random draws, different per test, but a failure reproduces exactly; set RESNAS_TEST_SEED to
+    another integer to draw another sample of inputs for every test."""
+    from resnas_kernels import config
 
     offset = int(os.environ.get("RESNAS_TEST_SEED", "0"))
     torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) + offset) % (2 ** 63))
-    resnas_kernels.set_backend(None)
+    config.reset_overrides()
     yield
-    resnas_kernels.set_backend(None)
+    config.reset_overrides()
 
 
 @pytest.fixture

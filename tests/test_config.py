@@ -121,6 +121,14 @@ def test_the_package_reads_its_switches_from_config(monkeypatch):
         assert cpu_allocator.cpu_allocator_state() == "default (RESNAS_MALLOC_TUNING=0)"
 
 
+def test_reset_overrides_returns_every_switch_to_the_environment():
+    from_env = config.read_environment(os.environ)
+    config.set_rsr_conv("blocked")
+    config.set_validate_metadata(True)
+    config.reset_overrides()
+    assert (config.rsr_conv(), config.validate_metadata()) == (from_env["rsr_conv"], from_env["validate_metadata"])
+
+
 # Files that still read a switch's variable themselves (or set it in a test, which the library no longer sees after
 # import): the coordinator rewires them to config.py's getters / config.override(...) and empties this table.
 NOT_YET_REWIRED = {
@@ -150,4 +158,3 @@ def test_switch_variables_are_read_only_by_config():
     assert found == NOT_YET_REWIRED, (
         "read runtime switches through resnas_kernels.config (its getters) and switch them in tests with "
         "config.override(...), not os.environ / getenv")
-
