@@ -120,13 +120,3 @@ def resolve_backend_for(op_name: str, t: torch.Tensor) -> str:
     accumulate in fp32, so fp64 inputs (gradient checking) run the reference on the Triton backend."""
     backend = resolve_backend(op_name, t.device)
     return "reference" if backend == "triton" and t.dtype == torch.float64 else backend
-
-
-def eager_cpu(*tensors) -> bool:
-    """True when a custom op's dispatch adds nothing to calling its body: eager (not tracing / compiling, no dispatch
-    or torch-function mode such as fake tensors active) on plain CPU tensors."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return False
-    if torch._C._is_torch_function_mode_enabled():
-        return False
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" for t in tensors)
