@@ -103,8 +103,9 @@ KNOBS: Dict[str, Knob] = {k.name: k for k in (
          "widths are always checked)", "every op call"),
 )}
 
+
 class _Current:
-    """The value in force of every switch, one attribute each (None until loaded). Attributes rather than a dict:
+    """The value in force of every switch, one attribute each (set at import). Attributes rather than a dict:
     torch.compile guards a traced getter on that one attribute, so setting another switch recompiles nothing."""
 
 
