@@ -66,7 +66,7 @@ def test_create_forward_and_classifier(name):
     # Documented: the models call custom ops with Python-side dispatch, which TorchScript cannot compile (use
     # torch.compile or torch.export).
     with warnings.catch_warnings(), pytest.raises(Exception):
-        warnings.simplefilter("ignore", FutureWarning)  # torch.jit.script itself is deprecated
+        warnings.simplefilter("ignore")  # torch.jit.script itself is deprecated (a Future- or DeprecationWarning)
         torch.jit.script(model)
 
 
