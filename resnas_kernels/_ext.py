@@ -11,12 +11,14 @@ import importlib
 import os
 from typing import Optional
 
+from . import config
+
 
 @functools.lru_cache(maxsize=None)
 def load_extension() -> tuple[Optional[object], Optional[str]]:
     """(module, None) when `resnas_kernels._C` imports (its TORCH_LIBRARY ops are then registered), else (None, why)."""
-    if os.environ.get("RESNAS_DISABLE_EXT", "0") == "1":
-        return None, "disabled by RESNAS_DISABLE_EXT=1"
+    if config.extension_disabled():
+        return None, "disabled by RESNAS_DISABLE_EXT=1 (or config.set_extension_disabled(True))"
     try:
         import torch  # noqa: F401  (the extension links against libtorch)
 

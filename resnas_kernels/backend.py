@@ -1,4 +1,5 @@
-"""Which implementation runs an op: `set_backend(...)` / `RESNAS_BACKEND` = auto | reference | triton | cuda | cpu.
+"""Which implementation runs an op: `set_backend(...)` / `RESNAS_BACKEND` = auto | reference | triton | cuda | cpu
+(the switch lives in `resnas_kernels.config`; `set_backend` here and `config.set_backend` are the same setter).
 
 - reference: the plain PyTorch oracle in `resnas_kernels.reference` (any device, any dtype).
 - triton:    Triton kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1 (tests only: it is slow).
@@ -12,15 +13,13 @@ Forcing a backend that cannot run the call raises `BackendUnavailableError` sayi
 from __future__ import annotations
 
 import contextlib
-import os
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterator, Optional, Tuple
+from typing import Dict, Iterator, Optional, Tuple
 
 import torch
 
-from . import _ext
-
-BACKENDS = ("auto", "reference", "triton", "cuda", "cpu")
+from . import _ext, config
+from .config import BACKENDS
 
 __all__ = ["BACKENDS", "BackendUnavailableError", "set_backend", "get_backend", "use_backend", "resolve_backend",
            "registered_ops"]
@@ -40,7 +39,6 @@ class OpInfo:
 
 
 _OPS: Dict[str, OpInfo] = {}
-_forced: Optional[str] = None
 
 
 def register_op(info: OpInfo) -> OpInfo:
@@ -53,41 +51,21 @@ def registered_ops() -> Dict[str, OpInfo]:
     return dict(_OPS)
 
 
-def _check_name(name: str) -> str:
-    if not isinstance(name, str) or name.lower() not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
-    return name.lower()
-
-
 def set_backend(name: Optional[str]) -> None:
     """Force a backend for every op (`None` returns to RESNAS_BACKEND, or auto when that is unset)."""
-    global _forced
-    _forced = None if name is None else _check_name(name)
+    config.set_backend(name)
 
 
 def get_backend() -> str:
     """The requested backend: set_backend(...) if called, else RESNAS_BACKEND, else 'auto'."""
-    if _forced is not None:
-        return _forced
-    env = os.environ.get("RESNAS_BACKEND")
-    if env:
-        try:
-            return _check_name(env)
-        except ValueError:
-            raise ValueError(f"RESNAS_BACKEND must be one of {BACKENDS}, got {env!r}") from None
-    return "auto"
+    return config.requested_backend()
 
 
 @contextlib.contextmanager
 def use_backend(name: Optional[str]) -> Iterator[None]:
     """Temporarily force a backend: `with use_backend("reference"): ...`."""
-    global _forced
-    previous = _forced
-    set_backend(name)
-    try:
+    with config.override(backend=name):
         yield
-    finally:
-        _forced = previous
 
 
 def why_unavailable(op: OpInfo, backend: str, device: torch.device) -> Optional[str]:
@@ -142,18 +120,3 @@ def resolve_backend_for(op_name: str, t: torch.Tensor) -> str:
     accumulate in fp32, so fp64 inputs (gradient checking) run the reference on the Triton backend."""
     backend = resolve_backend(op_name, t.device)
     return "reference" if backend == "triton" and t.dtype == torch.float64 else backend
-
-
-def dispatch(op_name: str, device: torch.device, impls: Dict[str, Callable]) -> Callable:
-    """The implementation of `op_name` for `device` under the current backend setting."""
-    return impls[resolve_backend(op_name, device)]
-
-
-def eager_cpu(*tensors) -> bool:
-    """True when a custom op's dispatch adds nothing to calling its body: eager (not tracing / compiling, no dispatch
-    or torch-function mode such as fake tensors active) on plain CPU tensors."""
-    if torch.compiler.is_compiling() or torch._C._len_torch_dispatch_stack() > 0:
-        return False
-    if torch._C._is_torch_function_mode_enabled():
-        return False
-    return all(type(t) in (torch.Tensor, torch.nn.Parameter) and t.device.type == "cpu" for t in tensors)

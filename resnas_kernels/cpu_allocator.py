@@ -2,9 +2,8 @@
 
 PyTorch's CPU tensors come from malloc. glibc serves large blocks (above a dynamic threshold of at most 32 MB) with
 fresh `mmap`s, gives them back on free, and trims the heap top back to the OS, so every step of a training loop
-page-faults its activations and gradients in again: the kernel zeroes each 4 KB page on first touch. On the 2-core
-development VM that is ~0.5 ms per MB: an eighth of a ViT-ResNAS supernet step at 4 x 8 images (a quarter of the
-masked formulation's) and about half of the conv stem's forward + backward (BENCHMARKS.md, "CPU allocator").
+page-faults its activations and gradients in again: the kernel zeroes each 4 KB page on first touch, a cost of the
+order of the step's own compute for small CPU steps (BENCHMARKS.md, "CPU allocator", has the measurements).
 PyTorch's own CPU launcher (`torch.backends.xeon.run_cpu`) fixes this by preloading jemalloc or tcmalloc; this module
 does the same with glibc alone, at run time, through `mallopt`:
 
@@ -23,12 +22,12 @@ Caveats:
 """
 import ctypes
 import ctypes.util
-import os
 import platform
 
-__all__ = ["tune_cpu_allocator", "cpu_allocator_state", "ENV_SWITCH"]
+from . import config
 
-ENV_SWITCH = "RESNAS_MALLOC_TUNING"
+__all__ = ["tune_cpu_allocator", "cpu_allocator_state"]
+
 _M_TRIM_THRESHOLD = -1   # glibc malloc.h
 _M_MMAP_MAX = -4
 _TRIM_THRESHOLD_BYTES = 2 ** 31 - 1  # an int parameter: 2 GiB - 1, "never" for a training process
@@ -46,11 +45,12 @@ def _glibc():
 
 
 def tune_cpu_allocator() -> bool:
-    """Apply the tuning above unless RESNAS_MALLOC_TUNING=0; returns whether it is in effect. Idempotent."""
+    """Apply the tuning above unless RESNAS_MALLOC_TUNING=0 (`config.set_malloc_tuning(False)`); returns whether it
+    is in effect. Idempotent."""
     global _state
     if _state == "glibc-tuned":
         return True
-    if os.environ.get(ENV_SWITCH, "1").strip() == "0":
+    if not config.malloc_tuning():
         _state = "default (RESNAS_MALLOC_TUNING=0)"
         return False
     libc = _glibc()

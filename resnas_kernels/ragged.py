@@ -23,28 +23,16 @@ memory outside the tensors.
 from __future__ import annotations
 
 import functools
-import os
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence, Tuple, Union
 
 import torch
 
+from .config import set_validate_metadata, validate_metadata
+
 __all__ = ["Ragged", "set_validate_metadata", "validate_metadata"]
 
 WIDTH_DTYPE = torch.int32  # dtype of every widths tensor the ops accept
-
-_validate_metadata = os.environ.get("RESNAS_VALIDATE_METADATA", "0").strip() not in ("", "0")
-
-
-def set_validate_metadata(enabled: bool) -> None:
-    """Check widths tensors on CUDA too (a host sync per op call): a debug switch, off by default."""
-    global _validate_metadata
-    _validate_metadata = bool(enabled)
-
-
-def validate_metadata() -> bool:
-    return _validate_metadata
-
 
 def _as_int_tuple(values: Iterable[int], name: str) -> Tuple[int, ...]:
     if isinstance(values, torch.Tensor):
@@ -85,7 +73,7 @@ def check_widths_tensor(widths: torch.Tensor, num_groups: int, device: torch.dev
         raise ValueError(f"{name} must be on the same device as {tensor_name}: {tensor_name} is on {device}, {name} "
                          f"is on {widths.device}")
     # is_compiling first: Dynamo cannot trace _is_fake (torch._subclasses is on its skip list).
-    if (widths.device.type == "cpu" or _validate_metadata) and not torch.compiler.is_compiling() \
+    if (widths.device.type == "cpu" or validate_metadata()) and not torch.compiler.is_compiling() \
             and not _is_fake(widths):
         values = widths.tolist()
         for g, w in enumerate(values):
@@ -235,14 +223,6 @@ class Ragged:
             return self.widths
         return _widths_tensor(self.widths, str(torch.device(device)))
 
-    def row_table(self, rows_per_sample: int, device: torch.device) -> torch.Tensor:
-        """int32 (G, 3) device tensor [row_start, row_end, width] per group (built on the device, no sync; cached
-        per metadata and device for host widths)."""
-        if self.on_device:
-            starts = row_starts(self.sizes, rows_per_sample, device)
-            return torch.stack([starts[:-1], starts[1:], self.widths], dim=1)
-        return _row_table(self.sizes, self.widths, int(rows_per_sample), str(torch.device(device)))
-
     def __repr__(self) -> str:
         widths = f"tensor({self.widths.tolist() if not _is_fake(self.widths) else '?'})" if self.on_device \
             else self.widths
@@ -288,20 +268,6 @@ def sample_group_index(sizes: Sequence[int], device) -> torch.Tensor:
 @functools.lru_cache(maxsize=512)
 def _sample_group_index(sizes: Tuple[int, ...], device: str) -> torch.Tensor:
     return torch.tensor([g for g, s in enumerate(sizes) for _ in range(s)], dtype=torch.long).to(device)
-
-
-@functools.lru_cache(maxsize=512)
-def _row_table(sizes: Tuple[int, ...], widths: Tuple[int, ...], rows_per_sample: int, device: str) -> torch.Tensor:
-    starts = [o * rows_per_sample for o in _offsets(sizes)]
-    table = torch.tensor(list(zip(starts[:-1], starts[1:], widths)), dtype=torch.int32)
-    return table.to(device)
-
-
-def check_same_partition(a: Ragged, b: Ragged, name_a: str, name_b: str) -> None:
-    """Two Ragged objects that describe the same batch must split it identically."""
-    if a.sizes != b.sizes:
-        raise ValueError(f"{name_a} and {name_b} must split the batch into the same groups: "
-                         f"{name_a}.sizes={a.sizes} vs {name_b}.sizes={b.sizes}")
 
 
 def as_ragged(groups: Optional[Ragged], batch: int, width: int) -> Ragged:

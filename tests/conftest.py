@@ -11,6 +11,10 @@ if os.environ.get("RESNAS_TEST_GPU", "0") != "1":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# A build without the C++ extension (RESNAS_BUILD_EXT=0) runs the suite with RESNAS_EXPECT_EXT=0; otherwise a missing
+# or broken extension fails the tests of its backends instead of skipping them unnoticed.
+EXPECT_EXT = os.environ.get("RESNAS_EXPECT_EXT", "1") != "0"
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -24,17 +28,37 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _fresh_backend(request):
-    """Every test starts from the default backend setting and its own fixed seed: crc32 of the test's id, plus
-    RESNAS_TEST_SEED (default 0). Inputs are still fresh random draws, different per test, but a failure reproduces
-    exactly; set RESNAS_TEST_SEED to another integer to draw another sample of inputs for every test."""
-    import resnas_kernels
+def _fresh_settings(request):
+    """Every test starts from the default runtime switches (the environment's, no setter in force: a test may call
+    `config.set_*` freely) and its own fixed seed: crc32 of the test's id, plus RESNAS_TEST_SEED (default 0). Inputs
+    are still fresh random draws, different per test, but a failure reproduces exactly; set RESNAS_TEST_SEED to
+    another integer to draw another sample of inputs for every test."""
+    from resnas_kernels import config
 
     offset = int(os.environ.get("RESNAS_TEST_SEED", "0"))
     torch.manual_seed((zlib.crc32(request.node.nodeid.encode()) + offset) % (2 ** 63))
-    resnas_kernels.set_backend(None)
+    config.reset_overrides()
     yield
-    resnas_kernels.set_backend(None)
+    config.reset_overrides()
+
+
+@pytest.fixture
+def set_environ(monkeypatch):
+    """`set_environ(name, value_or_None)` sets (None: removes) an environment variable and makes
+    `resnas_kernels.config` read the environment again; both are restored after the test. For tests of the
+    environment variables themselves: other tests switch knobs with `config.override(...)`."""
+    from resnas_kernels import config
+
+    def set_(name: str, value) -> None:
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+        config.reload_from_environment()
+
+    yield set_
+    monkeypatch.undo()
+    config.reload_from_environment()
 
 
 @pytest.fixture(scope="module")
@@ -46,3 +70,41 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def _check_backend_built(backend: str, ext_ops=()) -> None:
+    if backend not in ("cpu", "cuda"):
+        return
+    from resnas_kernels import _ext
+
+    if not _ext.extension_available():
+        if EXPECT_EXT:
+            pytest.fail(f"C++ extension missing: {_ext.load_extension()[1]} (set RESNAS_EXPECT_EXT=0 if you built "
+                        f"with RESNAS_BUILD_EXT=0)")
+        pytest.skip("extension deliberately not built (RESNAS_EXPECT_EXT=0)")
+    missing = [name for name in ext_ops if not hasattr(torch.ops.resnas, name)]
+    if missing:
+        pytest.fail(f"resnas_kernels._C is built but lacks {missing}: rebuild it (`pip install --no-build-isolation "
+                    f"-e .`)")
+
+
+@pytest.fixture(scope="session")
+def require_backend():
+    """`require_backend(backend, ext_ops=())` at the start of a test that forces `backend`: the C++ backends (cpu,
+    cuda) need the extension, and the ops named in `ext_ops`; the other backends need nothing. Session-scoped (it
+    holds no state), so hypothesis tests may use it too."""
+    return _check_backend_built
+
+
+@pytest.fixture(scope="session")
+def cpu_backend() -> str:
+    """The backend a CPU test of a whole model forces: the C++ kernels, or the reference where the extension was
+    deliberately not built (RESNAS_EXPECT_EXT=0)."""
+    from resnas_kernels import _ext
+
+    if _ext.extension_available():
+        return "cpu"
+    if EXPECT_EXT:
+        pytest.fail(f"C++ extension missing: {_ext.load_extension()[1]} (set RESNAS_EXPECT_EXT=0 if you built with "
+                    f"RESNAS_BUILD_EXT=0)")
+    return "reference"

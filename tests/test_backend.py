@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import resnas_kernels as rk
-from resnas_kernels import _ext
+from resnas_kernels import _ext, config
 from resnas_kernels.backend import BackendUnavailableError, resolve_backend
 
 
@@ -12,22 +12,28 @@ def test_set_backend_validates_the_name():
         rk.set_backend("tensorrt")
 
 
-def test_env_var_is_read_and_validated(monkeypatch):
-    monkeypatch.setenv("RESNAS_BACKEND", "reference")
+def test_env_var_is_read_and_validated(set_environ):
+    set_environ("RESNAS_BACKEND", "reference")
     assert rk.get_backend() == "reference"
     assert resolve_backend("ragged_layer_norm", torch.device("cpu")) == "reference"
-    monkeypatch.setenv("RESNAS_BACKEND", "fastest")
+    set_environ("RESNAS_BACKEND", "fastest")
     with pytest.raises(ValueError, match="RESNAS_BACKEND must be one of"):
         rk.get_backend()
+    set_environ("RESNAS_BACKEND", None)
+    assert rk.get_backend() == "auto"
 
 
-def test_set_backend_overrides_env_and_use_backend_restores(monkeypatch):
-    monkeypatch.setenv("RESNAS_BACKEND", "reference")
+def test_set_backend_overrides_env_and_use_backend_restores(set_environ):
+    set_environ("RESNAS_BACKEND", "reference")
     rk.set_backend("auto")
     assert rk.get_backend() == "auto"
     with rk.use_backend("reference"):
         assert rk.get_backend() == "reference"
     assert rk.get_backend() == "auto"
+    with rk.use_backend(None):
+        assert rk.get_backend() == "reference"  # None: the environment's value
+    rk.set_backend(None)
+    assert rk.get_backend() == "reference"
 
 
 def test_auto_on_cpu_uses_the_cpp_kernels_when_built_else_the_reference():

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from resnas_kernels import Ragged
-from resnas_kernels.ragged import as_ragged, check_same_partition
+from resnas_kernels.ragged import as_ragged
 
 
 def test_derived_facts():
@@ -51,19 +51,9 @@ def test_check_against_a_tensor():
         g.check(5, 11)
 
 
-def test_row_table_is_cached_and_correct():
-    g = Ragged((2, 0, 3), (40, 0, 17))
-    t = g.row_table(7, torch.device("cpu"))
-    assert t.dtype == torch.int32
-    assert t.tolist() == [[0, 14, 40], [14, 14, 0], [14, 35, 17]]
-    assert g.row_table(7, "cpu") is t  # same metadata and device: no new tensor, no copy
-
-
 def test_helpers():
     g = Ragged((1, 2), (3, 4))
     assert g.with_widths((5, 6)) == Ragged((1, 2), (5, 6))
     assert as_ragged(None, 3, 8) == Ragged((3,), (8,))
     with pytest.raises(TypeError, match="groups must be a resnas_kernels.Ragged"):
         as_ragged(((1, 2), (3, 4)), 3, 8)
-    with pytest.raises(ValueError, match="same groups"):
-        check_same_partition(g, Ragged((2, 1), (3, 4)), "in_groups", "out_groups")
