@@ -1,6 +1,6 @@
 // The Python module resnas_kernels._C. It holds no op code: importing it loads the shared object, whose static
-// initialisers (the TORCH_LIBRARY_FRAGMENT / TORCH_LIBRARY_IMPL blocks of every csrc/cpu/*.cpp and csrc/cuda/*.cu)
-// register the ops under torch.ops.resnas. The op sources never include Python headers, so the CMake build
+// initialisers (the schemas of csrc/registration.cpp, the TORCH_LIBRARY_IMPL blocks of the op files) register the ops
+// under torch.ops.resnas. The op sources never include Python headers, so the CMake build
 // (CMakeLists.txt) compiles them into a plain libtorch library without this file.
 #include <torch/extension.h>
 

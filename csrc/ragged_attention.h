@@ -1,7 +1,7 @@
 // Ragged multi-head attention with a LeViT bias table: shared declarations and argument checks of the CPU
 // (csrc/cpu/ragged_attention.cpp) and CUDA (csrc/cuda/ragged_attention_fwd.cu) kernels.
 //
-// Schemas (defined in the CPU file, which every build compiles):
+// Schemas (defined in registration.cpp):
 //   resnas::ragged_attention(Tensor q, Tensor k, Tensor v, Tensor? bias_table, Tensor? bias_index,
 //       Tensor? dense_bias, int[] sizes, Tensor widths, float scale, int[] grid) -> Tensor
 //     The public op of the C++ backend: one dispatcher hop. Its Autograd kernel (a torch::autograd::Function) calls
@@ -55,15 +55,12 @@ struct AttentionShape {
 
 namespace attention_detail {
 
-inline bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 inline bool is_index_type(at::ScalarType t) {
   return t == at::kInt || t == at::kLong || t == at::kShort || t == at::kChar || t == at::kByte;
 }
 
-inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+using ::resnas::acc_dtype;  // shared (ragged.h)
+using ::resnas::is_supported_float;
 
 inline void check_qkv_tensor(const at::Tensor& t, const char* name) {
   TORCH_CHECK_TYPE(t.defined(), name, " must be a torch.Tensor, got None");

@@ -1,5 +1,5 @@
-// The public op resnas::ragged_layer_norm of the C++ backends: schema, argument checks, autograd and the no-grad
-// forward, all registered in C++ so that a call from Python crosses the dispatcher once.
+// The public op resnas::ragged_layer_norm of the C++ backends: argument checks, autograd and the no-grad forward, all
+// registered in C++ (schema in registration.cpp) so that a call from Python crosses the dispatcher once.
 //
 //   resnas::ragged_layer_norm(Tensor x, Tensor weight, Tensor bias, int[] sizes, Tensor widths, float eps,
 //                             Tensor? residual=None) -> (Tensor y, Tensor z)
@@ -54,7 +54,7 @@ std::string py_float(double v) {
 // ---- The checks of the Python public function, in its order (_checks.check_float_tensor, check_vector, ...) -----
 void check_float_tensor(const at::Tensor& t, const char* name) {
   const auto dtype = t.scalar_type();
-  TORCH_CHECK_TYPE(dtype == at::kFloat || dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kDouble, name,
+  TORCH_CHECK_TYPE(is_supported_float(dtype), name,
                    " must have dtype in ['torch.float32', 'torch.float16', 'torch.bfloat16', 'torch.float64'], got ",
                    py_dtype(dtype));
   TORCH_CHECK_VALUE(t.dim() >= 2, name, " must have at least 2 dims, got shape ", py_shape(t.sizes()));
@@ -247,12 +247,6 @@ std::tuple<at::Tensor, at::Tensor> ragged_layer_norm_forward(const at::Tensor& x
 
 }  // namespace
 }  // namespace resnas
-
-TORCH_LIBRARY_FRAGMENT(resnas, m) {
-  m.def(
-      "ragged_layer_norm(Tensor x, Tensor weight, Tensor bias, int[] sizes, Tensor widths, float eps, "
-      "Tensor? residual=None) -> (Tensor y, Tensor z)");
-}
 
 TORCH_LIBRARY_IMPL(resnas, Autograd, m) {
   m.impl("ragged_layer_norm", &resnas::ragged_layer_norm_autograd);

@@ -1,7 +1,7 @@
 // Ragged LayerNorm (optionally fused with a residual add) on 2-D rows: shared declarations and argument checks of the
 // CPU (csrc/cpu/ragged_layer_norm.cpp) and CUDA (csrc/cuda/ragged_layer_norm.cu) kernels.
 //
-// Schemas (defined in the CPU file, which every build compiles):
+// Schemas (defined in registration.cpp):
 //   resnas::ext_ragged_layer_norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor bias, int[] row_counts,
 //                                     Tensor widths, float eps) -> (Tensor y, Tensor z, Tensor mean, Tensor rstd)
 //   resnas::ext_ragged_layer_norm_bwd(Tensor dy, Tensor? dz, Tensor z, Tensor weight, Tensor mean, Tensor rstd,
@@ -46,13 +46,6 @@ LayerNormBwdOut ragged_layer_norm_bwd_cpu(const at::Tensor& dy, const std::optio
 constexpr int64_t kLayerNormBwdChunkRows = 32;
 
 namespace detail {
-
-inline bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-// fp32 statistics for fp32/fp16/bf16, fp64 for fp64 (resnas_kernels.reference.layer_norm.compute_dtype).
-inline at::ScalarType stats_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 inline void check_param(const at::Tensor& p, const char* name, const at::Tensor& x, const char* x_name,
                         const char* op) {
@@ -103,7 +96,7 @@ inline void check_bwd_args(const at::Tensor& dy, const std::optional<at::Tensor>
   check_like(dy, "dy", z, "z", op);
   if (dz.has_value() && dz->defined()) check_like(*dz, "dz", z, "z", op);
   check_param(weight, "weight", z, "z", op);
-  const auto stats = stats_dtype(z.scalar_type());
+  const auto stats = acc_dtype(z.scalar_type());  // the statistics dtype
   for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{mean, "mean"}, {rstd, "rstd"}}) {
     TORCH_CHECK(t.defined() && t.dim() == 1 && t.size(0) == z.size(0), op, ": ", name, " must have shape (",
                 z.size(0), ",) (one entry per row of z), got ", t.defined() ? t.sizes() : c10::IntArrayRef{});

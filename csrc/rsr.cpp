@@ -4,13 +4,13 @@
 //   resnas::rsr_im2col(Tensor u, int[] sizes, Tensor widths, int[] grid, int kernel_size, int stride, int padding,
 //                      bool has_cls) -> Tensor
 //   resnas::rsr_conv(Tensor u, Tensor weight, int[] sizes, Tensor in_widths, Tensor out_widths, int[] grid,
-//                    int kernel_size, int stride, int padding, bool has_cls) -> Tensor
+//                    int kernel_size, int stride, int padding, bool has_cls, *, str route='auto') -> Tensor
 //   resnas::rsr_epilogue(Tensor conv, Tensor x, Tensor pos_embed, Tensor conv_bias, Tensor? cls, Tensor? cls_bias,
 //                        int[] sizes, Tensor in_widths, Tensor out_widths, int[] grid, int stride) -> Tensor
 //
-// Arguments and semantics are those of the device kernels resnas::ext_rsr_*_fwd (rsr.h): `sizes` are host ints (they
-// fix shapes and grids), widths int32 (G,) tensors on the activations' device (data: a new architecture is a new
-// tensor value). Every op has
+// (schemas in registration.cpp). Arguments and semantics are those of the device kernels resnas::ext_rsr_*_fwd
+// (rsr.h): `sizes` are host ints (they fix shapes and grids), widths int32 (G,) tensors on the activations' device
+// (data: a new architecture is a new tensor value). Every op has
 //   - an Autograd kernel (every device): a torch::autograd::Function whose forward and backward call ext_rsr_*_fwd /
 //     _bwd through the dispatcher. Those kernels check every argument, once per call, in C++;
 //   - a CompositeExplicitAutograd kernel: the forward alone, what inference mode and calls below autograd reach.
@@ -23,6 +23,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <vector>
 
 #include "rsr.h"
@@ -54,25 +55,27 @@ at::Tensor im2col_bwd(const at::Tensor& dcols, c10::IntArrayRef sizes, const at:
 
 at::Tensor conv_fwd(const at::Tensor& u, const at::Tensor& weight, c10::IntArrayRef sizes, const at::Tensor& in_w,
                     const at::Tensor& out_w, c10::IntArrayRef grid, int64_t k, int64_t stride, int64_t padding,
-                    bool has_cls) {
+                    bool has_cls, c10::string_view route) {
   static auto op = c10::Dispatcher::singleton()
                        .findSchemaOrThrow("resnas::ext_rsr_conv_fwd", "")
                        .typed<at::Tensor(const at::Tensor&, const at::Tensor&, c10::IntArrayRef, const at::Tensor&,
-                                         const at::Tensor&, c10::IntArrayRef, int64_t, int64_t, int64_t, bool)>();
-  return op.call(u, weight, sizes, in_w, out_w, grid, k, stride, padding, has_cls);
+                                         const at::Tensor&, c10::IntArrayRef, int64_t, int64_t, int64_t, bool,
+                                         c10::string_view)>();
+  return op.call(u, weight, sizes, in_w, out_w, grid, k, stride, padding, has_cls, route);
 }
 
 std::tuple<at::Tensor, at::Tensor> conv_bwd(const at::Tensor& dout, const at::Tensor& u, const at::Tensor& weight,
                                             c10::IntArrayRef sizes, const at::Tensor& in_w, const at::Tensor& out_w,
                                             c10::IntArrayRef grid, int64_t k, int64_t stride, int64_t padding,
-                                            bool has_cls) {
+                                            bool has_cls, c10::string_view route) {
   static auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("resnas::ext_rsr_conv_bwd", "")
           .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&, const at::Tensor&,
                                                     c10::IntArrayRef, const at::Tensor&, const at::Tensor&,
-                                                    c10::IntArrayRef, int64_t, int64_t, int64_t, bool)>();
-  return op.call(dout, u, weight, sizes, in_w, out_w, grid, k, stride, padding, has_cls);
+                                                    c10::IntArrayRef, int64_t, int64_t, int64_t, bool,
+                                                    c10::string_view)>();
+  return op.call(dout, u, weight, sizes, in_w, out_w, grid, k, stride, padding, has_cls, route);
 }
 
 at::Tensor epilogue_fwd(const at::Tensor& conv, const at::Tensor& x, const at::Tensor& pos_embed,
@@ -134,13 +137,15 @@ class RsrConvFunction : public torch::autograd::Function<RsrConvFunction> {
  public:
   static at::Tensor forward(AutogradContext* ctx, const at::Tensor& u, const at::Tensor& weight,
                             c10::IntArrayRef sizes, const at::Tensor& in_w, const at::Tensor& out_w,
-                            c10::IntArrayRef grid, int64_t k, int64_t stride, int64_t padding, bool has_cls) {
+                            c10::IntArrayRef grid, int64_t k, int64_t stride, int64_t padding, bool has_cls,
+                            c10::string_view route) {
     at::AutoDispatchBelowADInplaceOrView below_autograd;
     save_geometry(ctx, sizes, grid, k, stride, padding, has_cls);
     ctx->saved_data["in_widths"] = in_w;
     ctx->saved_data["out_widths"] = out_w;
+    ctx->saved_data["route"] = std::string(route);
     ctx->save_for_backward({u, weight});
-    return conv_fwd(u, weight, sizes, in_w, out_w, grid, k, stride, padding, has_cls);
+    return conv_fwd(u, weight, sizes, in_w, out_w, grid, k, stride, padding, has_cls, route);
   }
 
   static variable_list backward(AutogradContext* ctx, variable_list grads) {
@@ -150,8 +155,8 @@ class RsrConvFunction : public torch::autograd::Function<RsrConvFunction> {
     auto [du, dw] = conv_bwd(grads[0].contiguous(), u, weight, d.at("sizes").toIntVector(),
                              d.at("in_widths").toTensor(), d.at("out_widths").toTensor(), d.at("grid").toIntVector(),
                              d.at("k").toInt(), d.at("stride").toInt(), d.at("padding").toInt(),
-                             d.at("has_cls").toBool());
-    variable_list out(10);
+                             d.at("has_cls").toBool(), d.at("route").toStringRef());
+    variable_list out(11);
     out[0] = du;
     out[1] = dw.to(weight.scalar_type());
     return out;
@@ -206,8 +211,8 @@ at::Tensor rsr_im2col_autograd(const at::Tensor& u, c10::IntArrayRef sizes, cons
 
 at::Tensor rsr_conv_autograd(const at::Tensor& u, const at::Tensor& weight, c10::IntArrayRef sizes,
                              const at::Tensor& in_w, const at::Tensor& out_w, c10::IntArrayRef grid, int64_t k,
-                             int64_t stride, int64_t padding, bool has_cls) {
-  return RsrConvFunction::apply(u, weight, sizes, in_w, out_w, grid, k, stride, padding, has_cls);
+                             int64_t stride, int64_t padding, bool has_cls, c10::string_view route) {
+  return RsrConvFunction::apply(u, weight, sizes, in_w, out_w, grid, k, stride, padding, has_cls, route);
 }
 
 at::Tensor rsr_epilogue_autograd(const at::Tensor& conv, const at::Tensor& x, const at::Tensor& pos_embed,
@@ -220,18 +225,6 @@ at::Tensor rsr_epilogue_autograd(const at::Tensor& conv, const at::Tensor& x, co
 
 }  // namespace
 }  // namespace resnas
-
-TORCH_LIBRARY_FRAGMENT(resnas, m) {
-  m.def(
-      "rsr_im2col(Tensor u, int[] sizes, Tensor widths, int[] grid, int kernel_size, int stride, int padding, "
-      "bool has_cls) -> Tensor");
-  m.def(
-      "rsr_conv(Tensor u, Tensor weight, int[] sizes, Tensor in_widths, Tensor out_widths, int[] grid, "
-      "int kernel_size, int stride, int padding, bool has_cls) -> Tensor");
-  m.def(
-      "rsr_epilogue(Tensor conv, Tensor x, Tensor pos_embed, Tensor conv_bias, Tensor? cls, Tensor? cls_bias, "
-      "int[] sizes, Tensor in_widths, Tensor out_widths, int[] grid, int stride) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(resnas, Autograd, m) {
   m.impl("rsr_im2col", &resnas::rsr_im2col_autograd);

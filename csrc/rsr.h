@@ -1,8 +1,8 @@
 // Residual spatial reduction (RSR) pieces on the token layout: shared declarations, geometry and argument checks of the
-// CPU (csrc/cpu/rsr_im2col.cpp, csrc/cpu/rsr_epilogue.cpp) and CUDA (csrc/cuda/rsr_im2col.cu,
+// CPU (csrc/cpu/rsr_im2col.cpp, csrc/cpu/rsr_conv.cpp, csrc/cpu/rsr_epilogue.cpp) and CUDA (csrc/cuda/rsr_im2col.cu,
 // csrc/cuda/rsr_epilogue.cu) kernels. Python side and exact semantics: resnas_kernels/ops/rsr_im2col.py and rsr_epilogue.py (`_reference_*`).
 //
-// Schemas (defined in the CPU files, which every build compiles). `sizes` are samples per group (dim 0), not rows:
+// Schemas (defined in ../registration.cpp). `sizes` are samples per group (dim 0), not rows:
 // static host ints that fix every shape and grid. Widths are data: int32 (G,) tensors on the activations' device.
 // CPU kernels read and check their values (free on the host); CUDA kernels read them on the device, never on the
 // host (no sync, graph-capturable), and clamp each to its bound (the tensor's channel count), so no value can address
@@ -19,11 +19,13 @@
 //       The adjoint (col2im) written as a gather: each input token sums, in a fixed tap order, the columns that read
 //       it. du (B, has_cls + H*W, C) is zero on the cls row and beyond widths[g].
 //   resnas::ext_rsr_conv_fwd(Tensor u, Tensor weight, int[] sizes, Tensor in_widths, Tensor out_widths, int[] grid,
-//                            int kernel_size, int stride, int padding, bool has_cls) -> Tensor conv       (CPU only)
+//                            int kernel_size, int stride, int padding, bool has_cls, *, str route='auto')
+//       -> Tensor conv                                                                                     (CPU only)
 //       conv (B, Ho*Wo, Co) = the bias-free conv of u's patch tokens with weight = conv_weight.view(Co, C*k*k) (u's
 //       dtype or fp32): group
 //       g uses the block weight[:co, :ci*k*k], i.e. W[:co, :ci]; zero beyond co. Equals im2col_fwd then the ragged
-//       GEMM, without materialising the columns (the CPU path of the fused RSR).
+//       GEMM, without materialising the columns (the CPU path of the fused RSR). route: 'auto' (oneDNN's conv for
+//       fp32 where torch has oneDNN) or 'blocked' (the blocked implicit GEMM always; csrc/cpu/rsr_conv.cpp).
 //   resnas::ext_rsr_conv_bwd(Tensor dout, Tensor u, Tensor weight, ...same...) -> (Tensor du, Tensor dweight)
 //       du (B, has_cls + H*W, C) zero on the cls row and beyond ci; dweight (Co, C*k*k) in fp32 (fp64 for fp64).
 //   resnas::ext_rsr_epilogue_fwd(Tensor conv, Tensor x, Tensor pos_embed, Tensor conv_bias, Tensor? cls,
@@ -67,12 +69,8 @@ using RsrEpilogueBwdOut = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Ten
 
 namespace rsr_detail {
 
-inline bool is_supported_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
-// fp32 accumulation and parameter gradients for fp32/fp16/bf16, fp64 for fp64.
-inline at::ScalarType acc_dtype(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
+using ::resnas::acc_dtype;  // shared (ragged.h)
+using ::resnas::is_supported_float;
 
 inline std::pair<int64_t, int64_t> check_grid(c10::IntArrayRef grid, const char* op) {
   TORCH_CHECK(grid.size() == 2 && grid[0] > 0 && grid[1] > 0, op, ": grid must be two positive ints (H, W), got ",
@@ -312,7 +310,7 @@ __device__ __forceinline__ void rsr_chunk_widths(const RsrGroupChunk& chunk, int
 }
 #endif
 
-// CPU entry points (csrc/cpu/rsr_im2col.cpp, csrc/cpu/rsr_epilogue.cpp); the conv's are local to rsr_im2col.cpp.
+// CPU entry points (csrc/cpu/rsr_im2col.cpp, csrc/cpu/rsr_epilogue.cpp); the conv's are local to rsr_conv.cpp.
 at::Tensor rsr_im2col_fwd_cpu(const at::Tensor& u, c10::IntArrayRef sizes, const at::Tensor& widths,
                               c10::IntArrayRef grid, int64_t kernel_size, int64_t stride, int64_t padding,
                               bool has_cls);

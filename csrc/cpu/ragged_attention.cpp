@@ -8,9 +8,8 @@
 //   fp64) buffers, converting from fp16/bf16 on the way, so every inner loop is unit-stride and in cache; then blocks
 //   of kRows query rows go through: scores = Q K^T (register-blocked kRows x 16 accumulators), + bias, row max,
 //   exp, row sum, then O = P V (register-blocked again). The whole score row stays in a kRows x Nk buffer (L1).
-// - exp: a range-reduced degree-6 polynomial (Cephes expf coefficients, ~2 ulp in fp32) written so the compiler
-//   vectorises it (`exp_nonpos`); libm's expf does not vectorise without -ffast-math and was the bottleneck. fp64
-//   inputs use std::exp (the fp64 path is for checking, not speed).
+// - exp: the shared vectorisable `exp_nonpositive` (../ragged.h); libm's expf does not vectorise without
+//   -ffast-math and was the bottleneck. fp64 inputs use std::exp (the fp64 path is for checking, not speed).
 // - Backward, per pair: recompute S and P = exp(S - lse), dP = dO V^T, dS = P (dP - rowsum(dO * O)), then
 //   dQ = scale dS K, dK += scale dS^T Q, dV += P^T dO with the same register-blocked micro-kernels.
 // - Deterministic bias gradients: backward tasks are (chunk of `chunk` samples, head); a task walks its samples in
@@ -52,31 +51,6 @@ template <typename acc_t>
 constexpr int64_t kLanes = 64 / static_cast<int64_t>(sizeof(acc_t));
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
-
-// exp(x) for x <= ~0 (scores minus their row max or log-sum-exp). Cody-Waite range reduction x = n ln2 + r,
-// |r| <= ln2 / 2, then e^r by the Cephes expf polynomial and 2^n by building the float's exponent bits. Inputs below
-// -87 are clamped (e^-87 ~ 1.6e-38 contributes nothing next to the row max's e^0 = 1). Plain arithmetic only, so the
-// compiler vectorises it inside `omp simd` loops; rounding to nearest uses the 1.5 * 2^23 trick (no -ffast-math here,
-// so the compiler keeps (t + c) - c).
-inline float exp_nonpos(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float t = x * 1.44269504088896341f;
-  const float n = (t + 12582912.0f) - 12582912.0f;
-  const float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  const float y = p * r * r + r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float two_n;
-  std::memcpy(&two_n, &bits, sizeof(two_n));
-  return y * two_n;
-}
-
-inline double exp_nonpos(double x) { return std::exp(x); }
 
 // The micro-kernels below take a compile-time size (KC / MC > 0) for the head dims when the caller knows it: with
 // constant trip counts the compiler unrolls the head-dim loops completely (measured: ~20% of the LeViT forward).
@@ -246,7 +220,7 @@ void fwd_pair(const Problem<scalar_t, acc_t>& p, int64_t b, int64_t h, FwdScratc
       acc_t sum = 0;
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < Nk; ++j) {
-        const acc_t e = exp_nonpos(sr[j] - m);
+        const acc_t e = exp_nonpositive(sr[j] - m);
         sr[j] = e;
         sum += e;
       }
@@ -340,7 +314,7 @@ void bwd_pair(const Problem<scalar_t, acc_t>& p, int64_t b, int64_t h, BwdScratc
       const acc_t dl = delta[r];
 #pragma omp simd
       for (int64_t j = 0; j < Nk; ++j) {
-        const acc_t pj = exp_nonpos(sr[j] - row_lse);
+        const acc_t pj = exp_nonpositive(sr[j] - row_lse);
         sr[j] = pj;                  // P
         dr[j] = pj * (dr[j] - dl);   // dS
       }
@@ -776,20 +750,6 @@ at::Tensor ragged_attention_forward_only(const at::Tensor& q, const at::Tensor& 
 
 }  // namespace
 }  // namespace resnas
-
-TORCH_LIBRARY_FRAGMENT(resnas, m) {
-  m.def(
-      "ext_ragged_attention_fwd(Tensor q, Tensor k, Tensor v, Tensor? bias_table, Tensor? bias_index, "
-      "Tensor? dense_bias, int[] sizes, Tensor widths, float scale, int[] grid) -> (Tensor, Tensor)");
-  m.def(
-      "ext_ragged_attention_bwd(Tensor dout, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, "
-      "Tensor? bias_table, Tensor? bias_index, Tensor? dense_bias, int[] sizes, Tensor widths, float scale, "
-      "int[] grid, bool need_table_grad, bool need_dense_grad, int chunk) "
-      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "ragged_attention(Tensor q, Tensor k, Tensor v, Tensor? bias_table, Tensor? bias_index, Tensor? dense_bias, "
-      "int[] sizes, Tensor widths, float scale, int[] grid) -> Tensor");
-}
 
 TORCH_LIBRARY_IMPL(resnas, CPU, m) {
   m.impl("ext_ragged_attention_fwd", &resnas::ragged_attention_fwd_cpu);

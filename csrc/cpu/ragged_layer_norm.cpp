@@ -39,12 +39,6 @@ namespace {
 constexpr const char* kFwdName = "ext_ragged_layer_norm_fwd";
 constexpr const char* kBwdName = "ext_ragged_layer_norm_bwd";
 
-// Group owning `row` (0 <= row < total rows): the last g with row_start[g] <= row, which skips empty groups.
-inline int64_t group_of(const GroupTable& table, int64_t row) {
-  auto it = std::upper_bound(table.row_start.begin(), table.row_start.end(), row);
-  return static_cast<int64_t>(it - table.row_start.begin()) - 1;
-}
-
 template <typename scalar_t>
 inline void fill_zero(scalar_t* dst, int64_t begin, int64_t end) {
   if (end > begin) std::fill(dst + begin, dst + end, static_cast<scalar_t>(0));
@@ -295,7 +289,7 @@ LayerNormFwdOut ragged_layer_norm_fwd_cpu(const at::Tensor& x_in, const std::opt
   const at::Tensor x = x_in.contiguous();
   const at::Tensor residual = has_residual ? residual_in->contiguous() : at::Tensor();
   const int64_t rows = x.size(0), C = x.size(1);
-  const auto stats = detail::stats_dtype(x.scalar_type());
+  const auto stats = acc_dtype(x.scalar_type());
   at::Tensor y = at::empty({rows, C}, x.options());
   at::Tensor z = has_residual ? at::empty({rows, C}, x.options()) : at::empty({0}, x.options());
   at::Tensor mean = at::empty({rows}, x.options().dtype(stats));
@@ -325,7 +319,7 @@ LayerNormBwdOut ragged_layer_norm_bwd_cpu(const at::Tensor& dy_in, const std::op
   const at::Tensor dz = has_dz ? dz_in->contiguous() : at::Tensor();
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t rows = z.size(0), C = z.size(1);
-  const auto stats = detail::stats_dtype(z.scalar_type());
+  const auto stats = acc_dtype(z.scalar_type());
   at::Tensor dx = at::empty({rows, C}, z.options());
   at::Tensor dw = at::zeros({C}, z.options().dtype(stats));
   at::Tensor db = at::zeros({C}, z.options().dtype(stats));
@@ -352,15 +346,6 @@ LayerNormBwdOut ragged_layer_norm_bwd_cpu(const at::Tensor& dy_in, const std::op
 }
 
 }  // namespace resnas
-
-TORCH_LIBRARY_FRAGMENT(resnas, m) {
-  m.def(
-      "ext_ragged_layer_norm_fwd(Tensor x, Tensor? residual, Tensor weight, Tensor bias, int[] row_counts, "
-      "Tensor widths, float eps) -> (Tensor, Tensor, Tensor, Tensor)");
-  m.def(
-      "ext_ragged_layer_norm_bwd(Tensor dy, Tensor? dz, Tensor z, Tensor weight, Tensor mean, Tensor rstd, "
-      "int[] row_counts, Tensor widths) -> (Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(resnas, CPU, m) {
   m.impl("ext_ragged_layer_norm_fwd", &resnas::ragged_layer_norm_fwd_cpu);

@@ -1,7 +1,8 @@
-// Ragged (variable-width) linear on CPU: the public op resnas::ragged_linear (schema, argument checks, autograd) and
+// Ragged (variable-width) linear on CPU: the public op resnas::ragged_linear (argument checks, autograd) and
 // its kernels resnas::ext_ragged_linear_fwd / _bwd.
 //
-// Schemas (semantics: `_reference_fwd` / `_reference_bwd` in resnas_kernels/ops/ragged_linear.py):
+// Schemas (defined in ../registration.cpp; semantics: `_reference_fwd` / `_reference_bwd` in
+// resnas_kernels/ops/ragged_linear.py):
 //   ragged_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? row_scale, int[] sizes,
 //                 Tensor in_widths, Tensor out_widths, int segments=1, str? activation=None) -> Tensor
 //     What `resnas_kernels.ragged_linear` calls on the cpu backend: one dispatcher hop. Its Autograd kernel checks the
@@ -116,28 +117,6 @@ constexpr const char* kBwdName = "ext_ragged_linear_bwd";
 // ---------------------------------------------------------------------------------------------------------------------
 // Exact GELU and its derivative. Float versions are branch-light and inline so that `omp simd` loops vectorise.
 // ---------------------------------------------------------------------------------------------------------------------
-// exp(v) for v <= ~0: Cody-Waite reduction v = n ln2 + r, |r| <= ln2 / 2, degree-7 Taylor polynomial, 2^n built from
-// its exponent bits. Returns exactly 0 below -80 instead of a tiny or denormal value: denormal arithmetic is ~100x
-// slower on x86, and callers (erfc tails, Gaussians) only add such values to O(1) terms.
-inline float exp_nonpositive(float v) {
-  const bool underflow = v < -80.0f;
-  v = underflow ? -80.0f : v;
-  const float n = (v * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23 trick)
-  const float r = (v - n * 0.693145751953125f) - n * 1.428606765330187e-06f;
-  float p = 1.0f / 5040.0f;
-  p = p * r + 1.0f / 720.0f;
-  p = p * r + 1.0f / 120.0f;
-  p = p * r + 1.0f / 24.0f;
-  p = p * r + 1.0f / 6.0f;
-  p = p * r + 0.5f;
-  p = p * r + 1.0f;
-  p = p * r + 1.0f;
-  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return underflow ? 0.0f : p * scale;
-}
-
 // erfc(z) for z >= 0, fractional error < 1.2e-7 (Press et al., Numerical Recipes, "erfcc").
 inline float erfc_nonnegative(float z) {
   const float t = 1.0f / (1.0f + 0.5f * z);
@@ -258,16 +237,12 @@ inline void fill_block(T* p, int64_t rows, int64_t cols, int64_t ld, T value) {
 // Kernel argument checks (the public op checks everything first, `check_public_args`; these guard direct calls of
 // the ext_* ops and read the widths' values)
 // ---------------------------------------------------------------------------------------------------------------------
-bool is_float(at::ScalarType t) {
-  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
-}
-
 inline bool present(const std::optional<at::Tensor>& t) { return t.has_value() && t->defined(); }
 
 void check_float_cpu(const at::Tensor& t, const char* name, const char* op) {
   TORCH_CHECK(t.defined(), op, ": ", name, " must be a tensor, got None");
   TORCH_CHECK(t.device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t.device());
-  TORCH_CHECK(is_float(t.scalar_type()), op, ": ", name, " must be float32/float64/float16/bfloat16, got ",
+  TORCH_CHECK(is_supported_float(t.scalar_type()), op, ": ", name, " must be float32/float64/float16/bfloat16, got ",
               t.scalar_type());
   TORCH_CHECK(t.is_contiguous(), op, ": ", name, " must be contiguous, got strides ", t.strides());
 }
@@ -1043,7 +1018,7 @@ std::string shape_str(c10::IntArrayRef shape) {
 }
 
 void check_public_float(const at::Tensor& t, const char* name, int64_t min_dim) {
-  TORCH_CHECK_TYPE(is_float(t.scalar_type()), name, " must have dtype in ['torch.float32', 'torch.float16', "
+  TORCH_CHECK_TYPE(is_supported_float(t.scalar_type()), name, " must have dtype in ['torch.float32', 'torch.float16', "
                    "'torch.bfloat16', 'torch.float64'], got ", dtype_name(t.scalar_type()));
   TORCH_CHECK_VALUE(t.dim() >= min_dim, name, " must have at least ", min_dim, " dims, got shape ",
                     shape_str(t.sizes()));
@@ -1219,19 +1194,6 @@ at::Tensor ragged_linear_forward_only(const at::Tensor& x, const at::Tensor& wei
 
 }  // namespace
 }  // namespace resnas
-
-TORCH_LIBRARY_FRAGMENT(resnas, m) {
-  m.def(
-      "ragged_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? row_scale, int[] sizes, "
-      "Tensor in_widths, Tensor out_widths, int segments=1, str? activation=None) -> Tensor");
-  m.def(
-      "ext_ragged_linear_fwd(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? row_scale, "
-      "int[] sizes, Tensor in_widths, Tensor out_widths, int segments, bool gelu, bool save_pre) -> (Tensor, Tensor)");
-  m.def(
-      "ext_ragged_linear_bwd(Tensor dy, Tensor x, Tensor weight, Tensor? pre, Tensor? row_scale, int[] sizes, "
-      "Tensor in_widths, Tensor out_widths, int segments, bool gelu, bool has_bias, bool has_residual) "
-      "-> (Tensor, Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(resnas, CPU, m) {
   m.impl("ext_ragged_linear_fwd", &resnas::ragged_linear_fwd_cpu);

@@ -27,11 +27,6 @@ namespace {
 constexpr const char* kFwdName = "ext_rsr_epilogue_fwd";
 constexpr const char* kBwdName = "ext_rsr_epilogue_bwd";
 
-inline int64_t group_of(const GroupTable& table, int64_t sample) {
-  auto it = std::upper_bound(table.row_start.begin(), table.row_start.end(), sample);
-  return static_cast<int64_t>(it - table.row_start.begin()) - 1;
-}
-
 template <typename scalar_t>
 inline void fill_zero(scalar_t* dst, int64_t begin, int64_t end) {
   if (end > begin) std::fill(dst + begin, dst + end, static_cast<scalar_t>(0));
@@ -218,15 +213,6 @@ RsrEpilogueBwdOut rsr_epilogue_bwd_cpu(const at::Tensor& dout_in, c10::IntArrayR
 }
 
 }  // namespace resnas
-
-TORCH_LIBRARY_FRAGMENT(resnas, m) {
-  m.def(
-      "ext_rsr_epilogue_fwd(Tensor conv, Tensor x, Tensor pos_embed, Tensor conv_bias, Tensor? cls, "
-      "Tensor? cls_bias, int[] sizes, Tensor in_widths, Tensor out_widths, int[] grid, int stride) -> Tensor");
-  m.def(
-      "ext_rsr_epilogue_bwd(Tensor dout, int[] sizes, Tensor in_widths, Tensor out_widths, int[] grid, int stride, "
-      "bool has_cls, int in_channels) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
 
 TORCH_LIBRARY_IMPL(resnas, CPU, m) {
   m.impl("ext_rsr_epilogue_fwd", &resnas::rsr_epilogue_fwd_cpu);

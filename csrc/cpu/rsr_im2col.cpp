@@ -1,5 +1,5 @@
-// RSR token-layout im2col on CPU, and the RSR conv as a blocked implicit GEMM built on it:
-//   resnas::ext_rsr_im2col_fwd / _bwd and resnas::ext_rsr_conv_fwd / _bwd (schemas and semantics in ../rsr.h).
+// RSR token-layout im2col on CPU: resnas::ext_rsr_im2col_fwd / _bwd (schemas and semantics in ../rsr.h). The conv
+// built on the same gathers is rsr_conv.cpp.
 //
 // Design and caveats:
 // - im2col forward: one task per output token row (b, oh, ow). Each of the k*k taps reads one contiguous input token
@@ -9,123 +9,26 @@
 // - im2col backward is col2im as a gather: one task per input token row; each of its channels sums, in a fixed tap
 //   order, the (at most ceil(k/s)^2) columns that read it. No scatter, no atomics: deterministic whatever the threads.
 //   The cls row (has_cls) is not read by the conv: its gradient is zero.
-// - conv (the CPU fast path of the fused RSR): materialising the whole (B, Ho*Wo, Ci*k*k) column tensor costs a
-//   fresh 40-150 MB allocation per call at ViT-ResNAS shapes, whose first-touch page faults took as long as a third of
-//   the GEMM on the development VM. So, per group and per block of whole samples (~kBlockRows rows), the columns are
-//   gathered into one reused buffer with the group's compact row length ci*k*k, then one BLAS GEMM with
-//   W[:co, :ci*k*k] writes the block's output rows (zeros beyond co). Backward re-gathers each block: dW[:co, :K] +=
-//   dY^T @ cols (groups and blocks in a fixed order: reproducible run to run at a fixed thread count; BLAS does not
-//   promise bit-equality across thread counts), dcols = dY @ W[:co, :K] into a block buffer, then col2im (a gather,
-//   within the block's own samples) into du.
-// - fp32 on a torch built with oneDNN (the default x86 build): the conv instead runs per group as oneDNN's direct
-//   convolution (at::convolution) on the channels-last image that the token layout already is (patch tokens of the
-//   group's samples, first ci channels: one compacting copy, no NCHW round trip), writing (b, Ho, Wo, co) that is
-//   copied into the output rows. Measured on the 2-core AMD development machine, oneDNN's conv ran at about 1.3x the
-//   MKL GEMM of the blocked path on the 16x16 -> 8x8 RSR fwd. The backward takes the same route only for output grids
-//   of 8x8 or more (kOnednnBwdMinOutPatches; on 8x8 -> 4x4 oneDNN's conv backward was slower than the blocked path,
-//   which the smaller grids keep); RESNAS_RSR_CONV=blocked forces the blocked path everywhere (tests
-//   compare both).
-// - The conv computes in fp32 for fp16 / bf16 inputs (the block buffers are fp32; one rounding of the output), fp64
-//   for fp64; dweight is returned in that accumulation dtype.
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
-#include <ATen/core/LegacyTypeDispatch.h>
 #include <torch/library.h>
 
 #include <algorithm>
-#include <cstdlib>
-#include <string>
 #include <vector>
 
-#include "../rsr.h"
+#include "rsr_gather.h"
 
 namespace resnas {
 namespace {
 
+using rsr_cpu::col2im_row;
+using rsr_cpu::gather_row_any;
+using rsr_cpu::row_sources;
+
 constexpr const char* kFwdName = "ext_rsr_im2col_fwd";
 constexpr const char* kBwdName = "ext_rsr_im2col_bwd";
-constexpr const char* kConvFwdName = "ext_rsr_conv_fwd";
-constexpr const char* kConvBwdName = "ext_rsr_conv_bwd";
-// GEMM rows per block of the conv (rounded to whole samples): large enough for BLAS efficiency, small enough that
-// the block buffers (rows x ci*k*k) stay a few MB and are reused within the call.
-constexpr int64_t kBlockRows = 512;
-// The oneDNN route's backward runs only for output grids of at least 8x8 patches: on the development machine it beat
-// the blocked path by ~10 % on 16x16 -> 8x8 and lost by ~20 % on 8x8 -> 4x4.
-constexpr int64_t kOnednnBwdMinOutPatches = 64;
-
-// Group owning `sample`: the last g with row_start[g] <= sample (skips empty groups).
-inline int64_t group_of(const GroupTable& table, int64_t sample) {
-  auto it = std::upper_bound(table.row_start.begin(), table.row_start.end(), sample);
-  return static_cast<int64_t>(it - table.row_start.begin()) - 1;
-}
-
-// The k*k source rows of output token o of sample b (taps in (kh, kw) order); padding taps point at `zeros`.
-template <typename scalar_t>
-inline void row_sources(const scalar_t* u, const scalar_t* zeros, const RsrGeometry& geo, int64_t C, int64_t b,
-                        int64_t o, const scalar_t** srcs) {
-  const int64_t oh = o / geo.Wo, ow = o % geo.Wo;
-  for (int64_t kh = 0; kh < geo.k; ++kh) {
-    const int64_t ih = oh * geo.stride - geo.padding + kh;
-    for (int64_t kw = 0; kw < geo.k; ++kw) {
-      const int64_t iw = ow * geo.stride - geo.padding + kw;
-      const bool inside = ih >= 0 && ih < geo.H && iw >= 0 && iw < geo.W;
-      srcs[kh * geo.k + kw] = inside ? u + (b * geo.in_tokens() + geo.n_cls + ih * geo.W + iw) * C : zeros;
-    }
-  }
-}
-
-// dst[c * kk + tap] = srcs[tap][c] for c < ci, sequential stores; KK is compile-time for 3x3 (fully unrolled).
-template <typename in_t, typename out_t, int KK>
-inline void gather_row(out_t* dst, const in_t* const* srcs, int64_t ci, int64_t kk_rt) {
-  const int64_t kk = KK > 0 ? KK : kk_rt;
-  for (int64_t c = 0; c < ci; ++c) {
-    out_t* d = dst + c * kk;
-    if constexpr (KK > 0) {
-#pragma GCC unroll 9
-      for (int tap = 0; tap < KK; ++tap) d[tap] = static_cast<out_t>(srcs[tap][c]);
-    } else {
-      for (int64_t tap = 0; tap < kk; ++tap) d[tap] = static_cast<out_t>(srcs[tap][c]);
-    }
-  }
-}
-
-template <typename in_t, typename out_t>
-inline void gather_row_any(out_t* dst, const in_t* const* srcs, int64_t ci, int64_t kk) {
-  if (kk == 9) {
-    gather_row<in_t, out_t, 9>(dst, srcs, ci, kk);
-  } else {
-    gather_row<in_t, out_t, 0>(dst, srcs, ci, kk);
-  }
-}
-
-// col2im of one input token row: dst[c] = sum over the taps reading token (ih, iw), in (kh, kw) order, of
-// dcols[o * row_len + c * kk + tap] for c < ci, zeros beyond (up to C). `dcols` points at the sample's first
-// column row.
-template <typename in_t, typename out_t, typename acc_t>
-inline void col2im_row(out_t* dst, const in_t* dcols, const RsrGeometry& geo, int64_t row_len, int64_t ih, int64_t iw,
-                       int64_t ci, int64_t C, std::vector<const in_t*>& srcs) {
-  const int64_t kk = geo.taps();
-  srcs.clear();
-  for (int64_t kh = 0; kh < geo.k; ++kh) {
-    const int64_t ph = ih + geo.padding - kh;  // = oh * stride for the output row oh that reads ih through kh
-    if (ph < 0 || ph % geo.stride != 0 || ph / geo.stride >= geo.Ho) continue;
-    for (int64_t kw = 0; kw < geo.k; ++kw) {
-      const int64_t pw = iw + geo.padding - kw;
-      if (pw < 0 || pw % geo.stride != 0 || pw / geo.stride >= geo.Wo) continue;
-      const int64_t o = (ph / geo.stride) * geo.Wo + pw / geo.stride;
-      srcs.push_back(dcols + o * row_len + kh * geo.k + kw);
-    }
-  }
-  const int64_t n_src = static_cast<int64_t>(srcs.size());
-  for (int64_t c = 0; c < ci; ++c) {
-    acc_t acc = 0;
-    for (int64_t s = 0; s < n_src; ++s) acc += static_cast<acc_t>(srcs[s][c * kk]);
-    dst[c] = static_cast<out_t>(acc);
-  }
-  std::fill(dst + ci, dst + C, static_cast<out_t>(0));
-}
 
 template <typename scalar_t>
 void im2col_fwd_kernel(const scalar_t* u, scalar_t* cols, const RsrGeometry& geo, const GroupTable& groups,
@@ -171,240 +74,7 @@ void im2col_bwd_kernel(const scalar_t* dcols, scalar_t* du, const RsrGeometry& g
   });
 }
 
-// ---- the blocked implicit-GEMM conv ---------------------------------------------------------------------------------
-struct ConvArgs {
-  rsr_detail::Im2colArgs im;  // geometry, input widths (ci), channels of u
-  GroupTable out;             // output widths (co)
-  int64_t co_max;
-};
-
-ConvArgs check_conv(const at::Tensor& u, const at::Tensor& weight, c10::IntArrayRef sizes, const at::Tensor& in_widths,
-                    const at::Tensor& out_widths, c10::IntArrayRef grid, int64_t k, int64_t stride, int64_t padding,
-                    bool has_cls, const char* op) {
-  ConvArgs a{rsr_detail::check_im2col_fwd(u, sizes, in_widths, grid, k, stride, padding, has_cls, at::kCPU, op), {},
-             0};
-  TORCH_CHECK(weight.defined() && weight.dim() == 2 && weight.size(1) == a.im.channels * a.im.geo.taps(), op,
-              ": weight must be 2-D (Co_max, C*k*k) = (Co_max, ", a.im.channels * a.im.geo.taps(),
-              ") (conv_weight.view(Co_max, -1)), got ", weight.sizes());
-  TORCH_CHECK(weight.scalar_type() == u.scalar_type() || weight.scalar_type() == at::kFloat, op,
-              ": weight must have u's dtype (", u.scalar_type(), ") or Float, got ", weight.scalar_type());
-  TORCH_CHECK(weight.device() == u.device(), op, ": weight must be on u's device ", u.device(), ", got ",
-              weight.device());
-  a.co_max = weight.size(0);
-  a.out = rsr_detail::rsr_group_table(sizes, out_widths, u, a.co_max, op, "out_widths", "weight (out channels)");
-  return a;
-}
-
-// Fills buf (rows x ci*kk, compact) with the columns of samples [s0, s0 + nb).
-template <typename scalar_t, typename acc_t>
-void gather_block(const scalar_t* u, const scalar_t* zeros, acc_t* buf, const RsrGeometry& geo, int64_t C, int64_t s0,
-                  int64_t nb, int64_t ci) {
-  const int64_t L = geo.out_patches(), kk = geo.taps(), K = ci * kk;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(K, 1));
-  at::parallel_for(0, nb * L, grain, [&](int64_t begin, int64_t end) {
-    std::vector<const scalar_t*> srcs(static_cast<size_t>(kk));
-    for (int64_t r = begin; r < end; ++r) {
-      row_sources(u, zeros, geo, C, s0 + r / L, r % L, srcs.data());
-      gather_row_any(buf + r * K, srcs.data(), ci, kk);
-    }
-  });
-}
-
-// Calls fn(g, ci, co, s0, nb) for every block of whole samples of every group with rows, in group / block order.
-template <typename Fn>
-void for_each_block(const ConvArgs& a, Fn&& fn) {
-  const int64_t L = a.im.geo.out_patches();
-  const int64_t block_samples = std::max<int64_t>(1, kBlockRows / std::max<int64_t>(L, 1));
-  for (int64_t g = 0; g < a.im.groups.num_groups(); ++g) {
-    const int64_t begin = a.im.groups.row_start[g], end = a.im.groups.row_start[g + 1];
-    for (int64_t s0 = begin; s0 < end; s0 += block_samples)
-      fn(g, a.im.groups.widths[g], a.out.widths[g], s0, std::min(block_samples, end - s0));
-  }
-}
-
-// oneDNN conv route: fp32, a torch with oneDNN enabled, and not forced off by RESNAS_RSR_CONV=blocked.
-bool use_onednn_conv(const at::Tensor& u) {
-  const char* route = std::getenv("RESNAS_RSR_CONV");  // read per call: tests switch it within one process
-  const bool forced_blocked = route != nullptr && std::string(route) == "blocked";
-  return !forced_blocked && u.scalar_type() == at::kFloat && at::hasMKLDNN() &&
-         at::globalContext().userEnabledMkldnn();
-}
-
-// Patch tokens of samples [s0, s0 + nb), first ci channels, as an (nb, ci, H, W) image: a strided view of u (B, N, C)
-// whose channel stride is 1, i.e. channels-last up to the padding channels and the cls row (the caller compacts it).
-at::Tensor patch_image(const at::Tensor& u, const RsrGeometry& geo, int64_t s0, int64_t nb, int64_t ci) {
-  const int64_t N = u.size(1), C = u.size(2);
-  return u.as_strided({nb, ci, geo.H, geo.W}, {N * C, 1, geo.W * C, C}, u.storage_offset() + s0 * N * C + geo.n_cls * C);
-}
-
-// conv of one group (samples [s0, s0 + nb), ci -> co) with oneDNN, written into out2d's rows (first co columns).
-void onednn_conv_group(const at::Tensor& u, const at::Tensor& w2d, at::Tensor& out2d, const RsrGeometry& geo,
-                       int64_t C, int64_t s0, int64_t nb, int64_t ci, int64_t co) {
-  const at::Tensor img = patch_image(u, geo, s0, nb, ci).contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor w4 = w2d.view({w2d.size(0), C, geo.k, geo.k}).narrow(0, 0, co).narrow(1, 0, ci).contiguous();
-  const at::Tensor y = at::convolution(img, w4, c10::nullopt, {geo.stride, geo.stride}, {geo.padding, geo.padding},
-                                       {1, 1}, false, {0, 0}, 1);  // (nb, co, Ho, Wo)
-  out2d.narrow(0, s0 * geo.out_patches(), nb * geo.out_patches()).narrow(1, 0, co)
-      .view({nb, geo.Ho, geo.Wo, co}).copy_(y.permute({0, 2, 3, 1}));
-}
-
-// Backward of onednn_conv_group: du's patch rows of the group (first ci channels) = the input gradient, and
-// dw2d[:co, :ci*k*k] += the weight gradient.
-void onednn_conv_group_bwd(const at::Tensor& dout2d, const at::Tensor& u, const at::Tensor& w2d, at::Tensor& du,
-                           at::Tensor& dw2d, const RsrGeometry& geo, int64_t C, int64_t s0, int64_t nb, int64_t ci,
-                           int64_t co) {
-  const int64_t L = geo.out_patches(), co_max = dout2d.size(1);
-  const at::Tensor img = patch_image(u, geo, s0, nb, ci).contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor w4 = w2d.view({w2d.size(0), C, geo.k, geo.k}).narrow(0, 0, co).narrow(1, 0, ci).contiguous();
-  const at::Tensor dy = dout2d.narrow(0, s0 * L, nb * L)
-                            .as_strided({nb, co, geo.Ho, geo.Wo}, {L * co_max, 1, geo.Wo * co_max, co_max})
-                            .contiguous(at::MemoryFormat::ChannelsLast);
-  auto grads = at::convolution_backward(dy, img, w4, c10::nullopt, {geo.stride, geo.stride},
-                                        {geo.padding, geo.padding}, {1, 1}, false, {0, 0}, 1, {true, true, false});
-  patch_image(du, geo, s0, nb, ci).copy_(std::get<0>(grads));
-  dw2d.view({dw2d.size(0), C, geo.k, geo.k}).narrow(0, 0, co).narrow(1, 0, ci).add_(std::get<1>(grads));
-}
-
 }  // namespace
-
-at::Tensor rsr_conv_fwd_cpu(const at::Tensor& u_in, const at::Tensor& weight_in, c10::IntArrayRef sizes,
-                            const at::Tensor& in_widths, const at::Tensor& out_widths, c10::IntArrayRef grid,
-                            int64_t kernel_size, int64_t stride, int64_t padding, bool has_cls) {
-  const ConvArgs a = check_conv(u_in, weight_in, sizes, in_widths, out_widths, grid, kernel_size, stride, padding,
-                                has_cls, kConvFwdName);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain kernels on possibly grad-requiring inputs
-  const at::Tensor u = u_in.contiguous();
-  const int64_t B = u.size(0), L = a.im.geo.out_patches(), C = a.im.channels, kk = a.im.geo.taps();
-  at::Tensor out = at::empty({B, L, a.co_max}, u.options());
-  if (out.numel() == 0) return out;
-  const auto acc = rsr_detail::acc_dtype(u.scalar_type());
-  const at::Tensor w = weight_in.to(acc).contiguous();  // no copy for fp32 / fp64
-  at::Tensor out2d = out.view({B * L, a.co_max});
-  if (use_onednn_conv(u)) {
-    for (int64_t g = 0; g < a.im.groups.num_groups(); ++g) {
-      const int64_t s0 = a.im.groups.row_start[g], nb = a.im.groups.row_start[g + 1] - s0;
-      const int64_t ci = a.im.groups.widths[g], co = a.out.widths[g];
-      if (nb == 0) continue;
-      at::Tensor rows = out2d.narrow(0, s0 * L, nb * L);
-      if (co == 0 || ci == 0) {
-        rows.zero_();
-        continue;
-      }
-      onednn_conv_group(u, w, out2d, a.im.geo, C, s0, nb, ci, co);
-      if (co < a.co_max) rows.narrow(1, co, a.co_max - co).zero_();
-    }
-    return out;
-  }
-  const int64_t max_rows = std::max<int64_t>(1, kBlockRows / std::max<int64_t>(L, 1)) * L;
-  const int64_t max_k = a.im.groups.max_width * kk;
-  at::Tensor buf = at::empty({std::max<int64_t>(1, max_rows * max_k)}, u.options().dtype(acc));
-  const bool same = acc == u.scalar_type();
-  at::Tensor tmp = same ? at::Tensor() : at::empty({max_rows * a.co_max}, u.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), kConvFwdName, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<scalar_t> zeros(static_cast<size_t>(std::max<int64_t>(C, 1)), static_cast<scalar_t>(0));
-    for_each_block(a, [&](int64_t, int64_t ci, int64_t co, int64_t s0, int64_t nb) {
-      const int64_t rows = nb * L, K = ci * kk;
-      at::Tensor dst = out2d.narrow(0, s0 * L, rows);
-      if (co == 0 || K == 0) {  // no output channels, or an empty product
-        dst.zero_();
-        return;
-      }
-      gather_block<scalar_t, acc_t>(u.const_data_ptr<scalar_t>(), zeros.data(), buf.mutable_data_ptr<acc_t>(),
-                                    a.im.geo, C, s0, nb, ci);
-      const at::Tensor cols = buf.narrow(0, 0, rows * K).view({rows, K});
-      const at::Tensor wg = w.narrow(0, 0, co).narrow(1, 0, K);
-      if (same) {
-        at::Tensor target = dst.narrow(1, 0, co);  // strided (row stride Co_max): BLAS writes it in place
-        at::mm_out(target, cols, wg.t());
-      } else {
-        at::Tensor t = tmp.narrow(0, 0, rows * co).view({rows, co});
-        at::mm_out(t, cols, wg.t());
-        dst.narrow(1, 0, co).copy_(t);  // one rounding to the output dtype
-      }
-      if (co < a.co_max) dst.narrow(1, co, a.co_max - co).zero_();
-    });
-  });
-  return out;
-}
-
-std::tuple<at::Tensor, at::Tensor> rsr_conv_bwd_cpu(const at::Tensor& dout_in, const at::Tensor& u_in,
-                                                    const at::Tensor& weight_in, c10::IntArrayRef sizes,
-                                                    const at::Tensor& in_widths, const at::Tensor& out_widths,
-                                                    c10::IntArrayRef grid, int64_t kernel_size, int64_t stride,
-                                                    int64_t padding, bool has_cls) {
-  const ConvArgs a = check_conv(u_in, weight_in, sizes, in_widths, out_widths, grid, kernel_size, stride, padding,
-                                has_cls, kConvBwdName);
-  const int64_t B = u_in.size(0), L = a.im.geo.out_patches(), N = a.im.geo.in_tokens(), C = a.im.channels;
-  const int64_t kk = a.im.geo.taps();
-  TORCH_CHECK(dout_in.defined() && dout_in.sizes() == c10::IntArrayRef({B, L, a.co_max}), kConvBwdName,
-              ": dout must have shape (", B, ", ", L, ", ", a.co_max, "), got ",
-              dout_in.defined() ? dout_in.sizes() : c10::IntArrayRef{});
-  rsr_detail::check_same(dout_in, "dout", u_in, "u", kConvBwdName);
-  at::AutoDispatchBelowADInplaceOrView below_autograd;
-  const at::Tensor u = u_in.contiguous(), dout = dout_in.contiguous();
-  const auto acc = rsr_detail::acc_dtype(u.scalar_type());
-  const at::Tensor w = weight_in.to(acc).contiguous();
-  at::Tensor du = at::empty({B, N, C}, u.options());
-  at::Tensor dw = at::zeros({a.co_max, C * kk}, u.options().dtype(acc));
-  if (du.numel() == 0) return {du, dw};
-  const at::Tensor dout2d = dout.view({B * L, a.co_max});
-  if (use_onednn_conv(u) && L >= kOnednnBwdMinOutPatches) {
-    du.zero_();  // the cls row, the channels beyond ci and groups without a conv get zero gradient
-    for (int64_t g = 0; g < a.im.groups.num_groups(); ++g) {  // fixed group order: dw reproducible run to run
-      const int64_t s0 = a.im.groups.row_start[g], nb = a.im.groups.row_start[g + 1] - s0;
-      const int64_t ci = a.im.groups.widths[g], co = a.out.widths[g];
-      if (nb > 0 && ci > 0 && co > 0) onednn_conv_group_bwd(dout2d, u, w, du, dw, a.im.geo, C, s0, nb, ci, co);
-    }
-    return {du, dw};
-  }
-  const int64_t max_rows = std::max<int64_t>(1, kBlockRows / std::max<int64_t>(L, 1)) * L;
-  const int64_t max_k = a.im.groups.max_width * kk;
-  at::Tensor buf = at::empty({std::max<int64_t>(1, max_rows * max_k)}, u.options().dtype(acc));
-  at::Tensor dcols = at::empty({std::max<int64_t>(1, max_rows * max_k)}, u.options().dtype(acc));
-  const bool same = acc == u.scalar_type();
-  at::Tensor dy_buf = same ? at::Tensor() : at::empty({max_rows * a.co_max}, u.options().dtype(acc));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), kConvBwdName, [&] {
-    using acc_t = at::opmath_type<scalar_t>;
-    const std::vector<scalar_t> zeros(static_cast<size_t>(std::max<int64_t>(C, 1)), static_cast<scalar_t>(0));
-    scalar_t* du_ptr = du.mutable_data_ptr<scalar_t>();
-    for_each_block(a, [&](int64_t, int64_t ci, int64_t co, int64_t s0, int64_t nb) {
-      const int64_t rows = nb * L, K = ci * kk;
-      scalar_t* du_block = du_ptr + s0 * N * C;
-      if (co == 0 || K == 0) {  // the group took no part in the conv: no gradient
-        std::fill(du_block, du_block + nb * N * C, static_cast<scalar_t>(0));
-        return;
-      }
-      gather_block<scalar_t, acc_t>(u.const_data_ptr<scalar_t>(), zeros.data(), buf.mutable_data_ptr<acc_t>(),
-                                    a.im.geo, C, s0, nb, ci);
-      const at::Tensor cols = buf.narrow(0, 0, rows * K).view({rows, K});
-      at::Tensor dy = dout2d.narrow(0, s0 * L, rows).narrow(1, 0, co);
-      if (!same) dy = dy_buf.narrow(0, 0, rows * co).view({rows, co}).copy_(dy);
-      at::Tensor dwg = dw.narrow(0, 0, co).narrow(1, 0, K);
-      at::addmm_out(dwg, dwg, dy.t(), cols);  // blocks and groups in a fixed order
-      at::Tensor dc = dcols.narrow(0, 0, rows * K).view({rows, K});
-      at::mm_out(dc, dy, w.narrow(0, 0, co).narrow(1, 0, K));
-      const acc_t* dc_ptr = dc.const_data_ptr<acc_t>();
-      at::parallel_for(0, nb * N, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin,
-                                                                                            int64_t end) {
-        std::vector<const acc_t*> srcs;
-        srcs.reserve(static_cast<size_t>(kk));
-        for (int64_t r = begin; r < end; ++r) {
-          const int64_t local = r / N, token = r % N;
-          scalar_t* dst = du_block + r * C;
-          if (token < a.im.geo.n_cls) {
-            std::fill(dst, dst + C, static_cast<scalar_t>(0));
-            continue;
-          }
-          const int64_t p = token - a.im.geo.n_cls;
-          col2im_row<acc_t, scalar_t, acc_t>(dst, dc_ptr + local * L * K, a.im.geo, K, p / a.im.geo.W,
-                                             p % a.im.geo.W, ci, C, srcs);
-        }
-      });
-    });
-  });
-  return {du, dw};
-}
 
 at::Tensor rsr_im2col_fwd_cpu(const at::Tensor& u_in, c10::IntArrayRef sizes, const at::Tensor& widths,
                               c10::IntArrayRef grid, int64_t kernel_size, int64_t stride, int64_t padding,
@@ -441,24 +111,7 @@ at::Tensor rsr_im2col_bwd_cpu(const at::Tensor& dcols_in, c10::IntArrayRef sizes
 
 }  // namespace resnas
 
-TORCH_LIBRARY_FRAGMENT(resnas, m) {
-  m.def(
-      "ext_rsr_im2col_fwd(Tensor u, int[] sizes, Tensor widths, int[] grid, int kernel_size, int stride, "
-      "int padding, bool has_cls) -> Tensor");
-  m.def(
-      "ext_rsr_im2col_bwd(Tensor dcols, int[] sizes, Tensor widths, int[] grid, int kernel_size, int stride, "
-      "int padding, bool has_cls) -> Tensor");
-  m.def(
-      "ext_rsr_conv_fwd(Tensor u, Tensor weight, int[] sizes, Tensor in_widths, Tensor out_widths, int[] grid, "
-      "int kernel_size, int stride, int padding, bool has_cls) -> Tensor");
-  m.def(
-      "ext_rsr_conv_bwd(Tensor dout, Tensor u, Tensor weight, int[] sizes, Tensor in_widths, Tensor out_widths, "
-      "int[] grid, int kernel_size, int stride, int padding, bool has_cls) -> (Tensor, Tensor)");
-}
-
 TORCH_LIBRARY_IMPL(resnas, CPU, m) {
   m.impl("ext_rsr_im2col_fwd", &resnas::rsr_im2col_fwd_cpu);
   m.impl("ext_rsr_im2col_bwd", &resnas::rsr_im2col_bwd_cpu);
-  m.impl("ext_rsr_conv_fwd", &resnas::rsr_conv_fwd_cpu);
-  m.impl("ext_rsr_conv_bwd", &resnas::rsr_conv_bwd_cpu);
 }

@@ -1,5 +1,5 @@
 // Ragged LayerNorm on CUDA: resnas::ext_ragged_layer_norm_fwd / _bwd (schema and semantics in ../ragged_layer_norm.h;
-// the schema itself is defined by csrc/cpu/ragged_layer_norm.cpp, this file only adds the CUDA implementations).
+// the schema itself is defined by csrc/registration.cpp, this file only adds the CUDA implementations).
 //
 // Layout of the work:
 // - Forward: one warp per row, 4 warps per block. For C_max <= 1024 each lane keeps its columns in registers
@@ -494,7 +494,7 @@ LayerNormFwdOut ragged_layer_norm_fwd_cuda(const at::Tensor& x_in, const std::op
   const at::Tensor x = x_in.contiguous();
   const at::Tensor residual = has_residual ? residual_in->contiguous() : at::Tensor();
   const int64_t rows = x.size(0), C = x.size(1);
-  const auto stats = detail::stats_dtype(x.scalar_type());
+  const auto stats = acc_dtype(x.scalar_type());
   at::Tensor y = at::empty({rows, C}, x.options());
   at::Tensor z = has_residual ? at::empty({rows, C}, x.options()) : at::empty({0}, x.options());
   at::Tensor mean = at::empty({rows}, x.options().dtype(stats));
@@ -565,7 +565,7 @@ LayerNormBwdOut ragged_layer_norm_bwd_cuda(const at::Tensor& dy_in, const std::o
   const at::Tensor dz = has_dz ? dz_in->contiguous() : at::Tensor();
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t rows = z.size(0), C = z.size(1);
-  const auto stats = detail::stats_dtype(z.scalar_type());
+  const auto stats = acc_dtype(z.scalar_type());
   at::Tensor dx = at::empty({rows, C}, z.options());
   at::Tensor dw = at::empty({C}, z.options().dtype(stats));
   at::Tensor db = at::empty({C}, z.options().dtype(stats));

@@ -1,5 +1,5 @@
 // RSR pooling epilogue on CUDA: the CUDA implementations of resnas::ext_rsr_epilogue_fwd / _bwd (schemas and
-// semantics in ../rsr.h; the schema is defined by csrc/cpu/rsr_epilogue.cpp).
+// semantics in ../rsr.h; the schema is defined by csrc/registration.cpp).
 //
 // Design and caveats:
 // - Forward: one block per output row, one thread per channel (coalesced): conv + bias + pos_embed + the pooling

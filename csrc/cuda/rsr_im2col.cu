@@ -1,5 +1,5 @@
 // RSR token-layout im2col on CUDA: the CUDA implementations of resnas::ext_rsr_im2col_fwd / _bwd (schemas and
-// semantics in ../rsr.h; the schema is defined by csrc/cpu/rsr_im2col.cpp).
+// semantics in ../rsr.h; the schema is defined by csrc/registration.cpp).
 //
 // Design and caveats:
 // - Forward: one block per output token row; threads stride over its C*k*k columns, so the stores are coalesced and

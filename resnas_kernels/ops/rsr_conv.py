@@ -5,7 +5,7 @@
 
 with cols the token-layout im2col of `rsr_im2col.py` (channel-major / tap-minor, so group g's W[:co, :ci] is the
 top-left block of W2d). This is exactly `rsr_im2col` followed by `ragged_linear`, computed without materialising the
-column tensor: the C++ kernel (csrc/cpu/rsr_im2col.cpp) gathers blocks of whole samples into one reused buffer and
+column tensor: the C++ kernel (csrc/cpu/rsr_conv.cpp) gathers blocks of whole samples into one reused buffer and
 runs one BLAS GEMM per block. At ViT-ResNAS shapes the full column tensor is a fresh 40-150 MB allocation per call,
 whose first-touch page faults cost up to a third of the GEMM time on the development machine; this op is the fused
 RSR's CPU path. On CUDA the fused RSR uses `rsr_im2col` + `ragged_linear` (Triton) instead.
@@ -15,7 +15,8 @@ direct convolution (`at::convolution`) on the channels-last image the token layo
 of the group's patch tokens, no NCHW round trip); the backward takes it for output grids of 8x8 patches or more.
 On the 2-core AMD development machine oneDNN's conv ran ~1.3x faster than the blocked path's MKL GEMMs on
 16x16 -> 8x8, and its backward ~10 % faster there but ~20 % slower on 8x8 -> 4x4, hence the split.
-`RESNAS_RSR_CONV=blocked` (read per call) forces the blocked path; both routes are tested against the reference.
+`RESNAS_RSR_CONV=blocked` (read per call by `conv_route`, passed to C++ as the ops' `route` argument) forces the
+blocked path; both routes are tested against the reference.
 
 Backends: reference (im2col reference + one matmul per group) | cpu. No Triton / CUDA backend (see above).
 
@@ -34,6 +35,7 @@ Caveats:
 - The custom ops check their arguments themselves (`_check_args`, sharing `rsr_im2col`'s checks), on every backend.
 - Double backward is not supported.
 """
+import os
 from typing import List, Tuple
 
 import torch
@@ -88,16 +90,27 @@ def _reference_bwd(dout, u, weight, in_groups: Ragged, out_groups: Ragged, geo):
     return du.to(u.dtype), dw
 
 
+# Taken once at trace time under torch.compile (as every backend decision), per call in eager: tests switch it within
+# one process.
+@torch.compiler.assume_constant_result
+def conv_route() -> str:
+    """The C++ CPU conv's algorithm: "blocked" (RESNAS_RSR_CONV=blocked) forces the blocked implicit GEMM, "auto" lets
+    it take oneDNN's conv for fp32 where torch has oneDNN."""
+    return "blocked" if os.environ.get("RESNAS_RSR_CONV") == "blocked" else "auto"
+
+
 def _ext_fwd(u, weight, in_groups: Ragged, out_groups: Ragged, geo):
     grid, k, s, p, n_cls, _ = geo
     return torch.ops.resnas.ext_rsr_conv_fwd(u, weight, list(in_groups.sizes), in_groups.widths_tensor(u.device),
-                                             out_groups.widths_tensor(u.device), list(grid), k, s, p, bool(n_cls))
+                                             out_groups.widths_tensor(u.device), list(grid), k, s, p, bool(n_cls),
+                                             route=conv_route())
 
 
 def _ext_bwd(dout, u, weight, in_groups: Ragged, out_groups: Ragged, geo):
     grid, k, s, p, n_cls, _ = geo
     return torch.ops.resnas.ext_rsr_conv_bwd(dout, u, weight, list(in_groups.sizes), in_groups.widths_tensor(u.device),
-                                             out_groups.widths_tensor(u.device), list(grid), k, s, p, bool(n_cls))
+                                             out_groups.widths_tensor(u.device), list(grid), k, s, p, bool(n_cls),
+                                             route=conv_route())
 
 
 _FWD = {"reference": _reference_fwd, "cpu": _ext_fwd}
@@ -128,7 +141,7 @@ def rsr_conv_fwd(u: torch.Tensor, weight: torch.Tensor, sizes: List[int], in_wid
 
 
 @rsr_conv_fwd.register_fake
-def _fake_fwd(u, weight, sizes, in_widths, out_widths, grid, kernel_size, stride, padding, has_cls):
+def _fake_fwd(u, weight, sizes, in_widths, out_widths, grid, kernel_size, stride, padding, has_cls, route="auto"):
     ho, wo = conv_out_grid(grid, kernel_size, stride, padding)
     return u.new_empty((u.shape[0], ho * wo, weight.shape[0]))
 
@@ -149,7 +162,8 @@ def rsr_conv_bwd(dout: torch.Tensor, u: torch.Tensor, weight: torch.Tensor, size
 
 
 @rsr_conv_bwd.register_fake
-def _fake_bwd(dout, u, weight, sizes, in_widths, out_widths, grid, kernel_size, stride, padding, has_cls):
+def _fake_bwd(dout, u, weight, sizes, in_widths, out_widths, grid, kernel_size, stride, padding, has_cls,
+              route="auto"):
     return u.new_empty(u.shape), weight.new_empty(weight.shape, dtype=compute_dtype(u.dtype))
 
 
@@ -189,5 +203,5 @@ def rsr_conv(u: torch.Tensor, weight2d: torch.Tensor, in_groups: Ragged, out_wid
             in_groups.with_widths(out_widths.widths if isinstance(out_widths, Ragged) else out_widths)
             .widths_tensor(u.device), list(grid), kernel_size, stride, padding, bool(has_cls))
     if _cxx_backend(u.device):
-        return torch.ops.resnas.rsr_conv(u, weight2d, *args)
+        return torch.ops.resnas.rsr_conv(u, weight2d, *args, route=conv_route())
     return rsr_conv_fwd(u, weight2d, *args)
