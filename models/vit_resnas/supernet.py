@@ -160,7 +160,7 @@ class _ArchPlan:
     stem_in: Ragged
     head_out: Ragged
     stages: Tuple[_StagePlan, ...]
-    keep: torch.Tensor         # (blocks, B) int32: 1 where the sample's block exists (the residual branches' scale)
+    keep: torch.Tensor         # (blocks, B) fp32: 1 where the sample's block exists (the residual branches' scale)
 
 
 def _arch_plan(layout: ArchLayout, arch_tensor: torch.Tensor, sizes: Tuple[int, ...]) -> _ArchPlan:
@@ -179,7 +179,7 @@ def _arch_plan(layout: ArchLayout, arch_tensor: torch.Tensor, sizes: Tuple[int, 
             keep_rows.append(r.keep)
         stages.append(_StagePlan(embed, tuple(blocks)))
     # Every block's presence spread over the batch in one gather (cached with the plan on the eager path).
-    keep = arch_tensor[keep_rows][:, sample_group_index(sizes, arch_tensor.device)]
+    keep = arch_tensor[keep_rows][:, sample_group_index(sizes, arch_tensor.device)].float()
     return _ArchPlan(sizes, rows(layout.stem_in), rows(layout.head_out), tuple(stages), keep)
 
 
@@ -496,7 +496,8 @@ class ViTResNAS(ViTResNASNet):
         start = torch.cat([self.cls_token + self.pos_embed[:, :1], self.pos_embed[:, 1:]], dim=1).to(tokens.dtype)
         x = torch.addcmul(F.pad(tokens, (0, 0, 1, 0)), start,
                           embed.mask(tokens.shape[-1], tokens.device, tokens.dtype)[:, None, :])
-        scales = _branch_scales(plan.keep.to(tokens.dtype), self._block_drop_path_rates(), self.training)
+        keep = plan.keep if plan.keep.dtype == tokens.dtype else plan.keep.to(tokens.dtype)  # (blocks, B)
+        scales = _branch_scales(keep, self._block_drop_path_rates(), self.training)
         outs = []
         for s, stage in enumerate(self.stages[:num_stages]):
             sp = plan.stages[s]
