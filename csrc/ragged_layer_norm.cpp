@@ -195,6 +195,9 @@ class RaggedLayerNormFunction : public torch::autograd::Function<RaggedLayerNorm
     ctx->saved_data["row_counts"] = rows.row_counts;
     ctx->saved_data["has_residual"] = has_residual;
     if (!has_residual) ctx->mark_non_differentiable({z});  // the empty placeholder
+    // Unused outputs reach the backward as undefined gradients (handled there) instead of as zero tensors that
+    // autograd would allocate and fill on every call.
+    ctx->set_materialize_grads(false);
     return {y, z};
   }
 

@@ -382,12 +382,22 @@ void sum_partials(const acc_t* part, int64_t chunks, int64_t cols, acc_t* out) {
   });
 }
 
-// Zeroes heads [w_g, H) of every group along `head_dim` of t (dim 0 = samples).
+// Zeroes heads [w_g, H) of every group along `head_dim` of t (dim 0 = samples; t freshly allocated, contiguous).
+// Raw memsets, not narrow().zero_(): those views cost several dispatcher calls per group and tensor, which were
+// most of a small supernet step's calls.
 void zero_inactive_heads(at::Tensor& t, int64_t head_dim, int64_t per_head, const GroupTable& groups, int64_t H) {
+  TORCH_INTERNAL_ASSERT(t.is_contiguous() && t.size(head_dim) == H * per_head);
+  int64_t outer = 1, inner = 1;  // elements between the samples dim and head_dim, and after head_dim
+  for (int64_t d = 1; d < head_dim; ++d) outer *= t.size(d);
+  for (int64_t d = head_dim + 1; d < t.dim(); ++d) inner *= t.size(d);
+  const int64_t elem = static_cast<int64_t>(t.element_size());
+  char* base = static_cast<char*>(t.data_ptr());
   for (int64_t g = 0; g < groups.num_groups(); ++g) {
     const int64_t w = groups.widths[g];
-    if (groups.rows(g) > 0 && w < H)
-      t.narrow(0, groups.row_start[g], groups.rows(g)).narrow(head_dim, w * per_head, (H - w) * per_head).zero_();
+    if (groups.rows(g) == 0 || w >= H) continue;
+    const int64_t skip = w * per_head * inner, count = (H - w) * per_head * inner, line = H * per_head * inner;
+    for (int64_t row = groups.row_start[g] * outer; row < (groups.row_start[g] + groups.rows(g)) * outer; ++row)
+      std::memset(base + (row * line + skip) * elem, 0, static_cast<size_t>(count * elem));
   }
 }
 
@@ -569,7 +579,7 @@ AttentionBwdOut ragged_attention_bwd_cpu(const at::Tensor& dout_in, const at::Te
   const bool sum_then_scatter = table_grad && Nq * Nk <= (int64_t(1) << 20);
   if (part_cols == 0) chunk = 1;  // no partials: one task per (sample, head), the most parallelism
   const int64_t chunks = B == 0 ? 0 : (B + chunk - 1) / chunk;
-  at::Tensor part = at::zeros({part_cols > 0 ? chunks : 0, H, part_cols}, q.options().dtype(acc));
+  at::Tensor part = part_cols > 0 ? at::zeros({chunks, H, part_cols}, q.options().dtype(acc)) : at::Tensor();
   at::Tensor ddense_acc = per_sample_dense ? at::zeros({B, H, Nq, Nk}, q.options().dtype(acc)) : at::Tensor();
 
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, q.scalar_type(), kBwdName, [&] {

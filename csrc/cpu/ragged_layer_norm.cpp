@@ -279,6 +279,12 @@ void sum_partials(const acc_t* part, int64_t chunks, int64_t cols, acc_t* out) {
 
 }  // namespace
 
+// t itself when it already has `dtype`: Tensor::to would return it too, but through a dispatcher call, and a small
+// supernet step makes hundreds of these.
+static at::Tensor as_dtype(const at::Tensor& t, at::ScalarType dtype) {
+  return t.scalar_type() == dtype ? t : t.to(dtype);
+}
+
 LayerNormFwdOut ragged_layer_norm_fwd_cpu(const at::Tensor& x_in, const std::optional<at::Tensor>& residual_in,
                                           const at::Tensor& weight, const at::Tensor& bias,
                                           c10::IntArrayRef row_counts, const at::Tensor& widths, double eps) {
@@ -295,8 +301,8 @@ LayerNormFwdOut ragged_layer_norm_fwd_cpu(const at::Tensor& x_in, const std::opt
   at::Tensor mean = at::empty({rows}, x.options().dtype(stats));
   at::Tensor rstd = at::empty({rows}, x.options().dtype(stats));
   if (rows == 0) return {y, z, mean, rstd};
-  const at::Tensor w = weight.to(stats).contiguous();
-  const at::Tensor b = bias.to(stats).contiguous();
+  const at::Tensor w = as_dtype(weight, stats).contiguous();
+  const at::Tensor b = as_dtype(bias, stats).contiguous();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), kFwdName, [&] {
     using acc_t = at::opmath_type<scalar_t>;
     fwd_kernel<scalar_t, acc_t>(x.const_data_ptr<scalar_t>(),
@@ -321,28 +327,32 @@ LayerNormBwdOut ragged_layer_norm_bwd_cpu(const at::Tensor& dy_in, const std::op
   const int64_t rows = z.size(0), C = z.size(1);
   const auto stats = acc_dtype(z.scalar_type());
   at::Tensor dx = at::empty({rows, C}, z.options());
-  at::Tensor dw = at::zeros({C}, z.options().dtype(stats));
-  at::Tensor db = at::zeros({C}, z.options().dtype(stats));
-  const int64_t part_cols = table.max_width;  // columns beyond every width get no gradient
+  at::Tensor dw = at::empty({C}, z.options().dtype(stats));
+  at::Tensor db = at::empty({C}, z.options().dtype(stats));
+  const int64_t part_cols = rows > 0 ? table.max_width : 0;  // columns beyond every width get no gradient
+  AT_DISPATCH_FLOATING_TYPES(stats, kBwdName, [&] {  // what no partial sum writes (a raw fill: no extra op call)
+    std::fill(dw.mutable_data_ptr<scalar_t>() + part_cols, dw.mutable_data_ptr<scalar_t>() + C, scalar_t(0));
+    std::fill(db.mutable_data_ptr<scalar_t>() + part_cols, db.mutable_data_ptr<scalar_t>() + C, scalar_t(0));
+  });
   const int64_t chunks = (rows + kLayerNormBwdChunkRows - 1) / kLayerNormBwdChunkRows;
   if (rows > 0) {
-    const at::Tensor w = weight.to(stats).contiguous();
-    at::Tensor dw_part = at::empty({chunks, part_cols}, z.options().dtype(stats));
-    at::Tensor db_part = at::empty({chunks, part_cols}, z.options().dtype(stats));
+    const at::Tensor w = as_dtype(weight, stats).contiguous();
+    at::Tensor parts = at::empty({2, chunks, part_cols}, z.options().dtype(stats));  // dw's, then db's partials
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, z.scalar_type(), kBwdName, [&] {
       using acc_t = at::opmath_type<scalar_t>;
+      acc_t* dw_part = parts.mutable_data_ptr<acc_t>();
+      acc_t* db_part = dw_part + chunks * part_cols;
       bwd_kernel<scalar_t, acc_t>(dy.const_data_ptr<scalar_t>(), has_dz ? dz.const_data_ptr<scalar_t>() : nullptr,
                                   z.const_data_ptr<scalar_t>(), w.const_data_ptr<acc_t>(), mean.const_data_ptr<acc_t>(),
-                                  rstd.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(),
-                                  dw_part.mutable_data_ptr<acc_t>(), db_part.mutable_data_ptr<acc_t>(), C, part_cols,
-                                  table);
+                                  rstd.const_data_ptr<acc_t>(), dx.mutable_data_ptr<scalar_t>(), dw_part, db_part,
+                                  C, part_cols, table);
       if (part_cols > 0) {
-        sum_partials<acc_t>(dw_part.const_data_ptr<acc_t>(), chunks, part_cols, dw.mutable_data_ptr<acc_t>());
-        sum_partials<acc_t>(db_part.const_data_ptr<acc_t>(), chunks, part_cols, db.mutable_data_ptr<acc_t>());
+        sum_partials<acc_t>(dw_part, chunks, part_cols, dw.mutable_data_ptr<acc_t>());
+        sum_partials<acc_t>(db_part, chunks, part_cols, db.mutable_data_ptr<acc_t>());
       }
     });
   }
-  return {dx, dw.to(weight.scalar_type()), db.to(weight.scalar_type())};
+  return {dx, as_dtype(dw, weight.scalar_type()), as_dtype(db, weight.scalar_type())};
 }
 
 }  // namespace resnas

@@ -160,7 +160,7 @@ class _ArchPlan:
     stem_in: Ragged
     head_out: Ragged
     stages: Tuple[_StagePlan, ...]
-    keep: torch.Tensor         # (blocks, B) int32: 1 where the sample's block exists (the residual branches' scale)
+    keep: torch.Tensor         # (blocks, B) fp32: 1 where the sample's block exists (the residual branches' scale)
 
 
 def _arch_plan(layout: ArchLayout, arch_tensor: torch.Tensor, sizes: Tuple[int, ...]) -> _ArchPlan:
@@ -179,7 +179,7 @@ def _arch_plan(layout: ArchLayout, arch_tensor: torch.Tensor, sizes: Tuple[int, 
             keep_rows.append(r.keep)
         stages.append(_StagePlan(embed, tuple(blocks)))
     # Every block's presence spread over the batch in one gather (cached with the plan on the eager path).
-    keep = arch_tensor[keep_rows][:, sample_group_index(sizes, arch_tensor.device)]
+    keep = arch_tensor[keep_rows][:, sample_group_index(sizes, arch_tensor.device)].float()
     return _ArchPlan(sizes, rows(layout.stem_in), rows(layout.head_out), tuple(stages), keep)
 
 
@@ -242,9 +242,11 @@ def _plan(archs: Tuple[Arch, ...], sizes: Tuple[int, ...]) -> _Plan:
 
 
 @functools.lru_cache(maxsize=512)
-def _group_vector(sizes: Tuple[int, ...], values: Tuple[float, ...], device: str, dtype: torch.dtype) -> torch.Tensor:
-    """(B,) tensor with values[g] on group g's samples, cached so steady-state forwards copy nothing to the device."""
-    return torch.tensor([v for s, v in zip(sizes, values) for _ in range(s)], dtype=dtype).to(device)
+def _group_rows(sizes: Tuple[int, ...], rows: Tuple[Tuple[float, ...], ...], device: str,
+                dtype: torch.dtype) -> torch.Tensor:
+    """(len(rows), B) tensor with rows[r][g] on group g's samples, cached so steady-state forwards copy nothing to
+    the device."""
+    return torch.tensor([[v for s, v in zip(sizes, row) for _ in range(s)] for row in rows], dtype=dtype).to(device)
 
 
 @functools.lru_cache(maxsize=512)
@@ -257,15 +259,46 @@ def _cast(layer: nn.Module, dtype: torch.dtype) -> Tuple[torch.Tensor, Optional[
     """(weight, bias) of a linear / conv in the activations' dtype. The ragged GEMMs want x's dtype, so under autocast
     (bf16 activations from the stem's convs) the fp32 master weights are cast per forward, as autocast casts them
     for F.linear; the cast is differentiable, so gradients reach the fp32 parameters. A no-op without autocast."""
-    bias = layer.bias.to(dtype) if layer.bias is not None else None
-    return layer.weight.to(dtype), bias
+    weight, bias = layer.weight, layer.bias
+    # Tensor.to returns the same tensor for the same dtype, but through a dispatcher call: skip it (hot path).
+    if weight.dtype != dtype:
+        weight = weight.to(dtype)
+    if bias is not None and bias.dtype != dtype:
+        bias = bias.to(dtype)
+    return weight, bias
 
 
-def _drop_path_scale(batch: int, rate: float, like: torch.Tensor) -> torch.Tensor:
-    """Per-sample stochastic-depth scale (keep mask / keep_prob), drawn exactly as timm's DropPath draws it, so every
-    mode consumes the random stream identically."""
-    keep = 1.0 - rate
-    return like.new_empty((batch,)).bernoulli_(keep).div_(keep)
+def _keep_probs(rates: Tuple[float, ...], device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """(blocks, 1, 1) keep probabilities 1 - rate of every block's stochastic depth, in fp32 (fp64 for fp64 models),
+    so low-precision activations do not round the probability. Cached on the eager path (no host-to-device copy
+    per step); traced as a graph constant under torch.compile."""
+    dtype = torch.promote_types(dtype, torch.float32)
+    if torch.compiler.is_compiling():
+        return _keep_probs_tensor(rates, str(device), dtype)
+    return _cached_keep_probs(rates, str(device), dtype)
+
+
+def _keep_probs_tensor(rates: Tuple[float, ...], device: str, dtype: torch.dtype) -> torch.Tensor:
+    return torch.tensor([1.0 - r for r in rates], dtype=dtype).view(-1, 1, 1).to(device)
+
+
+_cached_keep_probs = functools.lru_cache(maxsize=64)(_keep_probs_tensor)
+
+
+def _branch_scales(keep: torch.Tensor, rates: Tuple[float, ...], training: bool
+                   ) -> List[Tuple[torch.Tensor, torch.Tensor]]:
+    """Per block, the per-sample row scales of its two residual branches (attention, MLP): the block's 0/1 presence
+    (keep, (blocks, B): 0 on removed groups' samples), times the stochastic-depth scale (keep mask / keep prob, as
+    timm's DropPath) in training. Every branch's mask is drawn in one call for the whole forward, not one per
+    branch: a small supernet step is bound by such host calls. The ragged and masked paths both draw here, so they
+    see the same masks for the same seed."""
+    if not (training and any(rate > 0 for rate in rates)):
+        return [(row, row) for row in keep.unbind(0)]
+    blocks, batch = keep.shape
+    keep_prob = _keep_probs(rates, keep.device, keep.dtype)
+    scales = keep.new_empty((blocks, 2, batch)).bernoulli_(keep_prob).div_(keep_prob).mul_(keep.unsqueeze(1))
+    rows = scales.view(2 * blocks, batch).unbind(0)
+    return list(zip(rows[0::2], rows[1::2]))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -427,14 +460,11 @@ class ViTResNAS(ViTResNASNet):
         return _arch_plan(self.arch_layout, arch_tensor, sizes)
 
     # -- ragged path ---------------------------------------------------------------------------------------------------
-    def _row_scale(self, keep: torch.Tensor, rate: float, x: torch.Tensor) -> torch.Tensor:
-        """The per-sample scale of a residual branch: the block's 0/1 presence per sample (0 on removed groups'
-        samples), times drop-path in training."""
-        if self.training and rate > 0:
-            return keep * _drop_path_scale(x.shape[0], rate, x)
-        return keep
+    def _block_drop_path_rates(self) -> Tuple[float, ...]:
+        return tuple(block.drop_path_rate for stage in self.stages for block in stage.blocks)
 
-    def _ragged_block(self, block: nn.Module, p: _BlockPlan, keep: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _ragged_block(self, block: nn.Module, p: _BlockPlan, attn_scale: torch.Tensor, mlp_scale: torch.Tensor,
+                      x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         attn, mlp = block.attn, block.mlp
         dt = x.dtype  # LN weights stay fp32 (the op takes them as they are; statistics are fp32 anyway)
@@ -442,12 +472,10 @@ class ViTResNAS(ViTResNASNet):
         qkv = rk.ragged_linear(u, *_cast(attn.qkv, dt), p.active, p.attn, segments=3)
         q, k, v = qkv.view(b, n, 3, attn.num_heads, attn.head_dim).unbind(2)  # strided views, no copy
         a = rk.ragged_attention(q, k, v, p.heads, scale=attn.head_dim ** -0.5)
-        x = rk.ragged_linear(a, *_cast(attn.proj, dt), p.attn, p.out, residual=x,
-                             row_scale=self._row_scale(keep, block.drop_path_rate, x))
+        x = rk.ragged_linear(a, *_cast(attn.proj, dt), p.attn, p.out, residual=x, row_scale=attn_scale)
         u = rk.ragged_layer_norm(x, block.norm2.weight, block.norm2.bias, p.active, LN_EPS)
         h = rk.ragged_linear(u, *_cast(mlp.fc1, dt), p.active, p.hidden, activation="gelu")
-        return rk.ragged_linear(h, *_cast(mlp.fc2, dt), p.hidden, p.out, residual=x,
-                                row_scale=self._row_scale(keep, block.drop_path_rate, x))
+        return rk.ragged_linear(h, *_cast(mlp.fc2, dt), p.hidden, p.out, residual=x, row_scale=mlp_scale)
 
     def _ragged_stem(self, x: torch.Tensor, patch_groups: Ragged, embed: Ragged) -> torch.Tensor:
         """Image -> patch tokens (B, HW, C1_max), group g's zero beyond c1_g. `patch_groups` has the im2col width
@@ -468,7 +496,8 @@ class ViTResNAS(ViTResNASNet):
         start = torch.cat([self.cls_token + self.pos_embed[:, :1], self.pos_embed[:, 1:]], dim=1).to(tokens.dtype)
         x = torch.addcmul(F.pad(tokens, (0, 0, 1, 0)), start,
                           embed.mask(tokens.shape[-1], tokens.device, tokens.dtype)[:, None, :])
-        keep = plan.keep.to(tokens.dtype)  # (blocks, B) row scales
+        keep = plan.keep if plan.keep.dtype == tokens.dtype else plan.keep.to(tokens.dtype)  # (blocks, B)
+        scales = _branch_scales(keep, self._block_drop_path_rates(), self.training)
         outs = []
         for s, stage in enumerate(self.stages[:num_stages]):
             sp = plan.stages[s]
@@ -479,7 +508,7 @@ class ViTResNAS(ViTResNASNet):
                     r.conv.bias, r.pos_embed, r.cls_proj.weight, r.cls_proj.bias,
                     grid=(self.grids[s - 1], self.grids[s - 1]), eps=LN_EPS)
             for block, bp in zip(stage.blocks, sp.blocks):
-                x = self._run_block(functools.partial(self._ragged_block, block, bp, keep[bp.index]), x)
+                x = self._run_block(functools.partial(self._ragged_block, block, bp, *scales[bp.index]), x)
             outs.append(x)
         return outs
 
@@ -521,34 +550,31 @@ class ViTResNAS(ViTResNASNet):
         return rk.ragged_linear(feats, *_cast(head, feats.dtype), plan.stages[-1].embed, plan.head_out)
 
     # -- masked path (the original code's semantics) ----------------------------------------------------------------
-    def _masked_block(self, block: nn.Module, p: _HostBlockPlan, em: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def _masked_block(self, block: nn.Module, p: _HostBlockPlan, em: torch.Tensor, attn_scale: torch.Tensor,
+                      mlp_scale: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
         attn, mlp = block.attn, block.mlp
         dev, dt = str(x.device), x.dtype
         attn_mask = _mask(p.attn, attn.qkv.out_features // 3, dev, dt)
         head_mask = _mask(p.heads, attn.num_heads, dev, dt)[:, 0]
         hidden_mask = _mask(p.hidden, mlp.fc1.out_features, dev, dt)
-        # The original zeroes a removed block's branches with its layer mask (AND the embed mask): row scale 0.
-        keep = _group_vector(p.active.sizes, tuple(float(k) for k in p.keep), dev, dt)
-
-        def branch_scale():
-            if self.training and block.drop_path_rate > 0:
-                return keep * _drop_path_scale(b, block.drop_path_rate, x)
-            return keep
-
         u = masked_layer_norm(x, block.norm1.weight, block.norm1.bias, em, LN_EPS)
         q, k, v = F.linear(u, attn.qkv.weight, attn.qkv.bias).view(b, n, 3, attn.num_heads, attn.head_dim).unbind(2)
         a = masked_attention(q, k, v, head_mask, scale=attn.head_dim ** -0.5)
-        x = masked_linear(a, attn.proj.weight, attn.proj.bias, attn_mask, em, residual=x, row_scale=branch_scale())
+        x = masked_linear(a, attn.proj.weight, attn.proj.bias, attn_mask, em, residual=x, row_scale=attn_scale)
         u = masked_layer_norm(x, block.norm2.weight, block.norm2.bias, em, LN_EPS)
         h = masked_linear(u, mlp.fc1.weight, mlp.fc1.bias, em, hidden_mask, activation="gelu")
-        return masked_linear(h, mlp.fc2.weight, mlp.fc2.bias, hidden_mask, em, residual=x, row_scale=branch_scale())
+        return masked_linear(h, mlp.fc2.weight, mlp.fc2.bias, hidden_mask, em, residual=x, row_scale=mlp_scale)
 
     def _masked_tokens(self, x: torch.Tensor, plan: _Plan) -> Tuple[torch.Tensor, torch.Tensor]:
         dev, dt = str(x.device), x.dtype
         em = _mask(plan.stages[0].embed, self.arch.stages[0].embed, dev, dt)
         tokens = self.stem(x)                                                  # full-width projection
         x = (torch.cat([self.cls_token.expand(x.shape[0], -1, -1), tokens], dim=1) + self.pos_embed) * em
+        # The original zeroes a removed block's branches with its layer mask (AND the embed mask): row scale 0.
+        keep = _group_rows(plan.sizes, tuple(tuple(float(k) for k in bp.keep) for sp in plan.stages
+                                             for bp in sp.blocks), dev, dt)
+        scales = iter(_branch_scales(keep, self._block_drop_path_rates(), self.training))
         for s, stage in enumerate(self.stages):
             sp = plan.stages[s]
             if stage.reduce is not None:
@@ -559,7 +585,7 @@ class ViTResNAS(ViTResNASNet):
                     r.cls_proj.weight, r.cls_proj.bias, grid=(self.grids[s - 1], self.grids[s - 1]), eps=LN_EPS)
                 em = new_em
             for block, bp in zip(stage.blocks, sp.blocks):
-                x = self._run_block(functools.partial(self._masked_block, block, bp, em), x)
+                x = self._run_block(functools.partial(self._masked_block, block, bp, em, *next(scales)), x)
         return x, em
 
     # -- loop path (one stock sub-network per group) -----------------------------------------------------------------
