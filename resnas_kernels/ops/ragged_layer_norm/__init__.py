@@ -32,7 +32,8 @@ Caveats:
   times rstd) amplifies it again. So the forward subtracts shift = mean(z - mean) (exact to ~u * std) before
   normalising, with var = mean((z - mean)^2) - shift^2, and the backward re-centres xhat = (z - mean) * rstd from the
   saved mean the same way. dx on such rows is then 10-100x closer to the exact gradient than with plain two-pass
-  statistics (and than PyTorch's own LayerNorm backward, whose error on them the tests' bound is measured by). fp64 on the Triton backend runs the reference (the kernels compute in fp32), as for every op.
+  statistics, and than PyTorch's own LayerNorm backward.
+- fp64 on the Triton backend runs the reference (the kernels compute in fp32), as for every op.
 - The custom ops check their metadata and shapes themselves (`_check_args` in Python, `check_args` in C++), so
   direct `torch.ops.resnas.*` calls and torch.compile's get the public function's errors on every backend.
 - mean/rstd of width-0 rows are stored as 0; those rows are all zeros in y, z and dx.
