@@ -1,7 +1,7 @@
 // Ragged (variable-width) linear on CPU: the public op resnas::ragged_linear (schema, argument checks, autograd) and
 // its kernels resnas::ext_ragged_linear_fwd / _bwd.
 //
-// Schemas (semantics: `_reference_fwd` / `_reference_bwd` in resnas_kernels/ops/ragged_linear.py):
+// Schemas (semantics: `_reference_fwd` / `_reference_bwd` in resnas_kernels/ops/ragged_linear/reference_backend.py):
 //   ragged_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? row_scale, int[] sizes,
 //                 Tensor in_widths, Tensor out_widths, int segments=1, str? activation=None) -> Tensor
 //     What `resnas_kernels.ragged_linear` calls on the cpu backend: one dispatcher hop. Its Autograd kernel checks the
