@@ -153,11 +153,11 @@ def test_linear_production_tiles_and_autotune_candidates(launches, monkeypatch, 
     r = torch.randn(4, 9, n_max) * out_mask[:, None, :]
     w, b = torch.randn(n_max, k_max) / k_max ** 0.5, torch.randn(n_max) * 0.5
     scale = (torch.rand(4) > 0.3).float() / 0.7
-    tall = [linear_mod._TALL_GROUP_ROWS] + ([8] if dtype != torch.float32 else [])
+    tall = [linear_mod.triton_kernels._TALL_GROUP_ROWS] + ([8] if dtype != torch.float32 else [])
     candidates = sorted(set(_distinct_candidates("fwd")) | set(_distinct_candidates("dx")))
     assert len(candidates) >= 2
     for tall_rows in tall:
-        monkeypatch.setattr(linear_mod, "_TALL_GROUP_ROWS", tall_rows)
+        monkeypatch.setattr(linear_mod.triton_kernels, "_TALL_GROUP_ROWS", tall_rows)
         for candidate in candidates:
             _check(lambda x, w, b, r: rk.ragged_linear(x, w, b, groups, out_widths, activation="gelu", residual=r,
                                                        row_scale=scale),

@@ -262,6 +262,39 @@ def test_property_random_groups_match_reference(data):
         assert_close_to_oracle(a, o, s, "property", factor=3.0)
 
 
+@pytest.mark.parametrize("backend", ["reference", "triton", "cpu"])
+def test_near_constant_rows_are_as_accurate_as_their_spread_allows(backend):
+    """Rows whose |mean| is ~300 times their spread. The fp32 mean is off by its rounding error (~u |mean|), which
+    shifts every z - mean alike; uncentred, rstd turns that into errors ~u |mean| rstd in y and the backward's
+    cancellation into far larger ones in dx (up to ~4000 u rstd max|w dy| per row; PyTorch's own backward alike, so
+    the oracle rule's same-dtype bound is a noisy yardstick on such rows). Every backend centres twice (package
+    docstring), so each row stays within a few ulps of what its spread allows. Bounds per row, against the fp64
+    oracle: |y err| <= 8 u max(|w xhat| + |b|), |dx err| <= 16 u rstd max|w dy|."""
+    _require(backend, "cpu")
+    g = Ragged((6, 6, 6, 6), (2, 3, 17, 64))
+    b_, n, c = 24, 4, 64
+    base = torch.randn(b_, n, 1, dtype=torch.float64) * 3
+    x = ((base + torch.randn(b_, n, c, dtype=torch.float64) * base.abs() / 300) * g.mask(c, dtype=torch.float64)[:, None]).float()
+    w = torch.randn(c) * 0.5 + 1
+    bias = torch.randn(c) * 0.1
+    dy = torch.randn(x.shape, dtype=torch.float64)
+    with rk.use_backend(backend):
+        (y,), (dx, _, _) = _run(rk.ragged_layer_norm, g, x, None, w, bias, dy, None)
+    (y_o,), (dx_o, _, _) = _run(ref.ragged_layer_norm, g, x.double(), None, w.double(), bias.double(), dy, None)
+    u = torch.finfo(torch.float32).eps / 2
+    active = g.mask(c, dtype=torch.bool)[:, None, :].expand_as(x)
+    xd = torch.where(active, x.double(), float("nan"))
+    var = (xd - xd.nanmean(-1, keepdim=True)).pow(2).nanmean(-1)
+    rstd = (var + 1e-6).rsqrt()
+    xhat = torch.where(active, (xd - xd.nanmean(-1, keepdim=True)) * rstd[..., None], 0.0)
+    y_scale = torch.where(active, (w.double() * xhat).abs() + bias.double().abs(), 0.0).amax(-1)
+    dx_scale = rstd * torch.where(active, (w.double() * dy).abs(), 0.0).amax(-1)
+    y_err = (y.double() - y_o).abs().amax(-1)
+    dx_err = (dx.double() - dx_o).abs().amax(-1)
+    assert (y_err <= 8 * u * y_scale).all(), f"y: worst {(y_err / (u * y_scale)).nan_to_num().max():.1f} u"
+    assert (dx_err <= 16 * u * dx_scale).all(), f"dx: worst {(dx_err / (u * dx_scale)).nan_to_num().max():.1f} u"
+
+
 def test_masked_layer_norm_equals_the_ragged_reference():
     """The original code's full-width MaskedLayerNorm and the sliced formulation agree (the supernet's parity)."""
     g, x, _, w, b = _inputs((2, 3, 1), (40, 17, 0), 7, 40, torch.float64, "cpu", residual=False)

@@ -2,8 +2,8 @@
 //
 // Design and caveats:
 // - Forward: rows are independent, so they are split over threads by at::parallel_for; each row loads its active
-//   columns once into an fp32 (fp64 for fp64) buffer, then does mean, centred sum of squares (two-pass variance, as the
-//   reference) and the affine write. Width-0 rows only write zeros. Inner loops are plain `#pragma omp simd` loops that
+//   columns once into an fp32 (fp64 for fp64) buffer, then does mean, centred sums (corrected two-pass variance, as the
+//   reference backend) and the affine write. Width-0 rows only write zeros. Inner loops are plain `#pragma omp simd` loops that
 //   the compiler vectorises under -O3 -march=native (at::vec::Vectorized would fall back to its generic scalar
 //   implementation here, as an extension is not compiled per CPU capability). fp16 / bf16 rows are converted to and
 //   from fp32 by the row helpers below (bit tricks for bf16, F16C for fp16), as c10's per-element conversions do
@@ -172,16 +172,20 @@ void fwd_kernel(const scalar_t* x, const scalar_t* residual, scalar_t* y, scalar
 #pragma omp simd reduction(+ : sum)
       for (int64_t j = 0; j < width; ++j) sum += v[j];
       const acc_t mu = sum / count;
-      acc_t sq = 0;
-#pragma omp simd reduction(+ : sq)
+      acc_t sq = 0, sd = 0;
+#pragma omp simd reduction(+ : sq, sd)
       for (int64_t j = 0; j < width; ++j) {
         const acc_t d = v[j] - mu;
         sq += d * d;
+        sd += d;
       }
-      const acc_t rs = static_cast<acc_t>(1) / std::sqrt(sq / count + eps);
+      // Corrected two-pass statistics: `shift` is the rounding error of mu (see ops/ragged_layer_norm/__init__.py).
+      const acc_t shift = sd / count;
+      const acc_t var = std::max(sq / count - shift * shift, static_cast<acc_t>(0));
+      const acc_t rs = static_cast<acc_t>(1) / std::sqrt(var + eps);
       acc_t* ya = out_as_acc(y_row, y_buf);
 #pragma omp simd
-      for (int64_t j = 0; j < width; ++j) ya[j] = (v[j] - mu) * rs * weight[j] + bias[j];
+      for (int64_t j = 0; j < width; ++j) ya[j] = ((v[j] - mu) - shift) * rs * weight[j] + bias[j];
       flush_row(ya, y_row, width);
       fill_zero(y_row, width, C);
       mean_out[row] = mu;
@@ -233,15 +237,20 @@ void bwd_kernel(const scalar_t* dy, const scalar_t* dz, const scalar_t* z, const
           xhat[j] = (za[j] - mu) * rs;
           wdy[j] = weight[j] * ga[j];
         }
-        acc_t s_xw = 0, s_w = 0;  // sum(xhat * w * dy), sum(w * dy) over the active columns
-#pragma omp simd reduction(+ : s_xw, s_w)
+        acc_t s_x = 0, s_xw = 0, s_w = 0;  // sum(xhat), sum(xhat * w * dy), sum(w * dy) over the active columns
+#pragma omp simd reduction(+ : s_x, s_xw, s_w)
         for (int64_t j = 0; j < width; ++j) {
+          s_x += xhat[j];
           s_xw += xhat[j] * wdy[j];
           s_w += wdy[j];
         }
         const acc_t count = static_cast<acc_t>(width);
-        const acc_t c1 = s_xw / count;
+        // xhat re-centred on its computed mean, as the forward centres (ops/ragged_layer_norm/__init__.py).
+        const acc_t shift = s_x / count;
         const acc_t c2 = s_w / count;
+        const acc_t c1 = s_xw / count - shift * c2;
+#pragma omp simd
+        for (int64_t j = 0; j < width; ++j) xhat[j] -= shift;
         acc_t* dxa = out_as_acc(dx_row, dx_buf);
         if (dz != nullptr) {
           const acc_t* dza = row_as_acc(dz + off, dz_buf, width);

@@ -2,7 +2,7 @@
 // its kernels resnas::ext_ragged_linear_fwd / _bwd.
 //
 // Schemas (defined in ../registration.cpp; semantics: `_reference_fwd` / `_reference_bwd` in
-// resnas_kernels/ops/ragged_linear.py):
+// resnas_kernels/ops/ragged_linear/reference_backend.py):
 //   ragged_linear(Tensor x, Tensor weight, Tensor? bias, Tensor? residual, Tensor? row_scale, int[] sizes,
 //                 Tensor in_widths, Tensor out_widths, int segments=1, str? activation=None) -> Tensor
 //     What `resnas_kernels.ragged_linear` calls on the cpu backend: one dispatcher hop. Its Autograd kernel checks the

@@ -3,8 +3,9 @@
 //
 // Layout of the work:
 // - Forward: one warp per row, 4 warps per block. For C_max <= 1024 each lane keeps its columns in registers
-//   (`fwd_warp_kernel`): load x (+ residual) once, warp-shuffle the sum, then the centred sum of squares (two-pass
-//   variance, as the reference), then write y. Wider rows (and fp64 rows wider than 256) use `fwd_wide_kernel`,
+//   (`fwd_warp_kernel`): load x (+ residual) once, warp-shuffle the sum, then the centred sums (corrected two-pass
+//   variance, see resnas_kernels/ops/ragged_layer_norm/__init__.py; the backward re-centres xhat likewise), then
+//   write y. Wider rows (and fp64 rows wider than 256) use `fwd_wide_kernel`,
 //   which re-reads the row from global memory (L1/L2) in each pass instead; the backward likewise.
 // - Loads and stores are 16-byte vectors when C_max and every pointer allow it (VEC > 1), else scalar (VEC = 1).
 //   A vector that straddles the width is loaded whole (it lies inside the row of C_max elements) and masked.
@@ -95,6 +96,13 @@ __device__ __forceinline__ T warp_sum(T v) {
 
 __device__ __forceinline__ float inv_sqrt(float v) { return 1.0f / sqrtf(v); }
 __device__ __forceinline__ double inv_sqrt(double v) { return 1.0 / sqrt(v); }
+// Variance from the mean square of d = v - mean and the mean of d (`shift`, the rounding error of mean): the corrected
+// two-pass formula. Never negative, though rounding can make the difference so when every d is equal.
+template <typename T>
+__device__ __forceinline__ T centred_var(T mean_sq, T shift) {
+  const T var = mean_sq - shift * shift;
+  return var > static_cast<T>(0) ? var : static_cast<T>(0);
+}
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
@@ -164,7 +172,7 @@ __global__ void __launch_bounds__(kThreads)
   }
   const acc_t count = static_cast<acc_t>(width > 0 ? width : 1);
   const acc_t mean = warp_sum(sum) / count;
-  acc_t sq = 0;
+  acc_t sq = 0, sd = 0;
 #pragma unroll
   for (int i = 0; i < PACKS; ++i) {
     const int64_t col = static_cast<int64_t>(i * kWarpSize + lane) * VEC;
@@ -173,10 +181,12 @@ __global__ void __launch_bounds__(kThreads)
       if (col + k < width) {
         const acc_t d = v[i][k] - mean;
         sq += d * d;
+        sd += d;
       }
     }
   }
-  const acc_t rstd = width > 0 ? inv_sqrt(warp_sum(sq) / count + eps) : static_cast<acc_t>(0);
+  const acc_t shift = warp_sum(sd) / count;  // the rounding error of mean: corrected two-pass statistics
+  const acc_t rstd = width > 0 ? inv_sqrt(centred_var(warp_sum(sq) / count, shift) + eps) : static_cast<acc_t>(0);
 #pragma unroll
   for (int i = 0; i < PACKS; ++i) {
     const int64_t col = static_cast<int64_t>(i * kWarpSize + lane) * VEC;
@@ -185,7 +195,7 @@ __global__ void __launch_bounds__(kThreads)
 #pragma unroll
       for (int k = 0; k < VEC; ++k) {
         const int64_t c = col + k;
-        const acc_t out = c < width ? (v[i][k] - mean) * rstd * weight[c] + bias[c] : static_cast<acc_t>(0);
+        const acc_t out = c < width ? ((v[i][k] - mean) - shift) * rstd * weight[c] + bias[c] : static_cast<acc_t>(0);
         yp.val[k] = static_cast<scalar_t>(out);
       }
       store_pack<scalar_t, VEC>(y + off + col, yp);
@@ -221,17 +231,20 @@ __global__ void __launch_bounds__(kThreads)
   for (int64_t c = lane; c < width; c += kWarpSize) sum += load(c);
   const acc_t count = static_cast<acc_t>(width > 0 ? width : 1);
   const acc_t mean = warp_sum(sum) / count;
-  acc_t sq = 0;
+  acc_t sq = 0, sd = 0;
   for (int64_t c = lane; c < width; c += kWarpSize) {
     const acc_t d = load(c) - mean;
     sq += d * d;
+    sd += d;
   }
-  const acc_t rstd = width > 0 ? inv_sqrt(warp_sum(sq) / count + eps) : static_cast<acc_t>(0);
+  const acc_t shift = warp_sum(sd) / count;
+  const acc_t rstd = width > 0 ? inv_sqrt(centred_var(warp_sum(sq) / count, shift) + eps) : static_cast<acc_t>(0);
   for (int64_t c = lane; c < C; c += kWarpSize) {
     const bool active = c < width;
     const acc_t v = active ? load(c) : static_cast<acc_t>(0);
     if (HAS_RESIDUAL) z[off + c] = static_cast<scalar_t>(v);
-    y[off + c] = static_cast<scalar_t>(active ? (v - mean) * rstd * weight[c] + bias[c] : static_cast<acc_t>(0));
+    y[off + c] = static_cast<scalar_t>(active ? ((v - mean) - shift) * rstd * weight[c] + bias[c]
+                                              : static_cast<acc_t>(0));
   }
   if (lane == 0) {
     mean_out[row] = width > 0 ? mean : static_cast<acc_t>(0);
@@ -274,7 +287,7 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t off = row * C;
     const acc_t mean = mean_in[row];
     const acc_t rstd = rstd_in[row];
-    acc_t s_xwg = 0, s_wg = 0;  // sum(xhat * w * dy), sum(w * dy) over the lane's active columns
+    acc_t s_x = 0, s_xwg = 0, s_wg = 0;  // sum(xhat), sum(xhat * w * dy), sum(w * dy) over the lane's columns
 #pragma unroll
     for (int i = 0; i < PACKS; ++i) {
       const int64_t col = static_cast<int64_t>(i * kWarpSize + lane) * VEC;
@@ -290,6 +303,7 @@ __global__ void __launch_bounds__(kThreads)
             gv[i][k] = static_cast<acc_t>(gp.val[k]);
             const acc_t xhat = (zv[i][k] - mean) * rstd;
             const acc_t wg = mul_rn(weight[col + k], gv[i][k]);
+            s_x += xhat;
             s_xwg += xhat * wg;
             s_wg += wg;
           }
@@ -297,8 +311,10 @@ __global__ void __launch_bounds__(kThreads)
       }
     }
     const acc_t count = static_cast<acc_t>(width > 0 ? width : 1);
-    const acc_t c1 = warp_sum(s_xwg) / count;
+    // xhat re-centred on its computed mean, as the forward centres: xhat - shift below.
+    const acc_t shift = warp_sum(s_x) / count;
     const acc_t c2 = warp_sum(s_wg) / count;
+    const acc_t c1 = warp_sum(s_xwg) / count - shift * c2;
 #pragma unroll
     for (int i = 0; i < PACKS; ++i) {
       const int64_t col = static_cast<int64_t>(i * kWarpSize + lane) * VEC;
@@ -310,7 +326,7 @@ __global__ void __launch_bounds__(kThreads)
         for (int k = 0; k < VEC; ++k) {
           acc_t out = 0;
           if (col + k < width) {
-            const acc_t xhat = (zv[i][k] - mean) * rstd;
+            const acc_t xhat = (zv[i][k] - mean) * rstd - shift;
             const acc_t wg = mul_rn(weight[col + k], gv[i][k]);
             out = (wg - (xhat * c1 + c2)) * rstd;
             if (HAS_DZ) out += static_cast<acc_t>(dzp.val[k]);
@@ -363,20 +379,22 @@ __global__ void __launch_bounds__(kThreads)
     const int64_t off = row * C;
     const acc_t mean = mean_in[row];
     const acc_t rstd = rstd_in[row];
-    acc_t s_xwg = 0, s_wg = 0;
+    acc_t s_x = 0, s_xwg = 0, s_wg = 0;
     for (int64_t c = lane; c < width; c += kWarpSize) {
       const acc_t xhat = (static_cast<acc_t>(z[off + c]) - mean) * rstd;
       const acc_t wg = mul_rn(weight[c], static_cast<acc_t>(dy[off + c]));
+      s_x += xhat;
       s_xwg += xhat * wg;
       s_wg += wg;
     }
     const acc_t count = static_cast<acc_t>(width > 0 ? width : 1);
-    const acc_t c1 = warp_sum(s_xwg) / count;
+    const acc_t shift = warp_sum(s_x) / count;
     const acc_t c2 = warp_sum(s_wg) / count;
+    const acc_t c1 = warp_sum(s_xwg) / count - shift * c2;
     for (int64_t c = lane; c < C; c += kWarpSize) {
       acc_t out = 0;
       if (c < width) {
-        const acc_t xhat = (static_cast<acc_t>(z[off + c]) - mean) * rstd;
+        const acc_t xhat = (static_cast<acc_t>(z[off + c]) - mean) * rstd - shift;
         const acc_t g = static_cast<acc_t>(dy[off + c]);
         out = (mul_rn(weight[c], g) - (xhat * c1 + c2)) * rstd;
         if (HAS_DZ) out += static_cast<acc_t>(dz[off + c]);

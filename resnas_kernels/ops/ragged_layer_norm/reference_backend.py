@@ -23,9 +23,10 @@ def _reference_fwd(x2, r2, weight, bias, groups: Ragged, rows_per_sample: int, e
     count = active.sum(1, keepdim=True).clamp_min(1).to(acc)
     mean = z.sum(1, keepdim=True) / count
     diff = torch.where(active, z - mean, zero)
-    var = (diff * diff).sum(1, keepdim=True) / count
+    shift = diff.sum(1, keepdim=True) / count  # the rounding error of mean (corrected two-pass, package docstring)
+    var = ((diff * diff).sum(1, keepdim=True) / count - shift * shift).clamp_min(0)
     rstd = torch.where(active.any(1, keepdim=True), torch.rsqrt(var + eps), torch.zeros_like(var))
-    y = torch.where(active, diff * rstd * weight.to(acc) + bias.to(acc), zero)
+    y = torch.where(active, (diff - shift) * rstd * weight.to(acc) + bias.to(acc), zero)
     z_out = z.to(x2.dtype) if r2 is not None else x2.new_empty((0,))
     return y.to(x2.dtype), z_out, mean.squeeze(1), rstd.squeeze(1)
 
@@ -36,6 +37,7 @@ def _reference_bwd(dy2, dz2, z2, weight, mean, rstd, groups: Ragged, rows_per_sa
     count = active.sum(1, keepdim=True).clamp_min(1).to(acc)
     zero = torch.zeros((), dtype=acc, device=z2.device)
     xhat = torch.where(active, (z2.to(acc) - mean.to(acc)[:, None]) * rstd.to(acc)[:, None], zero)
+    xhat = torch.where(active, xhat - xhat.sum(1, keepdim=True) / count, zero)  # re-centred, as the forward
     dy = torch.where(active, dy2.to(acc), zero)
     wdy = dy * weight.to(acc)
     c1 = (xhat * wdy).sum(1, keepdim=True) / count

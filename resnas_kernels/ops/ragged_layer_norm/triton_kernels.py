@@ -39,11 +39,13 @@ def _ragged_layer_norm_fwd_kernel(X, R, Y, Z, W, B, MEAN, RSTD, ROW_STARTS, WIDT
     count = tl.maximum(width, 1).to(tl.float32)
     mean = tl.sum(x, axis=0) / count
     diff = tl.where(active, x - mean, 0.0)
-    var = tl.sum(diff * diff, axis=0) / count
+    # Corrected two-pass statistics: `shift` is the rounding error of `mean`, so that diff - shift is centred
+    shift = tl.sum(diff, axis=0) / count
+    var = tl.maximum(tl.sum(diff * diff, axis=0) / count - shift * shift, 0.0)
     rstd = tl.where(width > 0, 1.0 / tl.sqrt(var + eps), 0.0)
     w = tl.load(W + cols, mask=active, other=0.0).to(tl.float32)
     b = tl.load(B + cols, mask=active, other=0.0).to(tl.float32)
-    y = tl.where(active, diff * rstd * w + b, 0.0)
+    y = tl.where(active, (diff - shift) * rstd * w + b, 0.0)
     tl.store(Y + offs, y.to(Y.dtype.element_ty), mask=inside)
     tl.store(MEAN + row, mean)
     tl.store(RSTD + row, rstd)
@@ -72,8 +74,11 @@ def _ragged_layer_norm_bwd_kernel(DY, DZ, Z, W, MEAN, RSTD, DX, DW_PART, DB_PART
         count = tl.maximum(width, 1).to(tl.float32)
         xhat = tl.where(active, (z - mean) * rstd, 0.0)
         wdy = w * dy
-        c1 = tl.sum(xhat * wdy, axis=0) / count
+        # Centre xhat on its computed mean (the rounding error of the saved mean times rstd), as the forward does.
+        shift = tl.sum(xhat, axis=0) / count
         c2 = tl.sum(wdy, axis=0) / count
+        c1 = tl.sum(xhat * wdy, axis=0) / count - shift * c2
+        xhat = tl.where(active, xhat - shift, 0.0)
         dx = tl.where(active, (wdy - (xhat * c1 + c2)) * rstd, 0.0)
         if HAS_DZ:
             dx += tl.load(DZ + offs, mask=active, other=0.0).to(tl.float32)
