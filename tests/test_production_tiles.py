@@ -198,8 +198,8 @@ def _attention_case(nq, nk, d, dv, bias, dtype):
     return heads, [t.to(dtype) for t in inputs], kw
 
 
-# (Nq, Nk, d_qk, d_v, bias): the tiled kernels at 64 x 64 (N > 64, not a multiple of 64) and the small-N kernel at the
-# block shapes compiled ahead of time (16 x 64 for LeViT's subsampling attention, 64 x 64).
+# (Nq, Nk, d_qk, d_v, bias): the tiled kernels at their GPU tiles (N > 64, not a multiple of 64) and the small-N
+# kernel at the block shapes compiled ahead of time (16 x 64 for LeViT's subsampling attention, 64 x 64).
 ATTENTION_CASES = [
     (81, 81, 16, 32, "grid"), (70, 67, 64, 64, "dense"), (66, 80, 32, 64, "index"), (65, 70, 64, 64, "none"),
     (16, 49, 16, 32, "grid"), (13, 40, 32, 64, "index"), (40, 37, 64, 64, "none"), (50, 45, 64, 64, "dense"),
@@ -207,8 +207,8 @@ ATTENTION_CASES = [
 
 
 def test_attention_production_tiles(launches):
-    """fp32 takes the tiled kernels at its FMA tiles (32 x 32, dk/dv 16 x 32); fp16 (with bf16's tiles: the
-    interpreter cannot run bf16 dots) the small-N kernels and the 64 x 64 tiles."""
+    """fp32 takes the tiled kernels at its FMA tiles; fp16 (with bf16's tiles: the interpreter cannot run bf16 dots)
+    the small-N kernels and the tensor-core tiles."""
     for dtype in (torch.float32, torch.float16):
         for nq, nk, d, dv, bias in ATTENTION_CASES:
             heads, inputs, kw = _attention_case(nq, nk, d, dv, bias, dtype)
@@ -220,7 +220,7 @@ def test_attention_production_tiles(launches):
                 reference_fn = lambda q, k, v, t: ref.ragged_attention(q, k, v, heads, **kw(t))  # noqa: E731
             _check(kernel_fn, reference_fn, inputs, f"attention-{nq}x{nk}-d{d}-{bias}-{dtype}")
     assert {(dict(t)["BLOCK_M"], dict(t)["BLOCK_N"]) for t in launches["_attn_fwd_tiled_kernel"]} == {(32, 32),
-                                                                                                     (64, 64)}
+                                                                                                     (64, 32)}
     _assert_covered(launches, ATTENTION_KERNELS)
 
 

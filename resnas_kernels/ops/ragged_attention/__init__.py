@@ -1,9 +1,13 @@
 """Fused ragged multi-head attention with per-group head counts and a learnable LeViT bias table.
 
-Spec: `resnas_kernels.reference.ragged_attention` (the oracle). This file holds the whole op: the Triton kernels and
-launchers, the bridge to the C++ kernels (`csrc/cpu/ragged_attention.cpp`, `csrc/cuda/ragged_attention_fwd.cu`), the
-`torch.library` custom ops `resnas::ragged_attention_fwd/bwd` with fake implementations and autograd, and the public
-`ragged_attention` function.
+Spec: `resnas_kernels.reference.ragged_attention` (the oracle). The op's roles, one file each:
+- `__init__.py` (this file): the public function;
+- `registration.py`: the backend entry, the argument checks, the bridge to the C++ kernels (`csrc/cpu/
+  ragged_attention.cpp`, `csrc/cuda/ragged_attention_fwd.cu`) with their fake kernels, the auto pick of the CUDA
+  forward, and the `torch.library` custom ops `resnas::ragged_attention_fwd/bwd` (fake implementations, autograd);
+- `triton_kernels.py`: the Triton kernels and their launchers; `aot.py`: their ahead-of-time compilation cases;
+- `reference_backend.py`: the explicit PyTorch backend; `auto_pick.py`: the measured per-shape choice between two
+  interchangeable GPU implementations.
 
 Dispatch. The heads per group are data: an int32 (G,) tensor on q's device (`Ragged` with host ints passes a cached
 device copy). Group sizes, H_max and the shapes are static. Every backend reads the heads on the device (or, on CPU,
@@ -16,14 +20,15 @@ architecture never recompiles a torch.compile graph nor syncs the device.
   needs Python anyway; the cuda backend pairs the CUDA C++ forward with the Triton backward).
 
 Backends: reference | triton | cpu (C++, fwd + bwd) | cuda (CUDA C++ forward; its backward runs the Triton kernels).
-- triton: a small-N kernel (Nq, Nk <= 64: whole score tile in registers, several samples per program) and tiled
-  online-softmax kernels (longer sequences); fp32 / bf16 / fp16. fp64 runs the reference on the Triton and CUDA
-  backends, as for every op (the kernels compute in fp32). bf16 under TRITON_INTERPRET=1 raises
-  BackendUnavailableError: Triton's interpreter computes bf16 tl.dot wrongly (fp16 and fp32 are right).
+- triton: a small-N kernel (Nq, Nk <= 64: whole score tile in registers, several samples per program; bf16 / fp16)
+  and tiled online-softmax kernels (longer sequences, and every fp32 shape); fp32 / bf16 / fp16. fp64 runs the
+  reference on the Triton and CUDA backends, as for every op (the kernels compute in fp32). bf16 under
+  TRITON_INTERPRET=1 raises BackendUnavailableError: Triton's interpreter computes bf16 tl.dot wrongly (fp16 and fp32
+  are right).
 - cuda: a warp-per-query-row forward for Nk <= 256, d_qk, d_v <= 128 (inference); other shapes, and the backward, run
   the Triton kernels.
 - auto on CUDA: the forward runs whichever of the Triton and CUDA C++ forwards was faster for this shape, measured
-  once per (shape, batch bucket, dtype, bias kind, GPU) key on first use (`_auto_pick.AutoPicker`; override with
+  once per (shape, batch bucket, dtype, bias kind, GPU) key on first use (`auto_pick.AutoPicker`; override with
   RESNAS_ATTENTION_FWD=triton|cuda, persist with RESNAS_AUTOTUNE_CACHE=file.json). Nothing of this runs on CPU.
 - cpu: per (sample, head) pair of active heads, score rows kept in cache, vectorised, parallel over pairs; the
   LeViT CPU path (see csrc/cpu/ragged_attention.cpp).

@@ -54,7 +54,7 @@ def _register_aot_cases():
                 if small:
                     bm, bn, chunk_d = (16 if n % 2 == 0 else 64), 64, None
                 else:
-                    bm, bn, chunk_d = _production_tile(torch_dtype, name[len("bwd_"):] if name.startswith("bwd") else "fwd")
+                    bm, bn, chunk_d = _production_tile(torch_dtype, "fwd" if name == "fwd_tiled" else name[4:])
                 consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_DQK": dqk, "BLOCK_DV": dv,
                           "PRECISION": _precision(torch_dtype), "BIAS_KIND": bias}
                 if name == "bwd_small":

@@ -117,7 +117,7 @@ _FWD = {"reference": _reference_fwd, "triton": _triton_fwd, "cpu": _ext_fwd, "cu
 
 # Auto dispatch of the CUDA forward (backend auto, CUDA tensors, a shape both kernels take): the Triton forward and the
 # CUDA C++ one are timed once per key on the real inputs (CUDA events) and the faster is kept; Triton stays unless the
-# CUDA C++ kernel is > 5% faster (see `_auto_pick`). RESNAS_ATTENTION_FWD=triton|cuda|auto overrides the measurement;
+# CUDA C++ kernel is > 5% faster (see `auto_pick`). RESNAS_ATTENTION_FWD=triton|cuda|auto overrides the measurement;
 # RESNAS_AUTOTUNE_CACHE=path.json keeps decisions across processes. The backward always runs Triton on CUDA.
 FWD_PICKER = AutoPicker("ragged_attention_fwd", ("triton", "cuda"), env_override="RESNAS_ATTENTION_FWD")
 

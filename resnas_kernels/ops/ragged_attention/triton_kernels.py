@@ -26,9 +26,10 @@ def _bias_chunk(batch: int, per_sample_dense: bool) -> int:
 # Triton kernels
 #
 # Two families, picked per shape by `_use_small`:
-# - small-N (Nq, Nk <= 64): one program owns a run of samples of one head and keeps the whole (Nq, Nk) score tile in
-#   registers: no online softmax, no 128-row padding (N = 16/17/49 pad to 16/32/64), several (sample, head) pairs per
-#   program. Its backward also sums the score gradient of its samples in registers (the bias-gradient partial).
+# - small-N (Nq, Nk <= 64; bf16 / fp16; the backward up to a 16 x 64 score tile): one program owns a run of samples
+#   of one head and keeps the whole (Nq, Nk) score tile in registers: no online softmax, no 128-row padding (N =
+#   16/17/49 pad to 16/32/64), several (sample, head) pairs per program. Its backward also sums the score gradient of
+#   its samples in registers (the bias-gradient partial).
 # - tiled (online softmax over key tiles): forward per (query tile, head, sample); backward in three kernels:
 #   dq (also writes delta = rowsum(dO * O)), dk/dv (per key tile, loops over query tiles), and dbias (per score tile,
 #   loops over the samples of a chunk, accumulating in registers). Splitting dq from dk/dv recomputes Q K^T once more
@@ -36,9 +37,9 @@ def _bias_chunk(batch: int, per_sample_dense: bool) -> int:
 # The grids cover every head h < H_max (a static bound); each program reads its sample's head count on the device
 # (`_active_heads`: the group's entry of the widths tensor, clamped to [0, H_max]), and inactive (sample, head) pairs
 # only store zeros. Nothing about the heads is read on the host, so a new architecture is a new tensor value, never a
-# new launch configuration. Softmax and accumulations are fp32; fp32 inputs use
-# IEEE fp32 dots (no TF32), bf16/fp16 inputs feed P and dS to the tensor cores in the input dtype (FlashAttention's
-# choice).
+# new launch configuration. Softmax and accumulations are fp32; fp32 inputs use IEEE fp32 dots (no TF32: FMA units,
+# hence their own tiles, see `_production_tile`), bf16/fp16 inputs feed P and dS to the tensor cores in the input
+# dtype (FlashAttention's choice).
 # ---------------------------------------------------------------------------------------------------------------------
 BIAS_NONE, BIAS_INDEX, BIAS_GRID, BIAS_DENSE_SHARED, BIAS_DENSE_HEAD, BIAS_DENSE_SAMPLE = range(6)
 
@@ -484,7 +485,7 @@ _SMALL_BWD_MAX_SCORES = 16 * 64  # padded score tile up to which the small-N bac
 # fp32 runs its dots on FMA units, whose Triton lowering holds each thread's rows of both operands over the whole
 # reduction extent in registers (at 64 x 64 x 64 about 768 per thread: the 15-37 KB spills). So fp32 reads head dims
 # in 16-column chunks (`_dot_t_chunked`), keeps its tiles at 32 x 32 and the block a kernel reduces over in its
-# tile-by-tile dots at 32 (keys: forward, dq) or 16 (queries: dk/dv, whose dots also produce (32, d) outputs).
+# tile-by-tile dots at 32 (keys: forward, dq), dk/dv at 16 x 16 (its two (keys, d) accumulators spilled at 32 keys).
 _FP32_CHUNK_D = 16
 
 
@@ -501,11 +502,11 @@ def _use_small(n_q: int, n_k: int, dtype: torch.dtype, backward: bool = False) -
 
 def _production_tile(dtype: torch.dtype, kernel: str = "fwd") -> Tuple[int, int, int]:
     """(BLOCK_M, BLOCK_N, CHUNK_D) of a tiled kernel ("fwd", "dq", "dkdv", "dbias") on GPU. The tensor-core dtypes:
-    64 x 64 (FlashAttention-2's short-head choice) with whole-tile head-dim dots, but 32 x 64 for dbias, whose
-    sample loop keeps the dS sum and the bias beside a sample's tiles (it spilled at 64 x 64); fp32 as above."""
+    whole-tile head-dim dots, 64 query rows and 32 keys per tile (dbias: 32 x 32 score tiles). At 64 x 64 the score,
+    P, dP and dS tiles, the gathered bias and its addresses and the accumulators spilled on sm_80. fp32 as above."""
     if dtype != torch.float32:
-        return (32 if kernel == "dbias" else 64), 64, 0
-    return (16 if kernel == "dkdv" else 32), 32, _FP32_CHUNK_D
+        return {"fwd": (64, 32), "dq": (64, 32), "dkdv": (64, 32), "dbias": (32, 32)}[kernel] + (0,)
+    return {"fwd": (32, 32), "dq": (32, 32), "dkdv": (16, 16), "dbias": (32, 32)}[kernel] + (_FP32_CHUNK_D,)
 
 
 def _tile(dtype: torch.dtype, kernel: str = "fwd") -> Tuple[int, int, int]:
@@ -515,7 +516,7 @@ def _tile(dtype: torch.dtype, kernel: str = "fwd") -> Tuple[int, int, int]:
 
 
 def _num_warps(dtype: torch.dtype) -> int:
-    """Warps per program: 8 for the tensor-core dtypes, whose 64 x 64 tiles keep several fp32 score-sized tiles live at
+    """Warps per program: 8 for the tensor-core dtypes, whose 64-row tiles keep several fp32 score-sized tiles live at
     once (scores, P, dP, dS, the bias and its addresses, accumulators) and spilled at 4; 4 for fp32's small tiles."""
     return 4 if dtype == torch.float32 else 8
 
