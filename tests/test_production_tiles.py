@@ -177,7 +177,7 @@ def test_linear_production_tiles_and_autotune_candidates(launches, monkeypatch, 
         _assert_covered(launches, LINEAR_KERNELS)
 
 
-def _attention_case(nq, nk, d, dv, bias):
+def _attention_case(nq, nk, d, dv, bias, dtype):
     """(fn kwargs builder, inputs) for one attention problem; groups of 2 / 0 / 1 samples with 2 / 1 / 1 heads."""
     heads = Ragged((2, 0, 1), (2, 1, 1))
     q, k, v = torch.randn(3, nq, 2, d), torch.randn(3, nk, 2, d), torch.randn(3, nk, 2, dv)
@@ -195,11 +195,11 @@ def _attention_case(nq, nk, d, dv, bias):
     elif bias == "dense":
         inputs.append(torch.randn(2, nq, nk) * 0.5)
         kw = lambda t: dict(dense_bias=t)  # noqa: E731
-    return heads, inputs, kw
+    return heads, [t.to(dtype) for t in inputs], kw
 
 
-# (Nq, Nk, d_qk, d_v, bias): the tiled kernels at 64 x 64 (N > 64, not a multiple of 64) and the small-N kernel at the
-# block shapes compiled ahead of time (16 x 64 for LeViT's subsampling attention, 64 x 64).
+# (Nq, Nk, d_qk, d_v, bias): the tiled kernels at their GPU tiles (N > 64, not a multiple of 64) and the small-N
+# kernel at the block shapes compiled ahead of time (16 x 64 for LeViT's subsampling attention, 64 x 64).
 ATTENTION_CASES = [
     (81, 81, 16, 32, "grid"), (70, 67, 64, 64, "dense"), (66, 80, 32, 64, "index"), (65, 70, 64, 64, "none"),
     (16, 49, 16, 32, "grid"), (13, 40, 32, 64, "index"), (40, 37, 64, 64, "none"), (50, 45, 64, 64, "dense"),
@@ -207,16 +207,20 @@ ATTENTION_CASES = [
 
 
 def test_attention_production_tiles(launches):
-    for nq, nk, d, dv, bias in ATTENTION_CASES:
-        heads, inputs, kw = _attention_case(nq, nk, d, dv, bias)
-        if bias == "none":
-            kernel_fn = lambda q, k, v: rk.ragged_attention(q, k, v, heads)  # noqa: E731
-            reference_fn = lambda q, k, v: ref.ragged_attention(q, k, v, heads)  # noqa: E731
-        else:
-            kernel_fn = lambda q, k, v, t: rk.ragged_attention(q, k, v, heads, **kw(t))  # noqa: E731
-            reference_fn = lambda q, k, v, t: ref.ragged_attention(q, k, v, heads, **kw(t))  # noqa: E731
-        _check(kernel_fn, reference_fn, inputs, f"attention-{nq}x{nk}-d{d}-{bias}")
-    assert {(dict(t)["BLOCK_M"], dict(t)["BLOCK_N"]) for t in launches["_attn_fwd_tiled_kernel"]} == {(64, 64)}
+    """fp32 takes the tiled kernels at its FMA tiles; fp16 (with bf16's tiles: the interpreter cannot run bf16 dots)
+    the small-N kernels and the tensor-core tiles."""
+    for dtype in (torch.float32, torch.float16):
+        for nq, nk, d, dv, bias in ATTENTION_CASES:
+            heads, inputs, kw = _attention_case(nq, nk, d, dv, bias, dtype)
+            if bias == "none":
+                kernel_fn = lambda q, k, v: rk.ragged_attention(q, k, v, heads)  # noqa: E731
+                reference_fn = lambda q, k, v: ref.ragged_attention(q, k, v, heads)  # noqa: E731
+            else:
+                kernel_fn = lambda q, k, v, t: rk.ragged_attention(q, k, v, heads, **kw(t))  # noqa: E731
+                reference_fn = lambda q, k, v, t: ref.ragged_attention(q, k, v, heads, **kw(t))  # noqa: E731
+            _check(kernel_fn, reference_fn, inputs, f"attention-{nq}x{nk}-d{d}-{bias}-{dtype}")
+    assert {(dict(t)["BLOCK_M"], dict(t)["BLOCK_N"]) for t in launches["_attn_fwd_tiled_kernel"]} == {(32, 32),
+                                                                                                     (64, 32)}
     _assert_covered(launches, ATTENTION_KERNELS)
 
 

@@ -1,5 +1,5 @@
-"""Per-shape choice between interchangeable GPU implementations, measured once on first use (issue 5: "auto dispatch
-uses whichever wins per shape").
+"""Per-shape choice between interchangeable GPU implementations, measured once on first use (auto dispatch uses
+whichever wins per shape).
 
 Used by `ragged_attention`'s forward on CUDA under the auto backend, to choose between the CUDA C++ small-N forward and
 the Triton forward. Not used on CPU (one CPU implementation) nor when a backend is forced (`set_backend`,
