@@ -30,8 +30,6 @@ from resnas_kernels.models import levit as L
 from _oracle import assert_close_to_oracle
 
 VARIANTS = ["levit_128s", "levit_128", "levit_192", "levit_256", "levit_384"]
-FUSED = L.fused_attention_available()
-needs_fused = pytest.mark.skipif(not FUSED, reason="resnas_kernels.ragged_attention is not available in this build")
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -398,25 +396,26 @@ def test_input_gradient_batch1_finite_differences():
 # ---------------------------------------------------------------------------------------------------------------------
 # Fused vs unfused attention
 # ---------------------------------------------------------------------------------------------------------------------
-@needs_fused
 @pytest.mark.parametrize("variant", ["levit_128s"])
-def test_fused_vs_unfused(variant):
+def test_fused_vs_unfused(variant, monkeypatch):
     """The same model through resnas_kernels.ragged_attention and through plain PyTorch attention (timm's math):
-    eval outputs as accurate as the unfused path's (oracle rule, unfused as the reference), and train outputs and
-    gradients (including the bias tables', reduced inside the kernel) against the oracle."""
+    eval outputs as accurate as the unfused path's (oracle rule, unfused as the reference) through both eager CPU
+    inference attentions (the kernel and the chunked GEMMs), and train outputs and gradients (including the bias
+    tables', reduced inside the kernel) against the oracle."""
     ref, fused, oracle = make_pair(variant, seed=61, fused_attn=True)
     unfused = copy.deepcopy(fused).set_fused_attn(False)
-    check_eval(unfused, fused, oracle, images(2, seed=62), f"{variant} fused vs unfused, eval")
+    check_eval(unfused, fused, oracle, images(2, seed=62), f"{variant} fused vs unfused, eval (GEMM attention)")
+    monkeypatch.setattr(L.levit, "CPU_INFERENCE_GEMM_ATTENTION", False)
+    check_eval(unfused, fused, oracle, images(2, seed=62), f"{variant} fused vs unfused, eval (kernel)")
     check_train_and_grads(unfused, fused, oracle, images(2, seed=63), f"{variant} fused vs unfused")
     for n, p in fused.named_parameters():
         if n.endswith("attention_biases"):
             assert p.grad.abs().max() > 0, f"{n}: the bias table got no gradient through the kernel"
 
 
-@needs_fused
 def test_fused_path_calls_the_kernel(monkeypatch):
     """Guard against silently running the unfused path: count the kernel calls of one forward and check what they
-    get: training passes the table with the in-kernel grid index, inference the cached gathered bias."""
+    get: training passes the table with the in-kernel grid index, kernel inference the cached gathered bias."""
     _, ours, _ = make_pair("levit_128s", seed=63)
     calls = []
     real = L._attention_op()
@@ -431,12 +430,34 @@ def test_fused_path_calls_the_kernel(monkeypatch):
     ours.eval()
     with torch.no_grad():
         ours(x)
+    assert calls == []  # eager CPU fp32 inference: the chunked GEMM attention (CPU_INFERENCE_GEMM_ATTENTION)
+    monkeypatch.setattr(L.levit, "CPU_INFERENCE_GEMM_ATTENTION", False)
+    with torch.no_grad():
+        ours(x)
     assert len(calls) == 11
     for c, m in zip(calls, [m for m in ours.modules() if isinstance(m, (L.Attention, L.AttentionDownsample))]):
         if L.EVAL_DENSE_BIAS:
             assert torch.equal(c["dense_bias"], m.attention_biases[:, m.attention_bias_idxs])
         else:
             assert c["bias_grid"] == (m.resolution[0], m.stride)
+
+
+def test_cpu_inference_gemm_attention_chunks(monkeypatch):
+    """The chunked GEMM attention on strided q/k/v views against the plain formula in fp64, with chunks that do not
+    divide the batch and a non-square query/key grid (the shrink attention's shape)."""
+    from resnas_kernels.models.levit import onednn
+    g = torch.Generator().manual_seed(65)
+    B, Nq, Nk, H, D, Dv = 5, 9, 25, 3, 4, 8
+    qkv = torch.randn(B, Nk, H, 2 * D + Dv, generator=g)
+    q = torch.randn(B, Nq, H, 2 * D, generator=g)[..., :D]
+    k, v = qkv[..., D:2 * D], qkv[..., 2 * D:]
+    bias = torch.randn(H, Nq, Nk, generator=g)
+    monkeypatch.setattr(onednn, "ATTENTION_CHUNK_BYTES", 2 * H * Nq * Nk * 4)  # chunks of 2, 2, 1 samples
+    out = onednn.attention_cpu_inference(q, k, v, 0.5, bias)
+    q64, k64, v64 = (t.double().transpose(1, 2) for t in (q, k, v))
+    attn = (q64 @ k64.transpose(-1, -2) * 0.5 + bias.double()).softmax(-1)
+    expected = (attn @ v64).transpose(1, 2).reshape(B, Nq, H * Dv)
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-6)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -703,7 +724,6 @@ def _patch_helper():
     return patch_timm_levit_attention
 
 
-@needs_fused
 def test_patch_timm_levit_in_place():
     patch = _patch_helper()
     ref, _, oracle = make_pair("levit_128s", seed=151)

@@ -31,9 +31,10 @@ Modes:
   `model.clear_caches()`, or use `with torch.no_grad(): p.mul_(...)`, which is detected.
   Each layer's cache lives with its parameters, so `.to(device)` and DataParallel replicas (whose parameters are
   other tensors) get their own ("per device").
-  On CPU fp32 the folded layers run through oneDNN with pre-packed weights and Hardswish / the residual add fused
-  into the GEMM or conv (the ops Inductor itself emits), the attention reads q/k/v as strided views of the qkv
-  projection (no permute copies), and the block's Hardswish runs in place.
+  Eager CPU fp32 inference (onednn.py): the folded linears are MKL GEMMs with Hardswish / the residual add applied
+  in place, the 3-channel stem conv runs through oneDNN with a pre-packed weight and Hardswish fused, and the
+  attention runs as batched GEMMs (scale and bias in the first, softmax in place) over cache-sized chunks of the
+  batch; elsewhere (CUDA, autocast, autograd) the attention reads q/k/v as strided views of the projections.
 - Eval mode with gradients (grad enabled and parameters requiring grad, e.g. the official repo's fine-tuning, which
   trains with `model.train(False)`): the fold and the bias gather are computed on the fly, differentiably.
 - `torch.compile`: works in both modes; the attention is an opaque custom op; compiled code uses the plain ops (no
@@ -46,11 +47,11 @@ size raises a ValueError naming the expected size.
 from .checkpoint import checkpoint_filter_fn
 from .flops import levit_flops
 from .folding import ConvNorm, LinearNorm, NormLinear
-from .levit import (EVAL_DENSE_BIAS, MODEL_CFGS, Attention, AttentionDownsample, LevitFused, fused_attention_available,
+from .levit import (EVAL_DENSE_BIAS, MODEL_CFGS, Attention, AttentionDownsample, LevitFused,
                     levit_128_fused, levit_128s_fused, levit_192_fused, levit_256_fused, levit_384_fused,
                     levit_bias_index)
 from .levit import _ATTENTION_OP, _attention_op  # noqa: F401  (tests swap the attention op through these)
 
 __all__ = ["LevitFused", "Attention", "AttentionDownsample", "ConvNorm", "LinearNorm", "NormLinear", "MODEL_CFGS",
-           "EVAL_DENSE_BIAS", "checkpoint_filter_fn", "levit_flops", "levit_bias_index", "fused_attention_available",
+           "EVAL_DENSE_BIAS", "checkpoint_filter_fn", "levit_flops", "levit_bias_index",
            "levit_128s_fused", "levit_128_fused", "levit_192_fused", "levit_256_fused", "levit_384_fused"]

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 
 from . import onednn
-from .onednn import _conv, _linear, _needs_autograd, _packable
+from .onednn import _conv, _linear, _needs_autograd, _packable, use_onednn_conv
 
 __all__ = ["ConvNorm", "LinearNorm", "NormLinear"]
 
@@ -39,7 +39,7 @@ class _FoldedCache(nn.Module):
 
     def _pack(self, cache: Tuple[torch.Tensor, ...]) -> Optional[torch.Tensor]:
         """Optionally, the cached weight in oneDNN's blocked layout (what Inductor's weight prepacking does): saves
-        the per-call reorder of the weight inside the GEMM."""
+        the per-call reorder of the weight inside the oneDNN conv."""
         return None
 
     # -- cache logic ---------------------------------------------------------------------------------------------
@@ -71,7 +71,7 @@ class _FoldedCache(nn.Module):
         return state
 
     def _inference_tensors(self) -> Tuple[torch.Tensor, ...]:
-        if _needs_autograd(*self._cache_sources()):
+        if torch.is_grad_enabled() and _needs_autograd(*self._cache_sources()):
             return self._compute_cache()  # differentiable fold (eval-mode fine-tuning)
         if torch.compiler.is_compiling():
             # Traced graphs read the cache as built by eval()/fuse(); without one, the fold is traced into the graph.
@@ -93,6 +93,15 @@ def _bn_scale_shift(bn: nn.modules.batchnorm._BatchNorm) -> Tuple[torch.Tensor, 
     return scale, shift
 
 
+def _conv_or_linear_bn_sources(layer: nn.Module) -> Tuple[torch.Tensor, ...]:
+    # Read through the module dicts, not nn.Module.__getattr__: this runs for every layer on every inference call
+    # (the cache's version check), where the attribute lookups cost more than the small GEMMs' epilogues.
+    weight = layer._modules["linear"]._parameters["weight"]
+    bn = layer._modules["bn"]
+    bn_params, bn_buffers = bn._parameters, bn._buffers
+    return weight, bn_params["weight"], bn_params["bias"], bn_buffers["running_mean"], bn_buffers["running_var"]
+
+
 class ConvNorm(_FoldedCache):
     """Conv2d (no bias) + BatchNorm2d; timm's `ConvNorm` names (`linear`, `bn`). Inference: one conv, folded BN."""
 
@@ -105,8 +114,7 @@ class ConvNorm(_FoldedCache):
         nn.init.constant_(self.bn.weight, bn_weight_init)
 
     def _cache_sources(self):
-        bn = self.bn
-        return self.linear.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
+        return _conv_or_linear_bn_sources(self)
 
     def _compute_cache(self):
         scale, shift = _bn_scale_shift(self.bn)
@@ -115,7 +123,7 @@ class ConvNorm(_FoldedCache):
 
     def _pack(self, cache):
         c = self.linear
-        if not _packable(cache[0]):
+        if not (_packable(cache[0]) and use_onednn_conv(c.in_channels)):
             return None
         return torch.ops.mkldnn._reorder_convolution_weight(cache[0], list(c.padding), list(c.stride),
                                                              list(c.dilation), c.groups)
@@ -139,16 +147,12 @@ class LinearNorm(_FoldedCache):
         nn.init.constant_(self.bn.weight, bn_weight_init)
 
     def _cache_sources(self):
-        bn = self.bn
-        return self.linear.weight, bn.weight, bn.bias, bn.running_mean, bn.running_var
+        return _conv_or_linear_bn_sources(self)
 
     def _compute_cache(self):
         scale, shift = _bn_scale_shift(self.bn)
         w = self.linear.weight
         return (w * scale.to(w.dtype)[:, None]).to(w.dtype), shift.to(w.dtype)
-
-    def _pack(self, cache):
-        return torch.ops.mkldnn._reorder_linear_weight(cache[0]) if _packable(cache[0]) else None
 
     def forward(self, x: torch.Tensor, hardswish: bool = False, residual: Optional[torch.Tensor] = None
                 ) -> torch.Tensor:
@@ -160,7 +164,7 @@ class LinearNorm(_FoldedCache):
                 y = F.hardswish(y)
             return y if residual is None else residual + y
         w, b = self._inference_tensors()
-        return _linear(x, w, b, hardswish, residual, self._packed_weight())
+        return _linear(x, w, b, hardswish, residual)
 
 
 class NormLinear(_FoldedCache):

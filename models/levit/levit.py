@@ -18,10 +18,10 @@ from resnas_kernels.reference.attention import levit_bias_index
 
 from .checkpoint import checkpoint_filter_fn
 from .folding import ConvNorm, LinearNorm, NormLinear, _AveragedHeads, _FoldedCache
-from .onednn import _hardswish, _needs_autograd
+from .onednn import _hardswish, _needs_autograd, attention_cpu_inference, cpu_fast_path
 
 __all__ = ["LevitFused", "Attention", "AttentionDownsample", "MODEL_CFGS", "EVAL_DENSE_BIAS", "levit_bias_index",
-           "fused_attention_available", "levit_128s_fused", "levit_128_fused", "levit_192_fused", "levit_256_fused",
+           "levit_128s_fused", "levit_128_fused", "levit_192_fused", "levit_256_fused",
            "levit_384_fused"]
 
 # Same architecture table as timm's `model_cfgs` and the official `specification` (levit.md section 3).
@@ -50,14 +50,12 @@ def _attention_op():
 
 _ATTENTION_OP: Dict[str, object] = {}
 
-
-def fused_attention_available() -> bool:
-    return _attention_op() is not None
-
-
 # Inference attention bias: True passes the cached gathered (H, Nq, Nk) bias to the kernel (dense_bias); False lets
 # the kernel gather from the table itself (bias_grid). Both are exact; the dense read was measured faster on CPU.
 EVAL_DENSE_BIAS = True
+# Eager CPU fp32 inference runs the attention as chunked batched GEMMs (onednn.attention_cpu_inference), which beat
+# the fused kernel at LeViT's small head dims; False keeps the fused kernel there too.
+CPU_INFERENCE_GEMM_ATTENTION = True
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -107,6 +105,10 @@ class _BiasedAttentionBase(_FoldedCache):
     def _attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         op = _attention_op() if self.fused_attn else None
         table = self.attention_biases
+        if (op is not None and CPU_INFERENCE_GEMM_ATTENTION and not self.training
+                and cpu_fast_path(q, k, v, table)):
+            (bias,) = self._inference_tensors()
+            return attention_cpu_inference(q, k, v, self.scale, bias)
         if self.training or _needs_autograd(table):
             # The table's gradient is reduced inside the kernel; the index is computed there on square grids.
             if op is not None:
@@ -320,8 +322,9 @@ class LevitFused(nn.Module):
     Args: as timm's `Levit` for the linear (non-conv) mode with the s16 stem, subsample downsampling and Hardswish
     (the five published variants), plus:
         distilled: add the distillation head `head_dist` (timm's `LevitDistilled`; True for the published weights).
-        fused_attn: run the attention through `resnas_kernels.ragged_attention` (default: when it is available);
-            False runs plain PyTorch attention (the timm math), e.g. to compare against the kernel.
+        fused_attn: run the attention through `resnas_kernels.ragged_attention` (default True; eager CPU fp32
+            inference uses batched GEMMs instead); False runs plain PyTorch attention (the timm math), e.g. to
+            compare against the kernel.
     """
 
     def __init__(self, img_size: Union[int, Tuple[int, int]] = 224, in_chans: int = 3, num_classes: int = 1000,
@@ -392,12 +395,9 @@ class LevitFused(nn.Module):
 
     # -- fused attention switch, inference caches ---------------------------------------------------------------
     def set_fused_attn(self, enable: Optional[bool] = True) -> "LevitFused":
-        """True: attention through resnas_kernels.ragged_attention (raises if this build lacks it); False: plain
-        PyTorch attention; None: the kernel when available."""
-        available = fused_attention_available()
-        if enable and not available:
-            raise RuntimeError("fused_attn=True but resnas_kernels.ragged_attention is not available in this build")
-        use = available if enable is None else bool(enable)
+        """True or None: attention through resnas_kernels.ragged_attention (eager CPU fp32 inference: batched GEMMs,
+        see CPU_INFERENCE_GEMM_ATTENTION); False: plain PyTorch attention (timm's math), e.g. to compare against."""
+        use = enable is None or bool(enable)
         for m in self.modules():
             if isinstance(m, _BiasedAttentionBase):
                 m.fused_attn = use
