@@ -17,14 +17,15 @@
 //   dY^T @ cols (groups and blocks in a fixed order: reproducible run to run at a fixed thread count; BLAS does not
 //   promise bit-equality across thread counts), dcols = dY @ W[:co, :K] into a block buffer, then col2im (a gather,
 //   within the block's own samples) into du.
-// - fp32 on a torch built with oneDNN (the default x86 build): the conv instead runs per group as oneDNN's direct
-//   convolution (at::convolution) on the channels-last image that the token layout already is (patch tokens of the
-//   group's samples, first ci channels: one compacting copy, no NCHW round trip), writing (b, Ho, Wo, co) that is
-//   copied into the output rows. Measured on the 2-core AMD development machine, oneDNN's conv ran at about 1.3x the
-//   MKL GEMM of the blocked path on the 16x16 -> 8x8 RSR fwd. The backward takes the same route only for output grids
-//   of 8x8 or more (kOnednnBwdMinOutPatches; on 8x8 -> 4x4 oneDNN's conv backward was slower than the blocked path,
-//   which the smaller grids keep); RESNAS_RSR_CONV=blocked forces the blocked path everywhere (tests
-//   compare both).
+// - fp32 on a torch built with oneDNN (the default x86 build), for large groups only: the conv runs per group as
+//   oneDNN's direct convolution (at::convolution) on the channels-last image that the token layout already is (patch
+//   tokens of the group's samples, first ci channels: one compacting copy, no NCHW round trip), writing
+//   (b, Ho, Wo, co) that is copied into the output rows. Every call copies the group's weight slice and oneDNN
+//   reorders it (and the image) into its blocked layouts: work that grows with ci*co*k*k, not with the rows. So oneDNN
+//   only pays off once a group's GEMM has enough rows (nb * Ho*Wo) to amortise it: kOnednnFwdMinRows forward,
+//   kOnednnBwdMinRows backward (its backward reorders more). Below, the blocked path, whose BLAS GEMMs read the
+//   weight slice in place, is faster (2-4x at 32-128 rows per group). RESNAS_RSR_CONV=blocked forces the blocked path
+//   everywhere (tests compare both).
 // - The conv computes in fp32 for fp16 / bf16 inputs (the block buffers are fp32; one rounding of the output), fp64
 //   for fp64; dweight is returned in that accumulation dtype.
 #include <ATen/ATen.h>
@@ -51,9 +52,9 @@ constexpr const char* kConvBwdName = "ext_rsr_conv_bwd";
 // GEMM rows per block of the conv (rounded to whole samples): large enough for BLAS efficiency, small enough that
 // the block buffers (rows x ci*k*k) stay a few MB and are reused within the call.
 constexpr int64_t kBlockRows = 512;
-// The oneDNN route's backward runs only for output grids of at least 8x8 patches: on the development machine it beat
-// the blocked path by ~10 % on 16x16 -> 8x8 and lost by ~20 % on 8x8 -> 4x4.
-constexpr int64_t kOnednnBwdMinOutPatches = 64;
+// Rows of a group's GEMM (samples x Ho*Wo) from which oneDNN's conv beats the blocked path (see the top comment).
+constexpr int64_t kOnednnFwdMinRows = 2048;
+constexpr int64_t kOnednnBwdMinRows = 4096;
 
 // Group owning `sample`: the last g with row_start[g] <= sample (skips empty groups).
 inline int64_t group_of(const GroupTable& table, int64_t sample) {
@@ -222,11 +223,15 @@ void for_each_block(const ConvArgs& a, Fn&& fn) {
   }
 }
 
-// oneDNN conv route: fp32, a torch with oneDNN enabled, and not forced off by RESNAS_RSR_CONV=blocked.
-bool use_onednn_conv(const at::Tensor& u) {
+// oneDNN conv route: fp32, a torch with oneDNN enabled, not forced off by RESNAS_RSR_CONV=blocked, and a group with
+// at least `min_rows` GEMM rows (the decision is per call, on the largest group: one route for all groups).
+bool use_onednn_conv(const at::Tensor& u, const ConvArgs& a, int64_t min_rows) {
   const char* route = std::getenv("RESNAS_RSR_CONV");  // read per call: tests switch it within one process
   const bool forced_blocked = route != nullptr && std::string(route) == "blocked";
-  return !forced_blocked && u.scalar_type() == at::kFloat && at::hasMKLDNN() &&
+  int64_t max_rows = 0;
+  for (int64_t g = 0; g < a.im.groups.num_groups(); ++g)
+    max_rows = std::max(max_rows, (a.im.groups.row_start[g + 1] - a.im.groups.row_start[g]) * a.im.geo.out_patches());
+  return !forced_blocked && max_rows >= min_rows && u.scalar_type() == at::kFloat && at::hasMKLDNN() &&
          at::globalContext().userEnabledMkldnn();
 }
 
@@ -280,7 +285,7 @@ at::Tensor rsr_conv_fwd_cpu(const at::Tensor& u_in, const at::Tensor& weight_in,
   const auto acc = rsr_detail::acc_dtype(u.scalar_type());
   const at::Tensor w = weight_in.to(acc).contiguous();  // no copy for fp32 / fp64
   at::Tensor out2d = out.view({B * L, a.co_max});
-  if (use_onednn_conv(u)) {
+  if (use_onednn_conv(u, a, kOnednnFwdMinRows)) {
     for (int64_t g = 0; g < a.im.groups.num_groups(); ++g) {
       const int64_t s0 = a.im.groups.row_start[g], nb = a.im.groups.row_start[g + 1] - s0;
       const int64_t ci = a.im.groups.widths[g], co = a.out.widths[g];
@@ -349,7 +354,7 @@ std::tuple<at::Tensor, at::Tensor> rsr_conv_bwd_cpu(const at::Tensor& dout_in, c
   at::Tensor dw = at::zeros({a.co_max, C * kk}, u.options().dtype(acc));
   if (du.numel() == 0) return {du, dw};
   const at::Tensor dout2d = dout.view({B * L, a.co_max});
-  if (use_onednn_conv(u) && L >= kOnednnBwdMinOutPatches) {
+  if (use_onednn_conv(u, a, kOnednnBwdMinRows)) {
     du.zero_();  // the cls row, the channels beyond ci and groups without a conv get zero gradient
     for (int64_t g = 0; g < a.im.groups.num_groups(); ++g) {  // fixed group order: dw reproducible run to run
       const int64_t s0 = a.im.groups.row_start[g], nb = a.im.groups.row_start[g + 1] - s0;
