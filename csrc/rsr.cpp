@@ -14,9 +14,10 @@
 //   - an Autograd kernel (every device): a torch::autograd::Function whose forward and backward call ext_rsr_*_fwd /
 //     _bwd through the dispatcher. Those kernels check every argument, once per call, in C++;
 //   - a CompositeExplicitAutograd kernel: the forward alone, what inference mode and calls below autograd reach.
-// Fake kernels (of these ops and of the ext_* ops) are registered from Python (resnas_kernels/ops/rsr_*.py), so
-// torch.compile traces through the C++ autograd and records ext_* calls in its graphs. Gradients of parameters come
-// back in the parameter's dtype (the kernels accumulate them in fp32, fp64 for fp64). Double backward is not supported.
+// Fake kernels (of these ops and of the ext_* ops) are registered from Python
+// (resnas_kernels/ops/rsr_*/registration.py), so torch.compile traces through the C++ autograd and records ext_* calls
+// in its graphs. Gradients of parameters come back in the parameter's dtype (the kernels accumulate them in fp32, fp64
+// for fp64). Double backward is not supported.
 #include <ATen/ATen.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/autograd.h>

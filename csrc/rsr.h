@@ -1,6 +1,7 @@
 // Residual spatial reduction (RSR) pieces on the token layout: shared declarations, geometry and argument checks of the
 // CPU (csrc/cpu/rsr_im2col.cpp, csrc/cpu/rsr_conv.cpp, csrc/cpu/rsr_epilogue.cpp) and CUDA (csrc/cuda/rsr_im2col.cu,
-// csrc/cuda/rsr_epilogue.cu) kernels. Python side and exact semantics: resnas_kernels/ops/rsr_im2col.py and rsr_epilogue.py (`_reference_*`).
+// csrc/cuda/rsr_epilogue.cu) kernels. Python side and exact semantics: resnas_kernels/ops/rsr_im2col/, rsr_conv/ and
+// rsr_epilogue/ (`reference_backend.py`).
 //
 // Schemas (defined in ../registration.cpp). `sizes` are samples per group (dim 0), not rows:
 // static host ints that fix every shape and grid. Widths are data: int32 (G,) tensors on the activations' device.

@@ -129,15 +129,6 @@ def test_reset_overrides_returns_every_switch_to_the_environment():
     assert (config.rsr_conv(), config.validate_metadata()) == (from_env["rsr_conv"], from_env["validate_metadata"])
 
 
-# Files that still read a switch's variable themselves (or set it in a test, which the library no longer sees after
-# import): the coordinator rewires them to config.py's getters / config.override(...) and empties this table.
-NOT_YET_REWIRED = {
-    "csrc/cpu/rsr_im2col.cpp": 1,
-    "resnas_kernels/ops/_auto_pick.py": 1,
-    "resnas_kernels/ops/ragged_attention.py": 1,
-    "tests/test_ragged_attention.py": 4,
-    "tests/test_residual_spatial_reduction.py": 4,
-}
 # These exercise the environment path on purpose (set_environ, subprocesses, a fresh module copy).
 ENVIRONMENT_TESTS = {"resnas_kernels/config.py", "tests/test_config.py", "tests/test_backend.py",
                      "tests/test_cpu_allocator.py", "tests/conftest.py"}
@@ -155,6 +146,6 @@ def test_switch_variables_are_read_only_by_config():
             count = len(literal.findall(path.read_text(errors="replace")))
             if count and rel not in ENVIRONMENT_TESTS:
                 found[rel] = count
-    assert found == NOT_YET_REWIRED, (
+    assert found == {}, (
         "read runtime switches through resnas_kernels.config (its getters) and switch them in tests with "
         "config.override(...), not os.environ / getenv")

@@ -1,142 +1,28 @@
-"""Fused residual spatial reduction (issue 6) against a reference built from stock modules, forward and backward.
-
-The oracle runs, per group, stock nn.LayerNorm / nn.Conv2d / nn.AvgPool2d(ceil_mode=True) / nn.Linear / torch.cat on
-the sliced shared parameters (torch.func.functional_call, so gradients flow back into the full-size parameters), in
-fp64. Tolerances follow tests/_oracle.py: the kernel's error against the fp64 oracle may be at most 2x (outputs) or 3x
-(gradients) the error of the same stock chain evaluated in the kernel's dtype, plus 8 ulps of the output's magnitude.
+"""The composite `residual_spatial_reduction` and its `ResidualSpatialReduction` module against a reference built
+from stock modules (tests/_rsr_helpers.py), forward and backward. Tolerances follow tests/_oracle.py: the kernel's
+error against the fp64 oracle may be at most 2x (outputs) or 3x (gradients) the error of the same stock chain
+evaluated in the kernel's dtype, plus 8 ulps of the output's magnitude.
 
 Backends: reference (the spec), cpu (C++ LN, blocked implicit-GEMM conv, cls ragged GEMM, epilogue), triton
 (interpreter on CPU, small shapes: LN, im2col, ragged GEMM, epilogue), and, on a GPU machine only (gpu marker), triton
-and the CUDA C++ epilogue / im2col. The sub-ops (im2col, conv, epilogue) are also tested one by one on every backend
-against their plain-PyTorch reference backends.
+and the CUDA C++ epilogue / im2col. The pieces are tested one by one in test_rsr_im2col.py, test_rsr_conv.py and
+test_rsr_epilogue.py; their Triton kernels compile ahead of time in test_aot_compile.py.
 """
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
-from torch.func import functional_call
 
 import resnas_kernels as rk
 from resnas_kernels import Ragged, _ext
 from resnas_kernels.layers import ResidualSpatialReduction
 from resnas_kernels.ops.residual_spatial_reduction import _fused
-from resnas_kernels.ops.rsr_conv import rsr_conv, rsr_conv_bwd, rsr_conv_fwd
-from resnas_kernels.ops.rsr_epilogue import rsr_epilogue_bwd, rsr_epilogue_fwd
-from resnas_kernels.ops.rsr_im2col import rsr_im2col, rsr_im2col_bwd, rsr_im2col_fwd
-from resnas_kernels.reference import rsr_output_grid
+from resnas_kernels.ops.rsr_conv import rsr_conv_fwd
+from resnas_kernels.ops.rsr_im2col import rsr_im2col_fwd
 
 from _oracle import assert_close_to_oracle
-
-CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-EXPECT_EXT = os.environ.get("RESNAS_EXPECT_EXT", "1") != "0"
-PARAMS = ("ln_weight", "ln_bias", "conv_weight", "conv_bias", "pos_embed", "cls_weight", "cls_bias")
-
-
-def _require(backend: str):
-    if backend in ("cpu", "cuda") and not _ext.extension_available():
-        if EXPECT_EXT:
-            pytest.fail(f"C++ extension missing: {_ext.load_extension()[1]} (set RESNAS_EXPECT_EXT=0 if you built "
-                        f"with RESNAS_BUILD_EXT=0)")
-        pytest.skip("extension deliberately not built (RESNAS_EXPECT_EXT=0)")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Inputs and the stock-module oracle
-# ---------------------------------------------------------------------------------------------------------------------
-def _make(sizes, ci_w, co_w, ci_max, co_max, grid, has_cls, dtype=torch.float32, device="cpu", k=3, s=2, p=1,
-          seed=0):
-    """Fresh random inputs obeying the ragged contract, shared parameters and an output gradient."""
-    gen = torch.Generator().manual_seed(seed)
-    g = Ragged(sizes, ci_w)
-    ho, wo = rsr_output_grid(grid, k, s, p)
-    n_in, n_out = int(has_cls) + grid[0] * grid[1], int(has_cls) + ho * wo
-
-    def rnd(*shape, scale=1.0, shift=0.0):
-        return (torch.randn(*shape, generator=gen, dtype=torch.float64) * scale + shift).to(device, dtype)
-
-    x = rnd(g.batch, n_in, ci_max, scale=2.0, shift=0.5) * g.mask(ci_max, device=device, dtype=dtype)[:, None]
-    params = dict(ln_weight=rnd(ci_max, scale=0.3, shift=1.0), ln_bias=rnd(ci_max, scale=0.1),
-                  conv_weight=rnd(co_max, ci_max, k, k, scale=0.1), conv_bias=rnd(co_max, scale=0.5),
-                  pos_embed=rnd(1, ho * wo, co_max, scale=0.02), cls_weight=rnd(co_max, ci_max, scale=0.1),
-                  cls_bias=rnd(co_max, scale=0.5))
-    dy = torch.randn(g.batch, n_out, co_max, generator=gen, dtype=torch.float64).to(device)
-    return g, tuple(co_w), x, params, dy
-
-
-def stock_rsr(x, in_groups, out_widths, p, grid, has_cls, eps=1e-6, k=3, s=2, pad=1):
-    """Per group, stock modules run on sliced views of the shared parameters; zero-padded and concatenated."""
-    n_cls = int(has_cls)
-    ho, wo = rsr_output_grid(grid, k, s, pad)
-    co_max = p["conv_weight"].shape[0]
-    outs = []
-    for (start, end), ci, co in zip(zip(in_groups.offsets, in_groups.offsets[1:]), in_groups.widths, out_widths):
-        b = end - start
-        if b == 0 or co == 0:
-            outs.append(x.new_zeros(b, n_cls + ho * wo, co_max))
-            continue
-        ln = nn.LayerNorm(ci, eps=eps, device="meta")
-        conv = nn.Conv2d(ci, co, k, s, pad, device="meta")
-        pool = nn.AvgPool2d(s, s, ceil_mode=True)
-        lin = nn.Linear(ci, co, device="meta")
-        xg = x[start:end, :, :ci]
-        u = functional_call(ln, {"weight": p["ln_weight"][:ci], "bias": p["ln_bias"][:ci]}, (xg,))
-        img = u[:, n_cls:].transpose(1, 2).reshape(b, ci, *grid)
-        main = functional_call(conv, {"weight": p["conv_weight"][:co, :ci], "bias": p["conv_bias"][:co]}, (img,))
-        main = main.flatten(2).transpose(1, 2) + p["pos_embed"][..., :co]
-        short = pool(xg[:, n_cls:].transpose(1, 2).reshape(b, ci, *grid)).flatten(2).transpose(1, 2)
-        y = main + torch.cat([short, short.new_zeros(b, ho * wo, co - ci)], dim=-1)
-        if has_cls:
-            cls = functional_call(lin, {"weight": p["cls_weight"][:co, :ci], "bias": p["cls_bias"][:co]}, (u[:, :1],))
-            y = torch.cat([cls + torch.cat([xg[:, :1], xg.new_zeros(b, 1, co - ci)], dim=-1), y], dim=1)
-        outs.append(torch.cat([y, y.new_zeros(b, y.shape[1], co_max - co)], dim=-1))
-    return torch.cat(outs, dim=0)
-
-
-def _run(fn, x, params, dy):
-    """(output, gradients of x and of every parameter) of fn(x, **params) for the loss <out, dy>."""
-    leaves = [x.detach().clone().requires_grad_()] + [params[n].detach().clone().requires_grad_() for n in PARAMS]
-    out = fn(leaves[0], dict(zip(PARAMS, leaves[1:])))
-    if not out.requires_grad:  # the stock chain builds all-zero outputs when every group has width 0
-        return out, tuple(torch.zeros_like(t) for t in leaves)
-    grads = torch.autograd.grad((out.double() * dy).sum(), leaves, allow_unused=True)
-    return out, tuple(torch.zeros_like(t) if gr is None else gr for t, gr in zip(leaves, grads))
-
-
-def _fused_call(groups, co_w, grid, has_cls, k=3, s=2, p=1):
-    def fn(x, params):
-        return rk.residual_spatial_reduction(x, groups, co_w, **params, grid=grid, has_cls=has_cls, kernel_size=k,
-                                             stride=s, padding=p)
-    return fn
-
-
-def _stock_call(groups, co_w, grid, has_cls, k=3, s=2, p=1):
-    def fn(x, params):
-        return stock_rsr(x, groups, co_w, params, grid, has_cls, k=k, s=s, pad=p)
-    return fn
-
-
-def _check_against_stock(backend, groups, co_w, x, params, dy, grid, has_cls, k=3, s=2, p=1, fn=None):
-    fn = fn or _fused_call(groups, co_w, grid, has_cls, k, s, p)
-    with rk.use_backend(backend):
-        out, grads = _run(fn, x, params, dy)
-    stock = _stock_call(groups, co_w, grid, has_cls, k, s, p)
-    oracle_out, oracle_grads = _run(stock, x.double(), {n: t.double() for n, t in params.items()}, dy)
-    same_out, same_grads = _run(stock, x, params, dy)
-    assert out.dtype == x.dtype
-    assert_close_to_oracle(out, oracle_out, same_out, f"{backend}:out")
-    for name, a, o, sm in zip(("dx",) + PARAMS, grads, oracle_grads, same_grads):
-        assert a.dtype == (x.dtype if name == "dx" else params[name].dtype), f"{name} dtype {a.dtype}"
-        assert_close_to_oracle(a, o, sm, f"{backend}:d{name}", factor=3.0)
-    # The contract: exactly zero beyond c_out,g in the output and beyond c_in,g in dx.
-    co_max, ci_max = out.shape[-1], x.shape[-1]
-    assert (out[~groups.with_widths(co_w).mask(co_max, device=out.device)[:, None, :].expand_as(out)] == 0).all()
-    assert (grads[0][~groups.mask(ci_max, device=x.device)[:, None, :].expand_as(x)] == 0).all()
-    return out, grads
+from _rsr_helpers import PARAMS, _check_against_stock, _fused_call, _make, _require, _run, _stock_call, _wt
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -282,7 +168,7 @@ def test_property_random_groups_cpu(data):
     has_cls = data.draw(st.booleans())
     g, co_w, x, params, dy = _make(tuple(sizes), tuple(ci_w), tuple(co_w), ci_max, co_max, grid, has_cls,
                                    seed=data.draw(st.integers(0, 10_000)))
-    _check_against_stock("cpu", g, co_w, x, params, dy, grid, has_cls)
+    _check_against_stock("cpu", g, co_w, x, params, dy, grid, has_cls, rounding_samples=4)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -416,220 +302,6 @@ def test_compiles_once_for_every_architecture(backend):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# The sub-ops on every backend against their reference backends (fp64 oracle, tolerance rule)
-# ---------------------------------------------------------------------------------------------------------------------
-SUB_BACKENDS = ["cpu", "triton", pytest.param("cuda", marks=pytest.mark.gpu),
-                pytest.param("triton-cuda", marks=pytest.mark.gpu)]
-
-
-def _wt(widths, device="cpu") -> torch.Tensor:
-    """Widths as the custom ops take them: an int32 tensor on the activations' device."""
-    return torch.tensor(list(widths), dtype=torch.int32, device=device)
-
-
-def _sub_backend(backend):
-    _require(backend.split("-")[0])
-    return backend.split("-")[0], ("cuda" if backend.endswith("cuda") else "cpu")
-
-
-@pytest.mark.parametrize("backend", SUB_BACKENDS)
-@pytest.mark.parametrize("grid,has_cls,k,s,p", [((5, 5), True, 3, 2, 1), ((4, 6), False, 3, 2, 1),
-                                                 ((3, 3), True, 5, 2, 2), ((4, 4), False, 3, 1, 1)])
-def test_im2col_matches_reference(backend, grid, has_cls, k, s, p):
-    backend, device = _sub_backend(backend)
-    g, _, u, _, _ = _make((2, 0, 1, 1), (5, 0, 3, 0), (5, 0, 3, 0), 5, 5, grid, has_cls, device=device, k=k, s=s,
-                          p=p)
-    with rk.use_backend(backend):
-        cols = rsr_im2col(u, g, grid, has_cls, k, s, p)
-    with rk.use_backend("reference"):
-        expected = rsr_im2col(u, g, grid, has_cls, k, s, p)
-    assert torch.equal(cols, expected), "im2col is a copy: it must match bit for bit"
-    # Spot-check the layout independently of F.unfold: column c*k*k + kh*k + kw of output token (oh, ow).
-    ho, wo = rsr_output_grid(grid, k, s, p)
-    b, oh, ow, c, kh, kw = 0, ho - 1, wo // 2, 2, k - 1, 0
-    ih, iw = oh * s - p + kh, ow * s - p + kw
-    inside = 0 <= ih < grid[0] and 0 <= iw < grid[1]
-    expect = u[b, int(has_cls) + ih * grid[1] + iw, c] if inside else 0
-    assert cols[b, oh * wo + ow, c * k * k + kh * k + kw] == expect
-    # Backward (col2im as a gather) against F.fold in fp64.
-    dcols = torch.randn(cols.shape, dtype=torch.float64, device=device)
-    with rk.use_backend(backend):
-        du = rsr_im2col_bwd(dcols.to(u.dtype), list(g.sizes), _wt(g.widths, device), list(grid), k, s, p, has_cls)
-    with rk.use_backend("reference"):
-        oracle = rsr_im2col_bwd(dcols, list(g.sizes), _wt(g.widths, device), list(grid), k, s, p, has_cls)
-        same = rsr_im2col_bwd(dcols.to(u.dtype), list(g.sizes), _wt(g.widths, device), list(grid), k, s, p, has_cls)
-    assert_close_to_oracle(du, oracle, same, f"{backend}:du", factor=3.0)
-    assert (du[:, :int(has_cls)] == 0).all()
-    assert (du[~g.mask(5, device=device)[:, None, :].expand_as(du)] == 0).all()
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("grid,has_cls,k,s,p", [((7, 7), True, 3, 2, 1), ((16, 16), False, 3, 2, 1),
-                                                 ((5, 6), True, 5, 2, 2), ((4, 4), False, 1, 1, 0)])
-@pytest.mark.parametrize("route", ["default", "blocked"])
-def test_conv_matches_reference_cpu(dtype, grid, has_cls, k, s, p, route, monkeypatch):
-    """The CPU conv vs its reference (im2col + one matmul per group), on both C++ routes: fp32 takes oneDNN's conv on
-    the channels-last token layout (backward too from 8x8 output patches), RESNAS_RSR_CONV=blocked the blocked
-    implicit GEMM; 16x16 with 20 samples per group spans several blocks of whole samples. Groups: empty, width 0,
-    one sample, co = ci."""
-    _require("cpu")
-    if route == "blocked":
-        monkeypatch.setenv("RESNAS_RSR_CONV", "blocked")
-    else:
-        monkeypatch.delenv("RESNAS_RSR_CONV", raising=False)
-    g, co_w, u, prm, _ = _make((20, 0, 1, 3, 2), (6, 5, 4, 5, 0), (9, 7, 4, 5, 0), 6, 10, grid, has_cls, dtype=dtype,
-                               k=k, s=s, p=p, seed=5)
-    w2d = prm["conv_weight"].reshape(10, -1)
-    args = (list(g.sizes), _wt(g.widths), _wt(co_w), list(grid), k, s, p, has_cls)
-    with rk.use_backend("cpu"):
-        out = rsr_conv_fwd(u, w2d, *args)
-    with rk.use_backend("reference"):
-        oracle = rsr_conv_fwd(u.double(), w2d.double(), *args)
-        same = rsr_conv_fwd(u, w2d, *args)
-    assert_close_to_oracle(out, oracle, same, "conv")
-    assert (out[~g.with_widths(co_w).mask(10)[:, None, :].expand_as(out)] == 0).all()
-    dout = torch.randn(out.shape, dtype=torch.float64) * g.with_widths(co_w).mask(10, dtype=torch.float64)[:, None]
-    with rk.use_backend("cpu"):
-        du, dw = rsr_conv_bwd(dout.to(dtype), u, w2d, *args)
-    with rk.use_backend("reference"):
-        oracle = rsr_conv_bwd(dout, u.double(), w2d.double(), *args)
-        same = rsr_conv_bwd(dout.to(dtype), u, w2d, *args)
-    assert_close_to_oracle(du, oracle[0], same[0], "du", factor=3.0)
-    assert_close_to_oracle(dw.to(dtype), oracle[1], same[1], "dweight", factor=3.0)
-    assert dw.dtype == torch.float32 and (du[:, :int(has_cls)] == 0).all()
-    assert (du[~g.mask(6)[:, None, :].expand_as(du)] == 0).all()
-
-
-@pytest.mark.parametrize("grid,fwd_onednn,bwd_onednn", [((16, 16), True, True), ((8, 8), True, False)])
-def test_conv_cpu_routes_and_determinism(grid, fwd_onednn, bwd_onednn, monkeypatch):
-    """Which C++ route runs (seen in the profiler as aten::convolution / convolution_backward), and that the oneDNN
-    route's gradients are bitwise equal over two runs (groups reduce into dweight in a fixed order)."""
-    _require("cpu")
-    from torch.profiler import profile
-
-    g, co_w, u, prm, _ = _make((3, 0, 1, 2), (6, 5, 4, 5), (9, 7, 4, 5), 6, 10, grid, True, seed=7)
-    w2d = prm["conv_weight"].reshape(10, -1)
-    args = (list(g.sizes), _wt(g.widths), _wt(co_w), list(grid), 3, 2, 1, True)
-    dout = torch.randn(u.shape[0], (grid[0] // 2) * (grid[1] // 2), 10)
-
-    def run():
-        with rk.use_backend("cpu"), profile() as prof:
-            out = rsr_conv_fwd(u, w2d, *args)
-            du, dw = rsr_conv_bwd(dout, u, w2d, *args)
-        names = {e.key for e in prof.key_averages()}
-        return (out, du, dw), "aten::convolution" in names, "aten::convolution_backward" in names
-
-    monkeypatch.delenv("RESNAS_RSR_CONV", raising=False)
-    first, fwd_seen, bwd_seen = run()
-    assert (fwd_seen, bwd_seen) == (fwd_onednn, bwd_onednn)
-    second, _, _ = run()
-    for name, a, b in zip(("out", "du", "dweight"), first, second):
-        assert torch.equal(a, b), f"{name} differs bitwise between two runs"
-    monkeypatch.setenv("RESNAS_RSR_CONV", "blocked")
-    blocked, fwd_seen, bwd_seen = run()
-    assert not fwd_seen and not bwd_seen
-    for name, a, b in zip(("out", "du", "dweight"), first, blocked):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5, msg=lambda m: f"{name}: routes differ: {m}")
-
-
-def test_conv_fp64_gradcheck_cpu():
-    _require("cpu")
-    g, co_w, u, prm, _ = _make((1, 0, 2), (3, 0, 2), (4, 0, 3), 3, 4, (5, 4), True, dtype=torch.float64)
-    mask = g.mask(3, dtype=torch.float64)[:, None]
-    w2d = prm["conv_weight"].reshape(4, -1).contiguous()
-    with rk.use_backend("cpu"):
-        assert torch.autograd.gradcheck(lambda u, w: rsr_conv(u * mask, w, g, co_w, (5, 4), True),
-                                        (u.requires_grad_(), w2d.requires_grad_()))
-
-
-def _epilogue_inputs(grid, has_cls, device, dtype=torch.float32, s=2, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    in_g = Ragged((2, 0, 1, 2), (5, 0, 3, 0))
-    out_w = (7, 0, 3, 0)
-    ho, wo = -(-grid[0] // s), -(-grid[1] // s)
-    n = int(has_cls)
-
-    def rnd(*shape):
-        return torch.randn(*shape, generator=gen, dtype=torch.float64).to(device, dtype)
-
-    out_mask = in_g.with_widths(out_w).mask(8, device=device, dtype=dtype)[:, None]
-    x = rnd(in_g.batch, n + grid[0] * grid[1], 5) * in_g.mask(5, device=device, dtype=dtype)[:, None]
-    conv = rnd(in_g.batch, ho * wo, 8) * out_mask
-    cls = rnd(in_g.batch, 1, 8) * out_mask if has_cls else None
-    return in_g, out_w, dict(conv=conv, x=x, pos_embed=rnd(1, ho * wo, 8), conv_bias=rnd(8), cls=cls,
-                             cls_bias=rnd(8) if has_cls else None)
-
-
-@pytest.mark.parametrize("backend", SUB_BACKENDS)
-@pytest.mark.parametrize("grid,has_cls,s", [((7, 7), True, 2), ((4, 5), False, 2), ((7, 8), True, 3)])
-def test_epilogue_matches_reference(backend, grid, has_cls, s):
-    backend, device = _sub_backend(backend)
-    in_g, out_w, t = _epilogue_inputs(grid, has_cls, device, s=s)
-    args = (list(in_g.sizes), _wt(in_g.widths, device), _wt(out_w, device), list(grid), s)
-    with rk.use_backend(backend):
-        out = rsr_epilogue_fwd(*t.values(), *args)
-    with rk.use_backend("reference"):
-        oracle = rsr_epilogue_fwd(*(v.double() if v is not None else None for v in t.values()), *args)
-        same = rsr_epilogue_fwd(*t.values(), *args)
-    assert_close_to_oracle(out, oracle, same, f"{backend}:out")
-    assert (out[~in_g.with_widths(out_w).mask(8, device=device)[:, None, :].expand_as(out)] == 0).all()
-    dout = torch.randn(out.shape, dtype=torch.float64, device=device)
-    bargs = (list(in_g.sizes), _wt(in_g.widths, device), _wt(out_w, device), list(grid), s, has_cls, 5)
-    with rk.use_backend(backend):
-        grads = rsr_epilogue_bwd(dout.float(), *bargs)
-    with rk.use_backend("reference"):
-        oracle = rsr_epilogue_bwd(dout, *bargs)
-        same = rsr_epilogue_bwd(dout.float(), *bargs)
-    names = ("dconv", "dx", "dpos", "dconv_bias", "dcls", "dcls_bias")
-    for name, a, o, sm in zip(names, grads, oracle, same):
-        assert_close_to_oracle(a, o, sm, f"{backend}:{name}", factor=3.0)
-
-
-@pytest.mark.parametrize("op", ["im2col", "epilogue"])
-def test_sub_op_fp64_gradcheck_cpu(op):
-    _require("cpu")
-    with rk.use_backend("cpu"):
-        if op == "im2col":
-            g, _, u, _, _ = _make((1, 2), (3, 2), (3, 2), 3, 3, (5, 4), True, dtype=torch.float64)
-            mask = g.mask(3, dtype=torch.float64)[:, None]
-            assert torch.autograd.gradcheck(lambda u: rsr_im2col(u * mask, g, (5, 4), True), (u.requires_grad_(),))
-        else:
-            in_g, out_w, t = _epilogue_inputs((5, 3), True, "cpu", dtype=torch.float64)
-            args = (list(in_g.sizes), _wt(in_g.widths), _wt(out_w), [5, 3], 2)
-            leaves = tuple(v.requires_grad_() for v in t.values())
-            assert torch.autograd.gradcheck(lambda *v: rsr_epilogue_fwd(*v, *args), leaves)
-
-
-@pytest.mark.parametrize("backend", ["reference", "cpu"])
-@pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
-def test_opcheck(backend, has_cls):
-    _require(backend)
-    grid = (5, 4)
-    g, _, u, _, _ = _make((2, 1), (4, 3), (4, 3), 4, 4, grid, has_cls)
-    in_g, out_w, t = _epilogue_inputs(grid, has_cls, "cpu")
-    with rk.use_backend(backend):
-        torch.library.opcheck(rsr_im2col_fwd, (u.requires_grad_(), list(g.sizes), _wt(g.widths), list(grid), 3, 2,
-                                               1, has_cls))
-        cols = rsr_im2col_fwd(u.detach(), list(g.sizes), _wt(g.widths), list(grid), 3, 2, 1, has_cls)
-        torch.library.opcheck(rsr_im2col_bwd, (cols, list(g.sizes), _wt(g.widths), list(grid), 3, 2, 1, has_cls))
-        w2d = torch.randn(6, 4 * 9, requires_grad=True)
-        conv_args = (list(g.sizes), _wt(g.widths), _wt([6, 3]), list(grid), 3, 2, 1, has_cls)
-        torch.library.opcheck(rsr_conv_fwd, (u, w2d, *conv_args))
-        dconv = torch.randn(g.batch, 6, 6)
-        torch.library.opcheck(rsr_conv_bwd, (dconv, u.detach(), w2d.detach(), *conv_args))
-        args = (list(in_g.sizes), _wt(in_g.widths), _wt(out_w), list(grid), 2)
-        leaves = tuple(v.requires_grad_() if v is not None else None for v in t.values())
-        torch.library.opcheck(rsr_epilogue_fwd, (*leaves, *args))
-        dout = torch.randn(in_g.batch, int(has_cls) + 6, 8)
-        torch.library.opcheck(rsr_epilogue_bwd, (dout, *args[:-1], 2, has_cls, 5))
-        if backend == "cpu":  # the C++-registered public ops (C++ autograd, Python fake kernels)
-            torch.library.opcheck(torch.ops.resnas.rsr_im2col.default, (u, list(g.sizes), _wt(g.widths), list(grid),
-                                                                        3, 2, 1, has_cls))
-            torch.library.opcheck(torch.ops.resnas.rsr_conv.default, (u, w2d, *conv_args))
-            torch.library.opcheck(torch.ops.resnas.rsr_epilogue.default, (*leaves, *args))
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # The drop-in module
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("has_cls", [True, False], ids=["cls", "nocls"])
@@ -685,22 +357,8 @@ def test_torch_compile_traces_without_graph_breaks():
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Build artefacts: AOT Triton and the compiled CUDA C++
+# Build artefacts: the compiled CUDA C++
 # ---------------------------------------------------------------------------------------------------------------------
-def test_triton_kernels_compile_ahead_of_time():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "resnas_kernels.cli", "aot", "--filter", ".rsr_"], env=env,
-                          capture_output=True, text=True, timeout=900)
-    output = proc.stdout + proc.stderr
-    summary = [line for line in output.splitlines() if line.startswith("aot:")]
-    assert summary, output[-3000:]
-    cases = int(summary[-1].split()[1])
-    assert cases >= 21 and " 0 failed" in summary[-1], output[-3000:]
-    for kernel in ("_rsr_im2col_fwd_kernel", "_rsr_im2col_bwd_kernel", "_rsr_epilogue_fwd_kernel",
-                   "_rsr_epilogue_bwd_kernel", "_rsr_epilogue_colsum_kernel"):
-        assert f"sm_80  resnas_kernels.ops." in output and kernel in output
-
-
 def test_cuda_kernels_are_compiled_into_the_extension():
     _require("cpu")
     if not _ext.extension_has_cuda():

@@ -10,14 +10,15 @@
 //   dY^T @ cols (groups and blocks in a fixed order: reproducible run to run at a fixed thread count; BLAS does not
 //   promise bit-equality across thread counts), dcols = dY @ W[:co, :K] into a block buffer, then col2im (a gather,
 //   within the block's own samples) into du.
-// - fp32 on a torch built with oneDNN (the default x86 build): the conv instead runs per group as oneDNN's direct
-//   convolution (at::convolution) on the channels-last image that the token layout already is (patch tokens of the
-//   group's samples, first ci channels: one compacting copy, no NCHW round trip), writing (b, Ho, Wo, co) that is
-//   copied into the output rows. Measured on the 2-core AMD development machine, oneDNN's conv ran at about 1.3x the
-//   MKL GEMM of the blocked path on the 16x16 -> 8x8 RSR fwd. The backward takes the same route only for output grids
-//   of 8x8 or more (kOnednnBwdMinOutPatches; on 8x8 -> 4x4 oneDNN's conv backward was slower than the blocked path,
-//   which the smaller grids keep); route 'blocked' (RESNAS_RSR_CONV=blocked in Python) forces the blocked path
-//   everywhere (tests compare both).
+// - fp32 on a torch built with oneDNN (the default x86 build), for large groups only: the conv runs per group as
+//   oneDNN's direct convolution (at::convolution) on the channels-last image that the token layout already is (patch
+//   tokens of the group's samples, first ci channels: one compacting copy, no NCHW round trip), writing
+//   (b, Ho, Wo, co) that is copied into the output rows. Every call copies the group's weight slice and oneDNN
+//   reorders it (and the image) into its blocked layouts: work that grows with ci*co*k*k, not with the rows. So oneDNN
+//   only pays off once a group's GEMM has enough rows (nb * Ho*Wo) to amortise it: kOnednnFwdMinRows forward,
+//   kOnednnBwdMinRows backward (its backward reorders more). Below, the blocked path, whose BLAS GEMMs read the
+//   weight slice in place, is faster (2-4x at 32-128 rows per group). Route 'blocked' (RESNAS_RSR_CONV=blocked in
+//   Python) forces the blocked path everywhere (tests compare both).
 // - The conv computes in fp32 for fp16 / bf16 inputs (the block buffers are fp32; one rounding of the output), fp64
 //   for fp64; dweight is returned in that accumulation dtype.
 #include <ATen/ATen.h>
@@ -44,9 +45,9 @@ constexpr const char* kConvBwdName = "ext_rsr_conv_bwd";
 // GEMM rows per block of the conv (rounded to whole samples): large enough for BLAS efficiency, small enough that
 // the block buffers (rows x ci*k*k) stay a few MB and are reused within the call.
 constexpr int64_t kBlockRows = 512;
-// The oneDNN route's backward runs only for output grids of at least 8x8 patches: on the development machine it beat
-// the blocked path by ~10 % on 16x16 -> 8x8 and lost by ~20 % on 8x8 -> 4x4.
-constexpr int64_t kOnednnBwdMinOutPatches = 64;
+// Rows of a group's GEMM (samples x Ho*Wo) from which oneDNN's conv beats the blocked path (see the top comment).
+constexpr int64_t kOnednnFwdMinRows = 2048;
+constexpr int64_t kOnednnBwdMinRows = 4096;
 
 // ---- the blocked implicit-GEMM conv ---------------------------------------------------------------------------------
 struct ConvArgs {
@@ -99,12 +100,17 @@ void for_each_block(const ConvArgs& a, Fn&& fn) {
   }
 }
 
-// oneDNN conv route: fp32, a torch with oneDNN enabled, and route 'auto' ('blocked' forces the blocked path; Python
-// passes RESNAS_RSR_CONV's choice).
-bool use_onednn_conv(const at::Tensor& u, c10::string_view route, const char* op) {
+// oneDNN conv route: fp32, a torch with oneDNN enabled, route 'auto' ('blocked' forces the blocked path; Python
+// passes RESNAS_RSR_CONV's choice), and a group with at least `min_rows` GEMM rows (decided per call on the largest
+// group: one route for all groups).
+bool use_onednn_conv(const at::Tensor& u, const ConvArgs& a, int64_t min_rows, c10::string_view route,
+                     const char* op) {
   TORCH_CHECK_VALUE(route == "auto" || route == "blocked", op, ": route must be 'auto' or 'blocked', got '", route,
                     "'");
-  return route == "auto" && u.scalar_type() == at::kFloat && at::hasMKLDNN() &&
+  int64_t max_rows = 0;
+  for (int64_t g = 0; g < a.im.groups.num_groups(); ++g)
+    max_rows = std::max(max_rows, (a.im.groups.row_start[g + 1] - a.im.groups.row_start[g]) * a.im.geo.out_patches());
+  return route == "auto" && max_rows >= min_rows && u.scalar_type() == at::kFloat && at::hasMKLDNN() &&
          at::globalContext().userEnabledMkldnn();
 }
 
@@ -151,7 +157,7 @@ at::Tensor rsr_conv_fwd_cpu(const at::Tensor& u_in, const at::Tensor& weight_in,
                             c10::string_view route) {
   const ConvArgs a = check_conv(u_in, weight_in, sizes, in_widths, out_widths, grid, kernel_size, stride, padding,
                                 has_cls, kConvFwdName);
-  const bool onednn = use_onednn_conv(u_in, route, kConvFwdName);
+  const bool onednn = use_onednn_conv(u_in, a, kOnednnFwdMinRows, route, kConvFwdName);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain kernels on possibly grad-requiring inputs
   const at::Tensor u = u_in.contiguous();
   const int64_t B = u.size(0), L = a.im.geo.out_patches(), C = a.im.channels, kk = a.im.geo.taps();
@@ -215,7 +221,7 @@ std::tuple<at::Tensor, at::Tensor> rsr_conv_bwd_cpu(const at::Tensor& dout_in, c
                                                     int64_t padding, bool has_cls, c10::string_view route) {
   const ConvArgs a = check_conv(u_in, weight_in, sizes, in_widths, out_widths, grid, kernel_size, stride, padding,
                                 has_cls, kConvBwdName);
-  const bool onednn = use_onednn_conv(u_in, route, kConvBwdName);
+  const bool onednn = use_onednn_conv(u_in, a, kOnednnBwdMinRows, route, kConvBwdName);
   const int64_t B = u_in.size(0), L = a.im.geo.out_patches(), N = a.im.geo.in_tokens(), C = a.im.channels;
   const int64_t kk = a.im.geo.taps();
   TORCH_CHECK(dout_in.defined() && dout_in.sizes() == c10::IntArrayRef({B, L, a.co_max}), kConvBwdName,
@@ -230,7 +236,7 @@ std::tuple<at::Tensor, at::Tensor> rsr_conv_bwd_cpu(const at::Tensor& dout_in, c
   at::Tensor dw = at::zeros({a.co_max, C * kk}, u.options().dtype(acc));
   if (du.numel() == 0) return {du, dw};
   const at::Tensor dout2d = dout.view({B * L, a.co_max});
-  if (onednn && L >= kOnednnBwdMinOutPatches) {
+  if (onednn) {
     du.zero_();  // the cls row, the channels beyond ci and groups without a conv get zero gradient
     for (int64_t g = 0; g < a.im.groups.num_groups(); ++g) {  // fixed group order: dw reproducible run to run
       const int64_t s0 = a.im.groups.row_start[g], nb = a.im.groups.row_start[g + 1] - s0;

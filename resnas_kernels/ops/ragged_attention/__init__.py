@@ -29,7 +29,7 @@ Backends: reference | triton | cpu (C++, fwd + bwd) | cuda (CUDA C++ forward; it
   the Triton kernels.
 - auto on CUDA: the forward runs whichever of the Triton and CUDA C++ forwards was faster for this shape, measured
   once per (shape, batch bucket, dtype, bias kind, GPU) key on first use (`auto_pick.AutoPicker`; override with
-  RESNAS_ATTENTION_FWD=triton|cuda, persist with RESNAS_AUTOTUNE_CACHE=file.json). Nothing of this runs on CPU.
+  `config.set_attention_fwd`, persist with `config.set_autotune_cache`). Nothing of this runs on CPU.
 - cpu: per (sample, head) pair of active heads, score rows kept in cache, vectorised, parallel over pairs; the
   LeViT CPU path (see csrc/cpu/ragged_attention.cpp).
 

@@ -3,12 +3,14 @@ whichever wins per shape).
 
 Used by `ragged_attention`'s forward on CUDA under the auto backend, to choose between the CUDA C++ small-N forward and
 the Triton forward. Not used on CPU (one CPU implementation) nor when a backend is forced (`set_backend`,
-`RESNAS_BACKEND`): forcing always wins.
+`config.set_backend`): forcing always wins.
 
 How a choice is made, for a key (the op's shape bucket, dtype, bias kind, device name, library versions):
-1. `override` (an env variable such as RESNAS_ATTENTION_FWD=triton|cuda|auto) names a candidate: use it.
+1. `override` (a getter such as `config.attention_fwd`: RESNAS_ATTENTION_FWD=triton|cuda|auto) names a candidate:
+   use it ("auto": go on).
 2. The in-process cache has the key: use its winner.
-3. The on-disk cache (JSON at RESNAS_AUTOTUNE_CACHE, only when that variable is set) has the key: use it.
+3. The on-disk cache (JSON at `cache_path()`, by default `config.autotune_cache()`: RESNAS_AUTOTUNE_CACHE; only
+   when it names a file) has the key: use it.
 4. Otherwise measure: every candidate runs `warmup` times, then `reps` times under the timer (CUDA events by
    default, on the current stream, after a synchronize); the lowest median wins, and a candidate must beat the
    default (the first one) by more than `margin` (5%) to be picked, so noise does not flip a tie. The decision is
@@ -20,13 +22,14 @@ which forward kernels are. Measuring costs (warmup + reps) calls of each candida
 from __future__ import annotations
 
 import json
-import os
 import statistics
 import threading
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Hashable, List, Optional, Sequence, Tuple
 
 import torch
+
+from ... import config
 
 from resnas_kernels._atomic import atomic_write
 
@@ -57,20 +60,20 @@ class AutoPicker:
     timer, sync and can_measure are injectable so the decision logic is testable without a GPU.
     """
 
-    def __init__(self, name: str, candidates: Sequence[str], *, env_override: Optional[str] = None,
+    def __init__(self, name: str, candidates: Sequence[str], *, override: Optional[Callable[[], str]] = None,
                  timer: Optional[Timer] = None, sync: Optional[Callable[[], None]] = None,
                  can_measure: Optional[Callable[[], bool]] = None, warmup: int = 2, reps: int = 7,
-                 margin: float = 0.05, cache_env: str = "RESNAS_AUTOTUNE_CACHE"):
+                 margin: float = 0.05, cache_path: Callable[[], Optional[str]] = config.autotune_cache):
         if len(candidates) < 1:
             raise ValueError("candidates must name at least one implementation")
         self.name = name
         self.candidates = tuple(candidates)
-        self.env_override = env_override
+        self.override = override
         self.timer = timer or cuda_event_timer
         self.sync = sync or (lambda: torch.cuda.synchronize() if torch.cuda.is_available() else None)
         self.can_measure = can_measure or _not_capturing
         self.warmup, self.reps, self.margin = warmup, reps, margin
-        self.cache_env = cache_env
+        self.cache_path = cache_path
         self._memory: Dict[Hashable, Decision] = {}
         self._lock = threading.Lock()
 
@@ -84,7 +87,7 @@ class AutoPicker:
         forced = self._override()
         if forced is not None:
             if forced not in available:
-                raise ValueError(f"{self.env_override}={forced!r} but {forced!r} cannot run this call "
+                raise ValueError(f"{self.name}: the override names {forced!r}, which cannot run this call "
                                  f"(runnable here: {available})")
             return Decision(forced, {}, "override")
         if len(available) == 1:
@@ -119,13 +122,14 @@ class AutoPicker:
 
     # -- internals ---------------------------------------------------------------------------------------------------
     def _override(self) -> Optional[str]:
-        if self.env_override is None:
+        if self.override is None:
             return None
-        value = os.environ.get(self.env_override, "").strip().lower()
-        if value in ("", "auto"):
+        value = self.override()
+        if value == "auto":
             return None
         if value not in self.candidates:
-            raise ValueError(f"{self.env_override} must be one of auto, {', '.join(self.candidates)}; got {value!r}")
+            raise ValueError(f"{self.name}: the override must be one of auto, {', '.join(self.candidates)}; "
+                             f"got {value!r}")
         return value
 
     def _measure(self, available: List[str], runners: Dict[str, Callable[[], object]]) -> Decision:
@@ -148,7 +152,7 @@ class AutoPicker:
         return Decision(best, times, "measured", why)
 
     def _disk_path(self) -> Optional[str]:
-        return os.environ.get(self.cache_env) or None
+        return self.cache_path() or None
 
     def _disk_get(self, full_key) -> Optional[str]:
         path = self._disk_path()

@@ -6,7 +6,7 @@ from typing import List, Optional, Tuple
 
 import torch
 
-from ... import _ext
+from ... import _ext, config
 from ...backend import BackendUnavailableError, OpInfo, get_backend, register_op, resolve_backend, why_unavailable
 from ...ragged import Ragged
 from ...reference.attention import levit_query_resolution
@@ -117,9 +117,10 @@ _FWD = {"reference": _reference_fwd, "triton": _triton_fwd, "cpu": _ext_fwd, "cu
 
 # Auto dispatch of the CUDA forward (backend auto, CUDA tensors, a shape both kernels take): the Triton forward and the
 # CUDA C++ one are timed once per key on the real inputs (CUDA events) and the faster is kept; Triton stays unless the
-# CUDA C++ kernel is > 5% faster (see `auto_pick`). RESNAS_ATTENTION_FWD=triton|cuda|auto overrides the measurement;
-# RESNAS_AUTOTUNE_CACHE=path.json keeps decisions across processes. The backward always runs Triton on CUDA.
-FWD_PICKER = AutoPicker("ragged_attention_fwd", ("triton", "cuda"), env_override="RESNAS_ATTENTION_FWD")
+# CUDA C++ kernel is > 5% faster (see `auto_pick`). `config.set_attention_fwd` / RESNAS_ATTENTION_FWD=triton|cuda|auto
+# overrides the measurement; `config.set_autotune_cache` / RESNAS_AUTOTUNE_CACHE=path.json keeps decisions across
+# processes. The backward always runs Triton on CUDA.
+FWD_PICKER = AutoPicker("ragged_attention_fwd", ("triton", "cuda"), override=config.attention_fwd)
 
 
 @functools.lru_cache(maxsize=None)

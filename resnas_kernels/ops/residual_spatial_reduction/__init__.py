@@ -10,7 +10,7 @@ The fused path is four registered custom ops chained by autograd, with no (B, C,
                                                                   top-left block [:co, :ci*k*k] = W[:co, :ci] flattened
            (on CPU, with the C++ extension: conv = rsr_conv(u, ...), the same two steps as a blocked implicit GEMM that
            never materialises `cols`: at these shapes a fresh 40-150 MB buffer per call costs more than it saves;
-           for fp32, oneDNN's direct conv on the channels-last token layout instead, see rsr_conv.py)
+           for fp32 and large groups, oneDNN's direct conv on the channels-last token layout instead, see ops/rsr_conv/)
     cls  = ragged_linear(u[:, :1], cls_weight)                    the cls token's GEMV (has_cls only)
     out  = rsr_epilogue(conv, x, pos_embed, conv_bias, cls, cls_bias)
                                                                   one pass: + bias + pos_embed + zero-padded
@@ -49,24 +49,26 @@ Caveats:
   taken once at trace time; the custom ops still pick their own backends when they run. Changing the backend setting
   after compiling needs a fresh torch.compile.
 - Double backward is not supported.
+
+Layout: one folder per op, each with its roles in separate files (as `ragged_layer_norm/`): `rsr_im2col/`,
+`rsr_conv/`, `rsr_epilogue/` and this composite (`__init__.py` the public function and the fused chain;
+`reference_backend.py` its reference backend).
 """
 from typing import Optional, Tuple
 
 import torch
 
-from ..backend import BackendUnavailableError, OpInfo, register_op, resolve_backend
-from ..ragged import Ragged, as_ragged
-from ..reference.layer_norm import compute_dtype
-from ..reference.rsr import masked_residual_spatial_reduction
-from ..reference.rsr import residual_spatial_reduction as _reference_rsr
-from ..reference.rsr import rsr_output_grid
-from ._checks import check_float_tensor, check_same_device, check_tensor
-from .ragged_layer_norm import ragged_layer_norm
-from .ragged_linear import ragged_linear
-from .rsr_conv import OP as CONV_OP
-from .rsr_conv import rsr_conv
-from .rsr_epilogue import check_shortcut, rsr_epilogue
-from .rsr_im2col import rsr_im2col
+from ...backend import BackendUnavailableError, OpInfo, register_op, resolve_backend
+from ...ragged import Ragged, as_ragged
+from ...reference.rsr import rsr_output_grid
+from .._checks import check_float_tensor, check_same_device, check_tensor
+from ..ragged_layer_norm import ragged_layer_norm
+from ..ragged_linear import ragged_linear
+from ..rsr_conv import OP as CONV_OP
+from ..rsr_conv import rsr_conv
+from ..rsr_epilogue import check_shortcut, rsr_epilogue
+from ..rsr_im2col import rsr_im2col
+from .reference_backend import _reference_masked, _reference_rsr
 
 OP = register_op(OpInfo(
     name="residual_spatial_reduction",
@@ -87,20 +89,6 @@ def _check_param(t, name: str, shape: Tuple[int, ...], x: torch.Tensor) -> None:
     if t.dtype not in (x.dtype, torch.float32):
         raise TypeError(f"{name} must have x's dtype ({x.dtype}) or float32, got {t.dtype}")
     check_same_device(x, t, "x", name)
-
-
-def _reference_masked(x, in_groups: Ragged, out_groups: Ragged, ln_weight, ln_bias, conv_weight, conv_bias,
-                      pos_embed, cls_weight, cls_bias, **kwargs):
-    """The reference for device widths: the original code's masked full-width RSR, with the masks built from the
-    widths tensors on the device (no host values; a mask clamps a width to its bound). Computed in fp32 (fp64 for
-    fp64) and rounded once, like the per-group oracle it equals up to rounding."""
-    acc = compute_dtype(x.dtype)
-    in_mask = in_groups.mask(x.shape[-1], device=x.device)[:, None, :]
-    out_mask = out_groups.mask(conv_weight.shape[0], device=x.device)[:, None, :]
-    xa = torch.where(in_mask, x.to(acc), torch.zeros((), dtype=acc, device=x.device))  # NaN padding must not leak
-    params = [p.to(acc) if p is not None else None
-              for p in (ln_weight, ln_bias, conv_weight, conv_bias, pos_embed, cls_weight, cls_bias)]
-    return masked_residual_spatial_reduction(xa, in_mask, out_mask, *params, **kwargs).to(x.dtype)
 
 
 def _as_gemm_weight(w: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
