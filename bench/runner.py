@@ -55,7 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--smoke", action="store_true", help="one tiny shape per case and tiny budgets: proves the "
                    "harness runs (used by tests/test_bench_smoke.py); its numbers mean nothing")
     p.add_argument("--case", action="append", default=[], metavar="PATTERN",
-                   help="run cases whose name contains PATTERN or matches it as a glob; repeatable")
+                   help="run cases whose name contains PATTERN or matches it as a glob, or whose label "
+                   "'NAME [SHAPE DTYPE]' does (e.g. 'supernet_train.train*bfloat16'); repeatable")
     p.add_argument("--module", action="append", default=None, metavar="FILE",
                    help="take cases only from bench/cases/FILE.py (e.g. layer_norm); repeatable. Cases are built "
                    "only once selected (--case), so this mostly saves importing the other case files")
@@ -115,6 +116,11 @@ def available_threads() -> int:
 
 def matches(name: str, patterns: Sequence[str]) -> bool:
     return not patterns or any(p in name or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def case_selected(case, patterns: Sequence[str]) -> bool:
+    """--case selection: by the case's name, or by its label `name [shape dtype]` (to pick one shape or dtype)."""
+    return matches(case.name, patterns) or matches(f"{case.name} [{case.shape} {case.dtype}]", patterns)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -327,7 +333,7 @@ def collect_cases(modules, ctx: Context, patterns: Sequence[str], failures: List
             continue
         for case in built:
             if isinstance(case, LazyCase):
-                if matches(case.name, patterns):
+                if case_selected(case, patterns):
                     out.append(case)
                 continue
             try:
@@ -335,7 +341,7 @@ def collect_cases(modules, ctx: Context, patterns: Sequence[str], failures: List
             except ValueError as exc:
                 failures.append(Failure(f"{module.__name__}", str(exc)))
                 continue
-            if matches(case.name, patterns):
+            if case_selected(case, patterns):
                 out.append(case)
     return out
 

@@ -4,9 +4,9 @@
 #   2. the GPU test tier (RESNAS_TEST_GPU=1 pytest -m gpu), stopping on nothing: every failure is listed
 #   3. compute-sanitizer memcheck, then racecheck, over scripts/sanitize_kernels.py (every CUDA C++ and Triton kernel
 #      once on small ragged shapes); a runtime on which the sanitizer refuses the device is reported, not fatal
-#   4. the GPU benchmark cases at their GPU shapes against the peers, one bench module at a time (a slow module cannot
-#      take the others down), supernet training img/s included; CSV rows carry each kernel's fraction of its H200
-#      lower bound (bench/bounds.py)
+#   4. supernet training img/s first (Tiny space, 4 groups x 64 images at 224 px, bf16: ours / masked / loop), then
+#      the GPU benchmark cases at their GPU shapes against the peers, one bench module at a time (a slow module cannot
+#      take the others down); CSV rows carry each kernel's fraction of its H200 lower bound (bench/bounds.py)
 # Everything lands in OUT_DIR, at most 8 files, no sub-folders: log.txt (all output), summary.txt (what passed and
 # failed, where the time went), cuda-<gpu>.csv (the benchmark rows) and up to 3 plots.
 #
@@ -24,9 +24,11 @@ mkdir -p "$OUT" || exit 2
 PY=${PYTHON:-python3}
 if [ -z "${PYTHON:-}" ] && [ -x .venv/bin/python ]; then PY=.venv/bin/python; fi
 
-TOTAL_BUDGET=470   # seconds for all steps; the lease allows 10 minutes per command; aim: 8 (time to rerun)
+TOTAL_BUDGET=475   # seconds for all steps; the lease allows 10 minutes per command; aim: 8 (time to rerun)
 # step budgets (seconds); `timeout` enforces each, capped by what is left of TOTAL_BUDGET
-B_INSTALL=140; B_TESTS=75; B_MEMCHECK=40; B_RACECHECK=40; B_BENCH_MODULE=25
+B_INSTALL=140; B_TESTS=75; B_MEMCHECK=40; B_RACECHECK=40; B_SUPERNET_BF16=30; B_BENCH_MODULE=21
+# the supernet img/s case the GPU is lent for, measured on its own before the per-module runs (a label glob: --case)
+SUPERNET_BF16_CASE='supernet_train.train tiny img=224 B=256 K=4*bfloat16*'
 BENCH_MODULES="layer_norm linear attention rsr supernet_train vit_resnas levit"
 
 LOG="$OUT/log.txt"; SUMMARY="$OUT/summary.txt"
@@ -62,7 +64,8 @@ plan() {
   say "  2 gpu tests          ${B_TESTS}s  RESNAS_TEST_GPU=1 pytest -m gpu -rfE (no -x)"
   say "  3 memcheck           ${B_MEMCHECK}s  compute-sanitizer --tool memcheck scripts/sanitize_kernels.py"
   say "  4 racecheck          ${B_RACECHECK}s  compute-sanitizer --tool racecheck scripts/sanitize_kernels.py"
-  say "  5 bench (per module) ${B_BENCH_MODULE}s each: $BENCH_MODULES"
+  say "  5 supernet bf16      ${B_SUPERNET_BF16}s  bench --case '$SUPERNET_BF16_CASE'"
+  say "  6 bench (per module) ${B_BENCH_MODULE}s each: $BENCH_MODULES"
 }
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -78,13 +81,15 @@ if [ $DRY -eq 1 ]; then
       esac
     fi
   done
-  sum=$((B_INSTALL + B_TESTS + B_MEMCHECK + B_RACECHECK + B_BENCH_MODULE * $(echo $BENCH_MODULES | wc -w)))
+  sum=$((B_INSTALL + B_TESTS + B_MEMCHECK + B_RACECHECK + B_SUPERNET_BF16
+        + B_BENCH_MODULE * $(echo $BENCH_MODULES | wc -w)))
   if [ $sum -le 480 ] && [ $TOTAL_BUDGET -le 480 ]; then note "ok    step budgets sum to ${sum}s (<= 480s)"
   else note "FAIL  step budgets sum to ${sum}s, over 480s"; STATUS=1; fi
   # One Python process for the rest (imports are the slow part): versions, the gpu tests are collected, every bench
   # module yields cases, and the sanitizer workload runs on CPU tensors with the C++ CPU backend.
-  run_step "python checks" 240 env -u TRITON_INTERPRET "$PY" - $BENCH_MODULES <<'PYEOF'
-import glob, runpy, sys
+  run_step "python checks" 240 env -u TRITON_INTERPRET SUPERNET_BF16_CASE="$SUPERNET_BF16_CASE" \
+    "$PY" - $BENCH_MODULES <<'PYEOF'
+import glob, os, runpy, sys
 import torch, triton
 print("torch", torch.__version__, "triton", triton.__version__)
 bad = 0
@@ -97,6 +102,13 @@ for name in sys.argv[1:]:
     found = [m for m in modules if m.__name__.rsplit(".", 1)[-1] == name]
     listed = found[0].cases(Context(device=torch.device("cpu"), quick=True)) if found else []
     print(f"{'ok  ' if listed else 'FAIL'}  bench module {name}: {len(listed)} case(s) on CPU"); bad += not listed
+from resnas_kernels.bench.cases import supernet_train
+from resnas_kernels.bench.runner import case_selected
+pattern = os.environ["SUPERNET_BF16_CASE"]
+picked = [c for c in supernet_train.cases(Context(device=torch.device("cuda"), quick=False))
+          if case_selected(c, [pattern])]  # lazy cases: listing them touches no GPU
+print(f"{'ok  ' if len(picked) == 1 else 'FAIL'}  bench supernet bf16: {len(picked)} CUDA case(s) match {pattern!r}")
+bad += len(picked) != 1
 import pytest
 gpu_files = [f for f in sorted(glob.glob("tests/test_*.py")) if "mark.gpu" in open(f).read()]
 class Count:
@@ -144,6 +156,8 @@ for tool in memcheck racecheck; do
 done
 
 BENCH_TMP=$(mktemp -d)
+run_step "bench supernet bf16" "$B_SUPERNET_BF16" "$PY" -m resnas_kernels.cli bench --device cuda \
+  --module supernet_train --case "$SUPERNET_BF16_CASE" --budget 0.2 --out "$BENCH_TMP/supernet_bf16"
 for m in $BENCH_MODULES; do
   run_step "bench $m" "$B_BENCH_MODULE" "$PY" -m resnas_kernels.cli bench --device cuda --module "$m" \
     --budget 0.2 --out "$BENCH_TMP/$m"

@@ -5,7 +5,6 @@ The oracle runs, per group, stock nn.LayerNorm / nn.Conv2d / nn.AvgPool2d(ceil_m
 the sliced shared parameters (torch.func.functional_call, so gradients flow back into the full-size parameters), in
 fp64. Tolerances follow tests/_oracle.py.
 """
-import os
 
 import pytest
 import torch
@@ -16,18 +15,10 @@ import resnas_kernels as rk
 from resnas_kernels import Ragged, _ext
 from resnas_kernels.reference import rsr_output_grid
 
+from _backends import require_backend as _require  # noqa: F401 (re-exported to the RSR test files)
 from _oracle import assert_close_to_oracle, max_err
 
-EXPECT_EXT = os.environ.get("RESNAS_EXPECT_EXT", "1") != "0"
 PARAMS = ("ln_weight", "ln_bias", "conv_weight", "conv_bias", "pos_embed", "cls_weight", "cls_bias")
-
-
-def _require(backend: str):
-    if backend in ("cpu", "cuda") and not _ext.extension_available():
-        if EXPECT_EXT:
-            pytest.fail(f"C++ extension missing: {_ext.load_extension()[1]} (set RESNAS_EXPECT_EXT=0 if you built "
-                        f"with RESNAS_BUILD_EXT=0)")
-        pytest.skip("extension deliberately not built (RESNAS_EXPECT_EXT=0)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -10,11 +10,8 @@ if os.environ.get("RESNAS_TEST_GPU", "0") != "1":
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-
-# A build without the C++ extension (RESNAS_BUILD_EXT=0) runs the suite with RESNAS_EXPECT_EXT=0; otherwise a missing
-# or broken extension fails the tests of its backends instead of skipping them unnoticed.
-EXPECT_EXT = os.environ.get("RESNAS_EXPECT_EXT", "1") != "0"
-
+from _backends import model_backend  # noqa: E402
+from _backends import require_backend as require_backend_now  # noqa: E402
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -72,39 +69,16 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def _check_backend_built(backend: str, ext_ops=()) -> None:
-    if backend not in ("cpu", "cuda"):
-        return
-    from resnas_kernels import _ext
-
-    if not _ext.extension_available():
-        if EXPECT_EXT:
-            pytest.fail(f"C++ extension missing: {_ext.load_extension()[1]} (set RESNAS_EXPECT_EXT=0 if you built "
-                        f"with RESNAS_BUILD_EXT=0)")
-        pytest.skip("extension deliberately not built (RESNAS_EXPECT_EXT=0)")
-    missing = [name for name in ext_ops if not hasattr(torch.ops.resnas, name)]
-    if missing:
-        pytest.fail(f"resnas_kernels._C is built but lacks {missing}: rebuild it (`pip install --no-build-isolation "
-                    f"-e .`)")
-
-
 @pytest.fixture(scope="session")
 def require_backend():
     """`require_backend(backend, ext_ops=())` at the start of a test that forces `backend`: the C++ backends (cpu,
     cuda) need the extension, and the ops named in `ext_ops`; the other backends need nothing. Session-scoped (it
     holds no state), so hypothesis tests may use it too."""
-    return _check_backend_built
+    return require_backend_now
 
 
 @pytest.fixture(scope="session")
 def cpu_backend() -> str:
     """The backend a CPU test of a whole model forces: the C++ kernels, or the reference where the extension was
     deliberately not built (RESNAS_EXPECT_EXT=0)."""
-    from resnas_kernels import _ext
-
-    if _ext.extension_available():
-        return "cpu"
-    if EXPECT_EXT:
-        pytest.fail(f"C++ extension missing: {_ext.load_extension()[1]} (set RESNAS_EXPECT_EXT=0 if you built with "
-                    f"RESNAS_BUILD_EXT=0)")
-    return "reference"
+    return model_backend()

@@ -5,7 +5,6 @@ Rule (tests/_oracle.py): the oracle is the unpatched timm model in fp64; the pat
 attention may round differently from timm's matmul-softmax-matmul, but not be less accurate, end to end.
 """
 import copy
-import os
 
 import pytest
 import torch
@@ -15,18 +14,14 @@ from resnas_kernels import Ragged, _ext
 from resnas_kernels.layers.attention import (FusedAttention, patch_timm_levit_attention, patch_timm_vit_attention,
                                              unpatch_timm_attention)
 
+from _backends import model_backend
 from _oracle import assert_close_to_oracle
 
 timm = pytest.importorskip("timm")
-EXPECT_EXT = os.environ.get("RESNAS_EXPECT_EXT", "1") != "0"
 
 
 def _backend():
-    if _ext.extension_available():
-        return "cpu"
-    if EXPECT_EXT:
-        pytest.fail(f"C++ extension missing: {_ext.load_extension()[1]}")
-    return "reference"
+    return model_backend()
 
 
 def _randomise(model: torch.nn.Module) -> torch.nn.Module:

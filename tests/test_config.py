@@ -149,3 +149,9 @@ def test_switch_variables_are_read_only_by_config():
     assert found == {}, (
         "read runtime switches through resnas_kernels.config (its getters) and switch them in tests with "
         "config.override(...), not os.environ / getenv")
+
+
+def test_readme_lists_every_switch():
+    """The README's table of runtime switches is config.markdown_table(), verbatim: a new knob or a changed
+    description must reach the README."""
+    assert config.markdown_table() in (ROOT / "README.md").read_text()

@@ -16,21 +16,13 @@ import resnas_kernels as rk
 from resnas_kernels import Ragged, _ext
 from resnas_kernels import reference as ref
 
+from _backends import require_backend as _require
 from _oracle import assert_close_to_oracle
 
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-EXPECT_EXT = os.environ.get("RESNAS_EXPECT_EXT", "1") != "0"
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def _require(backend: str):
-    if backend in ("cpu", "cuda") and not _ext.extension_available():
-        if EXPECT_EXT:
-            pytest.fail(f"C++ extension missing: {_ext.load_extension()[1]} (set RESNAS_EXPECT_EXT=0 if you built "
-                        f"with RESNAS_BUILD_EXT=0)")
-        pytest.skip("extension deliberately not built (RESNAS_EXPECT_EXT=0)")
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -19,18 +19,14 @@ from resnas_kernels.ops.ragged_layer_norm import ragged_layer_norm_bwd, ragged_l
 
 ln_mod = importlib.import_module("resnas_kernels.ops.ragged_layer_norm")  # the package re-exports the function's name
 
+from _backends import require_backend
 from _oracle import assert_close_to_oracle
 
 CUDA = torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
-EXPECT_EXT = os.environ.get("RESNAS_EXPECT_EXT", "1") != "0"
 
 
 def _require(backend: str, device: str):
-    if backend in ("cpu", "cuda") and not _ext.extension_available():
-        if EXPECT_EXT:
-            pytest.fail(f"C++ extension missing: {_ext.load_extension()[1]} (set RESNAS_EXPECT_EXT=0 if you built "
-                        f"with RESNAS_BUILD_EXT=0)")
-        pytest.skip("extension deliberately not built (RESNAS_EXPECT_EXT=0)")
+    require_backend(backend)
 
 
 CPU_BACKENDS = [("reference", "cpu"), ("triton", "cpu"), ("cpu", "cpu")]

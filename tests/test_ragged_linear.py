@@ -13,7 +13,6 @@ hand-picked atol. Exact-zero checks (beyond the widths) and determinism checks a
 import functools
 import importlib
 import math
-import os
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
@@ -27,26 +26,17 @@ from resnas_kernels import Ragged, _ext
 from resnas_kernels import reference as ref
 from resnas_kernels.ops.ragged_linear import ragged_linear_bwd, ragged_linear_fwd
 
+from _backends import require_backend
 from _oracle import assert_close_to_oracle
 
 # The module (resnas_kernels.ops re-exports the function under the same name).
 rl_mod = importlib.import_module("resnas_kernels.ops.ragged_linear")
 
-EXPECT_EXT = os.environ.get("RESNAS_EXPECT_EXT", "1") != "0"
 EXT_OPS = ("ragged_linear", "ext_ragged_linear_fwd", "ext_ragged_linear_bwd")
 
 
 def _require(backend: str):
-    if backend != "cpu":
-        return
-    if not _ext.extension_available():
-        if EXPECT_EXT:
-            pytest.fail(f"C++ extension missing: {_ext.load_extension()[1]} (set RESNAS_EXPECT_EXT=0 if you built "
-                        f"with RESNAS_BUILD_EXT=0)")
-        pytest.skip("extension deliberately not built (RESNAS_EXPECT_EXT=0)")
-    missing = [n for n in EXT_OPS if not hasattr(torch.ops.resnas, n)]
-    if missing:
-        pytest.fail(f"resnas_kernels._C is built but lacks {missing}: csrc/cpu/ragged_linear.cpp was not compiled in")
+    require_backend(backend, EXT_OPS)
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -17,9 +17,9 @@ from resnas_kernels.ops.rsr_conv import rsr_conv, rsr_conv_bwd, rsr_conv_fwd
 @pytest.mark.parametrize("route", ["default", "blocked"])
 def test_conv_matches_reference_cpu(dtype, grid, has_cls, k, s, p, route):
     """The CPU conv vs its reference (im2col + one matmul per group), on both C++ routes: fp32 on 64x64 (20 samples of
-    1024 GEMM rows in the first group) takes oneDNN's conv on the channels-last token layout forward and backward,
-    route 'blocked' (and every other case) the blocked implicit GEMM, here over several blocks of whole
-    samples. Groups: empty, width 0, one sample, co = ci."""
+    1024 GEMM rows in the first group) takes oneDNN's conv on the channels-last token layout forward, route 'blocked'
+    (and every other case, and every backward) the blocked implicit GEMM, here over several blocks of whole samples.
+    Groups: empty, width 0, one sample, co = ci."""
     _require("cpu")
     config.set_rsr_conv("blocked" if route == "blocked" else "auto")  # conftest resets the switches after each test
     g, co_w, u, prm, _ = _make((20, 0, 1, 3, 2), (6, 5, 4, 5, 0), (9, 7, 4, 5, 0), 6, 10, grid, has_cls, dtype=dtype,
@@ -45,12 +45,12 @@ def test_conv_matches_reference_cpu(dtype, grid, has_cls, k, s, p, route):
     assert (du[~g.mask(6)[:, None, :].expand_as(du)] == 0).all()
 
 
-# The C++ conv takes oneDNN's route only for a group of >= 2048 GEMM rows (samples x Ho*Wo) forward and >= 4096
-# backward (csrc/cpu/rsr_im2col.cpp); a 64x64 grid (1024 rows per sample) reaches both with a few thin samples.
-@pytest.mark.parametrize("sizes,grid,fwd_onednn,bwd_onednn", [((3, 0, 1, 2), (16, 16), False, False),
-                                                              ((2, 0, 1, 1), (64, 64), True, False),
-                                                              ((4, 0, 1, 2), (64, 64), True, True)])
-def test_conv_cpu_routes_and_determinism(sizes, grid, fwd_onednn, bwd_onednn):
+# The C++ conv's forward takes oneDNN's route only for a group of >= 2048 GEMM rows (samples x Ho*Wo); the backward
+# never does (csrc/cpu/rsr_conv.cpp: oneDNN's dweight broke the accuracy rule). A 64x64 grid (1024 rows per sample)
+# reaches the threshold with two samples.
+@pytest.mark.parametrize("sizes,grid,fwd_onednn", [((3, 0, 1, 2), (16, 16), False), ((1, 0, 1, 1), (64, 64), False),
+                                                   ((2, 0, 1, 1), (64, 64), True)])
+def test_conv_cpu_routes_and_determinism(sizes, grid, fwd_onednn):
     """Which C++ route runs (seen in the profiler as aten::convolution / convolution_backward), and that the gradients
     are bitwise equal over two runs (groups reduce into dweight in a fixed order)."""
     _require("cpu")
@@ -70,7 +70,7 @@ def test_conv_cpu_routes_and_determinism(sizes, grid, fwd_onednn, bwd_onednn):
 
     config.set_rsr_conv("auto")
     first, fwd_seen, bwd_seen = run()
-    assert (fwd_seen, bwd_seen) == (fwd_onednn, bwd_onednn)
+    assert (fwd_seen, bwd_seen) == (fwd_onednn, False)
     second, _, _ = run()
     for name, a, b in zip(("out", "du", "dweight"), first, second):
         assert torch.equal(a, b), f"{name} differs bitwise between two runs"

@@ -5,7 +5,9 @@ supernet_train.train   one optimizer-free training step (forward + backward) of 
                          ours     one ragged pass (`ViTResNAS.forward(..., mode="ragged")`)
                          masked   the original code: everything at full width, then masks (mode="masked")
                          loop     sequential sliced sub-networks, one per group (mode="loop")
-                       items = images, so the CSV has training images/s.
+                       items = images, so the CSV has training images/s. fp32 everywhere; on CUDA also the
+                       Tiny space at 4 groups x 64 images in bf16 (weights, activations and gradients in bf16, the
+                       kernels accumulate in fp32; the loss in fp32): the issue's supernet img/s shape.
 supernet_train.train   (CUDA, shape tag "step") a whole training step with the AdamW update, new architectures every
                        call (a cycle of sampled sets, the same for both providers). Providers:
                          ours      eager: forward(x, archs, sizes) + backward + AdamW step
@@ -51,23 +53,24 @@ def _search_shape(tag: str, img: int, n_val: int, n_cand: int, per_forward: int)
     return f"{tag} img={img} V={n_val} candidates={n_cand} P={per_forward}"
 
 
-def _train_case(space, img, batch, groups, device, tag) -> Case:
+def _train_case(space, img, batch, groups, device, tag, dtype=torch.float32) -> Case:
     torch.manual_seed(0)
-    model = build_supernet(space, img, 10, drop_path=0.1).to(device).train()
+    model = build_supernet(space, img, 10, drop_path=0.1).to(device=device, dtype=dtype).train()
     archs = space.sample_groups(groups, rng=random.Random(0))
     sizes = split_batch(batch, groups)
-    x = torch.randn(batch, 3, img, img, device=device)
+    x = torch.randn(batch, 3, img, img, device=device, dtype=dtype)
     y = torch.randint(0, 10, (batch,), device=device)
 
     def step(mode):
         def fn():
             model.zero_grad(set_to_none=True)
-            F.cross_entropy(model(x, archs, sizes, mode=mode), y, label_smoothing=0.1).backward()
+            logits = model(x, archs, sizes, mode=mode).float()
+            F.cross_entropy(logits, y, label_smoothing=0.1).backward()
         return fn
 
     macs = sum(count_macs(a, img, 10) * s for a, s in zip(archs, sizes))
-    return Case(name="supernet_train.train", shape=_train_shape(tag, img, batch, groups), dtype="float32",
-                flops=6 * macs, bytes=_weight_bytes(model),
+    return Case(name="supernet_train.train", shape=_train_shape(tag, img, batch, groups),
+                dtype=str(dtype).replace("torch.", ""), flops=6 * macs, bytes=_weight_bytes(model),
                 providers={"ours": step("ragged"), "masked": step("masked"), "loop": step("loop")},
                 baseline="ours", items=batch, notes="forward + backward, no optimizer step")
 
@@ -134,9 +137,10 @@ def _search_case(space, img, n_val, n_cand, per_forward, device, tag) -> Case:
                 notes="stem cached at construction (once per search), images decoded in memory")
 
 
-def _lazy_train(space, img, batch, groups, device, tag) -> LazyCase:
-    return LazyCase("supernet_train.train", _train_shape(tag, img, batch, groups), "float32",
-                    ("ours", "masked", "loop"), functools.partial(_train_case, space, img, batch, groups, device, tag))
+def _lazy_train(space, img, batch, groups, device, tag, dtype=torch.float32) -> LazyCase:
+    return LazyCase("supernet_train.train", _train_shape(tag, img, batch, groups), str(dtype).replace("torch.", ""),
+                    ("ours", "masked", "loop"),
+                    functools.partial(_train_case, space, img, batch, groups, device, tag, dtype))
 
 
 def _lazy_search(space, img, n_val, n_cand, per_forward, device, tag) -> LazyCase:
@@ -154,5 +158,6 @@ def cases(ctx) -> List[LazyCase]:
         out += [_lazy_step(DEMO_SPACE, 56, 16, 4, dev, "demo"),
                 _lazy_step(TINY_SPACE, 224, 64, 4, dev, "tiny"),
                 _lazy_train(TINY_SPACE, 224, 64 if small else 128, 4, dev, "tiny"),
+                _lazy_train(TINY_SPACE, 224, 4 * 64, 4, dev, "tiny", torch.bfloat16),
                 _lazy_search(TINY_SPACE, 224, 64 if small else 256, 16, 16, dev, "tiny")]
     return out

@@ -10,15 +10,16 @@
 //   dY^T @ cols (groups and blocks in a fixed order: reproducible run to run at a fixed thread count; BLAS does not
 //   promise bit-equality across thread counts), dcols = dY @ W[:co, :K] into a block buffer, then col2im (a gather,
 //   within the block's own samples) into du.
-// - fp32 on a torch built with oneDNN (the default x86 build), for large groups only: the conv runs per group as
-//   oneDNN's direct convolution (at::convolution) on the channels-last image that the token layout already is (patch
-//   tokens of the group's samples, first ci channels: one compacting copy, no NCHW round trip), writing
+// - fp32 forward on a torch built with oneDNN (the default x86 build), for large groups only: the conv runs per group
+//   as oneDNN's direct convolution (at::convolution) on the channels-last image that the token layout already is
+//   (patch tokens of the group's samples, first ci channels: one compacting copy, no NCHW round trip), writing
 //   (b, Ho, Wo, co) that is copied into the output rows. Every call copies the group's weight slice and oneDNN
 //   reorders it (and the image) into its blocked layouts: work that grows with ci*co*k*k, not with the rows. So oneDNN
-//   only pays off once a group's GEMM has enough rows (nb * Ho*Wo) to amortise it: kOnednnFwdMinRows forward,
-//   kOnednnBwdMinRows backward (its backward reorders more). Below, the blocked path, whose BLAS GEMMs read the
-//   weight slice in place, is faster (2-4x at 32-128 rows per group). Route 'blocked' (RESNAS_RSR_CONV=blocked in
-//   Python) forces the blocked path everywhere (tests compare both).
+//   only pays off once a group's GEMM has enough rows (nb * Ho*Wo >= kOnednnFwdMinRows) to amortise it; below, the
+//   blocked path, whose BLAS GEMMs read the weight slice in place, is faster. Route 'blocked'
+//   (RESNAS_RSR_CONV=blocked in Python) forces the blocked path (tests compare both).
+// - The backward is always the blocked path: oneDNN's convolution_backward computed dweight with 4-7x the error of
+//   an fp32 GEMM over the same rows (its reductions over 5k-20k rows), beyond the tests' accuracy rule.
 // - The conv computes in fp32 for fp16 / bf16 inputs (the block buffers are fp32; one rounding of the output), fp64
 //   for fp64; dweight is returned in that accumulation dtype.
 #include <ATen/ATen.h>
@@ -31,11 +32,14 @@
 #include <algorithm>
 #include <vector>
 
+#include "blas.h"
 #include "rsr_gather.h"
 
 namespace resnas {
 namespace {
 
+using cpu_blas::gemm;
+using cpu_blas::Scratch;
 using rsr_cpu::col2im_row;
 using rsr_cpu::gather_row_any;
 using rsr_cpu::row_sources;
@@ -47,7 +51,6 @@ constexpr const char* kConvBwdName = "ext_rsr_conv_bwd";
 constexpr int64_t kBlockRows = 512;
 // Rows of a group's GEMM (samples x Ho*Wo) from which oneDNN's conv beats the blocked path (see the top comment).
 constexpr int64_t kOnednnFwdMinRows = 2048;
-constexpr int64_t kOnednnBwdMinRows = 4096;
 
 // ---- the blocked implicit-GEMM conv ---------------------------------------------------------------------------------
 struct ConvArgs {
@@ -100,17 +103,19 @@ void for_each_block(const ConvArgs& a, Fn&& fn) {
   }
 }
 
-// oneDNN conv route: fp32, a torch with oneDNN enabled, route 'auto' ('blocked' forces the blocked path; Python
-// passes RESNAS_RSR_CONV's choice), and a group with at least `min_rows` GEMM rows (decided per call on the largest
-// group: one route for all groups).
-bool use_onednn_conv(const at::Tensor& u, const ConvArgs& a, int64_t min_rows, c10::string_view route,
-                     const char* op) {
+void check_route(c10::string_view route, const char* op) {
   TORCH_CHECK_VALUE(route == "auto" || route == "blocked", op, ": route must be 'auto' or 'blocked', got '", route,
                     "'");
+}
+
+// The forward's oneDNN route: fp32, a torch with oneDNN enabled, route 'auto' ('blocked' forces the blocked path;
+// Python passes RESNAS_RSR_CONV's choice), and a group with at least kOnednnFwdMinRows GEMM rows (decided per call on
+// the largest group: one route for all groups).
+bool use_onednn_conv(const at::Tensor& u, const ConvArgs& a, c10::string_view route) {
   int64_t max_rows = 0;
   for (int64_t g = 0; g < a.im.groups.num_groups(); ++g)
     max_rows = std::max(max_rows, (a.im.groups.row_start[g + 1] - a.im.groups.row_start[g]) * a.im.geo.out_patches());
-  return route == "auto" && max_rows >= min_rows && u.scalar_type() == at::kFloat && at::hasMKLDNN() &&
+  return route == "auto" && max_rows >= kOnednnFwdMinRows && u.scalar_type() == at::kFloat && at::hasMKLDNN() &&
          at::globalContext().userEnabledMkldnn();
 }
 
@@ -132,23 +137,6 @@ void onednn_conv_group(const at::Tensor& u, const at::Tensor& w2d, at::Tensor& o
       .view({nb, geo.Ho, geo.Wo, co}).copy_(y.permute({0, 2, 3, 1}));
 }
 
-// Backward of onednn_conv_group: du's patch rows of the group (first ci channels) = the input gradient, and
-// dw2d[:co, :ci*k*k] += the weight gradient.
-void onednn_conv_group_bwd(const at::Tensor& dout2d, const at::Tensor& u, const at::Tensor& w2d, at::Tensor& du,
-                           at::Tensor& dw2d, const RsrGeometry& geo, int64_t C, int64_t s0, int64_t nb, int64_t ci,
-                           int64_t co) {
-  const int64_t L = geo.out_patches(), co_max = dout2d.size(1);
-  const at::Tensor img = patch_image(u, geo, s0, nb, ci).contiguous(at::MemoryFormat::ChannelsLast);
-  const at::Tensor w4 = w2d.view({w2d.size(0), C, geo.k, geo.k}).narrow(0, 0, co).narrow(1, 0, ci).contiguous();
-  const at::Tensor dy = dout2d.narrow(0, s0 * L, nb * L)
-                            .as_strided({nb, co, geo.Ho, geo.Wo}, {L * co_max, 1, geo.Wo * co_max, co_max})
-                            .contiguous(at::MemoryFormat::ChannelsLast);
-  auto grads = at::convolution_backward(dy, img, w4, c10::nullopt, {geo.stride, geo.stride},
-                                        {geo.padding, geo.padding}, {1, 1}, false, {0, 0}, 1, {true, true, false});
-  patch_image(du, geo, s0, nb, ci).copy_(std::get<0>(grads));
-  dw2d.view({dw2d.size(0), C, geo.k, geo.k}).narrow(0, 0, co).narrow(1, 0, ci).add_(std::get<1>(grads));
-}
-
 }  // namespace
 
 at::Tensor rsr_conv_fwd_cpu(const at::Tensor& u_in, const at::Tensor& weight_in, c10::IntArrayRef sizes,
@@ -157,7 +145,8 @@ at::Tensor rsr_conv_fwd_cpu(const at::Tensor& u_in, const at::Tensor& weight_in,
                             c10::string_view route) {
   const ConvArgs a = check_conv(u_in, weight_in, sizes, in_widths, out_widths, grid, kernel_size, stride, padding,
                                 has_cls, kConvFwdName);
-  const bool onednn = use_onednn_conv(u_in, a, kOnednnFwdMinRows, route, kConvFwdName);
+  check_route(route, kConvFwdName);
+  const bool onednn = use_onednn_conv(u_in, a, route);
   at::AutoDispatchBelowADInplaceOrView below_autograd;  // plain kernels on possibly grad-requiring inputs
   const at::Tensor u = u_in.contiguous();
   const int64_t B = u.size(0), L = a.im.geo.out_patches(), C = a.im.channels, kk = a.im.geo.taps();
@@ -182,33 +171,35 @@ at::Tensor rsr_conv_fwd_cpu(const at::Tensor& u_in, const at::Tensor& weight_in,
     return out;
   }
   const int64_t max_rows = std::max<int64_t>(1, kBlockRows / std::max<int64_t>(L, 1)) * L;
-  const int64_t max_k = a.im.groups.max_width * kk;
-  at::Tensor buf = at::empty({std::max<int64_t>(1, max_rows * max_k)}, u.options().dtype(acc));
-  const bool same = acc == u.scalar_type();
-  at::Tensor tmp = same ? at::Tensor() : at::empty({max_rows * a.co_max}, u.options().dtype(acc));
+  const int64_t max_k = a.im.groups.max_width * kk, w_ld = C * kk, co_max = a.co_max;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), kConvFwdName, [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool same = std::is_same_v<acc_t, scalar_t>;
     const std::vector<scalar_t> zeros(static_cast<size_t>(std::max<int64_t>(C, 1)), static_cast<scalar_t>(0));
+    Scratch<acc_t> buf(max_rows * max_k);
+    Scratch<acc_t> tmp(same ? 0 : max_rows * co_max);  // fp16 / bf16: the fp32 product before its one rounding
+    const acc_t* w_ptr = w.const_data_ptr<acc_t>();
+    scalar_t* out_ptr = out.mutable_data_ptr<scalar_t>();
     for_each_block(a, [&](int64_t, int64_t ci, int64_t co, int64_t s0, int64_t nb) {
       const int64_t rows = nb * L, K = ci * kk;
-      at::Tensor dst = out2d.narrow(0, s0 * L, rows);
+      scalar_t* dst = out_ptr + s0 * L * co_max;
       if (co == 0 || K == 0) {  // no output channels, or an empty product
-        dst.zero_();
+        std::fill(dst, dst + rows * co_max, static_cast<scalar_t>(0));
         return;
       }
-      gather_block<scalar_t, acc_t>(u.const_data_ptr<scalar_t>(), zeros.data(), buf.mutable_data_ptr<acc_t>(),
-                                    a.im.geo, C, s0, nb, ci);
-      const at::Tensor cols = buf.narrow(0, 0, rows * K).view({rows, K});
-      const at::Tensor wg = w.narrow(0, 0, co).narrow(1, 0, K);
-      if (same) {
-        at::Tensor target = dst.narrow(1, 0, co);  // strided (row stride Co_max): BLAS writes it in place
-        at::mm_out(target, cols, wg.t());
+      gather_block<scalar_t, acc_t>(u.const_data_ptr<scalar_t>(), zeros.data(), buf.get(), a.im.geo, C, s0, nb, ci);
+      if constexpr (same) {
+        // in place (the casts are identities: `if constexpr` does not discard inside the dispatch lambda)
+        gemm<acc_t, acc_t>(false, true, rows, co, K, buf.get(), K, w_ptr, w_ld, 0, reinterpret_cast<acc_t*>(dst),
+                           co_max);
       } else {
-        at::Tensor t = tmp.narrow(0, 0, rows * co).view({rows, co});
-        at::mm_out(t, cols, wg.t());
-        dst.narrow(1, 0, co).copy_(t);  // one rounding to the output dtype
+        gemm<acc_t, acc_t>(false, true, rows, co, K, buf.get(), K, w_ptr, w_ld, 0, tmp.get(), co);
+        for (int64_t r = 0; r < rows; ++r)
+          std::transform(tmp.get() + r * co, tmp.get() + (r + 1) * co, dst + r * co_max,
+                         [](acc_t v) { return static_cast<scalar_t>(v); });  // one rounding to the output dtype
       }
-      if (co < a.co_max) dst.narrow(1, co, a.co_max - co).zero_();
+      if (co < co_max)
+        for (int64_t r = 0; r < rows; ++r) std::fill(dst + r * co_max + co, dst + (r + 1) * co_max, scalar_t(0));
     });
   });
   return out;
@@ -221,7 +212,7 @@ std::tuple<at::Tensor, at::Tensor> rsr_conv_bwd_cpu(const at::Tensor& dout_in, c
                                                     int64_t padding, bool has_cls, c10::string_view route) {
   const ConvArgs a = check_conv(u_in, weight_in, sizes, in_widths, out_widths, grid, kernel_size, stride, padding,
                                 has_cls, kConvBwdName);
-  const bool onednn = use_onednn_conv(u_in, a, kOnednnBwdMinRows, route, kConvBwdName);
+  check_route(route, kConvBwdName);  // the backward is always the blocked path (see the top comment)
   const int64_t B = u_in.size(0), L = a.im.geo.out_patches(), N = a.im.geo.in_tokens(), C = a.im.channels;
   const int64_t kk = a.im.geo.taps();
   TORCH_CHECK(dout_in.defined() && dout_in.sizes() == c10::IntArrayRef({B, L, a.co_max}), kConvBwdName,
@@ -236,24 +227,17 @@ std::tuple<at::Tensor, at::Tensor> rsr_conv_bwd_cpu(const at::Tensor& dout_in, c
   at::Tensor dw = at::zeros({a.co_max, C * kk}, u.options().dtype(acc));
   if (du.numel() == 0) return {du, dw};
   const at::Tensor dout2d = dout.view({B * L, a.co_max});
-  if (onednn) {
-    du.zero_();  // the cls row, the channels beyond ci and groups without a conv get zero gradient
-    for (int64_t g = 0; g < a.im.groups.num_groups(); ++g) {  // fixed group order: dw reproducible run to run
-      const int64_t s0 = a.im.groups.row_start[g], nb = a.im.groups.row_start[g + 1] - s0;
-      const int64_t ci = a.im.groups.widths[g], co = a.out.widths[g];
-      if (nb > 0 && ci > 0 && co > 0) onednn_conv_group_bwd(dout2d, u, w, du, dw, a.im.geo, C, s0, nb, ci, co);
-    }
-    return {du, dw};
-  }
   const int64_t max_rows = std::max<int64_t>(1, kBlockRows / std::max<int64_t>(L, 1)) * L;
-  const int64_t max_k = a.im.groups.max_width * kk;
-  at::Tensor buf = at::empty({std::max<int64_t>(1, max_rows * max_k)}, u.options().dtype(acc));
-  at::Tensor dcols = at::empty({std::max<int64_t>(1, max_rows * max_k)}, u.options().dtype(acc));
-  const bool same = acc == u.scalar_type();
-  at::Tensor dy_buf = same ? at::Tensor() : at::empty({max_rows * a.co_max}, u.options().dtype(acc));
+  const int64_t max_k = a.im.groups.max_width * kk, w_ld = C * kk, co_max = a.co_max;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), kConvBwdName, [&] {
     using acc_t = at::opmath_type<scalar_t>;
+    constexpr bool same = std::is_same_v<acc_t, scalar_t>;
     const std::vector<scalar_t> zeros(static_cast<size_t>(std::max<int64_t>(C, 1)), static_cast<scalar_t>(0));
+    Scratch<acc_t> buf(max_rows * max_k), dcols(max_rows * max_k);
+    Scratch<acc_t> dy_buf(same ? 0 : max_rows * co_max);  // fp16 / bf16: dout's block in fp32
+    const acc_t* w_ptr = w.const_data_ptr<acc_t>();
+    acc_t* dw_ptr = dw.mutable_data_ptr<acc_t>();
+    const scalar_t* dout_ptr = dout.const_data_ptr<scalar_t>();
     scalar_t* du_ptr = du.mutable_data_ptr<scalar_t>();
     for_each_block(a, [&](int64_t, int64_t ci, int64_t co, int64_t s0, int64_t nb) {
       const int64_t rows = nb * L, K = ci * kk;
@@ -262,16 +246,22 @@ std::tuple<at::Tensor, at::Tensor> rsr_conv_bwd_cpu(const at::Tensor& dout_in, c
         std::fill(du_block, du_block + nb * N * C, static_cast<scalar_t>(0));
         return;
       }
-      gather_block<scalar_t, acc_t>(u.const_data_ptr<scalar_t>(), zeros.data(), buf.mutable_data_ptr<acc_t>(),
-                                    a.im.geo, C, s0, nb, ci);
-      const at::Tensor cols = buf.narrow(0, 0, rows * K).view({rows, K});
-      at::Tensor dy = dout2d.narrow(0, s0 * L, rows).narrow(1, 0, co);
-      if (!same) dy = dy_buf.narrow(0, 0, rows * co).view({rows, co}).copy_(dy);
-      at::Tensor dwg = dw.narrow(0, 0, co).narrow(1, 0, K);
-      at::addmm_out(dwg, dwg, dy.t(), cols);  // blocks and groups in a fixed order
-      at::Tensor dc = dcols.narrow(0, 0, rows * K).view({rows, K});
-      at::mm_out(dc, dy, w.narrow(0, 0, co).narrow(1, 0, K));
-      const acc_t* dc_ptr = dc.const_data_ptr<acc_t>();
+      gather_block<scalar_t, acc_t>(u.const_data_ptr<scalar_t>(), zeros.data(), buf.get(), a.im.geo, C, s0, nb, ci);
+      const scalar_t* dout_block = dout_ptr + s0 * L * co_max;
+      const acc_t* dy;
+      int64_t dy_ld;
+      if constexpr (same) {
+        dy = reinterpret_cast<const acc_t*>(dout_block), dy_ld = co_max;  // an identity cast (see the forward)
+      } else {
+        for (int64_t r = 0; r < rows; ++r)
+          std::transform(dout_block + r * co_max, dout_block + r * co_max + co, dy_buf.get() + r * co,
+                         [](scalar_t v) { return static_cast<acc_t>(v); });
+        dy = dy_buf.get(), dy_ld = co;
+      }
+      // dW[:co, :K] += dY^T cols (blocks and groups in a fixed order); dcols = dY W[:co, :K]
+      gemm<acc_t, acc_t>(true, false, co, K, rows, dy, dy_ld, buf.get(), K, 1, dw_ptr, w_ld);
+      gemm<acc_t, acc_t>(false, false, rows, K, co, dy, dy_ld, w_ptr, w_ld, 0, dcols.get(), K);
+      const acc_t* dc_ptr = dcols.get();
       at::parallel_for(0, nb * N, std::max<int64_t>(1, 4096 / std::max<int64_t>(C, 1)), [&](int64_t begin,
                                                                                             int64_t end) {
         std::vector<const acc_t*> srcs;

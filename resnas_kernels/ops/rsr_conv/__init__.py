@@ -10,12 +10,13 @@ runs one BLAS GEMM per block. At ViT-ResNAS shapes the full column tensor is a f
 whose first-touch page faults cost up to a third of the GEMM time on the development machine; this op is the fused
 RSR's CPU path. On CUDA the fused RSR uses `rsr_im2col` + `ragged_linear` (Triton) instead.
 
-For fp32 on a torch built with oneDNN (the default x86 build) the C++ kernel takes a second route for large groups:
-per group, oneDNN's direct convolution (`at::convolution`) on the channels-last image the token layout already is
-(one compacting copy of the group's patch tokens, no NCHW round trip). Each call copies and reorders the group's
+For the fp32 forward on a torch built with oneDNN (the default x86 build) the C++ kernel takes a second route for large
+groups: per group, oneDNN's direct convolution (`at::convolution`) on the channels-last image the token layout already
+is (one compacting copy of the group's patch tokens, no NCHW round trip). Each call copies and reorders the group's
 weight slice, a cost that grows with ci*co*k*k and not with the rows, so the route is taken only when the largest
-group's GEMM has >= 2048 rows (samples x Ho*Wo) forward, >= 4096 backward; smaller calls (a few samples per group,
-as in the quick benchmark) run the blocked path, whose GEMMs read the weight slice in place.
+group's GEMM has >= 2048 rows (samples x Ho*Wo); smaller calls (a few samples per group, as in the quick benchmark)
+run the blocked path, whose GEMMs read the weight slice in place. The backward is always the blocked path: oneDNN's
+convolution backward gave dweight 4-7x the error of an fp32 GEMM over the same rows.
 `config.set_rsr_conv("blocked")` / `RESNAS_RSR_CONV=blocked` (read per call by `conv_route`, passed to C++ as the
 ops' `route` argument) forces the blocked path; both routes are tested against the reference.
 
