@@ -14,7 +14,7 @@ import sys
 import time
 import zlib
 from dataclasses import dataclass, field
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 TARGETS: Tuple[Tuple[str, int], ...] = (("sm_80", 80), ("sm_90", 90))
 
@@ -27,6 +27,7 @@ class AotCase:
     num_warps: int = 4
     num_stages: int = 3
     extra: Dict[str, object] = field(default_factory=dict)
+    archs: Optional[Tuple[int, ...]] = None  # the targets a launcher runs this case on (None: every target)
 
     @property
     def name(self) -> str:
@@ -44,10 +45,12 @@ _REGISTRY: List[AotCase] = []
 
 
 def register_aot(kernel, signature: Dict[str, str], constexprs: Dict[str, object], num_warps: int = 4,
-                 num_stages: int = 3) -> None:
+                 num_stages: int = 3, archs: Optional[Sequence[int]] = None) -> None:
     """Declare one representative specialisation of `kernel` to compile ahead of time (a repeat is ignored: an
-    autotune candidate may coincide with a launcher's default configuration)."""
-    case = AotCase(kernel, dict(signature), dict(constexprs), num_warps, num_stages)
+    autotune candidate may coincide with a launcher's default configuration). `archs`: only for these targets (e.g.
+    (90,) for a kernel whose launcher never runs it below sm_90); None: every target."""
+    case = AotCase(kernel, dict(signature), dict(constexprs), num_warps, num_stages,
+                   archs=tuple(archs) if archs is not None else None)
     if all(c.name != case.name for c in _REGISTRY):
         _REGISTRY.append(case)
 
@@ -131,6 +134,8 @@ def main(argv=None) -> int:
     cuda_job = _start_cuda_resources(args.arch) if args.resources and not args.no_cuda_cxx else None
     for case in cases:
         for arch in args.arch:
+            if case.archs is not None and arch not in case.archs:
+                continue
             t0 = time.perf_counter()
             try:
                 compiled = compile_case(case, arch)

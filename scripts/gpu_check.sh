@@ -28,7 +28,7 @@ TOTAL_BUDGET=475   # seconds for all steps; the lease allows 10 minutes per comm
 # step budgets (seconds); `timeout` enforces each, capped by what is left of TOTAL_BUDGET
 B_INSTALL=140; B_TESTS=75; B_MEMCHECK=40; B_RACECHECK=40; B_SUPERNET_BF16=30; B_BENCH_MODULE=21
 # the supernet img/s case the GPU is lent for, measured on its own before the per-module runs (a label glob: --case)
-SUPERNET_BF16_CASE='supernet_train.train tiny img=224 B=256 K=4*bfloat16*'
+SUPERNET_BF16_CASE='supernet_train.train*tiny img=224 B=256 K=4 bfloat16*'
 BENCH_MODULES="layer_norm linear attention rsr supernet_train vit_resnas levit"
 
 LOG="$OUT/log.txt"; SUMMARY="$OUT/summary.txt"

@@ -79,9 +79,10 @@ def _assert_covered(launched: Dict[str, Set[Tuple]], kernels: Set[str]) -> None:
         assert not missing, f"{name}: production tiles compiled ahead of time but never executed: {sorted(missing)}"
 
 
-def _distinct_candidates(kind: str):
-    """Indices of the autotune candidates of `kind` with distinct constexprs (the ones that differ here)."""
-    _, configs, _ = linear_mod._autotune_spec(kind)
+def _distinct_candidates(kind: str, precision: str):
+    """Indices of the autotune candidates of `kind` at a dot precision with distinct constexprs (the ones that differ
+    here)."""
+    _, configs, _ = linear_mod._autotune_spec(kind, precision)
     first = {}
     for i, config in enumerate(configs):
         first.setdefault(tuple(sorted(config.kwargs.items())), i)
@@ -140,11 +141,12 @@ def test_layer_norm_production_tiles(launches, monkeypatch):
     _assert_covered(launches, LN_KERNELS)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_linear_production_tiles_and_autotune_candidates(launches, monkeypatch, dtype):
+def test_linear_production_tiles_and_autotune_candidates(launches, monkeypatch):
     """64 x 64 tiles (and 128 x 64 for half types: the tall-group switch is lowered so few rows reach it), each
-    distinct autotune candidate of the forward and dx kernels. K = N = 70: a full and a partial block on every axis;
-    18 / 9 rows per group: partial row tiles; an empty group, k_g = 0 (bias only) and n_g = 0 groups."""
+    distinct autotune candidate of the forward and dx kernels at each dot precision (fp32: "ieee" at torch's default
+    matmul precision; fp16: the tensor-core list). K = N = 70: a full and a partial block on every axis; 18 / 9 rows
+    per group: partial row tiles; an empty group, k_g = 0 (bias only) and n_g = 0 groups. Both dtypes run in one test,
+    so the AOT set (which spans both precisions' candidates) is checked against what they executed together."""
     groups = Ragged((2, 0, 1, 1), (40, 9, 0, 70))
     out_widths = (70, 5, 30, 0)
     k_max = n_max = 70
@@ -153,28 +155,35 @@ def test_linear_production_tiles_and_autotune_candidates(launches, monkeypatch, 
     r = torch.randn(4, 9, n_max) * out_mask[:, None, :]
     w, b = torch.randn(n_max, k_max) / k_max ** 0.5, torch.randn(n_max) * 0.5
     scale = (torch.rand(4) > 0.3).float() / 0.7
-    tall = [linear_mod.triton_kernels._TALL_GROUP_ROWS] + ([8] if dtype != torch.float32 else [])
-    candidates = sorted(set(_distinct_candidates("fwd")) | set(_distinct_candidates("dx")))
-    assert len(candidates) >= 2
-    for tall_rows in tall:
-        monkeypatch.setattr(linear_mod.triton_kernels, "_TALL_GROUP_ROWS", tall_rows)
-        for candidate in candidates:
-            _check(lambda x, w, b, r: rk.ragged_linear(x, w, b, groups, out_widths, activation="gelu", residual=r,
-                                                       row_scale=scale),
-                   lambda x, w, b, r: ref.ragged_linear(x, w, b, groups, out_widths, activation="gelu", residual=r,
-                                                        row_scale=scale.to(x.dtype) if x.dtype == torch.float64
-                                                        else scale),
-                   [t.to(dtype) for t in (x, w, b, r)], f"linear-{dtype}-tall{tall_rows}-cand{candidate}",
-                   candidate=candidate)
-    fwd_blocks = {(d["BLOCK_M"], d["BLOCK_N"], d["BLOCK_K"]) for d in map(dict, launches["_ragged_linear_fwd_kernel"])}
-    bms = {64, 128} if dtype != torch.float32 else {64}
-    for kind, kernel in (("fwd", "_ragged_linear_fwd_kernel"), ("dx", "_ragged_linear_dx_kernel")):
-        for config in linear_mod._autotune_spec(kind)[1]:
-            for name, value in config.kwargs.items():
-                assert any(dict(t)[name] == value for t in launches[kernel]), f"{kernel}: candidate {config} unused"
-    assert {bm for bm, _, _ in fwd_blocks} == bms
-    if dtype == torch.float16:  # the AOT set spans both dtypes' tile sizes only once both ran; fp16 runs both bms
-        _assert_covered(launches, LINEAR_KERNELS)
+    for dtype in (torch.float32, torch.float16):
+        launches.clear()
+        tall = [linear_mod.triton_kernels._TALL_GROUP_ROWS] + ([8] if dtype != torch.float32 else [])
+        precision = linear_mod.triton_kernels._precision(dtype)  # fp32: "ieee" at torch's default matmul precision
+        candidates = sorted(set(_distinct_candidates("fwd", precision)) | set(_distinct_candidates("dx", precision)))
+        assert len(candidates) >= 2
+        for tall_rows in tall:
+            monkeypatch.setattr(linear_mod.triton_kernels, "_TALL_GROUP_ROWS", tall_rows)
+            for candidate in candidates:
+                _check(lambda x, w, b, r: rk.ragged_linear(x, w, b, groups, out_widths, activation="gelu",
+                                                           residual=r, row_scale=scale),
+                       lambda x, w, b, r: ref.ragged_linear(x, w, b, groups, out_widths, activation="gelu",
+                                                            residual=r, row_scale=scale.to(x.dtype)
+                                                            if x.dtype == torch.float64 else scale),
+                       [t.to(dtype) for t in (x, w, b, r)], f"linear-{dtype}-tall{tall_rows}-cand{candidate}",
+                       candidate=candidate)
+        fwd_blocks = {(d["BLOCK_M"], d["BLOCK_N"], d["BLOCK_K"])
+                      for d in map(dict, launches["_ragged_linear_fwd_kernel"])}
+        for kind, kernel in (("fwd", "_ragged_linear_fwd_kernel"), ("dx", "_ragged_linear_dx_kernel")):
+            for config in linear_mod._autotune_spec(kind, precision)[1]:
+                for name, value in config.kwargs.items():
+                    assert any(dict(t)[name] == value for t in launches[kernel]), \
+                        f"{kernel} ({dtype}): candidate {config} unused"
+        assert {bm for bm, _, _ in fwd_blocks} == ({64, 128} if dtype != torch.float32 else {64})
+        if dtype == torch.float32:
+            fp32_launches = {name: set(tiles) for name, tiles in launches.items()}
+    for name, tiles in fp32_launches.items():
+        launches.setdefault(name, set()).update(tiles)
+    _assert_covered(launches, LINEAR_KERNELS)
 
 
 def _attention_case(nq, nk, d, dv, bias, dtype):
@@ -184,7 +193,7 @@ def _attention_case(nq, nk, d, dv, bias, dtype):
     inputs = [q, k, v]
     kw = {}
     if bias == "grid":
-        r, s = {81: (9, 1), 49: (7, 2)}[nk]
+        r, s = {(81, 81): (9, 1), (16, 49): (7, 2), (49, 49): (7, 1)}[(nq, nk)]
         inputs.append(torch.randn(2, r * r) * 0.5)
         kw = lambda t: dict(bias_table=t, bias_grid=(r, s))  # noqa: E731
     elif bias == "index":
@@ -203,6 +212,9 @@ def _attention_case(nq, nk, d, dv, bias, dtype):
 ATTENTION_CASES = [
     (81, 81, 16, 32, "grid"), (70, 67, 64, 64, "dense"), (66, 80, 32, 64, "index"), (65, 70, 64, 64, "none"),
     (16, 49, 16, 32, "grid"), (13, 40, 32, 64, "index"), (40, 37, 64, 64, "none"), (50, 45, 64, 64, "dense"),
+    # the small-N tiles of every bias kind the AOT set compiles: 64 x 64 with the LeViT grid (stage 2, 49 tokens) and
+    # an index, 16 x 64 without a bias and with a dense one (a dense bias takes 64 x 64 tiles through the tiled kernels)
+    (49, 49, 16, 32, "grid"), (33, 60, 32, 64, "index"), (9, 40, 64, 64, "none"), (12, 50, 64, 64, "dense"),
 ]
 
 

@@ -29,10 +29,34 @@ void cblas_gemm_bf16bf16f32(int layout, int transa, int transb, int m, int n, in
                             int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
 void cblas_gemm_f16f16f32(int layout, int transa, int transb, int m, int n, int k, float alpha, const uint16_t* a,
                           int lda, const uint16_t* b, int ldb, float beta, float* c, int ldc) __attribute__((weak));
+// MKL's per-thread thread count, C interface (returns the previous one; 0: the global setting). The lowercase
+// `mkl_set_num_threads_local` is the Fortran interface and takes a pointer.
+int MKL_Set_Num_Threads_Local(int nt) __attribute__((weak));
 }
 
 namespace resnas {
 namespace cpu_blas {
+
+// While alive, this thread's BLAS calls run on this thread alone. For GEMMs inside a parallel region whose threads
+// own different tiles: PyTorch turns MKL's dynamic threading off, so MKL would otherwise start its own threads inside
+// each task (seen: a 15 x 720 x 400 SGEMM on 2 threads inside a 2-thread region), and a tile's result would depend on
+// the thread count (MKL splits the work differently). No effect with a BLAS other than MKL (OpenBLAS built with
+// OpenMP runs single-threaded inside a parallel region by itself).
+class SequentialBlas {
+ public:
+  SequentialBlas() : active_(MKL_Set_Num_Threads_Local != nullptr) {
+    if (active_) previous_ = MKL_Set_Num_Threads_Local(1);
+  }
+  ~SequentialBlas() {
+    if (active_) MKL_Set_Num_Threads_Local(previous_);
+  }
+  SequentialBlas(const SequentialBlas&) = delete;
+  SequentialBlas& operator=(const SequentialBlas&) = delete;
+
+ private:
+  bool active_;
+  int previous_ = 0;
+};
 
 // ---------------------------------------------------------------------------------------------------------------------
 // GEMM on raw pointers: C (m x n) = op(A) op(B) + beta C, every matrix row-major with its leading dimension

@@ -291,8 +291,9 @@ std::vector<RowTask> row_tasks(const Layout& l, int64_t block) {
 // counter, most expensive first (longest-processing-time order), so a thread slowed by another process on its core,
 // or a few tiles of unequal cost, do not leave the others idle at the end. Which thread runs a task never changes
 // what the task computes (each task owns its outputs and sums in a fixed order), so results do not depend on the
-// schedule or the thread count. The BLAS calls inside run single-threaded (MKL / OpenBLAS do not nest inside an
-// OpenMP region): the threads work on different row blocks / tiles instead of synchronising once per small GEMM.
+// schedule or the thread count. The BLAS calls inside run single-threaded (`SequentialBlas`; also with one thread, so a
+// tile is computed by the same code whatever the thread count): the threads work on different row blocks / tiles
+// instead of synchronising once per small GEMM.
 template <typename F>
 void run_tasks(const std::vector<double>& cost, const F& fn) {
   const int64_t tasks = static_cast<int64_t>(cost.size());
@@ -303,6 +304,7 @@ void run_tasks(const std::vector<double>& cost, const F& fn) {
   const int64_t threads = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), tasks));
   std::atomic<int64_t> next{0};
   at::parallel_for(0, threads, 1, [&](int64_t, int64_t) {
+    const cpu_blas::SequentialBlas sequential;
     for (int64_t i; (i = next.fetch_add(1, std::memory_order_relaxed)) < tasks;) fn(order[i]);
   });
 }

@@ -40,8 +40,7 @@ def _register_aot_cases():
                "bwd_dkdv": _attn_bwd_dkdv_kernel, "bwd_dbias": _attn_bwd_dbias_kernel}
     # Representative specialisations: LeViT (d 16 / v 32 with the table via the grid; d 32 / v 64 via an index),
     # ViT-ResNAS (d 64, no bias), a dense bias; bf16 for every kernel, fp16 for the forward ones, fp32 for the tiled
-    # ones (fp32 never takes the small-N kernels); small-N blocks of 16 x 64 and 64 x 64 (the backward: 16 x 64 only,
-    # larger shapes take the tiled backward), the tiles `_production_tile` picks.
+    # ones (fp32 never takes the small-N kernels); the small-N blocks below, the tiles `_production_tile` picks.
     configs = ((BIAS_GRID, 16, 32), (BIAS_NONE, 64, 64), (BIAS_INDEX, 32, 64), (BIAS_DENSE_HEAD, 64, 64))
     for dtype, torch_dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16), ("fp16", torch.float16)):
         for name, kernel in kernels.items():
@@ -49,23 +48,32 @@ def _register_aot_cases():
             if (dtype == "fp16" and not name.startswith("fwd")) or (small and dtype == "fp32"):
                 continue
             for n, (bias, dqk, dv) in enumerate(configs):
-                if name == "bwd_small" and n % 2:
-                    continue
-                if small:
-                    bm, bn, chunk_d = (16 if n % 2 == 0 else 64), 64, None
-                else:
-                    bm, bn, chunk_d = _production_tile(torch_dtype, "fwd" if name == "fwd_tiled" else name[4:])
-                consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_DQK": dqk, "BLOCK_DV": dv,
-                          "PRECISION": _precision(torch_dtype), "BIAS_KIND": bias}
-                if name == "bwd_small":
-                    consts["HAS_DS"] = bias != BIAS_NONE
-                if chunk_d is not None:
-                    consts["CHUNK_D"] = chunk_d
-                register_aot(kernel, _aot_signature(dtype, name), consts, num_warps=_num_warps(torch_dtype),
-                             num_stages=1 if small else 2)
+                # small-N tiles (`_use_small`): the forward at 16 x 64 (shrink attention) and 64 x 64 (LeViT stage 2:
+                # 49 tokens; a dense bias 16 x 64 only), the backward at 16 x 64 for sm_90 only, never a dense bias
+                dense = bias == BIAS_DENSE_HEAD
+                if name == "bwd_small" and dense:
+                    continue  # a dense bias never takes the small backward
+                for bm in ((16, 64) if name == "fwd_small" and not dense else (16,)) if small else (None,):
+                    _register_one(kernel, name, dtype, torch_dtype, small, bm, bias, dqk, dv)
     register_aot(_bias_table_grad_kernel, {"DS_PART": "*fp32", "PERM": "*i32", "SEG": "*i32", "DTABLE": "*fp32",
                                            "n_chunks": "i32", "H": "i32", "T": "i32", "NQK": "i32",
                                            "BLOCK": "constexpr"}, {"BLOCK": 128}, num_warps=4)
+
+
+def _register_one(kernel, name, dtype, torch_dtype, small, bm, bias, dqk, dv):
+    """One AOT case: a small-N kernel at BLOCK_M = bm x 64 keys, or a tiled one at its production tile."""
+    if small:
+        bn, chunk_d = 64, None
+    else:
+        bm, bn, chunk_d = _production_tile(torch_dtype, "fwd" if name == "fwd_tiled" else name[4:])
+    consts = {"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_DQK": dqk, "BLOCK_DV": dv, "PRECISION": _precision(torch_dtype),
+              "BIAS_KIND": bias}
+    if name == "bwd_small":
+        consts["HAS_DS"] = bias != BIAS_NONE
+    if chunk_d is not None:
+        consts["CHUNK_D"] = chunk_d
+    register_aot(kernel, _aot_signature(dtype, name), consts, num_warps=_num_warps(torch_dtype),
+                 num_stages=1 if small else 2, archs=(90,) if name == "bwd_small" else None)
 
 
 _register_aot_cases()

@@ -1,7 +1,7 @@
 """Triton kernels of the ragged attention and their launchers (the `triton` backend; also the backward of the `cuda`
 backend); semantics in the package docstring."""
 import functools
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -234,16 +234,15 @@ def _attn_bwd_small_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, DS_PART, WIDTHS, SAM
         b = c * chunk + s
         if b < B:
             b64 = b.to(tl.int64)
-            dq_ptrs = DQ + ((b64 * Nq + offs_m[:, None]) * H + h) * Dqk + offs_d[None, :]
-            dk_ptrs = DK + ((b64 * Nk + offs_n[:, None]) * H + h) * Dqk + offs_d[None, :]
-            dv_ptrs = DV + ((b64 * Nk + offs_n[:, None]) * H + h) * Dv + offs_e[None, :]
+            # Output addresses are formed at each store, not up front: three address tiles held across the body
+            # (64-bit, one per element) took most of the registers and spilled.
             if h < _active_heads(WIDTHS, SAMPLE_GROUP, b, H):
                 q = tl.load(Q + b64 * sqb + offs_m[:, None] * sqn + h * sqh + offs_d[None, :], mask=qmask, other=0.0)
                 k = tl.load(K + b64 * skb + offs_n[:, None] * skn + h * skh + offs_d[None, :], mask=kmask, other=0.0)
                 v = tl.load(V + b64 * svb + offs_n[:, None] * svn + h * svh + offs_e[None, :], mask=vmask, other=0.0)
                 row = (b64 * Nq + offs_m[:, None]) * (H * Dv) + h * Dv + offs_e[None, :]
                 do = tl.load(DO + row, mask=omask, other=0.0)
-                o = tl.load(O + row, mask=omask, other=0.0)
+                delta = tl.sum(do.to(tl.float32) * tl.load(O + row, mask=omask, other=0.0).to(tl.float32), 1)
                 lse = tl.load(LSE + (b64 * H + h) * Nq + offs_m, mask=mask_m, other=0.0)
                 sc = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
                 if BIAS_KIND == 5:
@@ -252,20 +251,25 @@ def _attn_bwd_small_kernel(Q, K, V, O, DO, LSE, DQ, DK, DV, DS_PART, WIDTHS, SAM
                 else:
                     sc += shared_bias
                 p = tl.where(smask, tl.exp(sc - lse[:, None]), 0.0)
-                delta = tl.sum(do.to(tl.float32) * o.to(tl.float32), 1)
+                dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
+                tl.store(DV + ((b64 * Nk + offs_n[:, None]) * H + h) * Dv + offs_e[None, :],
+                         dv.to(DV.dtype.element_ty), mask=vmask)
                 dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
                 ds = p * (dp - delta[:, None])
                 dq = tl.dot(ds.to(k.dtype), k, input_precision=PRECISION) * scale
+                tl.store(DQ + ((b64 * Nq + offs_m[:, None]) * H + h) * Dqk + offs_d[None, :],
+                         dq.to(DQ.dtype.element_ty), mask=qmask)
                 dk = tl.dot(tl.trans(ds).to(q.dtype), q, input_precision=PRECISION) * scale
-                dv = tl.dot(tl.trans(p).to(do.dtype), do, input_precision=PRECISION)
-                tl.store(dq_ptrs, dq.to(DQ.dtype.element_ty), mask=qmask)
-                tl.store(dk_ptrs, dk.to(DK.dtype.element_ty), mask=kmask)
-                tl.store(dv_ptrs, dv.to(DV.dtype.element_ty), mask=vmask)
+                tl.store(DK + ((b64 * Nk + offs_n[:, None]) * H + h) * Dqk + offs_d[None, :],
+                         dk.to(DK.dtype.element_ty), mask=kmask)
                 ds_acc += ds
             else:
-                tl.store(dq_ptrs, tl.zeros([BLOCK_M, BLOCK_DQK], dtype=DQ.dtype.element_ty), mask=qmask)
-                tl.store(dk_ptrs, tl.zeros([BLOCK_N, BLOCK_DQK], dtype=DK.dtype.element_ty), mask=kmask)
-                tl.store(dv_ptrs, tl.zeros([BLOCK_N, BLOCK_DV], dtype=DV.dtype.element_ty), mask=vmask)
+                tl.store(DQ + ((b64 * Nq + offs_m[:, None]) * H + h) * Dqk + offs_d[None, :],
+                         tl.zeros([BLOCK_M, BLOCK_DQK], dtype=DQ.dtype.element_ty), mask=qmask)
+                tl.store(DK + ((b64 * Nk + offs_n[:, None]) * H + h) * Dqk + offs_d[None, :],
+                         tl.zeros([BLOCK_N, BLOCK_DQK], dtype=DK.dtype.element_ty), mask=kmask)
+                tl.store(DV + ((b64 * Nk + offs_n[:, None]) * H + h) * Dv + offs_e[None, :],
+                         tl.zeros([BLOCK_N, BLOCK_DV], dtype=DV.dtype.element_ty), mask=vmask)
     if HAS_DS:
         part = DS_PART + (c.to(tl.int64) * H + h) * Nq * Nk
         tl.store(part + offs_m[:, None] * Nk + offs_n[None, :], ds_acc, mask=smask)
@@ -489,15 +493,35 @@ _SMALL_BWD_MAX_SCORES = 16 * 64  # padded score tile up to which the small-N bac
 _FP32_CHUNK_D = 16
 
 
-def _use_small(n_q: int, n_k: int, dtype: torch.dtype, backward: bool = False) -> bool:
+def _use_small(n_q: int, n_k: int, dtype: torch.dtype, backward: bool = False,
+               device: Optional[torch.device] = None, dense_bias: bool = False) -> bool:
     """The small-N kernels reduce over a whole padded sequence in one dot, which fp32's FMA dots cannot hold in
     registers: fp32 always takes the tiled kernels. The small backward keeps about ten score-sized tiles per sample
     live (and the dS sum across samples): beyond a 16 x 64 score tile it spilled even at 8 warps, so larger shapes
-    take the tiled backward kernels."""
+    take the tiled backward kernels; and it uses all 255 registers, which spill on sm_80 (not on sm_90: its AOT case is
+    compiled for sm_90 only), so CUDA devices below compute capability 9 take the tiled backward too. `device`: the
+    tensors' device (the interpreter's CPU runs every kernel). A dense bias (its addresses and values one more
+    score-sized tile) spilled in the 64 x 64 forward and in the backward: it takes the small forward only up to
+    16 x 64 score tiles, and never the small backward."""
     m, n = triton.next_power_of_2(n_q), triton.next_power_of_2(n_k)
     if dtype == torch.float32 or m > _SMALL_MAX or n > _SMALL_MAX:
         return False
-    return not backward or max(m, 16) * max(n, 16) <= _SMALL_BWD_MAX_SCORES
+    if not backward:
+        return not dense_bias or max(m, 16) * max(n, 16) <= _SMALL_DENSE_FWD_MAX_SCORES
+    if dense_bias:
+        return False
+    if device is not None and device.type == "cuda" and _capability(device) < _SMALL_BWD_MIN_CAPABILITY:
+        return False
+    return max(m, 16) * max(n, 16) <= _SMALL_BWD_MAX_SCORES
+
+
+_SMALL_BWD_MIN_CAPABILITY = (9, 0)
+_SMALL_DENSE_FWD_MAX_SCORES = 16 * 64
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(device: torch.device) -> Tuple[int, int]:
+    return torch.cuda.get_device_capability(device)
 
 
 def _production_tile(dtype: torch.dtype, kernel: str = "fwd") -> Tuple[int, int, int]:
@@ -581,7 +605,7 @@ def _triton_fwd(q, k, v, table, index, dense, sizes: List[int], widths: torch.Te
     if batch == 0:
         return out, lse
     args, meta = _common_args(q, k, v, sizes, widths, table, index, dense, grid, scale)
-    if _use_small(n_q, n_k, q.dtype):
+    if _use_small(n_q, n_k, q.dtype, dense_bias=dense is not None):
         bm, bn = max(16, triton.next_power_of_2(n_q)), max(16, triton.next_power_of_2(n_k))
         per = _SMALL_SAMPLES
         _attn_fwd_small_kernel[(triton.cdiv(batch, per), h_max)](
@@ -608,7 +632,7 @@ def _triton_bwd(dout, q, k, v, out, lse, table, index, dense, sizes: List[int], 
     ds_part = q.new_empty((n_chunks if has_ds else 0, h_max, n_q, n_k), dtype=torch.float32)
     if batch:
         args, meta = _common_args(q, k, v, sizes, widths, table, index, dense, grid, scale)
-        if _use_small(n_q, n_k, q.dtype, backward=True):
+        if _use_small(n_q, n_k, q.dtype, backward=True, device=q.device, dense_bias=dense is not None):
             bm, bn = max(16, triton.next_power_of_2(n_q)), max(16, triton.next_power_of_2(n_k))
             if not has_ds:
                 chunk, n_chunks = _SMALL_SAMPLES, triton.cdiv(batch, _SMALL_SAMPLES)

@@ -34,8 +34,8 @@ _AOT_EPILOGUES = (
     (True, False, True, True, False),     # proj / fc2 + drop-path residual
     (True, False, True, False, False),    # proj / fc2 + residual
 )
-# The first autotune candidate of each GEMM kernel, registered for every dtype and epilogue.
-_FWD0, _DX0, _DW0 = (_CANDIDATES[kind][0] for kind in ("fwd", "dx", "dw"))
+# The first tensor-core autotune candidate of each GEMM kernel, registered for every dtype and epilogue.
+_FWD0, _DX0, _DW0 = (_CANDIDATES["tf32"][kind][0] for kind in ("fwd", "dx", "dw"))
 _DW_TILE = dict(zip(("BLOCK_N", "BLOCK_K", "BLOCK_M"), _DW_BLOCKS))
 
 
@@ -67,13 +67,13 @@ for _dt in ("fp32", "bf16", "fp16"):
 # so the resource check sees every configuration a GPU may pick.
 for _dt, _bm, _prec in (("fp32", 64, "tf32"), ("fp32", 64, "ieee"), ("bf16", 128, "tf32")):
     _fwd_sig, _, _dx_sig, _dw_sig = _aot_signatures(_dt)
-    for _candidate in _CANDIDATES["fwd"]:
+    for _candidate in _CANDIDATES[_prec]["fwd"]:
         _register(_ragged_linear_fwd_kernel, _fwd_sig,
                   {"HAS_BIAS": True, "GELU": True, "HAS_RESIDUAL": False, "HAS_ROW_SCALE": False, "SAVE_PRE": True,
                    "PRECISION": _prec, "BLOCK_M": _bm, "BLOCK_N": 64}, _candidate)
-    for _candidate in _CANDIDATES["dx"]:
+    for _candidate in _CANDIDATES[_prec]["dx"]:
         _register(_ragged_linear_dx_kernel, _dx_sig, {"PRECISION": _prec, "BLOCK_M": _bm, "BLOCK_K": 64}, _candidate)
-    for _candidate in _CANDIDATES["dw"]:
+    for _candidate in _CANDIDATES[_prec]["dw"]:
         for _bias in (True, False):
             _register(_ragged_linear_dw_kernel, _dw_sig,
                       {"HAS_BIAS": _bias, "PRECISION": _prec, **_DW_TILE}, _candidate)

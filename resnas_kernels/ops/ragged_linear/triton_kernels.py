@@ -168,7 +168,7 @@ def _ragged_linear_dw_kernel(DP, X, DW, DB, ROW_STARTS, IN_W, OUT_W, num_groups,
     split_lo = split * rows_per_split
     split_hi = split_lo + rows_per_split
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    db_acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    db_acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)  # per-column partial sums of db, reduced once at the end
     for g in range(num_groups):
         start = tl.load(ROW_STARTS + g)
         end = tl.load(ROW_STARTS + g + 1)
@@ -191,13 +191,13 @@ def _ragged_linear_dw_kernel(DP, X, DW, DB, ROW_STARTS, IN_W, OUT_W, num_groups,
                         mask=m_ok[:, None] & k_ok[None, :], other=0.0)              # (BLOCK_M, BLOCK_K)
             acc = tl.dot(dp_t, x, acc, input_precision=PRECISION)
             if HAS_BIAS:
-                db_acc += tl.sum(dp_t.to(tl.float32), axis=1)
+                db_acc += dp_t.to(tl.float32)
     j_in = js < seg_width
     base = split.to(tl.int64) * N_max
     tl.store(DW + (base + w_rows)[:, None] * K_max + ks[None, :], acc.to(DW.dtype.element_ty),
              mask=j_in[:, None] & (ks < K_max)[None, :])
     if HAS_BIAS:
-        tl.store(DB + base + w_rows, db_acc.to(DB.dtype.element_ty), mask=j_in & (pid_k == 0))
+        tl.store(DB + base + w_rows, tl.sum(db_acc, axis=1).to(DB.dtype.element_ty), mask=j_in & (pid_k == 0))
 
 
 
@@ -260,16 +260,25 @@ def _gpu_blocks(dtype: torch.dtype, avg_rows: int) -> Tuple[int, int]:
 _TALL_GROUP_ROWS = 1024  # module constant so interpreter tests can reach the 128-row tiles with few rows
 
 
-# Autotune candidates per kernel: (constexprs, num_warps, num_stages). Each one holds its tile in registers without
-# spilling on sm_80 and sm_90 at every tile size the launchers pick (`resnas aot --resources` compiles them all,
-# aot.py). That rules out 4 warps: a 128 x 64 tile leaves 64 fp32 accumulators per thread next to the operand
-# fragments and the per-element pointers and masks of the ragged loads (the loads cannot assume aligned rows), and
-# even 64 x 64 tiles spilled at 4 warps with a 64-deep chunk, or with fp32 operands.
+# Autotune candidates per kernel and dot precision: (constexprs, num_warps, num_stages). Each one holds its tile in
+# registers without spilling on sm_80 and sm_90 at every tile size the launchers pick (`resnas aot --resources`
+# compiles them all, aot.py). That rules out 4 warps: a 128 x 64 tile leaves 64 fp32 accumulators per thread next to
+# the operand fragments and the per-element pointers and masks of the ragged loads (the loads cannot assume aligned
+# rows), and even 64 x 64 tiles spilled at 4 warps with a 64-deep chunk, or with fp32 operands. "ieee" (fp32 FMA
+# dots, torch's default "highest" fp32 matmul precision) holds its operands in a blocked layout, not in tensor-core
+# fragments, and needs shallower reduction chunks: 64-deep forward chunks and 32- or 64-deep dx chunks spilled.
 _CANDIDATES = {
-    "fwd": [({"BLOCK_K": 32}, 8, 3), ({"BLOCK_K": 32}, 8, 4), ({"BLOCK_K": 64}, 8, 3), ({"BLOCK_K": 64}, 8, 4)],
-    "dx": [({"BLOCK_N": 32}, 8, 3), ({"BLOCK_N": 32}, 8, 4), ({"BLOCK_N": 64}, 8, 3)],
-    # launch parameters only: the row blocking (the dW summation order) stays fixed
-    "dw": [({}, 8, 3), ({}, 8, 4)],
+    "tf32": {  # tensor-core dots: tf32 for fp32, and every half type
+        "fwd": [({"BLOCK_K": 32}, 8, 3), ({"BLOCK_K": 32}, 8, 4), ({"BLOCK_K": 64}, 8, 3), ({"BLOCK_K": 64}, 8, 4)],
+        "dx": [({"BLOCK_N": 32}, 8, 3), ({"BLOCK_N": 32}, 8, 4), ({"BLOCK_N": 64}, 8, 3)],
+        # launch parameters only: the row blocking (the dW summation order) stays fixed
+        "dw": [({}, 8, 2), ({}, 8, 4)],
+    },
+    "ieee": {
+        "fwd": [({"BLOCK_K": 32}, 8, 3), ({"BLOCK_K": 32}, 8, 4), ({"BLOCK_K": 16}, 8, 3)],
+        "dx": [({"BLOCK_N": 16}, 8, 3), ({"BLOCK_N": 16}, 8, 4)],
+        "dw": [({}, 8, 2), ({}, 8, 4)],
+    },
 }
 _AUTOTUNE_KEYS = {
     "fwd": ["K_max", "N_max", "seg_width", "BLOCK_M", "BLOCK_N", "PRECISION"],
@@ -279,30 +288,32 @@ _AUTOTUNE_KEYS = {
 _KERNELS = {"fwd": _ragged_linear_fwd_kernel, "dx": _ragged_linear_dx_kernel, "dw": _ragged_linear_dw_kernel}
 
 
-def _autotune_spec(kind: str):
-    """(kernel, autotune candidates as triton.Config, autotune key) of an autotuned kernel."""
+def _autotune_spec(kind: str, precision: str):
+    """(kernel, autotune candidates as triton.Config, autotune key) of an autotuned kernel at a dot precision."""
     configs = [triton.Config(dict(kwargs), num_warps=warps, num_stages=stages)
-               for kwargs, warps, stages in _CANDIDATES[kind]]
+               for kwargs, warps, stages in _CANDIDATES[precision][kind]]
     return _KERNELS[kind], configs, _AUTOTUNE_KEYS[kind]
 
 
 @functools.lru_cache(maxsize=None)
-def _tuned(kind: str):
-    """The GPU-autotuned variant of a kernel, created on first use: decorating at import would query the CUDA
-    driver on machines that have none (and autotuning is meaningless under the interpreter)."""
-    kernel, configs, key = _autotune_spec(kind)
+def _tuned(kind: str, precision: str):
+    """The GPU-autotuned variant of a kernel at a dot precision, created on first use: decorating at import would
+    query the CUDA driver on machines that have none (and autotuning is meaningless under the interpreter)."""
+    kernel, configs, key = _autotune_spec(kind, precision)
     return triton.autotune(configs, key=key)(kernel)
 
 
 def _launch_tuned(kind: str, grid, args, consts) -> None:
-    """Production launch of an autotuned kernel. Under the interpreter (only with `_ext.production_tiles()`) there is
-    no GPU to time candidates on: the pinned candidate runs instead, so tests can execute each one."""
+    """Production launch of an autotuned kernel (its candidates follow consts["PRECISION"]). Under the interpreter
+    (only with `_ext.production_tiles()`) there is no GPU to time candidates on: the pinned candidate runs instead, so
+    tests can execute each one."""
+    precision = consts["PRECISION"]
     if _ext.triton_interpreting():
-        kernel, configs, _ = _autotune_spec(kind)
+        kernel, configs, _ = _autotune_spec(kind, precision)
         config = _ext.pinned_autotune_config(configs)
         kernel[grid](*args, **consts, **config.kwargs, num_warps=config.num_warps, num_stages=config.num_stages)
     else:
-        _tuned(kind)[grid](*args, **consts)
+        _tuned(kind, precision)[grid](*args, **consts)
 
 
 def _split_rows(total_rows: int, dw_tiles: int, block_m: int) -> int:
