@@ -22,23 +22,10 @@
 #include <string>
 #include <vector>
 
+#include "expect.h"
 #include "ragged_layer_norm.h"
 
 namespace {
-
-int g_failures = 0;
-int g_checks = 0;
-
-#define EXPECT(cond, ...)                                                 \
-  do {                                                                   \
-    ++g_checks;                                                          \
-    if (!(cond)) {                                                       \
-      ++g_failures;                                                      \
-      std::fprintf(stderr, "FAILED %s:%d: %s | ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                 \
-      std::fprintf(stderr, "\n");                                        \
-    }                                                                    \
-  } while (0)
 
 using FwdFn = resnas::LayerNormFwdOut(const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                                       const at::Tensor&, c10::IntArrayRef, const at::Tensor&, double);
@@ -426,6 +413,5 @@ int main() {
     }
   }
   run_error_checks();
-  std::printf("%d checks, %d failed\n", g_checks, g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return resnas_test::finish();
 }

@@ -16,24 +16,11 @@
 #include <limits>
 #include <string>
 
+#include "expect.h"
 #include "ragged.h"
 #include "rsr.h"
 
 namespace {
-
-int g_failures = 0;
-int g_checks = 0;
-
-#define EXPECT(cond, ...)                                                      \
-  do {                                                                        \
-    ++g_checks;                                                               \
-    if (!(cond)) {                                                            \
-      ++g_failures;                                                           \
-      std::fprintf(stderr, "FAILED %s:%d: %s | ", __FILE__, __LINE__, #cond); \
-      std::fprintf(stderr, __VA_ARGS__);                                      \
-      std::fprintf(stderr, "\n");                                             \
-    }                                                                         \
-  } while (0)
 
 // Error of `got` in units in the last place of the fp32 value nearest to `exact`.
 double ulp_error(float got, double exact) {
@@ -134,6 +121,5 @@ int main() {
   test_exp();
   test_group_table();
   test_registration();
-  std::printf("%d checks, %d failed\n", g_checks, g_failures);
-  return g_failures == 0 ? 0 : 1;
+  return resnas_test::finish();
 }
