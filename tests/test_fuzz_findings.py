@@ -18,9 +18,11 @@ from resnas_kernels import BackendUnavailableError, Ragged, _ext
 
 from _oracle import assert_close_to_oracle
 
-# The op modules (resnas_kernels.ops re-exports functions under some of the same names).
-ln_mod, lin_mod, epi_mod, im2col_mod = (importlib.import_module(f"resnas_kernels.ops.{name}") for name in (
-    "ragged_layer_norm", "ragged_linear", "rsr_epilogue", "rsr_im2col"))
+# The ops' Triton launchers (one module per op folder; resnas_kernels.ops re-exports functions under the op names).
+ln_mod = importlib.import_module("resnas_kernels.ops.ragged_layer_norm")
+lin_mod, epi_mod, im2col_mod = (importlib.import_module(f"resnas_kernels.ops.{name}.triton_kernels") for name in (
+    "ragged_linear", "rsr_epilogue", "rsr_im2col"))
+im2col_geometry = importlib.import_module("resnas_kernels.ops.rsr_im2col.registration")._geometry
 
 pytestmark = pytest.mark.skipif(not _ext.triton_interpreting(), reason="needs the Triton interpreter (CPU tier)")
 
@@ -239,7 +241,7 @@ def test_rsr_kernels_mask_by_channel_bounds(monkeypatch):
     grid, n_tokens = (4, 4), 17
     with _watch_memory(monkeypatch) as mem:
         u = mem.tensor(1, n_tokens, 8)
-        geo = im2col_mod._geometry(list(grid), 3, 2, 1, True)
+        geo = im2col_geometry(list(grid), 3, 2, 1, True)
         cols = im2col_mod._triton_fwd(u, Ragged((1,), (11,)), geo)          # width 11 > C = 8
         du = im2col_mod._triton_bwd(mem.tensor(1, 4, 72), Ragged((1,), (11,)), geo)
         egeo = epi_mod._geometry(grid, 2, True)
