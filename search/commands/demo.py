@@ -1,5 +1,5 @@
 """`resnas demo --out runs/demo`: the whole pipeline on the built-in demo task, for a first look at what the library
-is for. About 10-20 minutes on two CPU cores with the defaults (most of it supernet training).
+is for. About two minutes on two idle CPU cores with the defaults (most of it supernet training).
 
 1. `resnas train-supernet` on the generated shapes task (search/shapes.py) with the demo space: the supernet trains
    on the sub-train split only (the held-out images are carved from the training set and never trained on);
