@@ -4,7 +4,7 @@
 // Design and caveats:
 // - conv (the CPU fast path of the fused RSR): materialising the whole (B, Ho*Wo, Ci*k*k) column tensor costs a
 //   fresh 40-150 MB allocation per call at ViT-ResNAS shapes, whose first-touch page faults took as long as a third of
-//   the GEMM on the development VM. So, per group and per block of whole samples (~kBlockRows rows), the columns are
+//   the GEMM (BENCHMARKS.md). So, per group and per block of whole samples (~kBlockRows rows), the columns are
 //   gathered into one reused buffer with the group's compact row length ci*k*k, then one BLAS GEMM with
 //   W[:co, :ci*k*k] writes the block's output rows (zeros beyond co). Backward re-gathers each block: dW[:co, :K] +=
 //   dY^T @ cols (groups and blocks in a fixed order: reproducible run to run at a fixed thread count; BLAS does not

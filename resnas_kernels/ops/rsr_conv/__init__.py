@@ -7,7 +7,7 @@ with cols the token-layout im2col of `rsr_im2col` (channel-major / tap-minor, so
 top-left block of W2d). This is exactly `rsr_im2col` followed by `ragged_linear`, computed without materialising the
 column tensor: the C++ kernel (csrc/cpu/rsr_conv.cpp) gathers blocks of whole samples into one reused buffer and
 runs one BLAS GEMM per block. At ViT-ResNAS shapes the full column tensor is a fresh 40-150 MB allocation per call,
-whose first-touch page faults cost up to a third of the GEMM time on the development machine; this op is the fused
+whose first-touch page faults can cost a third of the GEMM time (BENCHMARKS.md); this op is the fused
 RSR's CPU path. On CUDA the fused RSR uses `rsr_im2col` + `ragged_linear` (Triton) instead.
 
 For the fp32 forward on a torch built with oneDNN (the default x86 build) the C++ kernel takes a second route for large
