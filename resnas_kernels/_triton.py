@@ -7,11 +7,7 @@ Kernel files must not use `from __future__ import annotations`: Triton reads `tl
 try:
     import triton
     import triton.language as tl
-
-    HAS_TRITON = True
 except ImportError:  # pragma: no cover - exercised only on platforms without triton wheels
-    HAS_TRITON = False
-
     class _MissingTriton:
         @staticmethod
         def jit(fn=None, **_kwargs):
@@ -31,4 +27,4 @@ except ImportError:  # pragma: no cover - exercised only on platforms without tr
     triton = _MissingTriton()
     tl = _MissingLanguage()
 
-__all__ = ["triton", "tl", "HAS_TRITON"]
+__all__ = ["triton", "tl"]

@@ -13,7 +13,7 @@ Forcing a backend that cannot run the call raises `BackendUnavailableError` sayi
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Iterator, Optional, Tuple
 
 import torch
@@ -35,7 +35,6 @@ class OpInfo:
     backends: Tuple[str, ...]            # implemented backends besides "reference" ("triton", "cpu", "cuda")
     auto_cuda: Tuple[str, ...] = ("triton", "cuda")  # preference order on CUDA tensors, fastest first
     ext_ops: Tuple[str, ...] = ()        # names in torch.ops.resnas the C++ backends need
-    notes: Dict[str, str] = field(default_factory=dict)
 
 
 _OPS: Dict[str, OpInfo] = {}

@@ -70,13 +70,13 @@ from ..rsr_epilogue import check_shortcut, rsr_epilogue
 from ..rsr_im2col import rsr_im2col
 from .reference_backend import _reference_masked, _reference_rsr
 
+# A composition: ragged_layer_norm -> rsr_conv (CPU) | rsr_im2col + ragged_linear -> rsr_epilogue, plus the cls
+# ragged_linear.
 OP = register_op(OpInfo(
     name="residual_spatial_reduction",
     backends=("triton", "cpu"),
     auto_cuda=("triton",),
     ext_ops=("ext_rsr_conv_fwd", "ext_rsr_conv_bwd", "ext_rsr_epilogue_fwd", "ext_rsr_epilogue_bwd"),
-    notes={"composition": "ragged_layer_norm -> rsr_conv (CPU) | rsr_im2col + ragged_linear -> rsr_epilogue, plus "
-                          "the cls ragged_linear"},
 ))
 
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
