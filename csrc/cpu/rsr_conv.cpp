@@ -91,11 +91,14 @@ void gather_block(const scalar_t* u, const scalar_t* zeros, acc_t* buf, const Rs
   });
 }
 
+// Whole samples per block of the blocked path (about kBlockRows GEMM rows, at least one sample of L rows).
+inline int64_t samples_per_block(int64_t L) { return std::max<int64_t>(1, kBlockRows / std::max<int64_t>(L, 1)); }
+
 // Calls fn(g, ci, co, s0, nb) for every block of whole samples of every group with rows, in group / block order.
 template <typename Fn>
 void for_each_block(const ConvArgs& a, Fn&& fn) {
   const int64_t L = a.im.geo.out_patches();
-  const int64_t block_samples = std::max<int64_t>(1, kBlockRows / std::max<int64_t>(L, 1));
+  const int64_t block_samples = samples_per_block(L);
   for (int64_t g = 0; g < a.im.groups.num_groups(); ++g) {
     const int64_t begin = a.im.groups.row_start[g], end = a.im.groups.row_start[g + 1];
     for (int64_t s0 = begin; s0 < end; s0 += block_samples)
@@ -170,7 +173,7 @@ at::Tensor rsr_conv_fwd_cpu(const at::Tensor& u_in, const at::Tensor& weight_in,
     }
     return out;
   }
-  const int64_t max_rows = std::max<int64_t>(1, kBlockRows / std::max<int64_t>(L, 1)) * L;
+  const int64_t max_rows = samples_per_block(L) * L;  // rows of the largest block: the block buffers' height
   const int64_t max_k = a.im.groups.max_width * kk, w_ld = C * kk, co_max = a.co_max;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), kConvFwdName, [&] {
     using acc_t = at::opmath_type<scalar_t>;
@@ -226,8 +229,7 @@ std::tuple<at::Tensor, at::Tensor> rsr_conv_bwd_cpu(const at::Tensor& dout_in, c
   at::Tensor du = at::empty({B, N, C}, u.options());
   at::Tensor dw = at::zeros({a.co_max, C * kk}, u.options().dtype(acc));
   if (du.numel() == 0) return {du, dw};
-  const at::Tensor dout2d = dout.view({B * L, a.co_max});
-  const int64_t max_rows = std::max<int64_t>(1, kBlockRows / std::max<int64_t>(L, 1)) * L;
+  const int64_t max_rows = samples_per_block(L) * L;  // rows of the largest block: the block buffers' height
   const int64_t max_k = a.im.groups.max_width * kk, w_ld = C * kk, co_max = a.co_max;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, u.scalar_type(), kConvBwdName, [&] {
     using acc_t = at::opmath_type<scalar_t>;
