@@ -1,4 +1,4 @@
-"""The composite `residual_spatial_reduction` and its `ResidualSpatialReduction` module against a reference built
+"""The composite `residual_spatial_reduction` and its `FusedResidualSpatialReduction` module against a reference built
 from stock modules (tests/_rsr_helpers.py), forward and backward. Tolerances follow tests/_oracle.py: the kernel's
 error against the fp64 oracle may be at most 2x (outputs) or 3x (gradients) the error of the same stock chain
 evaluated in the kernel's dtype, plus 8 ulps of the output's magnitude.
@@ -16,7 +16,7 @@ from torch import nn
 
 import resnas_kernels as rk
 from resnas_kernels import Ragged, _ext
-from resnas_kernels.layers import ResidualSpatialReduction
+from resnas_kernels.layers import FusedResidualSpatialReduction
 from resnas_kernels.ops.residual_spatial_reduction import _fused
 from resnas_kernels.ops.rsr_conv import rsr_conv_fwd
 from resnas_kernels.ops.rsr_im2col import rsr_im2col_fwd
@@ -193,7 +193,7 @@ def test_device_widths_layer():
     """The module with device widths derives its default out_widths on the device (no host value)."""
     _require("cpu")
     torch.manual_seed(0)
-    m = ResidualSpatialReduction(6, 10, grid=(4, 4), has_cls=True)
+    m = FusedResidualSpatialReduction(6, 10, grid=(4, 4), has_cls=True)
     g = Ragged((2, 1), (6, 0))
     x = torch.randn(3, 17, 6) * g.mask(6)[:, None]
     with rk.use_backend("cpu"):
@@ -309,7 +309,7 @@ def test_module_full_width_equals_its_own_stock_modules(has_cls):
     """groups=None: the module equals running its own ln / conv / AvgPool2d / cls Linear as stock modules."""
     _require("cpu")
     torch.manual_seed(0)
-    m = ResidualSpatialReduction(8, 12, grid=(7, 7), has_cls=has_cls)
+    m = FusedResidualSpatialReduction(8, 12, grid=(7, 7), has_cls=has_cls)
     expected_keys = {"ln.weight", "ln.bias", "conv.weight", "conv.bias", "pos_embed"}
     expected_keys |= {"cls.weight", "cls.bias"} if has_cls else set()
     assert set(m.state_dict()) == expected_keys
@@ -331,7 +331,7 @@ def test_module_full_width_equals_its_own_stock_modules(has_cls):
 def test_module_ragged_forward_backward_matches_functional():
     _require("cpu")
     torch.manual_seed(1)
-    m = ResidualSpatialReduction(8, 12, grid=(8, 8))
+    m = FusedResidualSpatialReduction(8, 12, grid=(8, 8))
     g = Ragged((2, 1, 1), (8, 5, 0))
     x = torch.randn(4, 65, 8) * g.mask(8)[:, None]
     y = m(x, g)  # out_widths default: 12 for groups with input, 0 for the width-0 group
@@ -346,7 +346,7 @@ def test_module_ragged_forward_backward_matches_functional():
 def test_torch_compile_traces_without_graph_breaks():
     _require("cpu")
     torch.manual_seed(2)
-    m = ResidualSpatialReduction(6, 8, grid=(4, 4))
+    m = FusedResidualSpatialReduction(6, 8, grid=(4, 4))
     g = Ragged((1, 2), (6, 4))
     x = torch.randn(3, 17, 6) * g.mask(6)[:, None]
     compiled = torch.compile(lambda x: m(x, g, (8, 5)) * 2, backend="aot_eager", fullgraph=True)
@@ -355,6 +355,16 @@ def test_torch_compile_traces_without_graph_breaks():
     torch.testing.assert_close(out, m(x, g, (8, 5)) * 2)
     assert all(p.grad is not None for p in m.parameters())
 
+
+def test_old_layer_name_is_a_deprecated_alias():
+    import resnas_kernels.layers as layers
+    from resnas_kernels.models.vit_resnas.subnet import ResidualSpatialReduction as StockRSR
+
+    with pytest.warns(DeprecationWarning, match="FusedResidualSpatialReduction"):
+        assert layers.ResidualSpatialReduction is FusedResidualSpatialReduction
+    assert StockRSR is not FusedResidualSpatialReduction  # the sub-network's stock module is a different class
+    with pytest.raises(AttributeError, match="no_such_layer"):
+        layers.no_such_layer
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Build artefacts: the compiled CUDA C++

@@ -1,9 +1,12 @@
-"""`ResidualSpatialReduction`: drop-in nn.Module for the ViT-ResNAS RSR block (vit_resnas.md section 2), ragged.
+"""`FusedResidualSpatialReduction`: drop-in nn.Module for the ViT-ResNAS RSR block (vit_resnas.md section 2), ragged.
 
 Parameters are stock-shaped so checkpoints map one to one: `ln` (LayerNorm weight/bias, Ci_max), `conv` (a real
 nn.Conv2d: weight (Co_max, Ci_max, k, k), bias), `pos_embed` (1, Ho*Wo, Co_max) and `cls` (nn.Linear Ci_max -> Co_max,
 absent without a cls token). The forward runs `resnas_kernels.residual_spatial_reduction` (fused kernels, or the
 reference under `set_backend("reference")`); `ln`, `conv` and `cls` are never called as modules.
+
+Not to be confused with `models.vit_resnas.subnet.ResidualSpatialReduction`, the stock-PyTorch module of an
+extracted sub-network (parameter names of the original code: norm, conv, cls_proj, pos_embed).
 """
 from typing import Optional, Tuple
 
@@ -15,7 +18,7 @@ from ..ragged import Ragged
 from ..reference.rsr import rsr_output_grid
 
 
-class ResidualSpatialReduction(nn.Module):
+class FusedResidualSpatialReduction(nn.Module):
     """Residual spatial reduction from `in_dim` to `out_dim` >= `in_dim` channels over an (H, W) = `grid` of patches.
 
     forward(x, in_groups=None, out_widths=None, grid=None):
