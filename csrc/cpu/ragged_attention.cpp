@@ -53,7 +53,7 @@ constexpr int64_t kLanes = 64 / static_cast<int64_t>(sizeof(acc_t));
 
 inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 
-// The micro-kernels below take a compile-time size (KC / MC > 0) for the head dims when the caller knows it: with
+// The micro-kernels below take a compile-time size (KC / NC / MC > 0) for the head dims when the caller knows it: with
 // constant trip counts the compiler unrolls the head-dim loops completely (measured: ~20% of the LeViT forward).
 //
 // Register blocking: kRows rows alone give only 4 independent FMA chains, half of what two FMA units with a 4-cycle
@@ -71,10 +71,10 @@ constexpr int64_t kVecs = 1;
 constexpr int64_t kUpdateRows = 4;
 #endif
 
-// C[r][j0 + v W + l] = sum_c A[r][c] * Bt[c][j0 + v W + l] for r < kRows, v < NV.
+// C[r][j0 + v W + l] = sum_k A[r][k] * B[k][j0 + v W + l] for r < kRows, v < NV, summed in increasing k.
 template <typename acc_t, int64_t NV, int64_t KC>
-inline void rows_times_bt_block(const acc_t* __restrict A, int64_t lda, int64_t K_rt, const acc_t* __restrict Bt,
-                                int64_t ncols, acc_t* __restrict C, int64_t j0) {
+inline void rows_times_block(const acc_t* __restrict A, int64_t lda, int64_t K_rt, const acc_t* __restrict B,
+                             int64_t ncols, acc_t* __restrict C, int64_t j0) {
   constexpr int64_t W = kLanes<acc_t>;
   const int64_t K = KC > 0 ? KC : K_rt;
   acc_t acc[kRows][NV][W];
@@ -82,10 +82,10 @@ inline void rows_times_bt_block(const acc_t* __restrict A, int64_t lda, int64_t 
     for (int64_t v = 0; v < NV; ++v)
 #pragma omp simd
       for (int64_t l = 0; l < W; ++l) acc[r][v][l] = 0;
-  for (int64_t c = 0; c < K; ++c) {
-    const acc_t* b = Bt + c * ncols + j0;
+  for (int64_t k = 0; k < K; ++k) {
+    const acc_t* b = B + k * ncols + j0;
     for (int64_t r = 0; r < kRows; ++r) {
-      const acc_t a = A[r * lda + c];
+      const acc_t a = A[r * lda + k];
       for (int64_t v = 0; v < NV; ++v)
 #pragma omp simd
         for (int64_t l = 0; l < W; ++l) acc[r][v][l] += a * b[v * W + l];
@@ -97,55 +97,19 @@ inline void rows_times_bt_block(const acc_t* __restrict A, int64_t lda, int64_t 
       for (int64_t l = 0; l < W; ++l) C[r * ncols + j0 + v * W + l] = acc[r][v][l];
 }
 
-// C[r][j] = sum_c A[r][c] * Bt[c][j] for r < kRows, j < ncols (a multiple of the lane count).
-// A: kRows x K with row stride lda; Bt: K x ncols (row stride ncols); C: kRows x ncols.
-template <typename acc_t, int64_t KC = 0>
-inline void rows_times_bt(const acc_t* __restrict A, int64_t lda, int64_t K_rt, const acc_t* __restrict Bt,
-                          int64_t ncols, acc_t* __restrict C) {
+// C = A B for kRows rows: C[r][j] = sum_{k < K} A[r][k] * B[k][j] for j < ncols (a multiple of the lane count).
+// A: kRows x K with row stride lda; B: K x ncols and C: kRows x ncols, both with row stride ncols. KC / NC: K / ncols
+// when known at compile time. Used as S = Q K^T (B = the packed K^T), dP = dO V^T, O = P V and dQ = dS K.
+template <typename acc_t, int64_t KC = 0, int64_t NC = 0>
+inline void rows_times(const acc_t* __restrict A, int64_t lda, int64_t K_rt, const acc_t* __restrict B,
+                       int64_t ncols_rt, acc_t* __restrict C) {
   constexpr int64_t W = kLanes<acc_t>;
-  constexpr int64_t NV = kVecs >= 2 ? 2 : 1;  // 8 accumulators: the A broadcasts are shared by NV vectors
+  const int64_t ncols = NC > 0 ? NC : ncols_rt;
   int64_t j0 = 0;
-  for (; j0 + NV * W <= ncols; j0 += NV * W) rows_times_bt_block<acc_t, NV, KC>(A, lda, K_rt, Bt, ncols, C, j0);
-  for (; j0 < ncols; j0 += W) rows_times_bt_block<acc_t, 1, KC>(A, lda, K_rt, Bt, ncols, C, j0);
-}
-
-// O[r][c0 + v W + l] = sum_{j < n} P[r][j] * M[j][c0 + v W + l] for r < kRows, v < NV.
-template <typename acc_t, int64_t NV>
-inline void rows_times_m_block(const acc_t* __restrict P, int64_t ldp, int64_t n, const acc_t* __restrict M,
-                               int64_t mcols, acc_t* __restrict O, int64_t c0) {
-  constexpr int64_t W = kLanes<acc_t>;
-  acc_t acc[kRows][NV][W];
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t v = 0; v < NV; ++v)
-#pragma omp simd
-      for (int64_t l = 0; l < W; ++l) acc[r][v][l] = 0;
-  for (int64_t j = 0; j < n; ++j) {
-    const acc_t* m = M + j * mcols + c0;
-    for (int64_t r = 0; r < kRows; ++r) {
-      const acc_t p = P[r * ldp + j];
-      for (int64_t v = 0; v < NV; ++v)
-#pragma omp simd
-        for (int64_t l = 0; l < W; ++l) acc[r][v][l] += p * m[v * W + l];
-    }
+  if constexpr (kVecs >= 2) {  // 2 x kRows accumulators: the A broadcasts serve two vectors
+    for (; j0 + 2 * W <= ncols; j0 += 2 * W) rows_times_block<acc_t, 2, KC>(A, lda, K_rt, B, ncols, C, j0);
   }
-  for (int64_t r = 0; r < kRows; ++r)
-    for (int64_t v = 0; v < NV; ++v)
-#pragma omp simd
-      for (int64_t l = 0; l < W; ++l) O[r * mcols + c0 + v * W + l] = acc[r][v][l];
-}
-
-// O[r][c] = sum_{j < n} P[r][j] * M[j][c] for r < kRows, c < mcols (a multiple of the lane count).
-// P: kRows x n with row stride ldp; M: n x mcols (row stride mcols); O: kRows x mcols.
-template <typename acc_t, int64_t MC = 0>
-inline void rows_times_m(const acc_t* __restrict P, int64_t ldp, int64_t n, const acc_t* __restrict M,
-                         int64_t mcols_rt, acc_t* __restrict O) {
-  constexpr int64_t W = kLanes<acc_t>;
-  const int64_t mcols = MC > 0 ? MC : mcols_rt;
-  int64_t c0 = 0;
-  if constexpr (kVecs >= 2) {
-    for (; c0 + 2 * W <= mcols; c0 += 2 * W) rows_times_m_block<acc_t, 2>(P, ldp, n, M, mcols, O, c0);
-  }
-  for (; c0 < mcols; c0 += W) rows_times_m_block<acc_t, 1>(P, ldp, n, M, mcols, O, c0);
+  for (; j0 < ncols; j0 += W) rows_times_block<acc_t, 1, KC>(A, lda, K_rt, B, ncols, C, j0);
 }
 
 // M[j + u][c] += sum_{r < rows} P[r][j + u] * X[r][c] for u < NJ, c < mcols: NJ rows of M at a time, so that each
@@ -284,7 +248,7 @@ void fwd_pair(const Problem<scalar_t, acc_t>& p, int64_t b, int64_t h, FwdScratc
       const scalar_t* qr = p.q + b * p.qsb + (i0 + r) * p.qsn + h * p.qsh;
       for (int64_t c = 0; c < D; ++c) qb[r * D + c] = r < rb ? static_cast<acc_t>(qr[c]) * p.scale : acc_t(0);
     }
-    rows_times_bt<acc_t, kD>(qb, D, D, kt, nkp, s);  // rows >= rb are zero: they give zero scores and are never used
+    rows_times<acc_t, kD>(qb, D, D, kt, nkp, s);  // rows >= rb are zero: they give zero scores and are never used
     for (int64_t r = 0; r < rb; ++r) {
       acc_t* sr = s + r * nkp;
       const acc_t m = p.add_bias_and_max(sr, b, h, i0 + r);
@@ -298,7 +262,7 @@ void fwd_pair(const Problem<scalar_t, acc_t>& p, int64_t b, int64_t h, FwdScratc
       inv_sum[r] = acc_t(1) / sum;
       lse[(b * p.H + h) * Nq + i0 + r] = m + std::log(sum);
     }
-    rows_times_m<acc_t, kDvp>(s, nkp, Nk, vm, dvp, ob);
+    rows_times<acc_t, 0, kDvp>(s, nkp, Nk, vm, dvp, ob);
     for (int64_t r = 0; r < rb; ++r) {
       scalar_t* orow = out + ((b * Nq + i0 + r) * p.H + h) * Dv;
       for (int64_t c = 0; c < Dv; ++c) orow[c] = static_cast<scalar_t>(ob[r * dvp + c] * inv_sum[r]);
@@ -373,8 +337,8 @@ void bwd_pair(const Problem<scalar_t, acc_t>& p, int64_t b, int64_t h, BwdScratc
         }
         delta[r] = d;  // D_i = dO_i . O_i
       }
-      rows_times_bt<acc_t, kD>(qs, D, D, kt, nkp, s);        // scores
-      rows_times_bt<acc_t, kDv>(dob, dvp, Dv, vt, nkp, dpm);  // dP = dO V^T
+      rows_times<acc_t, kD>(qs, D, D, kt, nkp, s);        // scores
+      rows_times<acc_t, kDv>(dob, dvp, Dv, vt, nkp, dpm);  // dP = dO V^T
       for (int64_t r = 0; r < kRows; ++r) {
         acc_t* __restrict sr = s + r * nkp;
         acc_t* __restrict dr = dpm + r * nkp;
@@ -404,7 +368,7 @@ void bwd_pair(const Problem<scalar_t, acc_t>& p, int64_t b, int64_t h, BwdScratc
           std::copy(dr, dr + Nk, sink.per_sample + ((b * H + h) * Nq + i) * Nk);
         }
       }
-      rows_times_m<acc_t, kDp>(dpm, nkp, Nk, km, dp, dqb);  // dQ / scale = dS K
+      rows_times<acc_t, 0, kDp>(dpm, nkp, Nk, km, dp, dqb);  // dQ / scale = dS K
       for (int64_t r = 0; r < rb; ++r) {
         scalar_t* dqr = dq + ((b * Nq + i0 + r) * H + h) * D;
         for (int64_t c = 0; c < D; ++c) dqr[c] = static_cast<scalar_t>(dqb[r * dp + c] * p.scale);
