@@ -404,6 +404,7 @@ def test_fused_vs_unfused(variant, monkeypatch):
     tables', reduced inside the kernel) against the oracle."""
     ref, fused, oracle = make_pair(variant, seed=61, fused_attn=True)
     unfused = copy.deepcopy(fused).set_fused_attn(False)
+    monkeypatch.setattr(L.levit, "CPU_INFERENCE_GEMM_ATTENTION", True)
     check_eval(unfused, fused, oracle, images(2, seed=62), f"{variant} fused vs unfused, eval (GEMM attention)")
     monkeypatch.setattr(L.levit, "CPU_INFERENCE_GEMM_ATTENTION", False)
     check_eval(unfused, fused, oracle, images(2, seed=62), f"{variant} fused vs unfused, eval (kernel)")
@@ -430,16 +431,17 @@ def test_fused_path_calls_the_kernel(monkeypatch):
     ours.eval()
     with torch.no_grad():
         ours(x)
-    assert calls == []  # eager CPU fp32 inference: the chunked GEMM attention (CPU_INFERENCE_GEMM_ATTENTION)
-    monkeypatch.setattr(L.levit, "CPU_INFERENCE_GEMM_ATTENTION", False)
-    with torch.no_grad():
-        ours(x)
-    assert len(calls) == 11
+    assert len(calls) == 11  # eager CPU fp32 inference: the kernel (CPU_INFERENCE_GEMM_ATTENTION is False)
     for c, m in zip(calls, [m for m in ours.modules() if isinstance(m, (L.Attention, L.AttentionDownsample))]):
         if L.EVAL_DENSE_BIAS:
             assert torch.equal(c["dense_bias"], m.attention_biases[:, m.attention_bias_idxs])
         else:
             assert c["bias_grid"] == (m.resolution[0], m.stride)
+    calls.clear()
+    monkeypatch.setattr(L.levit, "CPU_INFERENCE_GEMM_ATTENTION", True)
+    with torch.no_grad():
+        ours(x)
+    assert calls == []  # the chunked GEMM attention instead
 
 
 def test_cpu_inference_gemm_attention_chunks(monkeypatch):

@@ -9,7 +9,7 @@ Providers (all eval mode under torch.inference_mode, same random weights with no
     ours           resnas_kernels.models.levit: BN folded into every conv/linear and the two heads averaged into one
                    linear; on CUDA the attention through resnas_kernels.ragged_attention; on CPU the linears as
                    MKL GEMMs with in-place Hardswish / residual epilogues, the image conv through oneDNN with
-                   Hardswish fused, the attention as chunked batched GEMMs (models/levit/onednn.py)
+                   Hardswish fused (models/levit/onednn.py), the attention through the fused C++ kernel
     ours_compiled  torch.compile(ours)
     timm           timm's model, eager (its gathered bias cached per device, BN not folded)
     timm_compiled  torch.compile(timm's model), default mode

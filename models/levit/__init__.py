@@ -33,8 +33,9 @@ Modes:
   other tensors) get their own ("per device").
   Eager CPU fp32 inference (onednn.py): the folded linears are MKL GEMMs with Hardswish / the residual add applied
   in place, the 3-channel stem conv runs through oneDNN with a pre-packed weight and Hardswish fused, and the
-  attention runs as batched GEMMs (scale and bias in the first, softmax in place) over cache-sized chunks of the
-  batch; elsewhere (CUDA, autocast, autograd) the attention reads q/k/v as strided views of the projections.
+  attention runs through the fused kernel with the cached gathered bias (the chunked batched GEMMs of onednn.py
+  remain behind levit.CPU_INFERENCE_GEMM_ATTENTION); everywhere the attention reads q/k/v as strided views of the
+  projections.
 - Eval mode with gradients (grad enabled and parameters requiring grad, e.g. the official repo's fine-tuning, which
   trains with `model.train(False)`): the fold and the bias gather are computed on the fly, differentiably.
 - `torch.compile`: works in both modes; the attention is an opaque custom op; compiled code uses the plain ops (no

@@ -53,9 +53,10 @@ _ATTENTION_OP: Dict[str, object] = {}
 # Inference attention bias: True passes the cached gathered (H, Nq, Nk) bias to the kernel (dense_bias); False lets
 # the kernel gather from the table itself (bias_grid). Both are exact; the dense read was measured faster on CPU.
 EVAL_DENSE_BIAS = True
-# Eager CPU fp32 inference runs the attention as chunked batched GEMMs (onednn.attention_cpu_inference), which beat
-# the fused kernel at LeViT's small head dims; False keeps the fused kernel there too.
-CPU_INFERENCE_GEMM_ATTENTION = True
+# True: eager CPU fp32 inference runs the attention as chunked batched GEMMs (onednn.attention_cpu_inference) instead
+# of the fused kernel. The GEMMs were faster at LeViT's small head dims until the C++ kernel's register blocking; since
+# then the kernel is 2-9 % faster on the whole LeViT-128S (batch 1 and 16, 1 and 2 threads; BENCHMARKS.md).
+CPU_INFERENCE_GEMM_ATTENTION = False
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -323,7 +324,7 @@ class LevitFused(nn.Module):
     (the five published variants), plus:
         distilled: add the distillation head `head_dist` (timm's `LevitDistilled`; True for the published weights).
         fused_attn: run the attention through `resnas_kernels.ragged_attention` (default True; eager CPU fp32
-            inference uses batched GEMMs instead); False runs plain PyTorch attention (the timm math), e.g. to
+            inference uses batched GEMMs instead when CPU_INFERENCE_GEMM_ATTENTION is set); False runs plain PyTorch attention (the timm math), e.g. to
             compare against the kernel.
     """
 
@@ -395,8 +396,8 @@ class LevitFused(nn.Module):
 
     # -- fused attention switch, inference caches ---------------------------------------------------------------
     def set_fused_attn(self, enable: Optional[bool] = True) -> "LevitFused":
-        """True or None: attention through resnas_kernels.ragged_attention (eager CPU fp32 inference: batched GEMMs,
-        see CPU_INFERENCE_GEMM_ATTENTION); False: plain PyTorch attention (timm's math), e.g. to compare against."""
+        """True or None: attention through resnas_kernels.ragged_attention (eager CPU fp32 inference: batched GEMMs
+        instead when CPU_INFERENCE_GEMM_ATTENTION is set); False: plain PyTorch attention (timm's math), e.g. to compare against."""
         use = enable is None or bool(enable)
         for m in self.modules():
             if isinstance(m, _BiasedAttentionBase):

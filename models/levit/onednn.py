@@ -1,6 +1,7 @@
 """LeViT's CPU inference fast path (eager CPU fp32 work without autograd): the folded linears as MKL GEMMs with
-in-place epilogues, the image-facing conv through oneDNN with Hardswish fused, and the attention as batched GEMMs
-over L2-sized chunks of the batch; the plain PyTorch ops everywhere else."""
+in-place epilogues, the image-facing conv through oneDNN with Hardswish fused, and (when
+levit.CPU_INFERENCE_GEMM_ATTENTION is set; off by default) the attention as batched GEMMs over L2-sized chunks of
+the batch; the plain PyTorch ops everywhere else."""
 from __future__ import annotations
 
 from typing import Optional
