@@ -62,7 +62,7 @@ inline int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 // summed, so the results are bit-identical to the unblocked loops. With 16 registers (AVX2: a 16-lane fp32 "vector"
 // is two of them) the blocks stay narrower, or the accumulators would spill. Measured with L1-resident operands at the
 // LeViT shrink shapes (Intel AVX-512, 1 thread, fp32): 4 x 2 vectors 95-109 GFLOP/s against 87-93 for 4 x 1; 4 x 4 fell
-// to 45 (GCC spilled the accumulators).
+// to 45 (most likely the 16 accumulators no longer stayed in registers; not kept).
 #if defined(__AVX512F__)
 constexpr int64_t kVecs = 2;
 constexpr int64_t kUpdateRows = 8;
